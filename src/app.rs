@@ -1,0 +1,148 @@
+//! Startup and shutdown: builds the store, metrics and listeners once, spawns the cache, the
+//! metrics listener and the builder on one `TaskTracker`, and stops them on SIGINT/SIGTERM.
+//!
+//! No domain logic lives here.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{BindAddr, Config};
+use crate::http::{self, AppState, CacheSettings, Listener};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Binds `addr`, replacing a stale unix socket file.
+pub async fn bind(addr: &BindAddr) -> anyhow::Result<Listener> {
+    match addr {
+        BindAddr::Tcp(a) => {
+            Ok(Listener::Tcp(tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot bind {a}"))?))
+        }
+        BindAddr::Unix(p) => {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", p.display())),
+            }
+            Ok(Listener::Unix(
+                tokio::net::UnixListener::bind(p).with_context(|| format!("cannot bind unix:{}", p.display()))?,
+            ))
+        }
+    }
+}
+
+/// The listener systemd passed us (socket activation), if any.
+fn activated_listener() -> anyhow::Result<Option<Listener>> {
+    let pid_matches = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).unwrap_or(0);
+    if !pid_matches || count < 1 {
+        return Ok(None);
+    }
+    // SAFETY: with LISTEN_PID naming this process, systemd guarantees that fd 3 is an open
+    // listening socket passed to us and owned by nobody else in this process.
+    #[allow(unsafe_code)]
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    let unix = std::os::unix::net::UnixListener::from(fd);
+    let listener = if unix.local_addr().is_ok() {
+        unix.set_nonblocking(true)?;
+        Listener::Unix(tokio::net::UnixListener::from_std(unix)?)
+    } else {
+        let tcp = std::net::TcpListener::from(OwnedFd::from(unix));
+        tcp.set_nonblocking(true)?;
+        Listener::Tcp(tokio::net::TcpListener::from_std(tcp)?)
+    };
+    Ok(Some(listener))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop hearth with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Runs `hearth serve` until a signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let repos: Vec<String> =
+        config.builder.as_ref().map(|b| b.repos.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
+    let metrics = Arc::new(Metrics::new(&repos));
+    let store = Arc::new(Store::open(config.store.clone()).context("cannot open the Nix store")?);
+    let state = AppState {
+        store: store.clone(),
+        keys: Arc::new(config.keys),
+        metrics: metrics.clone(),
+        cache: Arc::new(CacheSettings { priority: config.priority, zstd_level: config.zstd_level }),
+    };
+
+    let listener = match activated_listener()? {
+        Some(l) => l,
+        None => bind(&config.bind).await?,
+    };
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    tracing::info!(
+        listen = %listener.describe(),
+        backend = store.backend_name(),
+        keys = state.keys.len(),
+        zstd = ?config.zstd_level,
+        "hearth serving"
+    );
+    tracker.spawn(log_errors("cache", http::serve(listener, http::router(state.clone()), cancel.clone())));
+    if let Some(addr) = &config.metrics_bind {
+        let l = bind(addr).await?;
+        tracing::info!(listen = %l.describe(), "metrics serving");
+        tracker.spawn(log_errors("metrics", http::serve(l, http::metrics_router(state.clone()), cancel.clone())));
+    }
+    if let Some(builder) = config.builder {
+        let worker = crate::builder::Worker::connect(builder, store.clone(), metrics.clone()).await?;
+        tracker.spawn(worker.run(cancel.clone()));
+    }
+    tracker.close();
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    shutdown_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    cancel.cancel();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!(grace = ?config.shutdown_grace, "tasks still running after the grace period; exiting");
+    }
+    Ok(())
+}
+
+async fn log_errors(what: &'static str, fut: impl Future<Output = std::io::Result<()>>) {
+    if let Err(e) = fut.await {
+        tracing::error!(task = what, err = %e, "task failed");
+    }
+}
+
+/// `hearth keygen`: writes a new key pair in Nix's format; the secret file is created 0600 and
+/// never overwrites an existing file.
+pub fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
+        anyhow::bail!("a key name must be non-empty, without `:` or spaces");
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    let key = crate::nix::signing::SecretKey::from_seed(name, &seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(secret)
+        .with_context(|| format!("cannot create {}", secret.display()))?;
+    f.write_all(key.to_file_contents().as_bytes())?;
+    std::fs::write(public, key.public_key().to_string())
+        .with_context(|| format!("cannot write {}", public.display()))?;
+    Ok(())
+}

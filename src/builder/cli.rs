@@ -1,0 +1,214 @@
+//! `hearth build`: publish a build request over NATS and follow its replies to the end.
+//!
+//! Exit codes: 0 every host built; 1 the build failed; 2 the request was refused (bad arguments,
+//! rejected, or no builder serves the repo); 3 no final reply (timeout or NATS unreachable).
+//! Success is judged from the final reply only.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::config::NatsAuth;
+use super::job::{self, BuildRequest, HostStatus, Reply, Status};
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The repo, as configured on the builder.
+    pub repo: String,
+    /// A host name, or `all`.
+    pub target: String,
+    /// The branch to build (default: the repo's configured branch).
+    #[arg(long)]
+    pub branch: Option<String>,
+    #[arg(long, env = "HEARTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "HEARTH_NKEY_SEED_FILE")]
+    pub nkey_seed_file: Option<PathBuf>,
+    #[arg(long, env = "HEARTH_CREDS_FILE")]
+    pub creds_file: Option<PathBuf>,
+    /// How long to wait for the final reply, e.g. `4h`, `30m`, `90s` or seconds.
+    #[arg(long, default_value = "5h", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print every reply as a JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `90`, `90s`, `30m`, `4h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, ""));
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 90s, 30m or 4h"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_REFUSED: u8 = 2;
+const EXIT_NO_RESULT: u8 = 3;
+
+pub async fn run(args: BuildArgs) -> ExitCode {
+    match follow(args).await {
+        Ok(code) => ExitCode::from(code),
+        Err((code, msg)) => {
+            eprintln!("hearth build: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 12];
+    // Without OS randomness, fall back to time and pid: the id only has to be unique.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        return format!("{t:x}{:x}", std::process::id());
+    }
+    hex::encode(b)
+}
+
+async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
+    if !job::is_valid_name(&args.repo) {
+        return Err((EXIT_REFUSED, format!("invalid repo name `{}`", args.repo)));
+    }
+    if args.target != "all" && !job::is_valid_name(&args.target) {
+        return Err((EXIT_REFUSED, format!("invalid target `{}`", args.target)));
+    }
+    if args.branch.as_deref().is_some_and(|b| !job::is_valid_branch(b)) {
+        return Err((EXIT_REFUSED, "invalid branch name".into()));
+    }
+    let auth = NatsAuth::load(args.nkey_seed_file.as_deref(), args.creds_file.clone())
+        .map_err(|e| (EXIT_REFUSED, e.to_string()))?;
+    let options = auth.options().await.map_err(|e| (EXIT_REFUSED, format!("NATS credentials: {e}")))?;
+    let client = options
+        .name("hearth-build-cli")
+        .connection_timeout(Duration::from_secs(10))
+        .connect(&args.nats_url)
+        .await
+        .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", args.nats_url)))?;
+    let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
+    let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
+    let request = BuildRequest {
+        repo: args.repo.clone(),
+        target: args.target.clone(),
+        branch: args.branch.clone(),
+        reply_to: Some(reply_to.clone()),
+    };
+    let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
+    let subject = format!("build.{}.{}", args.repo, args.target);
+    // The reply subject lets the server answer "no responders" when no builder serves the repo.
+    client
+        .publish_with_reply(subject, reply_to, payload.into())
+        .await
+        .map_err(|e| (EXIT_NO_RESULT, format!("publish: {e}")))?;
+    client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;
+
+    let mut display = Display::new(args.json);
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err((EXIT_NO_RESULT, "the NATS subscription ended".into())),
+            Err(_) => return Err((EXIT_NO_RESULT, format!("no final reply within {:?}", args.timeout))),
+        };
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Err((EXIT_REFUSED, format!("no builder serves repo `{}`", args.repo)));
+        }
+        let Ok(reply) = serde_json::from_slice::<Reply>(&msg.payload) else {
+            tracing::warn!("ignoring a reply that is not a build reply");
+            continue;
+        };
+        display.show(&reply, &msg.payload);
+        if reply.status.is_final() {
+            return Ok(match reply.status {
+                Status::Completed => 0,
+                Status::Rejected => EXIT_REFUSED,
+                _ => EXIT_FAILED,
+            });
+        }
+    }
+}
+
+/// Renders replies: JSON lines, plain lines, or a live status line on a terminal.
+struct Display {
+    json: bool,
+    tty: bool,
+    hosts: BTreeMap<String, String>,
+}
+
+impl Display {
+    fn new(json: bool) -> Self {
+        Self { json, tty: std::io::stdout().is_terminal(), hosts: BTreeMap::new() }
+    }
+
+    fn show(&mut self, reply: &Reply, raw: &[u8]) {
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            let _ = out.write_all(raw);
+            let _ = out.write_all(b"\n");
+            return;
+        }
+        let host = reply.host.as_deref().unwrap_or("-");
+        let message = reply.message.as_deref().unwrap_or("");
+        let status = format!("{:?}", reply.status).to_lowercase();
+        match (self.tty, reply.status) {
+            // On a terminal, log lines replace each other on one status line.
+            (true, Status::Progress)
+                if reply.host.is_some() && reply.out_path.is_none() && reply.duration_seconds.is_none() =>
+            {
+                let last = message.lines().last().unwrap_or("");
+                self.hosts.insert(host.to_owned(), last.to_owned());
+                let line: String = format!("[{host}] {last}").chars().take(120).collect();
+                let _ = write!(out, "\r\x1b[2K{line}");
+            }
+            _ => {
+                if self.tty {
+                    let _ = write!(out, "\r\x1b[2K");
+                }
+                let _ = writeln!(out, "{status} {host}: {message}");
+            }
+        }
+        if let Some(hosts) = &reply.hosts {
+            for h in hosts {
+                let mark = if h.status == HostStatus::Success { "ok  " } else { "FAIL" };
+                let _ = writeln!(
+                    out,
+                    "  {mark} {} ({:.0}s) {}",
+                    h.host,
+                    h.duration_seconds,
+                    h.out_path.as_deref().unwrap_or("")
+                );
+                if let Some(err) = &h.error {
+                    for line in err.lines() {
+                        let _ = writeln!(out, "       {line}");
+                    }
+                }
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("4h").unwrap(), Duration::from_secs(14400));
+        assert!(parse_duration("4x").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! The `[builder]` configuration section, validated: repos, NATS connection and credentials.
+//!
+//! The NKey seed is read and checked here, once, at startup; it is never logged.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::job::{is_valid_branch, is_valid_name};
+use crate::config::ConfigError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoSection {
+    pub name: String,
+    /// A flake reference, e.g. `git+https://git.example.org/nixos-servers.git`.
+    pub url: String,
+    #[serde(default = "default_branch")]
+    pub branch: String,
+}
+
+fn default_branch() -> String {
+    "master".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuilderSection {
+    pub nats_url: String,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub creds_file: Option<PathBuf>,
+    pub queue_group: String,
+    /// Requests that may wait behind the running one.
+    pub queue_size: usize,
+    pub build_timeout_seconds: u64,
+    /// Each host's last good toplevel is linked at `<gcroots_dir>/<repo>/<host>`.
+    pub gcroots_dir: PathBuf,
+    /// The `nix` executable.
+    pub nix: String,
+    /// The shortest interval between two `progress` replies with log lines.
+    pub progress_interval_ms: u64,
+    pub repos: Vec<RepoSection>,
+}
+
+impl Default for BuilderSection {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nkey_seed_file: None,
+            creds_file: None,
+            queue_group: "hearth-builders".into(),
+            queue_size: 16,
+            build_timeout_seconds: 4 * 3600,
+            gcroots_dir: "/nix/var/nix/gcroots/hearth".into(),
+            nix: "nix".into(),
+            progress_interval_ms: 1000,
+            repos: Vec::new(),
+        }
+    }
+}
+
+/// How the builder authenticates to NATS.
+#[derive(Clone)]
+pub enum NatsAuth {
+    None,
+    /// An NKey seed (`SU…`), already validated.
+    NKey(String),
+    Creds(PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::NKey(_) => f.write_str("NKey(<redacted>)"),
+            NatsAuth::Creds(p) => write!(f, "Creds({})", p.display()),
+        }
+    }
+}
+
+impl NatsAuth {
+    /// Reads and validates the credentials named by the flags or config.
+    pub fn load(nkey_seed_file: Option<&std::path::Path>, creds_file: Option<PathBuf>) -> Result<Self, ConfigError> {
+        match (nkey_seed_file, creds_file) {
+            (Some(_), Some(_)) => Err(ConfigError::Value {
+                key: "builder.nkey_seed_file",
+                reason: "set either nkey_seed_file or creds_file, not both".into(),
+            }),
+            (Some(p), None) => {
+                let file = p.display().to_string();
+                let seed = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                    file: file.clone(),
+                    reason: format!("cannot read NKey seed: {e}"),
+                })?;
+                let seed = seed.trim().to_owned();
+                nkeys::KeyPair::from_seed(&seed)
+                    .map_err(|_| ConfigError::File { file, reason: "not a valid NKey seed".into() })?;
+                Ok(NatsAuth::NKey(seed))
+            }
+            (None, Some(c)) => {
+                if !c.is_file() {
+                    return Err(ConfigError::File {
+                        file: c.display().to_string(),
+                        reason: "creds file not found".into(),
+                    });
+                }
+                Ok(NatsAuth::Creds(c))
+            }
+            (None, None) => Ok(NatsAuth::None),
+        }
+    }
+
+    /// Connect options carrying these credentials.
+    pub async fn options(&self) -> std::io::Result<async_nats::ConnectOptions> {
+        Ok(match self {
+            NatsAuth::None => async_nats::ConnectOptions::new(),
+            NatsAuth::NKey(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            NatsAuth::Creds(path) => async_nats::ConnectOptions::with_credentials_file(path.clone()).await?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    pub name: String,
+    pub url: String,
+    pub branch: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuilderConfig {
+    pub nats_url: String,
+    pub auth: NatsAuth,
+    pub queue_group: String,
+    pub queue_size: usize,
+    pub build_timeout: Duration,
+    pub gcroots_dir: PathBuf,
+    pub nix: String,
+    pub progress_interval: Duration,
+    pub repos: Vec<RepoConfig>,
+}
+
+impl BuilderConfig {
+    pub fn from_section(s: BuilderSection) -> Result<Self, ConfigError> {
+        let auth = NatsAuth::load(s.nkey_seed_file.as_deref(), s.creds_file)?;
+        if s.repos.is_empty() {
+            return Err(ConfigError::Value { key: "builder.repos", reason: "configure at least one repo".into() });
+        }
+        let mut repos = Vec::new();
+        for r in s.repos {
+            if !is_valid_name(&r.name) {
+                return Err(ConfigError::Value {
+                    key: "builder.repos.name",
+                    reason: format!("`{}` must match ^[A-Za-z0-9][A-Za-z0-9._-]*$", r.name),
+                });
+            }
+            if !is_valid_branch(&r.branch) {
+                return Err(ConfigError::Value {
+                    key: "builder.repos.branch",
+                    reason: format!("`{}` is not a safe branch name", r.branch),
+                });
+            }
+            if r.url.is_empty() || r.url.contains(char::is_whitespace) {
+                return Err(ConfigError::Value {
+                    key: "builder.repos.url",
+                    reason: "must be a flake reference".into(),
+                });
+            }
+            if repos.iter().any(|x: &RepoConfig| x.name == r.name) {
+                return Err(ConfigError::Value {
+                    key: "builder.repos.name",
+                    reason: format!("`{}` is configured twice", r.name),
+                });
+            }
+            repos.push(RepoConfig { name: r.name, url: r.url, branch: r.branch });
+        }
+        if s.queue_size == 0 {
+            return Err(ConfigError::Value { key: "builder.queue_size", reason: "must be at least 1".into() });
+        }
+        if s.build_timeout_seconds == 0 {
+            return Err(ConfigError::Value {
+                key: "builder.build_timeout_seconds",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if !is_valid_name(&s.queue_group) {
+            return Err(ConfigError::Value { key: "builder.queue_group", reason: "must be a plain name".into() });
+        }
+        Ok(Self {
+            nats_url: s.nats_url,
+            auth,
+            queue_group: s.queue_group,
+            queue_size: s.queue_size,
+            build_timeout: Duration::from_secs(s.build_timeout_seconds),
+            gcroots_dir: s.gcroots_dir,
+            nix: s.nix,
+            progress_interval: Duration::from_millis(s.progress_interval_ms),
+            repos,
+        })
+    }
+
+    pub fn repo(&self, name: &str) -> Option<&RepoConfig> {
+        self.repos.iter().find(|r| r.name == name)
+    }
+}

@@ -1,0 +1,244 @@
+//! Runs `git` and `nix` for one build: resolve a branch to a commit, list a flake's hosts, build a
+//! host's toplevel under a timeout, and keep a GC root to its last good result.
+//!
+//! Every command gets an argument vector (no shell); request fields arrive here validated. A
+//! command runs in its own process group, and the whole group is killed on timeout or shutdown.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::job::is_valid_name;
+
+/// Log lines kept for a failure reply.
+const TAIL_LINES: usize = 40;
+/// Longest log line forwarded; longer lines are cut.
+const MAX_LINE: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot run {0}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("{message}")]
+    Failed { message: String, tail: String },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("shutdown")]
+    Shutdown,
+    #[error("unexpected output from {0}: {1}")]
+    Output(String, String),
+}
+
+impl BuildError {
+    /// The error with the log's tail, for the reply.
+    pub fn detail(&self) -> String {
+        match self {
+            BuildError::Failed { message, tail } if !tail.is_empty() => format!("{message}\n{tail}"),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Settings for running builds.
+#[derive(Debug, Clone)]
+pub struct Exec {
+    pub nix: String,
+    pub timeout: Duration,
+    pub gcroots_dir: PathBuf,
+}
+
+const NIX_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
+
+/// Kills a process group. A plain syscall on a pid we spawned.
+fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Runs `cmd`, streaming stderr lines to `on_line`, under `timeout` and `cancel`; returns stdout.
+async fn run(
+    what: &str,
+    mut cmd: Command,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    on_line: &mut (dyn FnMut(&str) + Send),
+) -> Result<String, BuildError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| BuildError::Spawn(what.to_owned(), e))?;
+    let pid = child.id();
+    let mut stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    let work = async {
+        let mut out = String::new();
+        let read_out = async {
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.read_to_string(&mut out).await;
+            }
+        };
+        let read_err = async {
+            if let Some(s) = stderr {
+                let mut lines = BufReader::new(s).lines();
+                while let Ok(Some(mut line)) = lines.next_line().await {
+                    if line.len() > MAX_LINE {
+                        let mut cut = MAX_LINE;
+                        while !line.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        line.truncate(cut);
+                    }
+                    on_line(&line);
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            }
+        };
+        tokio::join!(read_out, read_err);
+        let status = child.wait().await;
+        (status, out)
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(timeout, work) => r.map_err(|_| BuildError::Timeout(timeout)),
+        _ = cancel.cancelled() => Err(BuildError::Shutdown),
+    };
+    match result {
+        Ok((Ok(status), out)) if status.success() => Ok(out),
+        Ok((Ok(status), _)) => Err(BuildError::Failed {
+            message: format!("{what} failed ({status})"),
+            tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+        }),
+        Ok((Err(e), _)) => Err(BuildError::Spawn(what.to_owned(), e)),
+        Err(e) => {
+            if let Some(pid) = pid {
+                kill_group(pid);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The git URL of a `git+…` flake reference, without its query.
+fn git_url(flake_url: &str) -> Option<&str> {
+    let rest = flake_url.strip_prefix("git+")?;
+    Some(rest.split('?').next().unwrap_or(rest))
+}
+
+/// A flake reference at `branch` (and `rev`, where known).
+fn flake_ref(url: &str, branch: &str, rev: Option<&str>) -> String {
+    if url.starts_with("git+") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        match rev {
+            Some(rev) => format!("{url}{sep}ref={branch}&rev={rev}"),
+            None => format!("{url}{sep}ref={branch}"),
+        }
+    } else {
+        url.to_owned()
+    }
+}
+
+impl Exec {
+    fn nix(&self) -> Command {
+        let mut c = Command::new(&self.nix);
+        c.args(NIX_FEATURES);
+        c
+    }
+
+    /// Resolves `branch` of a repo to its current commit and the flake reference to build.
+    /// For `git+` URLs the commit is looked up with `git ls-remote`, so a new commit is always
+    /// seen (Nix would cache the branch for an hour); other references are refreshed by Nix.
+    pub async fn resolve(
+        &self,
+        url: &str,
+        branch: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(String, Option<String>), BuildError> {
+        let Some(git) = git_url(url) else { return Ok((flake_ref(url, branch, None), None)) };
+        let mut cmd = Command::new("git");
+        cmd.args(["ls-remote", "--", git, &format!("refs/heads/{branch}")]);
+        let out = run("git ls-remote", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await?;
+        let rev = out
+            .split_whitespace()
+            .next()
+            .filter(|r| r.len() == 40 && r.bytes().all(|c| c.is_ascii_hexdigit()))
+            .ok_or_else(|| BuildError::Failed {
+            message: format!("branch `{branch}` not found"),
+            tail: String::new(),
+        })?;
+        Ok((flake_ref(url, branch, Some(rev)), Some(rev.to_owned())))
+    }
+
+    /// The names of the flake's `nixosConfigurations`, keeping only valid host names.
+    pub async fn list_hosts(&self, flake: &str, cancel: &CancellationToken) -> Result<Vec<String>, BuildError> {
+        let mut cmd = self.nix();
+        cmd.args([
+            "eval",
+            "--json",
+            "--no-write-lock-file",
+            &format!("{flake}#nixosConfigurations"),
+            "--apply",
+            "builtins.attrNames",
+        ]);
+        let out = run("nix eval", cmd, self.timeout, cancel, &mut |_| {}).await?;
+        let names: Vec<String> =
+            serde_json::from_str(&out).map_err(|e| BuildError::Output("nix eval".into(), e.to_string()))?;
+        let (good, bad): (Vec<_>, Vec<_>) = names.into_iter().partition(|n| is_valid_name(n));
+        if !bad.is_empty() {
+            tracing::warn!(count = bad.len(), "skipping nixosConfigurations with unsafe names");
+        }
+        Ok(good)
+    }
+
+    /// Builds one host's toplevel, linking the result at `<gcroots_dir>/<repo>/<host>` (replaced
+    /// only on success); returns its output path.
+    pub async fn build_host(
+        &self,
+        flake: &str,
+        repo: &str,
+        host: &str,
+        cancel: &CancellationToken,
+        on_line: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<String, BuildError> {
+        let dir = self.gcroots_dir.join(repo);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| BuildError::Spawn(format!("mkdir {}", dir.display()), e))?;
+        let link = dir.join(host);
+        let mut cmd = self.nix();
+        cmd.args(["build", "--json", "--no-write-lock-file", "--print-build-logs", "--out-link"])
+            .arg(&link)
+            .arg(format!("{flake}#nixosConfigurations.{host}.config.system.build.toplevel"));
+        let out = run("nix build", cmd, self.timeout, cancel, on_line).await?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| BuildError::Output("nix build".into(), e.to_string()))?;
+        parsed
+            .get(0)
+            .and_then(|r| r.get("outputs"))
+            .and_then(|o| o.get("out"))
+            .and_then(|p| p.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| BuildError::Output("nix build".into(), "no `out` output".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flake_refs() {
+        assert_eq!(git_url("git+https://h/r.git?dir=x"), Some("https://h/r.git"));
+        assert_eq!(git_url("github:o/r"), None);
+        assert_eq!(flake_ref("git+file:///r", "main", Some("ab")), "git+file:///r?ref=main&rev=ab");
+        assert_eq!(flake_ref("git+file:///r?dir=x", "main", None), "git+file:///r?dir=x&ref=main");
+    }
+}

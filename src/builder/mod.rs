@@ -1,0 +1,384 @@
+//! The NATS build worker: takes requests on `build.<repo>.*` (queue group), queues them, builds
+//! one request at a time, and streams replies to each request's `reply_to`.
+//!
+//! Architecture invariant: knows NATS and the `nix`/`git` commands, never HTTP. What it builds
+//! lands in the local store, which the cache reads directly, so it is served at once.
+
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod job;
+mod queue;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, Repo, RepoHost, RepoHostStatus, RepoStatus};
+use crate::store::Store;
+use config::BuilderConfig;
+use exec::{BuildError, Exec};
+use job::{HostStatus, HostSummary, Reply, Status};
+use queue::{Enqueued, Job, Queue};
+
+/// How long a final reply is retried while NATS is unreachable, after shutdown began.
+const FINAL_REPLY_GRACE: Duration = Duration::from_secs(10);
+
+/// The build worker, connected (or connecting) to NATS.
+pub struct Worker {
+    config: Arc<BuilderConfig>,
+    client: async_nats::Client,
+    metrics: Arc<Metrics>,
+    exec: Exec,
+    queue: Arc<Queue>,
+}
+
+fn now_seconds() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Worker {
+    /// Sets up the NATS client; it connects in the background and reconnects forever, so the
+    /// cache starts even while NATS is down.
+    pub async fn connect(config: BuilderConfig, _store: Arc<Store>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let options = config
+            .auth
+            .options()
+            .await
+            .context("cannot load NATS credentials")?
+            .name("hearth-builder")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(|event| async move { tracing::info!(%event, "nats") });
+        let client = options
+            .connect(&config.nats_url)
+            .await
+            .with_context(|| format!("cannot connect to {}", config.nats_url))?;
+        let exec =
+            Exec { nix: config.nix.clone(), timeout: config.build_timeout, gcroots_dir: config.gcroots_dir.clone() };
+        let queue = Arc::new(Queue::new(config.queue_size));
+        Ok(Self { config: Arc::new(config), client, metrics, exec, queue })
+    }
+
+    /// Takes requests until `cancel`, then fails the running and waiting builds with "shutdown".
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut subs = Vec::new();
+        for repo in &self.config.repos {
+            let subject = format!("build.{}.*", repo.name);
+            match self.client.queue_subscribe(subject.clone(), self.config.queue_group.clone()).await {
+                Ok(s) => subs.push(s),
+                Err(e) => tracing::error!(%subject, err = %e, "cannot subscribe"),
+            }
+        }
+        tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
+        let worker = Arc::new(self);
+        let builds = tokio::spawn(worker.clone().build_loop(cancel.clone()));
+        let mut incoming = futures::stream::select_all(subs);
+        loop {
+            tokio::select! {
+                msg = incoming.next() => match msg {
+                    Some(msg) => worker.receive(msg).await,
+                    None => break,
+                },
+                _ = cancel.cancelled() => break,
+            }
+        }
+        // Stop taking requests; messages already delivered stay unanswered by us and go to
+        // another builder in the group only if they are re-sent.
+        for sub in incoming.iter_mut() {
+            let _ = sub.unsubscribe().await;
+        }
+        let _ = builds.await;
+        let _ = worker.client.flush().await;
+    }
+
+    async fn receive(&self, msg: async_nats::Message) {
+        let parsed = job::parse_request(&msg.subject, &msg.payload, |r| self.config.repo(r).is_some());
+        let req = match parsed {
+            Ok(req) => req,
+            Err(rejected) => {
+                let (why, req) = *rejected;
+                let (repo, target) = req.as_ref().map(|r| (r.repo.as_str(), r.target.as_str())).unwrap_or(("", ""));
+                let reply_to = req.as_ref().and_then(|r| r.reply_to.clone()).filter(|s| job::is_valid_reply_subject(s));
+                let reply_to = reply_to.or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
+                let label = if self.config.repo(repo).is_some() { repo } else { "unknown" };
+                self.metrics.build_rejected.get_or_create(&Repo { repo: label.to_owned() }).inc();
+                tracing::info!(subject = %msg.subject, reason = %why, "build request rejected");
+                if let Some(to) = reply_to {
+                    self.publish(&[to], &Reply::new(Status::Rejected, repo, target).message(why.to_string())).await;
+                }
+                return;
+            }
+        };
+        let reply_to = req.reply_to.clone().or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
+        let Some(repo) = self.config.repo(&req.repo) else { return };
+        let branch = req.branch.clone().unwrap_or_else(|| repo.branch.clone());
+        let job = Job {
+            repo: repo.clone(),
+            target: req.target.clone(),
+            branch,
+            reply_to: reply_to.iter().cloned().collect(),
+        };
+        let outcome = self.queue.push(job);
+        self.metrics.build_queue.set(self.queue.waiting() as i64);
+        let Some(to) = reply_to else { return };
+        let reply = |status| Reply::new(status, &req.repo, &req.target);
+        match outcome {
+            Enqueued::Joined => {
+                self.publish(&[to], &reply(Status::Progress).message("joined an identical build in progress")).await
+            }
+            Enqueued::Queued { position } => {
+                let mut r = reply(Status::Progress).message(format!("queued at position {position}"));
+                r.queue_position = Some(position);
+                self.publish(&[to], &r).await;
+            }
+            Enqueued::Full => {
+                self.metrics.build_rejected.get_or_create(&Repo { repo: req.repo.clone() }).inc();
+                self.publish(&[to], &reply(Status::Rejected).message(job::Rejection::QueueFull.to_string())).await;
+            }
+        }
+    }
+
+    async fn build_loop(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                job = self.queue.next() => job,
+                _ = cancel.cancelled() => break,
+            };
+            self.metrics.build_queue.set(self.queue.waiting() as i64);
+            self.metrics.build_in_progress.set(1);
+            self.run_job(&job, &cancel).await;
+            self.queue.finish();
+            self.metrics.build_in_progress.set(0);
+        }
+        for job in self.queue.drain() {
+            let mut r = Reply::new(Status::Failed, &job.repo.name, &job.target).message("shutdown");
+            r.branch = Some(job.branch.clone());
+            self.publish_final(&job.reply_to, &r, &cancel).await;
+        }
+        self.metrics.build_queue.set(0);
+    }
+
+    /// Subjects to reply to for the running job: its own and those of requests that joined it.
+    fn subscribers(&self) -> Vec<String> {
+        self.queue.running_subscribers()
+    }
+
+    async fn run_job(&self, job: &Job, cancel: &CancellationToken) {
+        let repo = &job.repo.name;
+        let base = |status| {
+            let mut r = Reply::new(status, repo, &job.target);
+            r.branch = Some(job.branch.clone());
+            r
+        };
+        let started = Instant::now();
+        tracing::info!(%repo, target = %job.target, branch = %job.branch, "build started");
+        self.publish(
+            &self.subscribers(),
+            &base(Status::Started).message(format!("building {} of {repo} at {}", job.target, job.branch)),
+        )
+        .await;
+
+        let resolved = match self.exec.resolve(&job.repo.url, &job.branch, cancel).await {
+            Ok(r) => r,
+            Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
+        };
+        let (flake, commit) = resolved;
+        let hosts = if job.target == "all" {
+            match self.exec.list_hosts(&flake, cancel).await {
+                Ok(h) if h.is_empty() => {
+                    return self
+                        .finish_failed(
+                            job,
+                            base(Status::Failed).message("the flake has no nixosConfigurations"),
+                            started,
+                            cancel,
+                        )
+                        .await;
+                }
+                Ok(h) => h,
+                Err(e) => {
+                    return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await;
+                }
+            }
+        } else {
+            vec![job.target.clone()]
+        };
+
+        let mut summaries = Vec::new();
+        let mut shutdown = false;
+        for host in &hosts {
+            if shutdown {
+                summaries.push(HostSummary {
+                    host: host.clone(),
+                    status: HostStatus::Failure,
+                    out_path: None,
+                    error: Some("shutdown".into()),
+                    duration_seconds: 0.0,
+                });
+                continue;
+            }
+            let mut r = base(Status::Progress).message(format!("building {host}"));
+            r.host = Some(host.clone());
+            r.commit = commit.clone();
+            self.publish(&self.subscribers(), &r).await;
+            let host_start = Instant::now();
+            let result = self.build_with_progress(&flake, job, host, cancel).await;
+            let duration = host_start.elapsed().as_secs_f64();
+            self.metrics
+                .build_duration
+                .get_or_create(&RepoHost { repo: repo.clone(), host: host.clone() })
+                .observe(duration);
+            let (status, out_path, error) = match result {
+                Ok(out) => (HostStatus::Success, Some(out), None),
+                Err(e) => {
+                    shutdown = matches!(e, BuildError::Shutdown);
+                    (HostStatus::Failure, None, Some(e.detail()))
+                }
+            };
+            let label = if status == HostStatus::Success { "success" } else { "failure" };
+            self.metrics
+                .build_hosts
+                .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
+                .inc();
+            let mut r = base(Status::Progress).message(format!("{host}: {label}"));
+            r.host = Some(host.clone());
+            r.out_path = out_path.clone();
+            r.duration_seconds = Some(duration);
+            self.publish(&self.subscribers(), &r).await;
+            summaries.push(HostSummary { host: host.clone(), status, out_path, error, duration_seconds: duration });
+        }
+
+        let ok = summaries.iter().all(|s| s.status == HostStatus::Success);
+        let failed: Vec<&str> =
+            summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.as_str()).collect();
+        let mut r = base(if ok { Status::Completed } else { Status::Failed });
+        r.commit = commit;
+        r.message = Some(if ok {
+            format!("{} host(s) built", summaries.len())
+        } else if shutdown {
+            "shutdown".to_owned()
+        } else {
+            format!("{} of {} host(s) failed: {}", failed.len(), summaries.len(), failed.join(", "))
+        });
+        if let [only] = summaries.as_slice() {
+            r.host = Some(only.host.clone());
+            r.out_path = only.out_path.clone();
+        }
+        r.hosts = Some(summaries);
+        r.duration_seconds = Some(started.elapsed().as_secs_f64());
+        self.record(repo, ok);
+        tracing::info!(%repo, target = %job.target, ok, "build finished");
+        self.publish_final(&self.subscribers(), &r, cancel).await;
+    }
+
+    async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {
+        reply.duration_seconds = Some(started.elapsed().as_secs_f64());
+        self.record(&job.repo.name, false);
+        tracing::info!(repo = %job.repo.name, target = %job.target, reason = ?reply.message, "build failed");
+        self.publish_final(&self.subscribers(), &reply, cancel).await;
+    }
+
+    fn record(&self, repo: &str, ok: bool) {
+        let status = if ok { "success" } else { "failure" };
+        self.metrics.builds.get_or_create(&RepoStatus { repo: repo.to_owned(), status: status.into() }).inc();
+        let label = Repo { repo: repo.to_owned() };
+        self.metrics.build_last.get_or_create(&label).set(now_seconds());
+        if ok {
+            self.metrics.build_last_success.get_or_create(&label).set(now_seconds());
+        }
+    }
+
+    /// Builds one host, forwarding log lines as rate-limited `progress` replies.
+    async fn build_with_progress(
+        &self,
+        flake: &str,
+        job: &Job,
+        host: &str,
+        cancel: &CancellationToken,
+    ) -> Result<String, BuildError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+        let mut on_line = move |line: &str| {
+            // A full channel drops lines: progress is a sample, the failure tail is kept apart.
+            let _ = tx.try_send(line.to_owned());
+        };
+        let interval = self.config.progress_interval;
+        let forward = async {
+            let mut pending: Vec<String> = Vec::new();
+            let mut last = Instant::now() - interval;
+            loop {
+                let wait = interval.saturating_sub(last.elapsed());
+                let line = if pending.is_empty() {
+                    rx.recv().await
+                } else {
+                    match tokio::time::timeout(wait, rx.recv()).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            self.send_lines(job, host, &mut pending).await;
+                            last = Instant::now();
+                            continue;
+                        }
+                    }
+                };
+                let Some(line) = line else { break };
+                pending.push(line);
+                if pending.len() > 20 {
+                    pending.remove(0);
+                }
+                if last.elapsed() >= interval {
+                    self.send_lines(job, host, &mut pending).await;
+                    last = Instant::now();
+                }
+            }
+            if !pending.is_empty() {
+                self.send_lines(job, host, &mut pending).await;
+            }
+        };
+        let build = async {
+            let r = self.exec.build_host(flake, &job.repo.name, host, cancel, &mut on_line).await;
+            drop(on_line);
+            r
+        };
+        let (result, ()) = tokio::join!(build, forward);
+        result
+    }
+
+    async fn send_lines(&self, job: &Job, host: &str, lines: &mut Vec<String>) {
+        let mut r = Reply::new(Status::Progress, &job.repo.name, &job.target);
+        r.host = Some(host.to_owned());
+        r.message = Some(lines.join("\n"));
+        lines.clear();
+        self.publish(&self.subscribers(), &r).await;
+    }
+
+    async fn publish(&self, to: &[String], reply: &Reply) {
+        let Ok(payload) = serde_json::to_vec(reply) else { return };
+        for subject in to {
+            if let Err(e) = self.client.publish(subject.clone(), payload.clone().into()).await {
+                tracing::warn!(%subject, err = %e, "cannot publish reply");
+            }
+        }
+    }
+
+    /// Publishes a final reply and waits until NATS has it: while NATS is down the client holds
+    /// the message and sends it on reconnect.
+    async fn publish_final(&self, to: &[String], reply: &Reply, cancel: &CancellationToken) {
+        self.publish(to, reply).await;
+        let deadline = Instant::now() + FINAL_REPLY_GRACE;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => tracing::warn!(err = %e, "final reply not flushed yet"),
+                Err(_) => tracing::warn!("final reply waits for NATS"),
+            }
+            // Keep waiting while hearth runs; give up only after the shutdown grace.
+            if cancel.is_cancelled() && Instant::now() > deadline {
+                tracing::error!("final reply not delivered before shutdown");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Configuration: the TOML file (every key optional, unknown keys refused) → a validated
+//! [`Config`]. The only reader of key files.
+//!
+//! Errors name the file, the key and the reason; key material is never printed.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::builder::config::{BuilderConfig, BuilderSection};
+use crate::nix::signing::SecretKey;
+use crate::store::{Backend, StoreConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("{key}: {reason}")]
+    Value { key: &'static str, reason: String },
+}
+
+fn file_err(path: &Path, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::File { file: path.display().to_string(), reason: reason.to_string() }
+}
+
+/// The file as written. Every field has a default, so an empty file is valid.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `host:port` or `unix:/path`.
+    pub bind: String,
+    pub priority: u32,
+    pub sign_key_paths: Vec<PathBuf>,
+    pub store_dir: String,
+    pub daemon_socket: PathBuf,
+    pub daemon_pool_size: usize,
+    pub compression: CompressionSection,
+    pub store: StoreSection,
+    pub metrics: MetricsSection,
+    pub builder: Option<BuilderSection>,
+    /// Seconds that in-flight requests and builds get after SIGTERM.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:5000".into(),
+            priority: 30,
+            sign_key_paths: Vec::new(),
+            store_dir: "/nix/store".into(),
+            daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
+            daemon_pool_size: 16,
+            compression: CompressionSection::default(),
+            store: StoreSection::default(),
+            metrics: MetricsSection::default(),
+            builder: None,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    None,
+    Zstd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionSection {
+    pub algorithm: Algorithm,
+    pub level: i32,
+}
+
+impl Default for CompressionSection {
+    fn default() -> Self {
+        Self { algorithm: Algorithm::None, level: 3 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub backend: Backend,
+    pub db_path: PathBuf,
+    pub log_dir: PathBuf,
+    /// Where `store_dir` really is, if not at its own path.
+    pub real_dir: Option<PathBuf>,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            db_path: "/nix/var/nix/db/db.sqlite".into(),
+            log_dir: "/nix/var/log/nix".into(),
+            real_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// A separate listener for `/metrics` (the cache's own `/metrics` stays too).
+    pub bind: Option<String>,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl BindAddr {
+    pub fn parse(key: &'static str, s: &str) -> Result<Self, ConfigError> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(ConfigError::Value { key, reason: "a unix socket path must be absolute".into() });
+            }
+            return Ok(BindAddr::Unix(path.into()));
+        }
+        let ok = s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(ConfigError::Value { key, reason: format!("`{s}` is not `host:port` or `unix:/path`") });
+        }
+        Ok(BindAddr::Tcp(s.to_owned()))
+    }
+}
+
+/// Validated configuration, with keys loaded.
+pub struct Config {
+    pub bind: BindAddr,
+    pub metrics_bind: Option<BindAddr>,
+    pub priority: u32,
+    pub keys: Vec<SecretKey>,
+    pub store: StoreConfig,
+    pub zstd_level: Option<i32>,
+    pub builder: Option<BuilderConfig>,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Reads `path` (or uses the defaults) and validates everything, loading key files.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let file: FileConfig = match path {
+            Some(p) => {
+                let text = fs::read_to_string(p).map_err(|e| file_err(p, e))?;
+                toml::from_str(&text).map_err(|e| file_err(p, e.to_string().trim_end()))?
+            }
+            None => FileConfig::default(),
+        };
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: FileConfig) -> Result<Self, ConfigError> {
+        if !file.store_dir.starts_with('/') || file.store_dir.ends_with('/') || file.store_dir.len() < 2 {
+            return Err(ConfigError::Value {
+                key: "store_dir",
+                reason: "must be an absolute path without a trailing slash".into(),
+            });
+        }
+        if file.daemon_pool_size == 0 || file.daemon_pool_size > 1024 {
+            return Err(ConfigError::Value { key: "daemon_pool_size", reason: "must be 1 to 1024".into() });
+        }
+        if !(1..=19).contains(&file.compression.level) {
+            return Err(ConfigError::Value { key: "compression.level", reason: "zstd levels are 1 to 19".into() });
+        }
+        let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
+        let builder = file.builder.map(BuilderConfig::from_section).transpose()?;
+        Ok(Self {
+            bind: BindAddr::parse("bind", &file.bind)?,
+            metrics_bind: file.metrics.bind.as_deref().map(|b| BindAddr::parse("metrics.bind", b)).transpose()?,
+            priority: file.priority,
+            keys,
+            store: StoreConfig {
+                real_store_dir: file.store.real_dir.unwrap_or_else(|| PathBuf::from(&file.store_dir)),
+                store_dir: file.store_dir,
+                db_path: file.store.db_path,
+                daemon_socket: file.daemon_socket,
+                log_dir: file.store.log_dir,
+                pool_size: file.daemon_pool_size,
+                backend: file.store.backend,
+            },
+            zstd_level: (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level),
+            builder,
+            shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds),
+        })
+    }
+}
+
+/// Reads one secret key file. The error names the file, never its contents.
+pub fn load_key(path: &Path) -> Result<SecretKey, ConfigError> {
+    let text = fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read signing key: {e}")))?;
+    let key = SecretKey::parse(&text).map_err(|e| file_err(path, format!("not a Nix secret key: {e}")))?;
+    if fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        tracing::warn!(file = %path.display(), "signing key file is readable by other users; chmod 600 it");
+    }
+    Ok(key)
+}

@@ -1,0 +1,117 @@
+//! The binary cache over HTTP (axum): routes, shared state, metrics middleware and serving on
+//! TCP or a unix socket.
+//!
+//! Architecture invariant: handlers are thin (parse with `nix::http_path`, ask the `Store`,
+//! render) and know nothing of SQL, daemon opcodes or NATS. This module never calls the builder.
+
+mod cache_info;
+pub mod error;
+mod files;
+mod nar;
+mod narinfo;
+pub mod range;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, Route, RouteStatus};
+use crate::nix::signing::SecretKey;
+use crate::store::Store;
+
+/// Cache settings the handlers need.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub priority: u32,
+    /// `Some(level)` serves zstd-compressed NARs (and narinfos that say so).
+    pub zstd_level: Option<i32>,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub keys: Arc<Vec<SecretKey>>,
+    pub metrics: Arc<Metrics>,
+    pub cache: Arc<CacheSettings>,
+}
+
+/// How long a handler may take to produce the response head.
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The cache's routes, with metrics; `/metrics` included.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/nix-cache-info", get(cache_info::get))
+        .route("/health", get(cache_info::health))
+        .route("/version", get(cache_info::version))
+        .route("/nar/{file}", get(nar::get))
+        .route("/log/{file}", get(files::log))
+        .route("/realisations/{file}", get(files::realisation))
+        .route("/{file}", get(narinfo::get_root_file))
+        .route("/metrics", get(metrics_handler))
+        .fallback(|| async { error::HttpError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, HANDLER_TIMEOUT))
+        .with_state(state)
+}
+
+/// A router with `/metrics` only, for the separate metrics listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics_handler)).with_state(state)
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let pool = state.store.pool();
+    state.metrics.daemon_pool_in_use.set(pool.in_use() as i64);
+    state.metrics.daemon_pool_size.set(pool.size() as i64);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+        .into_response()
+}
+
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    state.metrics.http_requests.get_or_create(&RouteStatus { route: route.clone(), status }).inc();
+    state.metrics.http_duration.get_or_create(&Route { route }).observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// A bound listener: TCP or a unix socket.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// A description of where it listens, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix".into()),
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `cancel` fires, then finishes the requests in flight.
+pub async fn serve(listener: Listener, router: Router, cancel: CancellationToken) -> std::io::Result<()> {
+    let shutdown = cancel.cancelled_owned();
+    match listener {
+        Listener::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(shutdown).await,
+        Listener::Unix(l) => axum::serve(l, router).with_graceful_shutdown(shutdown).await,
+    }
+}

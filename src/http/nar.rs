@@ -1,0 +1,142 @@
+//! `GET|HEAD /nar/<file>`: a NAR streamed from the store, whole, as a range, or zstd-compressed.
+//!
+//! The body never holds more than a few chunks; HEAD answers from the path info alone. A NAR is
+//! never sent with a `Content-Encoding`: `.nar.zst` is a different file, as its narinfo says.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body::{Frame, SizeHint};
+
+use super::AppState;
+use super::error::{HttpError, HttpResult};
+use super::range::{RangeDecision, decide};
+use crate::metrics::Metrics;
+use crate::nix::http_path::{self, NarEncoding};
+use crate::store::nar_stream::{self, Encoding, NarReceiver};
+
+#[derive(serde::Deserialize)]
+pub(super) struct NarQuery {
+    hash: Option<String>,
+}
+
+pub(super) async fn get(
+    State(state): State<AppState>,
+    method: Method,
+    Path(file): Path<String>,
+    Query(query): Query<NarQuery>,
+    headers: HeaderMap,
+) -> HttpResult<Response> {
+    let req = http_path::parse_nar(&file, query.hash.as_deref()).ok_or(HttpError::BadRequest("malformed NAR URL"))?;
+    // Without the store path's hash we cannot find the path without a scan: not in this cache.
+    let store_hash = req.store_hash.ok_or(HttpError::NotFound)?;
+    let info = state.store.path_info(store_hash).await?.ok_or(HttpError::NotFound)?;
+    if crate::nix::sha256_bytes(&info.nar_hash) != Some(req.nar_hash.0) {
+        // The path exists but with other contents than the client asked for.
+        return Err(HttpError::NotFound);
+    }
+    let level = match (req.encoding, state.cache.zstd_level) {
+        (NarEncoding::None, _) => None,
+        (NarEncoding::Zstd, Some(level)) => Some(level),
+        (NarEncoding::Zstd, None) => return Err(HttpError::NotFound),
+    };
+    let size = info.nar_size;
+    let mut resp_headers = HeaderMap::new();
+    resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+    resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+
+    let (status, encoding, length) = match level {
+        Some(level) => (StatusCode::OK, Encoding::Zstd { level }, None),
+        None => {
+            resp_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            match decide(headers.get(header::RANGE).map(|v| v.as_bytes()), size) {
+                RangeDecision::Full => (StatusCode::OK, Encoding::Plain { start: 0, end: size }, Some(size)),
+                RangeDecision::Partial { start, end } => {
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+                        resp_headers.insert(header::CONTENT_RANGE, v);
+                    }
+                    (StatusCode::PARTIAL_CONTENT, Encoding::Plain { start, end }, Some(end - start))
+                }
+                RangeDecision::Unsatisfiable => return Err(HttpError::RangeNotSatisfiable { size }),
+            }
+        }
+    };
+    if let Some(len) = length {
+        resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if method == Method::HEAD {
+        return Ok((status, resp_headers).into_response());
+    }
+    let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
+    let rx = nar_stream::spawn(state.store.disk_path(&info.path), encoding, root);
+    let body = NarBody::new(rx, length, state.metrics.clone());
+    Ok((status, resp_headers, Body::new(body)).into_response())
+}
+
+/// A streamed NAR body with an exact size hint where the length is known, counting bytes sent
+/// and keeping the in-flight gauge up while it lives.
+struct NarBody {
+    rx: NarReceiver,
+    remaining: Option<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl NarBody {
+    fn new(rx: NarReceiver, length: Option<u64>, metrics: Arc<Metrics>) -> Self {
+        metrics.nars_in_flight.inc();
+        Self { rx, remaining: length, metrics }
+    }
+}
+
+impl Drop for NarBody {
+    fn drop(&mut self) {
+        self.metrics.nars_in_flight.dec();
+    }
+}
+
+impl http_body::Body for NarBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == Some(0) {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let n = chunk.len() as u64;
+                if let Some(rem) = self.remaining.as_mut() {
+                    if n > *rem {
+                        return Poll::Ready(Some(Err(std::io::Error::other("NAR longer than its NarSize"))));
+                    }
+                    *rem -= n;
+                }
+                self.metrics.nar_bytes_sent.inc_by(n);
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => match self.remaining {
+                // Ending short of Content-Length would make hyper hang up anyway; say why.
+                Some(rem) if rem > 0 => Poll::Ready(Some(Err(std::io::Error::other("NAR shorter than its NarSize")))),
+                _ => Poll::Ready(None),
+            },
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}

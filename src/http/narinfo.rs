@@ -1,0 +1,78 @@
+//! `GET|HEAD /<hash>.narinfo` and `/<hash>.ls`: parse, ask the store, sign, render.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{Method, header};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::{HttpError, HttpResult};
+use crate::nix::http_path;
+use crate::nix::narinfo::NarInfo;
+use crate::store::PathInfo;
+
+/// `/{file}` at the root: `.narinfo` or `.ls`; anything else is not a route of ours.
+pub(super) async fn get_root_file(
+    State(state): State<AppState>,
+    method: Method,
+    Path(file): Path<String>,
+) -> HttpResult<Response> {
+    if file.ends_with(".narinfo") {
+        let hash = http_path::parse_narinfo(&file).ok_or(HttpError::BadRequest("malformed narinfo hash"))?;
+        let info = state.store.path_info(hash).await?.ok_or(HttpError::NotFound)?;
+        let headers = [(header::CONTENT_TYPE, "text/x-nix-narinfo"), (header::CACHE_CONTROL, "public, max-age=86400")];
+        if method == Method::HEAD {
+            // Existence checks: no signing, no body.
+            return Ok((headers, Body::empty()).into_response());
+        }
+        Ok((headers, render(&state, &info).to_string()).into_response())
+    } else if file.ends_with(".ls") {
+        let hash = http_path::parse_listing(&file).ok_or(HttpError::BadRequest("malformed listing hash"))?;
+        let info = state.store.path_info(hash).await?.ok_or(HttpError::NotFound)?;
+        let (root, nar_size) = state.store.listing(&info.path).await?;
+        if nar_size != info.nar_size {
+            return Err(HttpError::Store(crate::store::StoreError::Corrupt(format!("{} changed on disk", info.path))));
+        }
+        let headers = [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "public, max-age=86400")];
+        Ok((headers, crate::nix::listing::render(&root)).into_response())
+    } else {
+        Err(HttpError::NotFound)
+    }
+}
+
+/// The narinfo for `info` as this cache serves it.
+pub(crate) fn render(state: &AppState, info: &PathInfo) -> NarInfo {
+    let store_dir = state.store.store_dir();
+    let nar_nix32 = info.nar_hash.strip_prefix("sha256:").unwrap_or(&info.nar_hash);
+    let hash = info.path.hash();
+    let (url, compression, file_hash, file_size) = match state.cache.zstd_level {
+        Some(_) => (format!("nar/{nar_nix32}.nar.zst?hash={hash}"), "zstd", None, None),
+        None => (format!("nar/{nar_nix32}.nar?hash={hash}"), "none", Some(info.nar_hash.clone()), Some(info.nar_size)),
+    };
+    let mut narinfo = NarInfo {
+        store_path: info.path.to_absolute(store_dir),
+        url,
+        compression: compression.to_owned(),
+        file_hash,
+        file_size,
+        nar_hash: info.nar_hash.clone(),
+        nar_size: info.nar_size,
+        references: info.references.clone(),
+        deriver: info.deriver.clone(),
+        system: None,
+        sigs: Vec::new(),
+        ca: info.ca.clone(),
+    };
+    let fingerprint = narinfo.fingerprint(store_dir);
+    // Our keys' signatures replace any the store holds under the same key names.
+    let ours: Vec<String> = state.keys.iter().map(|k| k.sign(&fingerprint)).collect();
+    let our_names: Vec<&str> = state.keys.iter().map(|k| k.name()).collect();
+    for sig in &info.sigs {
+        let name = sig.split(':').next().unwrap_or("");
+        if !our_names.contains(&name) && !narinfo.sigs.contains(sig) {
+            narinfo.sigs.push(sig.clone());
+        }
+    }
+    narinfo.sigs.extend(ours);
+    narinfo
+}

@@ -1,0 +1,13 @@
+//! hearth: a Nix binary cache and NixOS build worker in one process.
+//!
+//! Data flows one way: `config` → `store` → `http` or `builder` → `metrics`. `nix` holds the pure
+//! formats every layer uses. See ARCHITECTURE.md.
+
+pub mod app;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod nix;
+pub mod store;

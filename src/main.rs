@@ -1,0 +1,66 @@
+//! The `hearth` binary: parse the command line, set up logging, run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hearth::cli::{Cli, Command};
+use hearth::config::Config;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hearth: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config, bind } => {
+            let mut cfg = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return config_error(e),
+            };
+            if let Some(b) = bind {
+                match hearth::config::BindAddr::parse("--bind", &b) {
+                    Ok(addr) => cfg.bind = addr,
+                    Err(e) => return config_error(e),
+                }
+            }
+            report(runtime.block_on(hearth::app::run(cfg)))
+        }
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(_) => {
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(e),
+        },
+        Command::Keygen { name, secret_key_file, public_key_file } => {
+            report(hearth::app::keygen(&name, &secret_key_file, &public_key_file))
+        }
+        Command::Build(args) => runtime.block_on(hearth::builder::cli::run(args)),
+    }
+}
+
+fn config_error(e: hearth::config::ConfigError) -> ExitCode {
+    eprintln!("hearth: configuration error: {e}");
+    ExitCode::from(2)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Prometheus metrics for the cache and the builder: one [`Metrics`] built at startup, shared by
+//! `Arc`, rendered by [`Metrics::encode`].
+//!
+//! Labels are route templates, status codes, configured repo and host names: never hashes or
+//! request paths, so the series count stays bounded.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Route {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepoStatus {
+    pub repo: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepoHostStatus {
+    pub repo: String,
+    pub host: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepoHost {
+    pub repo: String,
+    pub host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Repo {
+    pub repo: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ])
+}
+
+fn build_histogram() -> Histogram {
+    Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0])
+}
+
+/// Every metric hearth exports.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<RouteStatus, Counter>,
+    pub http_duration: Family<Route, Histogram, fn() -> Histogram>,
+    pub nar_bytes_sent: Counter,
+    pub nars_in_flight: Gauge,
+    pub daemon_pool_in_use: Gauge,
+    pub daemon_pool_size: Gauge,
+    pub builds: Family<RepoStatus, Counter>,
+    pub build_hosts: Family<RepoHostStatus, Counter>,
+    pub build_duration: Family<RepoHost, Histogram, fn() -> Histogram>,
+    pub build_last: Family<Repo, Gauge>,
+    pub build_last_success: Family<Repo, Gauge>,
+    pub build_queue: Gauge,
+    pub build_in_progress: Gauge,
+    pub build_rejected: Family<Repo, Counter>,
+}
+
+impl Metrics {
+    /// Registers every family. `repos` are the configured builder repos, whose series start at 0.
+    pub fn new(repos: &[String]) -> Self {
+        let mut registry = Registry::default();
+        let http_requests = Family::<RouteStatus, Counter>::default();
+        registry.register("hearth_http_requests", "HTTP requests by route template and status", http_requests.clone());
+        let http_duration = Family::<Route, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        registry.register("hearth_http_request_duration_seconds", "Time to the response head", http_duration.clone());
+        let nar_bytes_sent = Counter::default();
+        registry.register("hearth_nar_sent_bytes", "NAR body bytes written to clients", nar_bytes_sent.clone());
+        let nars_in_flight = Gauge::default();
+        registry.register("hearth_nars_in_flight", "NAR bodies being streamed", nars_in_flight.clone());
+        let daemon_pool_in_use = Gauge::default();
+        registry.register("hearth_daemon_pool_in_use", "Nix daemon connections in use", daemon_pool_in_use.clone());
+        let daemon_pool_size = Gauge::default();
+        registry.register("hearth_daemon_pool_size", "Nix daemon connection pool size", daemon_pool_size.clone());
+
+        let builds = Family::<RepoStatus, Counter>::default();
+        registry.register("homelab_deploy_builds", "Build requests finished, by repo and status", builds.clone());
+        let build_hosts = Family::<RepoHostStatus, Counter>::default();
+        registry.register(
+            "homelab_deploy_build_host",
+            "Host builds finished, by repo, host and status",
+            build_hosts.clone(),
+        );
+        let build_duration = Family::<RepoHost, Histogram, fn() -> Histogram>::new_with_constructor(build_histogram);
+        registry.register(
+            "homelab_deploy_build_duration_seconds",
+            "Duration of one host build, by repo and host",
+            build_duration.clone(),
+        );
+        let build_last = Family::<Repo, Gauge>::default();
+        registry.register(
+            "homelab_deploy_build_last_timestamp",
+            "Unix time of the last finished build",
+            build_last.clone(),
+        );
+        let build_last_success = Family::<Repo, Gauge>::default();
+        registry.register(
+            "homelab_deploy_build_last_success_timestamp",
+            "Unix time of the last successful build",
+            build_last_success.clone(),
+        );
+        let build_queue = Gauge::default();
+        registry.register("hearth_build_queue_length", "Build requests waiting", build_queue.clone());
+        let build_in_progress = Gauge::default();
+        registry.register("hearth_build_in_progress", "1 while a build runs", build_in_progress.clone());
+        let build_rejected = Family::<Repo, Counter>::default();
+        registry.register(
+            "hearth_build_rejected",
+            "Build requests rejected, by repo as requested if configured",
+            build_rejected.clone(),
+        );
+
+        for repo in repos {
+            for status in ["success", "failure"] {
+                let _ = builds.get_or_create(&RepoStatus { repo: repo.clone(), status: status.into() });
+            }
+            let label = Repo { repo: repo.clone() };
+            let _ = build_last.get_or_create(&label);
+            let _ = build_last_success.get_or_create(&label);
+        }
+
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            nar_bytes_sent,
+            nars_in_flight,
+            daemon_pool_in_use,
+            daemon_pool_size,
+            builds,
+            build_hosts,
+            build_duration,
+            build_last,
+            build_last_success,
+            build_queue,
+            build_in_progress,
+            build_rejected,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,264 @@
+//! The store: where path info, NARs, logs and realisations come from.
+//!
+//! Architecture invariant: this is the only code that knows about the Nix database, the daemon
+//! socket and the store's directories on disk. It knows nothing of HTTP or NATS. A path that is
+//! not in the store is `Ok(None)`, never an error.
+
+pub mod daemon;
+pub mod db;
+pub(crate) mod nar_fs;
+pub mod nar_stream;
+mod temp_roots;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::nix::store_path::{StorePath, StorePathHash};
+use crate::nix::{listing::ListingNode, sha256_to_nix32};
+
+pub use daemon::DaemonError;
+pub use temp_roots::TempRoot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The daemon cannot be reached right now; the client should retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("nix database: {0}")]
+    Database(String),
+    /// Path info or a file on disk that does not make sense.
+    #[error("store data: {0}")]
+    Corrupt(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<DaemonError> for StoreError {
+    fn from(e: DaemonError) -> Self {
+        match e {
+            DaemonError::Connect(_) | DaemonError::Io(_) | DaemonError::Timeout => {
+                StoreError::Unavailable(e.to_string())
+            }
+            DaemonError::Protocol(_) | DaemonError::Remote(_) => StoreError::Corrupt(e.to_string()),
+        }
+    }
+}
+
+/// What the store knows of one valid path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: StorePath,
+    /// `sha256:<nix32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// Sorted basenames.
+    pub references: Vec<String>,
+    /// Basename of the deriver, if known.
+    pub deriver: Option<String>,
+    pub sigs: Vec<String>,
+    pub ca: Option<String>,
+}
+
+/// Where path info is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The database if it can be opened read-only, else the daemon.
+    Auto,
+    Db,
+    Daemon,
+}
+
+/// Settings the store needs.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The logical store directory (`/nix/store`), as it appears in paths.
+    pub store_dir: String,
+    /// Where that directory really is on this machine (usually the same).
+    pub real_store_dir: PathBuf,
+    pub db_path: PathBuf,
+    pub daemon_socket: PathBuf,
+    pub log_dir: PathBuf,
+    pub pool_size: usize,
+    pub backend: Backend,
+}
+
+/// Store access shared by the HTTP cache and the builder.
+pub struct Store {
+    config: StoreConfig,
+    db: Option<db::Db>,
+    pool: daemon::Pool,
+    roots: temp_roots::TempRoots,
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+impl Store {
+    /// Opens the store. With `Backend::Db` an unreadable database is an error; with `Auto` it
+    /// falls back to the daemon with a warning.
+    pub fn open(config: StoreConfig) -> Result<Self, StoreError> {
+        let db = match config.backend {
+            Backend::Daemon => None,
+            Backend::Db => Some(db::Db::open(&config.db_path)?),
+            Backend::Auto => match db::Db::open(&config.db_path) {
+                Ok(db) => Some(db),
+                Err(e) => {
+                    tracing::warn!(db = %config.db_path.display(), err = %e, "cannot read the Nix database; using the daemon");
+                    None
+                }
+            },
+        };
+        let pool = daemon::Pool::new(config.daemon_socket.clone(), config.pool_size);
+        let roots = temp_roots::TempRoots::new(config.daemon_socket.clone());
+        Ok(Self { config, db, pool, roots })
+    }
+
+    pub fn store_dir(&self) -> &str {
+        &self.config.store_dir
+    }
+
+    /// Which backend answers path-info queries.
+    pub fn backend_name(&self) -> &'static str {
+        if self.db.is_some() { "db" } else { "daemon" }
+    }
+
+    pub fn pool(&self) -> &daemon::Pool {
+        &self.pool
+    }
+
+    /// Where a store path lives on disk.
+    pub fn disk_path(&self, path: &StorePath) -> PathBuf {
+        self.config.real_store_dir.join(path.to_string())
+    }
+
+    /// Path info for the valid path with this hash part.
+    pub async fn path_info(&self, hash: StorePathHash) -> Result<Option<PathInfo>, StoreError> {
+        match &self.db {
+            Some(db) => match db.by_hash_part(&self.config.store_dir, hash.as_str()).await? {
+                Some(row) => self.info_from_row(row).map(Some),
+                None => Ok(None),
+            },
+            None => self.path_info_from_daemon(hash).await,
+        }
+    }
+
+    fn info_from_row(&self, row: db::DbRow) -> Result<PathInfo, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of {}", row.path));
+        let path = StorePath::from_absolute(&self.config.store_dir, &row.path).ok_or_else(|| corrupt("path"))?;
+        let nar_hash = sha256_to_nix32(&row.hash).ok_or_else(|| corrupt("NAR hash"))?;
+        let nar_size =
+            row.nar_size.and_then(|n| u64::try_from(n).ok()).filter(|&n| n > 0).ok_or_else(|| corrupt("NAR size"))?;
+        let mut references: Vec<String> =
+            row.references.as_deref().unwrap_or("").split_whitespace().map(|r| basename(r).to_owned()).collect();
+        references.sort();
+        Ok(PathInfo {
+            path,
+            nar_hash,
+            nar_size,
+            references,
+            deriver: row.deriver.filter(|d| !d.is_empty()).map(|d| basename(&d).to_owned()),
+            sigs: row.sigs.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect(),
+            ca: row.ca.filter(|c| !c.is_empty()),
+        })
+    }
+
+    async fn path_info_from_daemon(&self, hash: StorePathHash) -> Result<Option<PathInfo>, StoreError> {
+        let hash_str = hash.as_str().to_owned();
+        let found = self
+            .pool
+            .run(move |conn| {
+                let hash_str = hash_str.clone();
+                Box::pin(async move {
+                    let Some(path) = conn.query_path_from_hash_part(&hash_str).await? else { return Ok(None) };
+                    Ok(conn.query_path_info(&path).await?.map(|info| (path, info)))
+                })
+            })
+            .await?;
+        let Some((full, info)) = found else { return Ok(None) };
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of {full}"));
+        let path = StorePath::from_absolute(&self.config.store_dir, &full).ok_or_else(|| corrupt("path"))?;
+        // The daemon sends the NAR hash as bare base16.
+        let prefixed =
+            if info.nar_hash.contains(':') { info.nar_hash.clone() } else { format!("sha256:{}", info.nar_hash) };
+        let nar_hash = sha256_to_nix32(&prefixed).ok_or_else(|| corrupt("NAR hash"))?;
+        let mut references: Vec<String> = info.references.iter().map(|r| basename(r).to_owned()).collect();
+        references.sort();
+        Ok(Some(PathInfo {
+            path,
+            nar_hash,
+            nar_size: info.nar_size,
+            references,
+            deriver: (!info.deriver.is_empty()).then(|| basename(&info.deriver).to_owned()),
+            sigs: info.sigs,
+            ca: (!info.ca.is_empty()).then_some(info.ca),
+        }))
+    }
+
+    /// Protects `path` from garbage collection until the returned guard is dropped, then checks
+    /// that it is still on disk (it may have been collected before the root was added).
+    pub async fn hold(&self, path: &StorePath) -> Result<Option<TempRoot>, StoreError> {
+        let full = path.to_absolute(&self.config.store_dir);
+        let root = self.roots.add(&full).await?;
+        match tokio::fs::symlink_metadata(self.disk_path(path)).await {
+            Ok(_) => Ok(Some(root)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The `.ls` listing of a path and its NAR size, from metadata alone.
+    pub async fn listing(&self, path: &StorePath) -> Result<(ListingNode, u64), StoreError> {
+        let disk = self.disk_path(path);
+        Ok(tokio::task::spawn_blocking(move || nar_fs::listing(&disk))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("listing task: {e}")))??)
+    }
+
+    /// The build log of a derivation, decompressed; `None` if the store has none.
+    pub async fn build_log(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, StoreError> {
+        let base = drv.to_string();
+        let dir = self.config.log_dir.join("drvs").join(&base[..2]);
+        let plain = dir.join(&base[2..]);
+        let bz2 = dir.join(format!("{}.bz2", &base[2..]));
+        tokio::task::spawn_blocking(move || read_log(&plain, &bz2))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("log task: {e}")))?
+    }
+
+    /// The realisation document for a CA derivation output, as Nix's binary caches store it.
+    pub async fn realisation(&self, drv_hash: &str, output: &str) -> Result<Option<String>, StoreError> {
+        let Some(db) = &self.db else { return Ok(None) };
+        let Some((out_path, sigs)) = db.realisation(drv_hash, output).await? else { return Ok(None) };
+        let signatures: Vec<&str> = sigs.as_deref().unwrap_or("").split_whitespace().collect();
+        let doc = serde_json::json!({
+            "dependentRealisations": {},
+            "id": format!("{drv_hash}!{output}"),
+            "outPath": basename(&out_path),
+            "signatures": signatures,
+        });
+        Ok(Some(doc.to_string()))
+    }
+}
+
+fn read_log(plain: &Path, bz2: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    use std::io::Read;
+    match std::fs::File::open(bz2) {
+        Ok(f) => {
+            let mut out = Vec::new();
+            bzip2::read::BzDecoder::new(f).read_to_end(&mut out)?;
+            return Ok(Some(out));
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        Err(_) => {}
+    }
+    match std::fs::read(plain) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Shared handle.
+pub type SharedStore = Arc<Store>;

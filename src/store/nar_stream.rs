@@ -1,0 +1,195 @@
+//! A store path → a stream of its NAR bytes (or a range of them, or zstd of them).
+//!
+//! The walk runs on a blocking thread and hands fixed-size chunks through a bounded channel, so a
+//! request holds at most [`CHUNK`] × ([`QUEUE`] + 2) bytes whatever the NAR's size. A range skips
+//! the files before its start by size alone and seeks into the first one it needs.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use super::nar_fs::{self, Visitor};
+
+/// Bytes per chunk handed to the HTTP body.
+pub const CHUNK: usize = 128 * 1024;
+/// Chunks queued between the walk and the socket.
+const QUEUE: usize = 2;
+
+/// A stream of NAR chunks; an `Err` item ends it early (the client sees a short body).
+pub type NarReceiver = mpsc::Receiver<io::Result<Bytes>>;
+
+/// What to send of the NAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The NAR bytes `[start, end)`.
+    Plain { start: u64, end: u64 },
+    /// The whole NAR, zstd-compressed at this level.
+    Zstd { level: i32 },
+}
+
+/// Starts streaming `path` on a blocking thread. `guard` (for example a temp root) lives until the
+/// walk ends, whether it completes, fails, or the receiver is dropped.
+pub fn spawn<G: Send + 'static>(path: PathBuf, encoding: Encoding, guard: G) -> NarReceiver {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let result = match encoding {
+            Encoding::Plain { start, end } => {
+                let mut out = RangeOut { tx: tx.clone(), buf: BytesMut::with_capacity(CHUNK), pos: 0, start, end };
+                nar_fs::walk(&path, &mut out).and_then(|()| out.flush())
+            }
+            Encoding::Zstd { level } => zstd_walk(&path, level, tx.clone()),
+        };
+        if let Err(e) = result {
+            // A closed receiver means the client went away: nothing to report.
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                tracing::warn!(path = %path.display(), err = %e, "NAR stream failed");
+                let _ = tx.blocking_send(Err(e));
+            }
+        }
+    });
+    rx
+}
+
+fn send(tx: &mpsc::Sender<io::Result<Bytes>>, bytes: Bytes) -> io::Result<()> {
+    tx.blocking_send(Ok(bytes)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+}
+
+/// Writes the part of the NAR inside `[start, end)` to the channel.
+struct RangeOut {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+    /// The NAR offset of the next byte reported by the walk.
+    pos: u64,
+    start: u64,
+    end: u64,
+}
+
+impl RangeOut {
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(CHUNK)).freeze();
+            send(&self.tx, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// The part of `[pos, pos + len)` that lies in the range, relative to `pos`.
+    fn overlap(&self, len: u64) -> Option<(u64, u64)> {
+        let from = self.start.max(self.pos);
+        let to = self.end.min(self.pos + len);
+        (from < to).then(|| (from - self.pos, to - self.pos))
+    }
+}
+
+impl Visitor for RangeOut {
+    fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some((a, b)) = self.overlap(bytes.len() as u64) {
+            self.buf.extend_from_slice(&bytes[a as usize..b as usize]);
+            if self.buf.len() >= CHUNK {
+                self.flush()?;
+            }
+        }
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn contents(&mut self, path: &Path, size: u64, _executable: bool) -> io::Result<()> {
+        if let Some((a, b)) = self.overlap(size) {
+            let mut file = File::open(path)?;
+            if a > 0 {
+                file.seek(SeekFrom::Start(a))?;
+            }
+            let mut left = b - a;
+            while left > 0 {
+                if self.buf.len() >= CHUNK {
+                    self.flush()?;
+                }
+                let room = (CHUNK - self.buf.len()) as u64;
+                let want = left.min(room) as usize;
+                let filled = self.buf.len();
+                self.buf.resize(filled + want, 0);
+                if let Err(e) = file.read_exact(&mut self.buf[filled..]) {
+                    self.buf.truncate(filled);
+                    // A file shorter than its metadata said changed under us: never pad it.
+                    return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                }
+                left -= want as u64;
+            }
+        }
+        self.pos += size;
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.pos >= self.end
+    }
+}
+
+/// An `io::Write` that hands full chunks to the channel.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(CHUNK)).freeze();
+            send(&self.tx, chunk)?;
+        }
+        Ok(())
+    }
+}
+
+/// Feeds the whole NAR through a zstd encoder.
+struct ZstdOut<W: Write> {
+    enc: zstd::Encoder<'static, W>,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> Visitor for ZstdOut<W> {
+    fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.enc.write_all(bytes)
+    }
+
+    fn contents(&mut self, path: &Path, size: u64, _executable: bool) -> io::Result<()> {
+        let mut file = File::open(path)?.take(size);
+        let mut copied = 0u64;
+        loop {
+            let n = file.read(&mut self.scratch)?;
+            if n == 0 {
+                break;
+            }
+            self.enc.write_all(&self.scratch[..n])?;
+            copied += n as u64;
+        }
+        if copied != size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: changed while read", path.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn zstd_walk(path: &Path, level: i32, tx: mpsc::Sender<io::Result<Bytes>>) -> io::Result<()> {
+    let writer = ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK) };
+    let mut out = ZstdOut { enc: zstd::Encoder::new(writer, level)?, scratch: vec![0; CHUNK] };
+    nar_fs::walk(path, &mut out)?;
+    let mut writer = out.enc.finish()?;
+    writer.flush()
+}
