@@ -155,3 +155,81 @@ impl Visitor for ListingVisitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// The `tree` fixture of `../shared/nix-wire/make_fixtures.sh`, on disk.
+    fn make_tree(root: &Path) {
+        let w = |p: &str, c: &[u8]| fs::write(root.join(p), c).unwrap();
+        fs::create_dir_all(root.join("sub/nested")).unwrap();
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(root.join("emptydir")).unwrap();
+        w("README", b"tree root\n");
+        w("sub/nested/deep.txt", b"deep\n");
+        w("bin/run", b"#!/bin/sh\nexit 0\n");
+        fs::set_permissions(root.join("bin/run"), fs::Permissions::from_mode(0o755)).unwrap();
+        symlink("README", root.join("link")).unwrap();
+        symlink("../README", root.join("sub/up")).unwrap();
+        w("empty", b"");
+        w("Zebra", b"Z\n");
+        w("alpha", b"a\n");
+        w("a-b", b"x");
+        w("a.b", b"y");
+    }
+
+    fn golden(name: &str) -> Vec<u8> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/nix-wire/nars").join(name);
+        fs::read(p).unwrap()
+    }
+
+    struct Collect(Vec<u8>);
+    impl Visitor for Collect {
+        fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.0.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn contents(&mut self, path: &Path, _: u64, _: bool) -> io::Result<()> {
+            self.0.extend_from_slice(&fs::read(path)?);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn walk_matches_nix_dump_and_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        fs::create_dir(&root).unwrap();
+        make_tree(&root);
+        let mut c = Collect(Vec::new());
+        walk(&root, &mut c).unwrap();
+        assert!(c.0 == golden("cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf-tree.nar"), "NAR differs from nix-store --dump");
+
+        let (node, size) = listing(&root).unwrap();
+        assert_eq!(size, 2744);
+        let ls = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/nix-wire/nixcache-none/cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf.ls");
+        assert_eq!(crate::nix::listing::render(&node), fs::read_to_string(ls).unwrap());
+    }
+
+    #[test]
+    fn symlink_root_is_a_symlink_node() {
+        let dir = tempfile::tempdir().unwrap();
+        symlink("/etc/passwd", dir.path().join("l")).unwrap();
+        let mut c = Collect(Vec::new());
+        walk(&dir.path().join("l"), &mut c).unwrap();
+        let text = String::from_utf8_lossy(&c.0);
+        assert!(text.contains("symlink") && text.contains("/etc/passwd"));
+        assert!(!text.contains("root:"), "the link was followed");
+    }
+
+    #[test]
+    fn special_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(walk(&sock, &mut Collect(Vec::new())).is_err());
+    }
+}

@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# Shared setup for scripts/run, scripts/test and scripts/bench: install what is missing from
+# Debian's packages and start a nix-daemon if none answers. Fails loudly; never skips.
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else die "need root to run: $* (install it by hand, or run as root)"
+    fi
+}
+
+# ensure_packages CMD:PACKAGE ...: installs PACKAGE where CMD is missing.
+ensure_packages() {
+    local missing=() pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || die "${pair%%:*} is still missing after installing ${pair#*:}"
+    done
+}
+
+ensure_toolchain() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+}
+
+
+# True when a nix-daemon answers on its socket (an invalid path is a daemon's answer).
+nix_daemon_answers() {
+    local out
+    [ -S /nix/var/nix/daemon-socket/socket ] || return 1
+    out=$(NIX_REMOTE=daemon timeout 10 nix-store -q --references /nix/store/0000000000000000000000000000000a-x 2>&1) || true
+    case "$out" in
+        *"cannot connect"* | *"Connection refused"* | *"No such file"* | "") return 1 ;;
+    esac
+    return 0
+}
+
+# Starts nix-daemon in the background unless one answers on the socket.
+ensure_nix_daemon() {
+    nix_daemon_answers && return 0
+    log "starting nix-daemon"
+    as_root mkdir -p /nix/var/log
+    as_root bash -c 'nohup nix-daemon >>/nix/var/log/hearth-nix-daemon.log 2>&1 </dev/null &'
+    local i
+    for i in $(seq 1 100); do
+        nix_daemon_answers && return 0
+        sleep 0.1
+    done
+    die "nix-daemon did not come up (see /nix/var/log/hearth-nix-daemon.log)"
+}
+
+ensure_git_identity() {
+    git config --global user.email >/dev/null 2>&1 || git config --global user.email "hearth-tests@localhost"
+    git config --global user.name >/dev/null 2>&1 || git config --global user.name "hearth tests"
+}
