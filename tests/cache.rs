@@ -1,6 +1,8 @@
 //! The cache against the real Nix: a real store and daemon, hearth as a spawned binary, and the
 //! real Nix client (`nix copy`, `nix store verify`) on the other end.
 
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
 mod common;
 
 use common::{Hearth, add_to_store, hash_part, nix_cmd, nix_wire, request, run_ok};

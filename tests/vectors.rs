@@ -1,6 +1,8 @@
 //! The pure Nix formats against the golden vectors in `../shared/nix-wire/` (made with Nix 2.8):
 //! nixbase32, NAR encoding, narinfo text (all three compressions), fingerprints and signatures.
 
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
 mod common;
 
 use std::collections::BTreeMap;
