@@ -54,15 +54,29 @@ pub struct Exec {
 
 const NIX_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
 
-/// Kills a process group. A plain syscall on a pid we spawned.
-fn kill_group(pid: u32) {
+/// How long `nix` gets to stop its builders after SIGTERM before the group is killed.
+const TERM_GRACE: Duration = Duration::from_secs(10);
+
+/// Sends `signal` to a process group. A plain syscall on a group we spawned.
+fn signal_group(pid: u32, signal: libc::c_int) {
     if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: kill(2) takes plain integers and touches no memory of ours.
         #[allow(unsafe_code)]
         unsafe {
-            libc::kill(-pid, libc::SIGKILL);
+            libc::kill(-pid, signal);
         }
     }
+}
+
+/// Stops a command's whole process group: SIGTERM first, so that `nix` kills its builders
+/// (they run in sessions of their own, out of the group's reach), then SIGKILL after a grace.
+async fn stop_group(child: &mut tokio::process::Child, pid: u32) {
+    signal_group(pid, libc::SIGTERM);
+    if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
+        tracing::warn!(pid, "command ignored SIGTERM; killing its process group");
+    }
+    signal_group(pid, libc::SIGKILL);
+    let _ = child.wait().await;
 }
 
 /// Runs `cmd`, streaming stderr lines to `on_line`, under `timeout` and `cancel`; returns stdout.
@@ -79,7 +93,7 @@ async fn run(
     let mut stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
-    let work = async {
+    let output = async {
         let mut out = String::new();
         let read_out = async {
             if let Some(s) = stdout.as_mut() {
@@ -106,8 +120,11 @@ async fn run(
             }
         };
         tokio::join!(read_out, read_err);
-        let status = child.wait().await;
-        (status, out)
+        out
+    };
+    let work = async {
+        let out = output.await;
+        (child.wait().await, out)
     };
     let result = tokio::select! {
         r = tokio::time::timeout(timeout, work) => r.map_err(|_| BuildError::Timeout(timeout)),
@@ -122,7 +139,7 @@ async fn run(
         Ok((Err(e), _)) => Err(BuildError::Spawn(what.to_owned(), e)),
         Err(e) => {
             if let Some(pid) = pid {
-                kill_group(pid);
+                stop_group(&mut child, pid).await;
             }
             Err(e)
         }

@@ -73,6 +73,10 @@ impl Worker {
                 Err(e) => tracing::error!(%subject, err = %e, "cannot subscribe"),
             }
         }
+        // A round trip makes sure the server has our subscriptions before we say we listen.
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(err = %e, "cannot reach NATS yet; requests are taken once it is back");
+        }
         tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
         let worker = Arc::new(self);
         let builds = tokio::spawn(worker.clone().build_loop(cancel.clone()));
@@ -127,6 +131,7 @@ impl Worker {
         let Some(to) = reply_to else { return };
         let reply = |status| Reply::new(status, &req.repo, &req.target);
         match outcome {
+            Enqueued::Starting => {}
             Enqueued::Joined => {
                 self.publish(&[to], &reply(Status::Progress).message("joined an identical build in progress")).await
             }

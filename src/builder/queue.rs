@@ -28,6 +28,8 @@ impl Job {
 pub(super) enum Enqueued {
     /// An identical job is running or waiting; the request's replies join it.
     Joined,
+    /// Nothing else runs or waits: it starts now.
+    Starting,
     /// Waiting at this place (1 = next to run).
     Queued { position: usize },
     /// The queue is full.
@@ -72,9 +74,10 @@ impl Queue {
         }
         s.waiting.push_back(job);
         let position = s.waiting.len();
+        let idle = s.running.is_none() && position == 1;
         drop(s);
         self.notify.notify_one();
-        Enqueued::Queued { position }
+        if idle { Enqueued::Starting } else { Enqueued::Queued { position } }
     }
 
     /// Waits for the next job and marks it running.
@@ -127,7 +130,7 @@ mod tests {
     #[tokio::test]
     async fn joins_and_bounds() {
         let q = Queue::new(2);
-        assert_eq!(q.push(job("a", "1")), Enqueued::Queued { position: 1 });
+        assert_eq!(q.push(job("a", "1")), Enqueued::Starting);
         assert_eq!(q.push(job("a", "2")), Enqueued::Joined);
         assert_eq!(q.push(job("b", "3")), Enqueued::Queued { position: 2 });
         assert_eq!(q.push(job("c", "4")), Enqueued::Full);
@@ -137,6 +140,8 @@ mod tests {
         assert_eq!(q.running_subscribers(), vec!["1".to_owned(), "2".to_owned(), "5".to_owned()]);
         q.finish();
         assert_eq!(q.push(job("a", "6")), Enqueued::Queued { position: 2 });
-        assert_eq!(q.drain().len(), 2);
+        let _ = q.drain();
+        assert_eq!(q.push(job("x", "7")), Enqueued::Starting);
+        assert_eq!(q.drain().len(), 1);
     }
 }

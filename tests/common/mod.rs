@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod nats;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -105,6 +107,8 @@ impl Hearth {
             .arg(config)
             .env("HEARTH_LOG", "info,hearth=debug")
             .env("NO_COLOR", "1")
+            // Builds in tests never reach the network's substituters.
+            .env("NIX_CONFIG", "substituters =\n")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -153,6 +157,15 @@ impl Hearth {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Waits (up to 60 s) until the log contains `pattern` `count` times.
+    pub fn wait_for_log(&self, pattern: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.log().matches(pattern).count() < count {
+            assert!(std::time::Instant::now() < deadline, "no `{pattern}` in hearth's log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -1,0 +1,138 @@
+//! A real `nats-server` for tests: generated NKey users with the fleet's permissions (account
+//! DEPLOY: the builder publishes `build.responses.>` and subscribes `build.>`; the deployer the
+//! reverse), on a port the server picks itself.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub builder_seed: PathBuf,
+    pub deployer_seed: PathBuf,
+    builder_pub: String,
+    deployer_pub: String,
+}
+
+fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
+    format!(
+        "{{ nkey: {nkey}, permissions: {{ publish: {{ allow: [\"{publish}\"] }}, subscribe: {{ allow: [\"{subscribe}\"] }} }} }}"
+    )
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let builder = nkeys::KeyPair::new_user();
+        let deployer = nkeys::KeyPair::new_user();
+        let builder_seed = dir.path().join("builder.seed");
+        let deployer_seed = dir.path().join("deployer.seed");
+        std::fs::write(&builder_seed, builder.seed().expect("seed")).expect("write seed");
+        std::fs::write(&deployer_seed, deployer.seed().expect("seed")).expect("write seed");
+        let mut n = Self {
+            child: None,
+            port: 0,
+            dir,
+            builder_seed,
+            deployer_seed,
+            builder_pub: builder.public_key(),
+            deployer_pub: deployer.public_key(),
+        };
+        n.write_config(true);
+        n.spawn();
+        n
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nats.conf")
+    }
+
+    /// Writes the server config; without `with_builder` the builder's user cannot log in.
+    pub fn write_config(&self, with_builder: bool) {
+        let mut users = vec![user(&self.deployer_pub, "build.>", "build.responses.>")];
+        if with_builder {
+            users.push(user(&self.builder_pub, "build.responses.>", "build.>"));
+        }
+        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
+        let conf = format!(
+            "host: 127.0.0.1\nport: {port}\npid_file: \"{}\"\naccounts: {{\n  DEPLOY: {{\n    users: [\n      {}\n    ]\n  }}\n}}\n",
+            self.dir.path().join("nats.pid").display(),
+            users.join(",\n      ")
+        );
+        std::fs::write(self.config_path(), conf).expect("write nats config");
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new("nats-server")
+            .arg("-c")
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server not found: scripts/test installs Debian's nats-server");
+        let mut reader = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        let mut seen = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            seen.push_str(&line);
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                self.port = rest.trim().rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+                break;
+            }
+            line.clear();
+        }
+        assert!(self.port != 0, "nats-server did not start:\n{seen}");
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self, with_builder: bool) {
+        self.kill();
+        self.write_config(with_builder);
+        self.spawn();
+    }
+
+    /// Rewrites the config and makes the running server reload it.
+    pub fn reload(&self, with_builder: bool) {
+        self.write_config(with_builder);
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args(["-HUP", &pid.to_string()]).status().expect("kill").success();
+        assert!(ok, "cannot signal nats-server");
+    }
+
+    /// An async client logged in as the deployer.
+    pub async fn deployer(&self) -> async_nats::Client {
+        let seed = std::fs::read_to_string(&self.deployer_seed).expect("seed");
+        async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
+            .connect(self.url())
+            .await
+            .expect("deployer connects")
+    }
+
+    pub fn seed_path(&self) -> &Path {
+        &self.deployer_seed
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
