@@ -1,0 +1,131 @@
+//! Configuration and key handling: every error names the file and key, exits 2, and never
+//! prints key material; `hearth keygen` writes a pair that Nix's format accepts.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use hearth::config::FileConfig;
+use hearth::nix::signing::{PublicKey, SecretKey};
+
+fn hearth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hearth")).args(args).output().unwrap()
+}
+
+fn check(toml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = hearth(&["check-config", "--config", path.to_str().unwrap()]);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_example_config_has_only_known_keys() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hearth.toml")).unwrap();
+    let parsed: FileConfig = toml::from_str(&text).unwrap();
+    assert_eq!(parsed.priority, 30);
+    assert_eq!(parsed.builder.unwrap().repos.len(), 1);
+}
+
+#[test]
+fn an_empty_config_is_valid() {
+    assert_eq!(check("").0, Some(0));
+}
+
+#[test]
+fn bad_configs_fail_naming_file_key_and_reason() {
+    let cases = [
+        ("colour = \"blue\"\n", "colour"),
+        ("priority = \"high\"\n", "priority"),
+        ("bind = \"nowhere\"\n", "bind"),
+        ("bind = \"unix:relative.sock\"\n", "bind"),
+        ("daemon_pool_size = 0\n", "daemon_pool_size"),
+        ("[compression]\nalgorithm = \"brotli\"\n", "brotli"),
+        ("[compression]\nlevel = 40\n", "compression.level"),
+        ("[store]\nbackend = \"carrier-pigeon\"\n", "backend"),
+        ("store_dir = \"nix/store\"\n", "store_dir"),
+        ("[builder]\nrepos = []\n", "builder.repos"),
+        ("[builder]\n[[builder.repos]]\nname = \"a b\"\nurl = \"git+file:///r\"\n", "builder.repos.name"),
+        (
+            "[builder]\n[[builder.repos]]\nname = \"r\"\nurl = \"git+file:///r\"\nbranch = \"-x\"\n",
+            "builder.repos.branch",
+        ),
+        ("[builder]\nbogus = 1\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n", "bogus"),
+    ];
+    for (toml, needle) in cases {
+        let (code, err) = check(toml);
+        assert_eq!(code, Some(2), "{toml}: {err}");
+        assert!(err.contains(needle), "{toml}: `{err}` does not name {needle}");
+    }
+    let (code, err) = check("priority = 30\nunknown_key = 1\n");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("bad.toml"), "the error does not name the file: {err}");
+}
+
+#[test]
+fn key_file_errors_name_the_file_and_never_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.sec");
+    let (code, err) = check(&format!("sign_key_paths = [\"{}\"]\n", missing.display()));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("missing.sec"), "{err}");
+
+    // The right length but a public half that does not match: malformed, and not echoed.
+    let bad = dir.path().join("bad.sec");
+    let secret = "k-1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ==";
+    std::fs::write(&bad, secret).unwrap();
+    let (code, err) = check(&format!("sign_key_paths = [\"{}\"]\n", bad.display()));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("bad.sec") && err.contains("not a Nix secret key"), "{err}");
+    assert!(!err.contains("AQEBAQEB"), "key material in the error: {err}");
+}
+
+#[test]
+fn keygen_writes_a_private_nix_format_pair_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sec = dir.path().join("k.sec");
+    let public = dir.path().join("k.pub");
+    let out = hearth(&[
+        "keygen",
+        "cache.example.org-1",
+        "--secret-key-file",
+        sec.to_str().unwrap(),
+        "--public-key-file",
+        public.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&sec).unwrap().permissions().mode() & 0o777, 0o600);
+    let key = SecretKey::parse(&std::fs::read_to_string(&sec).unwrap()).unwrap();
+    let pk = PublicKey::parse(&std::fs::read_to_string(&public).unwrap()).unwrap();
+    assert_eq!(pk.name(), "cache.example.org-1");
+    assert!(pk.verify("1;/nix/store/x;sha256:y;1;", &key.sign("1;/nix/store/x;sha256:y;1;")));
+    let before = std::fs::read(&sec).unwrap();
+    let again = hearth(&[
+        "keygen",
+        "other-1",
+        "--secret-key-file",
+        sec.to_str().unwrap(),
+        "--public-key-file",
+        public.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read(&sec).unwrap(), before, "keygen overwrote a secret key");
+    // Nix itself signs with the generated key, and the signature verifies with our public key.
+    common::ensure_store();
+    let store = dir.path().join("store");
+    let path = "/nix/store/2xr781z591fm9c9jchvf8389sr8qsszk-hello.txt";
+    common::run_ok(common::nix_cmd("nix").args(["copy", "--to"]).arg(&store).arg(path));
+    common::run_ok(
+        common::nix_cmd("nix").args(["store", "sign", "--store"]).arg(&store).arg("--key-file").arg(&sec).arg(path),
+    );
+    let info = common::run_ok(common::nix_cmd("nix").args(["path-info", "--json", "--store"]).arg(&store).arg(path));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let sigs: Vec<String> =
+        info[0]["signatures"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+    let fingerprint = common::vectors()["paths"][0]["fingerprint"].as_str().unwrap().to_owned();
+    assert!(sigs.iter().any(|s| pk.verify(&fingerprint, s)), "no signature by our key in {sigs:?}");
+}
