@@ -346,3 +346,36 @@ fn serves_on_a_unix_socket_and_exits_0_on_sigterm() {
     assert!(r.text().contains("StoreDir: /nix/store"));
     assert!(h.terminate().success());
 }
+
+#[test]
+fn systemd_socket_activation_serves_on_the_passed_socket() {
+    use std::io::Write;
+    common::ensure_store();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("activated.sock");
+    let config = dir.path().join("h.toml");
+    // `bind` names a TCP port that is never used: the passed socket wins.
+    std::fs::write(&config, "bind = \"127.0.0.1:1\"\n").unwrap();
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg(env!("CARGO_BIN_EXE_hearth"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "systemd-socket-activate did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let r = common::read_response(&mut std::io::BufReader::new(s), false);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("Priority: 30"));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use super::StoreError;
-use super::daemon::Connection;
+use super::daemon::{Connection, DaemonError};
 
 /// Roots added to one connection before a fresh one is opened.
 const ROOTS_PER_CONNECTION: usize = 256;
@@ -42,25 +42,30 @@ impl TempRoots {
 
     pub(super) async fn add(&self, path: &str) -> Result<TempRoot, StoreError> {
         let mut current = self.current.lock().await;
-        let stale = current.as_ref().is_none_or(|h| h.roots >= ROOTS_PER_CONNECTION || h.opened.elapsed() > MAX_AGE);
-        if stale {
-            let conn = Connection::connect(&self.socket).await?;
-            *current = Some(Holder { conn: Arc::new(Mutex::new(conn)), roots: 0, opened: Instant::now() });
-        }
-        let Some(holder) = current.as_mut() else {
-            return Err(StoreError::Unavailable("no daemon connection for temp roots".into()));
-        };
-        let result = holder.conn.lock().await.add_temp_root(path).await;
-        match result {
-            Ok(()) => {
-                holder.roots += 1;
-                Ok(TempRoot { _conn: holder.conn.clone() })
+        // A held connection may have died with a restarted daemon: then try once on a new one.
+        for attempt in 0..2 {
+            let stale =
+                current.as_ref().is_none_or(|h| h.roots >= ROOTS_PER_CONNECTION || h.opened.elapsed() > MAX_AGE);
+            if stale {
+                let conn = Connection::connect(&self.socket).await?;
+                *current = Some(Holder { conn: Arc::new(Mutex::new(conn)), roots: 0, opened: Instant::now() });
             }
-            Err(e) => {
-                // The connection is out of sync or gone; the next request opens a new one.
-                *current = None;
-                Err(e.into())
+            let Some(holder) = current.as_mut() else { break };
+            let result = holder.conn.lock().await.add_temp_root(path).await;
+            match result {
+                Ok(()) => {
+                    holder.roots += 1;
+                    return Ok(TempRoot { _conn: holder.conn.clone() });
+                }
+                Err(e) => {
+                    // The connection is out of sync or gone; never reuse it.
+                    *current = None;
+                    if attempt == 1 || !matches!(e, DaemonError::Io(_)) {
+                        return Err(e.into());
+                    }
+                }
             }
         }
+        Err(StoreError::Unavailable("no daemon connection for temp roots".into()))
     }
 }
