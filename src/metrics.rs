@@ -74,6 +74,7 @@ pub struct Metrics {
     pub build_queue: Gauge,
     pub build_in_progress: Gauge,
     pub build_rejected: Family<Repo, Counter>,
+    pub start_time: Gauge,
 }
 
 impl Metrics {
@@ -130,6 +131,11 @@ impl Metrics {
             build_rejected.clone(),
         );
 
+        let start_time = Gauge::default();
+        registry.register("hearth_start_time_seconds", "Unix time hearth started", start_time.clone());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        start_time.set(i64::try_from(now).unwrap_or(i64::MAX));
+
         for repo in repos {
             for status in ["success", "failure"] {
                 let _ = builds.get_or_create(&RepoStatus { repo: repo.clone(), status: status.into() });
@@ -155,6 +161,7 @@ impl Metrics {
             build_queue,
             build_in_progress,
             build_rejected,
+            start_time,
         }
     }
 
@@ -164,5 +171,52 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools that do not ask for
+    /// OpenMetrics (such as `promtool check metrics`).
+    pub fn encode_prometheus_text(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+}
+
+/// Converts OpenMetrics text to Prometheus text 0.0.4: counters' HELP/TYPE name the `_total`
+/// series, and the `# EOF` and `# UNIT` lines go.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        open_metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_series() {
+        let m = Metrics::new(&["fleet".to_owned()]);
+        m.nar_bytes_sent.inc_by(7);
+        let text = m.encode_prometheus_text();
+        assert!(text.contains("# TYPE hearth_nar_sent_bytes_total counter\nhearth_nar_sent_bytes_total 7\n"), "{text}");
+        assert!(text.contains("# HELP homelab_deploy_builds_total "), "{text}");
+        assert!(text.contains("homelab_deploy_builds_total{repo=\"fleet\",status=\"success\"} 0"), "{text}");
+        assert!(!text.contains("# EOF"));
+        assert!(text.contains("# TYPE hearth_nars_in_flight gauge"));
     }
 }

@@ -74,8 +74,11 @@ impl Worker {
             }
         }
         // A round trip makes sure the server has our subscriptions before we say we listen.
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(err = %e, "cannot reach NATS yet; requests are taken once it is back");
+        tokio::select! {
+            r = self.client.flush() => if let Err(e) = r {
+                tracing::warn!(err = %e, "cannot reach NATS yet; requests are taken once it is back");
+            },
+            _ = cancel.cancelled() => return,
         }
         tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
         let worker = Arc::new(self);

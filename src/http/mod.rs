@@ -68,12 +68,23 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new().route("/metrics", get(metrics_handler)).with_state(state)
 }
 
-async fn metrics_handler(State(state): State<AppState>) -> Response {
+/// `/metrics`: OpenMetrics for scrapers that ask for it (Prometheus does), the classic text
+/// format otherwise.
+async fn metrics_handler(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let pool = state.store.pool();
     state.metrics.daemon_pool_in_use.set(pool.in_use() as i64);
     state.metrics.daemon_pool_size.set(pool.size() as i64);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
-        .into_response()
+    let open_metrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+    if open_metrics {
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+            .into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode_prometheus_text())
+            .into_response()
+    }
 }
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
