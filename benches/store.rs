@@ -1,0 +1,82 @@
+//! Criterion benchmarks of store access: streaming the NAR of a directory from the page cache
+//! (20,000 small files, and one 256 MiB file), and a path-info lookup through the database and
+//! through the daemon. Needs the local Nix store (`scripts/bench` or `scripts/test` set it up).
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hearth::nix::store_path::StorePathHash;
+use hearth::store::nar_stream::{self, Encoding};
+use hearth::store::{Backend, Store, StoreConfig};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+}
+
+fn make_tree(root: &Path) {
+    for d in 0..200 {
+        let dir = root.join(format!("d{d:03}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:03}")), format!("file {d} {f}\n").repeat(8)).expect("write");
+        }
+    }
+}
+
+async fn drain(path: PathBuf, size: u64) -> u64 {
+    let mut rx = nar_stream::spawn(path, Encoding::Plain { start: 0, end: size }, ());
+    let mut n = 0;
+    while let Some(chunk) = rx.recv().await {
+        n += chunk.expect("chunk").len() as u64;
+    }
+    n
+}
+
+fn nar_walk(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    make_tree(&tree);
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![5u8; 256 << 20]).expect("write big");
+    let mut g = c.benchmark_group("nar_stream_from_page_cache");
+    g.sample_size(20);
+    let size = rt.block_on(drain(tree.clone(), u64::MAX));
+    g.throughput(Throughput::Bytes(size));
+    g.bench_function("20000_files", |b| b.iter(|| rt.block_on(drain(black_box(tree.clone()), size))));
+    let size = rt.block_on(drain(big.clone(), u64::MAX));
+    g.throughput(Throughput::Bytes(size));
+    g.bench_function("256MiB_file", |b| b.iter(|| rt.block_on(drain(black_box(big.clone()), size))));
+    g.finish();
+}
+
+fn store(backend: Backend) -> Store {
+    Store::open(StoreConfig {
+        store_dir: "/nix/store".into(),
+        real_store_dir: "/nix/store".into(),
+        db_path: "/nix/var/nix/db/db.sqlite".into(),
+        daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
+        log_dir: "/nix/var/log/nix".into(),
+        pool_size: 4,
+        backend,
+    })
+    .expect("the local Nix store (run scripts/bench, which sets it up)")
+}
+
+fn path_info(c: &mut Criterion) {
+    let rt = runtime();
+    let hit = StorePathHash::parse(b"sah6ys5p5a453b5xrprp9mrssbc61147").expect("hash");
+    let miss = StorePathHash::parse(b"00000000000000000000000000000000").expect("hash");
+    let mut g = c.benchmark_group("path_info");
+    for (name, backend) in [("db", Backend::Db), ("daemon", Backend::Daemon)] {
+        let s = store(backend);
+        assert!(rt.block_on(s.path_info(hit)).expect("lookup").is_some(), "golden paths missing: run make_fixtures.sh");
+        g.bench_function(format!("{name}_hit"), |b| b.iter(|| rt.block_on(s.path_info(black_box(hit)))));
+        g.bench_function(format!("{name}_miss"), |b| b.iter(|| rt.block_on(s.path_info(black_box(miss)))));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, nar_walk, path_info);
+criterion_main!(benches);
