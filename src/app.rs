@@ -75,12 +75,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.builder.as_ref().map(|b| b.repos.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
     let metrics = Arc::new(Metrics::new(&repos));
     let store = Arc::new(Store::open(config.store.clone()).context("cannot open the Nix store")?);
-    let state = AppState {
-        store: store.clone(),
-        keys: Arc::new(config.keys),
-        metrics: metrics.clone(),
-        cache: Arc::new(CacheSettings { priority: config.priority, zstd_level: config.zstd_level }),
-    };
+    let state = AppState::new(
+        store.clone(),
+        config.keys,
+        metrics.clone(),
+        CacheSettings { priority: config.priority, zstd_level: config.zstd_level },
+    );
 
     let listener = match activated_listener()? {
         Some(l) => l,

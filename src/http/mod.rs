@@ -41,6 +41,19 @@ pub struct AppState {
     pub keys: Arc<Vec<SecretKey>>,
     pub metrics: Arc<Metrics>,
     pub cache: Arc<CacheSettings>,
+    pub(crate) narinfos: Arc<narinfo::NarinfoCache>,
+}
+
+impl AppState {
+    pub fn new(store: Arc<Store>, keys: Vec<SecretKey>, metrics: Arc<Metrics>, cache: CacheSettings) -> Self {
+        Self {
+            store,
+            keys: Arc::new(keys),
+            metrics,
+            cache: Arc::new(cache),
+            narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
+        }
+    }
 }
 
 /// How long a handler may take to produce the response head.

@@ -1,6 +1,8 @@
 //! `GET|HEAD /<hash>.narinfo` and `/<hash>.ls`: parse, ask the store, sign, render.
 
-use axum::body::Body;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{Method, header};
 use axum::response::{IntoResponse, Response};
@@ -9,6 +11,7 @@ use super::AppState;
 use super::error::{HttpError, HttpResult};
 use crate::nix::http_path;
 use crate::nix::narinfo::NarInfo;
+use crate::nix::store_path::StorePathHash;
 use crate::store::PathInfo;
 
 /// `/{file}` at the root: `.narinfo` or `.ls`; anything else is not a route of ours.
@@ -25,7 +28,7 @@ pub(super) async fn get_root_file(
             // Existence checks: no signing, no body.
             return Ok((headers, Body::empty()).into_response());
         }
-        Ok((headers, render(&state, &info).to_string()).into_response())
+        Ok((headers, state.narinfos.get_or_render(&info, || render(&state, &info).to_string())).into_response())
     } else if file.ends_with(".ls") {
         let hash = http_path::parse_listing(&file).ok_or(HttpError::BadRequest("malformed listing hash"))?;
         let info = state.store.path_info(hash).await?.ok_or(HttpError::NotFound)?;
@@ -37,6 +40,30 @@ pub(super) async fn get_root_file(
         Ok((headers, crate::nix::listing::render(&root)).into_response())
     } else {
         Err(HttpError::NotFound)
+    }
+}
+
+/// Rendered, signed narinfos, reused while the store returns the same path info (the same `Arc`).
+/// Signing is most of a narinfo's cost.
+pub(crate) struct NarinfoCache {
+    entries: quick_cache::sync::Cache<StorePathHash, (Arc<PathInfo>, Bytes)>,
+}
+
+impl NarinfoCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { entries: quick_cache::sync::Cache::new(capacity) }
+    }
+
+    fn get_or_render(&self, info: &Arc<PathInfo>, render: impl FnOnce() -> String) -> Bytes {
+        let hash = info.path.hash();
+        if let Some((cached, text)) = self.entries.get(&hash)
+            && Arc::ptr_eq(&cached, info)
+        {
+            return text;
+        }
+        let text = Bytes::from(render());
+        self.entries.insert(hash, (info.clone(), text.clone()));
+        text
     }
 }
 

@@ -2,8 +2,11 @@
 //!
 //! One indexed query per lookup (path, hash, size, deriver, signatures, CA and the references in
 //! one statement). The database is opened read-only, never written; SQLite's WAL lets Nix write
-//! while we read. This module knows SQL, never HTTP.
+//! while we read. A lookup first runs on the calling thread's own connection without waiting for
+//! any lock (tens of microseconds, no thread hop); only if SQLite is busy does it move to a
+//! blocking thread that may wait. This module knows SQL, never HTTP.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +35,28 @@ const BY_HASH: &str = "SELECT v.path, v.hash, v.registrationTime, v.deriver, v.n
 
 const REALISATION: &str = "SELECT v.path, r.signatures FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath
   WHERE r.drvPath = ?1 AND r.outputName = ?2";
+
+thread_local! {
+    /// Each runtime thread's own connection for lookups that never wait, by database path.
+    static INLINE: RefCell<Option<(PathBuf, Connection)>> = const { RefCell::new(None) };
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DbRow> {
+    Ok(DbRow {
+        path: r.get(0)?,
+        hash: r.get(1)?,
+        registration_time: r.get(2)?,
+        deriver: r.get(3)?,
+        nar_size: r.get(4)?,
+        sigs: r.get(5)?,
+        ca: r.get(6)?,
+        references: r.get(7)?,
+    })
+}
 
 /// A small set of read-only connections, reused across blocking tasks.
 #[derive(Clone)]
@@ -89,28 +114,39 @@ impl Db {
         }
     }
 
+    /// Runs a lookup on this thread's own connection, never waiting for a lock; `None` when
+    /// SQLite is busy (the caller then waits on a blocking thread) or no connection opens.
+    fn inline<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Option<Result<T, StoreError>> {
+        INLINE.with(|cell| {
+            let mut slot = cell.try_borrow_mut().ok()?;
+            if slot.as_ref().is_none_or(|(p, _)| p != &self.path) {
+                let conn = self.connect().ok()?;
+                conn.busy_timeout(std::time::Duration::ZERO).ok()?;
+                *slot = Some((self.path.clone(), conn));
+            }
+            let (_, conn) = slot.as_ref()?;
+            match f(conn) {
+                Err(e) if is_busy(&e) => None,
+                Err(e) => {
+                    // Reopen next time: the error may have been the connection's.
+                    *slot = None;
+                    Some(Err(StoreError::Database(e.to_string())))
+                }
+                Ok(v) => Some(Ok(v)),
+            }
+        })
+    }
+
     /// The row whose path starts with `<store_dir>/<hash>-`, if any.
     pub async fn by_hash_part(&self, store_dir: &str, hash: &str) -> Result<Option<DbRow>, StoreError> {
         let prefix = format!("{store_dir}/{hash}");
         let dashed = format!("{prefix}-");
-        let row = self
-            .with_conn(move |conn| {
-                conn.prepare_cached(BY_HASH)?
-                    .query_row([&prefix], |r| {
-                        Ok(DbRow {
-                            path: r.get(0)?,
-                            hash: r.get(1)?,
-                            registration_time: r.get(2)?,
-                            deriver: r.get(3)?,
-                            nar_size: r.get(4)?,
-                            sigs: r.get(5)?,
-                            ca: r.get(6)?,
-                            references: r.get(7)?,
-                        })
-                    })
-                    .optional()
-            })
-            .await?;
+        let query =
+            |conn: &Connection, prefix: &str| conn.prepare_cached(BY_HASH)?.query_row([prefix], read_row).optional();
+        let row = match self.inline(|conn| query(conn, &prefix)) {
+            Some(result) => result?,
+            None => self.with_conn(move |conn| query(conn, &prefix)).await?,
+        };
         Ok(row.filter(|r| r.path.starts_with(&dashed)))
     }
 

@@ -83,12 +83,36 @@ pub struct StoreConfig {
     pub backend: Backend,
 }
 
+/// Path infos kept in memory at most.
+const INFO_CACHE_ENTRIES: usize = 100_000;
+
+/// Which file a store path is on disk: a path deleted and made again is another file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct DiskId {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl DiskId {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(Self { dev: m.dev(), ino: m.ino(), ctime: m.ctime(), ctime_nsec: m.ctime_nsec() })
+    }
+}
+
 /// Store access shared by the HTTP cache and the builder.
 pub struct Store {
     config: StoreConfig,
     db: Option<db::Db>,
     pool: daemon::Pool,
     roots: temp_roots::TempRoots,
+    /// Path info of valid paths, keyed by hash part. Store paths are immutable, so an entry stays
+    /// right while the same file is on disk; that is checked (one `lstat`) on every hit. Misses
+    /// are never cached: a path built a moment ago is found at once.
+    infos: quick_cache::sync::Cache<StorePathHash, (DiskId, Arc<PathInfo>)>,
 }
 
 fn basename(path: &str) -> &str {
@@ -112,7 +136,7 @@ impl Store {
         };
         let pool = daemon::Pool::new(config.daemon_socket.clone(), config.pool_size);
         let roots = temp_roots::TempRoots::new(config.daemon_socket.clone());
-        Ok(Self { config, db, pool, roots })
+        Ok(Self { config, db, pool, roots, infos: quick_cache::sync::Cache::new(INFO_CACHE_ENTRIES) })
     }
 
     pub fn store_dir(&self) -> &str {
@@ -134,14 +158,25 @@ impl Store {
     }
 
     /// Path info for the valid path with this hash part.
-    pub async fn path_info(&self, hash: StorePathHash) -> Result<Option<PathInfo>, StoreError> {
-        match &self.db {
-            Some(db) => match db.by_hash_part(&self.config.store_dir, hash.as_str()).await? {
-                Some(row) => self.info_from_row(row).map(Some),
-                None => Ok(None),
-            },
-            None => self.path_info_from_daemon(hash).await,
+    pub async fn path_info(&self, hash: StorePathHash) -> Result<Option<Arc<PathInfo>>, StoreError> {
+        if let Some((id, info)) = self.infos.get(&hash) {
+            if DiskId::of(&self.disk_path(&info.path)) == Some(id) {
+                return Ok(Some(info));
+            }
+            self.infos.remove(&hash);
         }
+        let info = match &self.db {
+            Some(db) => match db.by_hash_part(&self.config.store_dir, hash.as_str()).await? {
+                Some(row) => Some(self.info_from_row(row)?),
+                None => None,
+            },
+            None => self.path_info_from_daemon(hash).await?,
+        };
+        let Some(info) = info.map(Arc::new) else { return Ok(None) };
+        if let Some(id) = DiskId::of(&self.disk_path(&info.path)) {
+            self.infos.insert(hash, (id, info.clone()));
+        }
+        Ok(Some(info))
     }
 
     fn info_from_row(&self, row: db::DbRow) -> Result<PathInfo, StoreError> {

@@ -1,8 +1,10 @@
 //! A store path → a stream of its NAR bytes (or a range of them, or zstd of them).
 //!
-//! The walk runs on a blocking thread and hands fixed-size chunks through a bounded channel, so a
-//! request holds at most [`CHUNK`] × ([`QUEUE`] + 2) bytes whatever the NAR's size. A range skips
-//! the files before its start by size alone and seeks into the first one it needs.
+//! The walk runs on a blocking thread and hands chunks through a bounded channel, so a request
+//! holds at most a chunk × ([`QUEUE`] + 2) bytes whatever the NAR's size. Chunks share a memory
+//! budget: one download gets large chunks (few syscalls), many concurrent downloads get small
+//! ones, so memory stays flat under load. A range skips the files before its start by size alone
+//! and seeks into the first one it needs.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -13,10 +15,39 @@ use tokio::sync::mpsc;
 
 use super::nar_fs::{self, Visitor};
 
-/// Bytes per chunk handed to the HTTP body.
-pub const CHUNK: usize = 128 * 1024;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// Chunks queued between the walk and the socket.
 const QUEUE: usize = 2;
+/// Bytes of chunk buffers that all streams together aim to stay under.
+const BUFFER_BUDGET: usize = 16 << 20;
+const MIN_CHUNK: usize = 16 << 10;
+const MAX_CHUNK: usize = 128 << 10;
+
+/// Streams running now.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// The chunk size for the next chunk: the budget shared by the running streams.
+fn chunk_size() -> usize {
+    let streams = ACTIVE.load(Ordering::Relaxed).max(1);
+    (BUFFER_BUDGET / (streams * (QUEUE + 2))).clamp(MIN_CHUNK, MAX_CHUNK)
+}
+
+/// Counts a running stream while it lives.
+struct Active;
+
+impl Active {
+    fn new() -> Self {
+        ACTIVE.fetch_add(1, Ordering::Relaxed);
+        Active
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// A stream of NAR chunks; an `Err` item ends it early (the client sees a short body).
 pub type NarReceiver = mpsc::Receiver<io::Result<Bytes>>;
@@ -34,11 +65,15 @@ pub enum Encoding {
 /// walk ends, whether it completes, fails, or the receiver is dropped.
 pub fn spawn<G: Send + 'static>(path: PathBuf, encoding: Encoding, guard: G) -> NarReceiver {
     let (tx, rx) = mpsc::channel(QUEUE);
+    let active = Active::new();
     tokio::task::spawn_blocking(move || {
         let _guard = guard;
+        let _active = active;
         let result = match encoding {
             Encoding::Plain { start, end } => {
-                let mut out = RangeOut { tx: tx.clone(), buf: BytesMut::with_capacity(CHUNK), pos: 0, start, end };
+                let chunk = chunk_size();
+                let mut out =
+                    RangeOut { tx: tx.clone(), buf: BytesMut::with_capacity(chunk), chunk, pos: 0, start, end };
                 nar_fs::walk(&path, &mut out).and_then(|()| out.flush())
             }
             Encoding::Zstd { level } => zstd_walk(&path, level, tx.clone()),
@@ -62,6 +97,7 @@ fn send(tx: &mpsc::Sender<io::Result<Bytes>>, bytes: Bytes) -> io::Result<()> {
 struct RangeOut {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    chunk: usize,
     /// The NAR offset of the next byte reported by the walk.
     pos: u64,
     start: u64,
@@ -71,7 +107,8 @@ struct RangeOut {
 impl RangeOut {
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(CHUNK)).freeze();
+            self.chunk = chunk_size();
+            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.chunk)).freeze();
             send(&self.tx, chunk)?;
         }
         Ok(())
@@ -89,7 +126,7 @@ impl Visitor for RangeOut {
     fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
         if let Some((a, b)) = self.overlap(bytes.len() as u64) {
             self.buf.extend_from_slice(&bytes[a as usize..b as usize]);
-            if self.buf.len() >= CHUNK {
+            if self.buf.len() >= self.chunk {
                 self.flush()?;
             }
         }
@@ -105,10 +142,10 @@ impl Visitor for RangeOut {
             }
             let mut left = b - a;
             while left > 0 {
-                if self.buf.len() >= CHUNK {
+                if self.buf.len() >= self.chunk {
                     self.flush()?;
                 }
-                let room = (CHUNK - self.buf.len()) as u64;
+                let room = (self.chunk - self.buf.len()) as u64;
                 let want = left.min(room) as usize;
                 let filled = self.buf.len();
                 self.buf.resize(filled + want, 0);
@@ -133,13 +170,14 @@ impl Visitor for RangeOut {
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    chunk: usize,
 }
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
+        let n = data.len().min(self.chunk.saturating_sub(self.buf.len()).max(1));
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= self.chunk {
             self.flush()?;
         }
         Ok(n)
@@ -147,7 +185,8 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(CHUNK)).freeze();
+            self.chunk = chunk_size();
+            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.chunk)).freeze();
             send(&self.tx, chunk)?;
         }
         Ok(())
@@ -187,8 +226,9 @@ impl<W: Write> Visitor for ZstdOut<W> {
 }
 
 fn zstd_walk(path: &Path, level: i32, tx: mpsc::Sender<io::Result<Bytes>>) -> io::Result<()> {
-    let writer = ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK) };
-    let mut out = ZstdOut { enc: zstd::Encoder::new(writer, level)?, scratch: vec![0; CHUNK] };
+    let chunk = chunk_size();
+    let writer = ChannelWriter { tx, buf: BytesMut::with_capacity(chunk), chunk };
+    let mut out = ZstdOut { enc: zstd::Encoder::new(writer, level)?, scratch: vec![0; MIN_CHUNK] };
     nar_fs::walk(path, &mut out)?;
     let mut writer = out.enc.finish()?;
     writer.flush()
