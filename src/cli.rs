@@ -41,4 +41,6 @@ pub enum Command {
     },
     /// Ask the builder over NATS to build a repo's hosts, and follow the build.
     Build(crate::builder::cli::BuildArgs),
+    /// Update flake.lock on a branch, build every host, and promote it only if all built.
+    FlakeUpdate(crate::flake_update::FlakeUpdateArgs),
 }

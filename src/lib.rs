@@ -7,6 +7,7 @@ pub mod app;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod flake_update;
 pub mod http;
 pub mod metrics;
 pub mod nix;

@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             report(hearth::app::keygen(&name, &secret_key_file, &public_key_file))
         }
         Command::Build(args) => runtime.block_on(hearth::builder::cli::run(args)),
+        Command::FlakeUpdate(args) => runtime.block_on(hearth::flake_update::run(args)),
     }
 }
 

@@ -24,12 +24,8 @@ pub struct BuildArgs {
     /// The branch to build (default: the repo's configured branch).
     #[arg(long)]
     pub branch: Option<String>,
-    #[arg(long, env = "HEARTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    #[arg(long, env = "HEARTH_NKEY_SEED_FILE")]
-    pub nkey_seed_file: Option<PathBuf>,
-    #[arg(long, env = "HEARTH_CREDS_FILE")]
-    pub creds_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// How long to wait for the final reply, e.g. `4h`, `30m`, `90s` or seconds.
     #[arg(long, default_value = "5h", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -53,9 +49,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
-const EXIT_FAILED: u8 = 1;
-const EXIT_REFUSED: u8 = 2;
-const EXIT_NO_RESULT: u8 = 3;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_REFUSED: u8 = 2;
+pub const EXIT_NO_RESULT: u8 = 3;
 
 pub async fn run(args: BuildArgs) -> ExitCode {
     match follow(args).await {
@@ -77,81 +73,126 @@ fn random_id() -> String {
     hex::encode(b)
 }
 
-async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
-    if !job::is_valid_name(&args.repo) {
-        return Err((EXIT_REFUSED, format!("invalid repo name `{}`", args.repo)));
+/// NATS connection flags shared by `hearth build` and `hearth flake-update`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    #[arg(long, env = "HEARTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "HEARTH_NKEY_SEED_FILE")]
+    pub nkey_seed_file: Option<PathBuf>,
+    #[arg(long, env = "HEARTH_CREDS_FILE")]
+    pub creds_file: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// Connects as a deployer; errors carry the exit code to use.
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, (u8, String)> {
+        let auth = NatsAuth::load(self.nkey_seed_file.as_deref(), self.creds_file.clone())
+            .map_err(|e| (EXIT_REFUSED, e.to_string()))?;
+        let options = auth.options().await.map_err(|e| (EXIT_REFUSED, format!("NATS credentials: {e}")))?;
+        options
+            .name(name)
+            .connection_timeout(Duration::from_secs(10))
+            .connect(&self.nats_url)
+            .await
+            .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", self.nats_url)))
     }
-    if args.target != "all" && !job::is_valid_name(&args.target) {
-        return Err((EXIT_REFUSED, format!("invalid target `{}`", args.target)));
+}
+
+/// Checks a request's names as the builder will, before anything is sent.
+pub fn validate(repo: &str, target: &str, branch: Option<&str>) -> Result<(), (u8, String)> {
+    if !job::is_valid_name(repo) {
+        return Err((EXIT_REFUSED, format!("invalid repo name `{repo}`")));
     }
-    if args.branch.as_deref().is_some_and(|b| !job::is_valid_branch(b)) {
+    if target != "all" && !job::is_valid_name(target) {
+        return Err((EXIT_REFUSED, format!("invalid target `{target}`")));
+    }
+    if branch.is_some_and(|b| !job::is_valid_branch(b)) {
         return Err((EXIT_REFUSED, "invalid branch name".into()));
     }
-    let auth = NatsAuth::load(args.nkey_seed_file.as_deref(), args.creds_file.clone())
-        .map_err(|e| (EXIT_REFUSED, e.to_string()))?;
-    let options = auth.options().await.map_err(|e| (EXIT_REFUSED, format!("NATS credentials: {e}")))?;
-    let client = options
-        .name("hearth-build-cli")
-        .connection_timeout(Duration::from_secs(10))
-        .connect(&args.nats_url)
-        .await
-        .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", args.nats_url)))?;
+    Ok(())
+}
+
+/// Publishes a build request and follows it to its final reply, calling `on_reply` for every
+/// reply (with its raw JSON). Errors carry the exit code: refused (2) or no result (3).
+pub async fn request_build(
+    client: &async_nats::Client,
+    repo: &str,
+    target: &str,
+    branch: Option<&str>,
+    timeout: Duration,
+    mut on_reply: impl FnMut(&Reply, &[u8]),
+) -> Result<Reply, (u8, String)> {
+    validate(repo, target, branch)?;
     let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
     let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
     let request = BuildRequest {
-        repo: args.repo.clone(),
-        target: args.target.clone(),
-        branch: args.branch.clone(),
+        repo: repo.to_owned(),
+        target: target.to_owned(),
+        branch: branch.map(str::to_owned),
         reply_to: Some(reply_to.clone()),
     };
     let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
-    let subject = format!("build.{}.{}", args.repo, args.target);
     // The reply subject lets the server answer "no responders" when no builder serves the repo.
     client
-        .publish_with_reply(subject, reply_to, payload.into())
+        .publish_with_reply(format!("build.{repo}.{target}"), reply_to, payload.into())
         .await
         .map_err(|e| (EXIT_NO_RESULT, format!("publish: {e}")))?;
     client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;
-
-    let mut display = Display::new(args.json);
-    let deadline = tokio::time::Instant::now() + args.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
             Ok(Some(m)) => m,
             Ok(None) => return Err((EXIT_NO_RESULT, "the NATS subscription ended".into())),
-            Err(_) => return Err((EXIT_NO_RESULT, format!("no final reply within {:?}", args.timeout))),
+            Err(_) => return Err((EXIT_NO_RESULT, format!("no final reply within {timeout:?}"))),
         };
         if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-            return Err((EXIT_REFUSED, format!("no builder serves repo `{}`", args.repo)));
+            return Err((EXIT_REFUSED, format!("no builder serves repo `{repo}`")));
         }
         let Ok(reply) = serde_json::from_slice::<Reply>(&msg.payload) else {
             tracing::warn!("ignoring a reply that is not a build reply");
             continue;
         };
-        display.show(&reply, &msg.payload);
+        on_reply(&reply, &msg.payload);
         if reply.status.is_final() {
-            return Ok(match reply.status {
-                Status::Completed => 0,
-                Status::Rejected => EXIT_REFUSED,
-                _ => EXIT_FAILED,
-            });
+            return Ok(reply);
         }
     }
 }
 
+/// The exit code for a final reply.
+pub fn exit_code(reply: &Reply) -> u8 {
+    match reply.status {
+        Status::Completed => 0,
+        Status::Rejected => EXIT_REFUSED,
+        _ => EXIT_FAILED,
+    }
+}
+
+async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
+    validate(&args.repo, &args.target, args.branch.as_deref())?;
+    let client = args.nats.connect("hearth-build-cli").await?;
+    let mut display = Display::new(args.json);
+    let reply = request_build(&client, &args.repo, &args.target, args.branch.as_deref(), args.timeout, |r, raw| {
+        display.show(r, raw)
+    })
+    .await?;
+    Ok(exit_code(&reply))
+}
+
 /// Renders replies: JSON lines, plain lines, or a live status line on a terminal.
-struct Display {
+pub struct Display {
     json: bool,
     tty: bool,
     hosts: BTreeMap<String, String>,
 }
 
 impl Display {
-    fn new(json: bool) -> Self {
+    pub fn new(json: bool) -> Self {
         Self { json, tty: std::io::stdout().is_terminal(), hosts: BTreeMap::new() }
     }
 
-    fn show(&mut self, reply: &Reply, raw: &[u8]) {
+    pub fn show(&mut self, reply: &Reply, raw: &[u8]) {
         let mut out = std::io::stdout().lock();
         if self.json {
             let _ = out.write_all(raw);

@@ -1,0 +1,262 @@
+//! `hearth flake-update`: update a flake's lock on a branch, build every host through the
+//! builder, and move the target branch only if all of them built.
+//!
+//! The target branch is only ever fast-forwarded with a plain push, so a target that moved during
+//! the build is never overwritten. Exit codes: 0 promoted, unchanged or committed (no `--push`);
+//! 1 a host failed (or git/nix failed); 2 refused; 3 no build result; 4 the target moved. Knows git, `nix flake` and the builder's NATS protocol; never
+//! HTTP or the store.
+
+mod git;
+pub mod lock;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::builder::cli::{Display, EXIT_FAILED, EXIT_REFUSED, NatsArgs, parse_duration, request_build};
+use crate::builder::job::{HostStatus, HostSummary, Status, is_valid_branch, is_valid_name};
+use git::Git;
+use lock::InputChange;
+
+/// Exit code when the target branch moved during the build.
+pub const EXIT_TARGET_MOVED: u8 = 4;
+
+#[derive(Debug, clap::Args)]
+pub struct FlakeUpdateArgs {
+    /// The repo's name on the builder.
+    #[arg(long)]
+    pub repo: String,
+    /// A clone of the repo (its remote is where branches are pushed).
+    #[arg(long, default_value = ".")]
+    pub path: PathBuf,
+    #[arg(long, default_value = "origin")]
+    pub remote: String,
+    /// The branch hosts deploy from.
+    #[arg(long, default_value = "master")]
+    pub target_branch: String,
+    /// The branch the update is built on (default `flake-update/<UTC date>`).
+    #[arg(long)]
+    pub update_branch: Option<String>,
+    /// Update only these inputs (repeatable); default: all.
+    #[arg(long = "input")]
+    pub inputs: Vec<String>,
+    /// Push the update branch, build it, and promote it. Without it: commit locally and stop.
+    #[arg(long)]
+    pub push: bool,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// How long to wait for the build.
+    #[arg(long, default_value = "5h", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print one JSON summary line at the end instead of progress.
+    #[arg(long)]
+    pub json: bool,
+    /// The `nix` executable.
+    #[arg(long, default_value = "nix")]
+    pub nix: String,
+}
+
+/// The run's outcome, printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// `promoted`, `unchanged`, `committed` (no `--push`), `build_failed`, `target_moved` or `error`.
+    pub status: &'static str,
+    pub repo: String,
+    pub target_branch: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_branch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    pub inputs: Vec<InputChange>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostSummary>,
+    pub message: String,
+}
+
+fn today() -> String {
+    // Days since the epoch → a civil date (Howard Hinnant's algorithm), UTC.
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let z = (secs / 86400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+pub async fn run(args: FlakeUpdateArgs) -> ExitCode {
+    let json = args.json;
+    let (code, summary) = match update(&args).await {
+        Ok(r) => r,
+        Err((code, message)) => (
+            code,
+            Summary {
+                status: "error",
+                repo: args.repo.clone(),
+                target_branch: args.target_branch.clone(),
+                update_branch: None,
+                commit: None,
+                inputs: vec![],
+                hosts: vec![],
+                message,
+            },
+        ),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    } else {
+        let stream: &mut dyn std::io::Write = if code == 0 { &mut std::io::stdout() } else { &mut std::io::stderr() };
+        let _ = writeln!(stream, "{}: {}", summary.status, summary.message);
+        for h in summary.hosts.iter().filter(|h| h.status == HostStatus::Failure) {
+            let _ = writeln!(stream, "  FAIL {}:", h.host);
+            for line in h.error.as_deref().unwrap_or("").lines() {
+                let _ = writeln!(stream, "       {line}");
+            }
+        }
+    }
+    ExitCode::from(code)
+}
+
+type Outcome = Result<(u8, Summary), (u8, String)>;
+
+async fn update(args: &FlakeUpdateArgs) -> Outcome {
+    let update_branch = args.update_branch.clone().unwrap_or_else(|| format!("flake-update/{}", today()));
+    if !is_valid_name(&args.repo) {
+        return Err((EXIT_REFUSED, format!("invalid repo name `{}`", args.repo)));
+    }
+    for b in [&args.target_branch, &update_branch] {
+        if !is_valid_branch(b) {
+            return Err((EXIT_REFUSED, format!("invalid branch name `{b}`")));
+        }
+    }
+    if update_branch == args.target_branch {
+        return Err((EXIT_REFUSED, "the update branch must differ from the target branch".into()));
+    }
+    if let Some(bad) = args.inputs.iter().find(|i| !is_valid_name(i)) {
+        return Err((EXIT_REFUSED, format!("invalid input name `{bad}`")));
+    }
+    let repo = Git::new(&args.path);
+    let fail = |e: git::GitError| (EXIT_FAILED, e.to_string());
+    let base = repo.fetch_branch(&args.remote, &args.target_branch).await.map_err(fail)?;
+
+    // 1. Update the lock in a temporary worktree of the target branch.
+    let tmp = tempfile::tempdir().map_err(|e| (EXIT_FAILED, format!("temporary directory: {e}")))?;
+    let wt_path = tmp.path().join("worktree");
+    let wt_str = wt_path.to_string_lossy().into_owned();
+    repo.run(&["worktree", "add", "--quiet", "--detach", &wt_str, &base]).await.map_err(fail)?;
+    let result = update_in_worktree(args, &repo, &Git::new(&wt_path), &base, &update_branch).await;
+    let _ = repo.run(&["worktree", "remove", "--force", &wt_str]).await;
+    result
+}
+
+async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: &str, update_branch: &str) -> Outcome {
+    let fail = |e: git::GitError| (EXIT_FAILED, e.to_string());
+    let read_lock = || -> serde_json::Value {
+        std::fs::read_to_string(wt.dir().join("flake.lock"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let old = read_lock();
+    let mut nix = tokio::process::Command::new(&args.nix);
+    nix.current_dir(wt.dir()).args(["--extra-experimental-features", "nix-command flakes"]);
+    if args.inputs.is_empty() {
+        nix.args(["flake", "update"]);
+    } else {
+        nix.args(["flake", "lock"]);
+        for input in &args.inputs {
+            nix.args(["--update-input", input]);
+        }
+    }
+    let out = nix.output().await.map_err(|e| (EXIT_FAILED, format!("cannot run nix: {e}")))?;
+    if !out.status.success() {
+        return Err((EXIT_FAILED, format!("nix flake update failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let new = read_lock();
+    let changes = lock::diff(&old, &new);
+    let mut summary = Summary {
+        status: "unchanged",
+        repo: args.repo.clone(),
+        target_branch: args.target_branch.clone(),
+        update_branch: None,
+        commit: None,
+        inputs: changes.clone(),
+        hosts: vec![],
+        message: format!("flake.lock of {} is up to date", args.target_branch),
+    };
+    if changes.is_empty() {
+        return Ok((0, summary));
+    }
+
+    // 2. Commit it on the update branch.
+    wt.run(&["add", "flake.lock"]).await.map_err(fail)?;
+    wt.run(&["commit", "--quiet", "-m", &lock::commit_message(&changes)]).await.map_err(fail)?;
+    let commit = wt.run(&["rev-parse", "HEAD"]).await.map_err(fail)?;
+    repo.run(&["branch", "--force", update_branch, &commit]).await.map_err(fail)?;
+    summary.update_branch = Some(update_branch.to_owned());
+    summary.commit = Some(commit.clone());
+    if !args.push {
+        summary.status = "committed";
+        summary.message =
+            format!("committed {commit} on {update_branch} (not pushed: pass --push to build and promote)");
+        return Ok((0, summary));
+    }
+    // The update branch is ours: replacing an older run's branch of the same name is fine.
+    repo.run(&["push", "--quiet", "--force", &args.remote, &format!("{commit}:refs/heads/{update_branch}")])
+        .await
+        .map_err(fail)?;
+
+    // 3. Build every host from the update branch.
+    let client = args.nats.connect("hearth-flake-update").await?;
+    let mut display = Display::new(false);
+    let json = args.json;
+    let reply = request_build(&client, &args.repo, "all", Some(update_branch), args.timeout, |r, raw| {
+        if !json {
+            display.show(r, raw);
+        }
+    })
+    .await?;
+    summary.hosts = reply.hosts.clone().unwrap_or_default();
+    if reply.status != Status::Completed {
+        summary.status = "build_failed";
+        let failed: Vec<&str> =
+            summary.hosts.iter().filter(|h| h.status == HostStatus::Failure).map(|h| h.host.as_str()).collect();
+        summary.message = format!(
+            "{} left alone; {update_branch} kept: {}",
+            args.target_branch,
+            if failed.is_empty() {
+                reply.message.clone().unwrap_or_default()
+            } else {
+                format!("failed hosts: {}", failed.join(", "))
+            }
+        );
+        let code = if reply.status == Status::Rejected { EXIT_REFUSED } else { EXIT_FAILED };
+        return Ok((code, summary));
+    }
+
+    // 4. Fast-forward the target, never forcing: a target that moved meanwhile stays as it is.
+    let target_ref = format!("{commit}:refs/heads/{}", args.target_branch);
+    if let Err(e) = repo.run(&["push", "--quiet", &args.remote, &target_ref]).await {
+        let now = repo.fetch_branch(&args.remote, &args.target_branch).await.map_err(fail)?;
+        if now != base {
+            summary.status = "target_moved";
+            summary.message = format!(
+                "every host built, but {} moved from {} to {} during the build; left alone, {update_branch} kept",
+                args.target_branch,
+                &base[..base.len().min(12)],
+                &now[..now.len().min(12)]
+            );
+            return Ok((EXIT_TARGET_MOVED, summary));
+        }
+        return Err(fail(e));
+    }
+    summary.status = "promoted";
+    summary.message = format!("every host built; {} is now {commit}", args.target_branch);
+    Ok((0, summary))
+}

@@ -1,0 +1,236 @@
+//! `hearth flake-update` end to end: a bare git repo as the remote, a flake whose input is another
+//! local git repo (so `nix flake update` changes the lock without network), a real nats-server and
+//! hearth's builder building every host from the update branch.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::nats::Nats;
+use common::{Hearth, run_ok, set_mode};
+use serde_json::Value;
+
+const FLAKE: &str = r#"{
+  inputs.dep.url = "git+file://DEP";
+  outputs = { self, dep }:
+    let
+      mk = name: script: {
+        config.system.build.toplevel = derivation {
+          inherit name;
+          system = "SYSTEM";
+          builder = "/bin/sh";
+          args = [ "-c" script ];
+        };
+      };
+    in {
+      nixosConfigurations = {
+        h1 = mk "h1" "echo h1 ${dep.value} SALT > $out";
+        h2 = mk "h2" (
+          if dep.value == "broken" then "echo h2 is broken on purpose >&2; exit 1"
+          else if dep.value == "slow" then "while [ ! -e GATE/release ]; do /bin/sleep 0.05; done; echo h2 ${dep.value} SALT > $out"
+          else "echo h2 ${dep.value} SALT > $out");
+      };
+    };
+}
+"#;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    run_ok(
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t"),
+    )
+    .trim()
+    .to_owned()
+}
+
+fn set_dep(dep: &Path, value: &str) {
+    std::fs::write(dep.join("flake.nix"), format!("{{ outputs = {{ self }}: {{ value = \"{value}\"; }}; }}\n"))
+        .unwrap();
+    git(dep, &["add", "flake.nix"]);
+    git(dep, &["commit", "-q", "-m", value]);
+}
+
+struct Setup {
+    hearth: Hearth,
+    nats: Nats,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let nats = Nats::start();
+        let dir = tempfile::tempdir().unwrap();
+        set_mode(dir.path(), 0o755);
+        let p = dir.path();
+        let gate = p.join("gate");
+        std::fs::create_dir(&gate).unwrap();
+        set_mode(&gate, 0o777);
+        let mut salt = [0u8; 8];
+        getrandom::fill(&mut salt).unwrap();
+        let arch = run_ok(Command::new("uname").arg("-m")).trim().to_owned();
+
+        let dep = p.join("dep");
+        std::fs::create_dir(&dep).unwrap();
+        git(&dep, &["init", "-q", "-b", "master"]);
+        set_dep(&dep, "v1");
+
+        let main = p.join("main");
+        std::fs::create_dir(&main).unwrap();
+        git(&main, &["init", "-q", "-b", "master"]);
+        let flake = FLAKE
+            .replace("DEP", &dep.display().to_string())
+            .replace("SYSTEM", &format!("{arch}-linux"))
+            .replace("SALT", &hex::encode(salt))
+            .replace("GATE", &gate.display().to_string());
+        std::fs::write(main.join("flake.nix"), flake).unwrap();
+        git(&main, &["add", "flake.nix"]);
+        run_ok(common::nix_cmd("nix").args(["flake", "lock"]).current_dir(&main));
+        git(&main, &["add", "flake.lock"]);
+        git(&main, &["commit", "-q", "-m", "init"]);
+        run_ok(Command::new("git").args(["clone", "-q", "--bare"]).arg(&main).arg(p.join("remote.git")));
+        run_ok(Command::new("git").args(["clone", "-q"]).arg(p.join("remote.git")).arg(p.join("work")));
+
+        let hearth = Hearth::start(&format!(
+            "[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\n\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
+            nats.url(),
+            nats.builder_seed.display(),
+            p.join("gcroots").display(),
+            p.join("remote.git").display(),
+        ));
+        hearth.wait_for_log("builder listening", 1);
+        Setup { hearth, nats, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn remote_branch(&self, branch: &str) -> Option<String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(self.path("remote.git"))
+            .args(["rev-parse", "--verify", "--quiet", branch])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        c.args(["flake-update", "--repo", "fleet", "--path"])
+            .arg(self.path("work"))
+            .args([
+                "--update-branch",
+                "flake-update/test",
+                "--push",
+                "--json",
+                "--nats-url",
+                &self.nats.url(),
+                "--nkey-seed-file",
+            ])
+            .arg(self.nats.seed_path())
+            .env("NIX_CONFIG", "experimental-features = nix-command flakes\nsubstituters =\n")
+            .env("GIT_AUTHOR_NAME", "hearth")
+            .env("GIT_AUTHOR_EMAIL", "hearth@localhost")
+            .env("GIT_COMMITTER_NAME", "hearth")
+            .env("GIT_COMMITTER_EMAIL", "hearth@localhost");
+        c
+    }
+
+    fn run(&self) -> (i32, Value) {
+        summary(self.command().output().unwrap())
+    }
+}
+
+fn summary(out: Output) -> (i32, Value) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last =
+        stdout.lines().last().unwrap_or_else(|| panic!("no summary; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap_or(-1), serde_json::from_str(last).unwrap_or_else(|e| panic!("{last}: {e}")))
+}
+
+#[test]
+fn a_good_update_is_promoted_to_master() {
+    let s = Setup::new();
+    let before = s.remote_branch("master").unwrap();
+    set_dep(&s.path("dep"), "v2");
+    let dep_rev = git(&s.path("dep"), &["rev-parse", "HEAD"]);
+    let (code, sum) = s.run();
+    assert_eq!(code, 0, "{sum}");
+    assert_eq!(sum["status"], "promoted", "{sum}");
+    let commit = sum["commit"].as_str().unwrap();
+    assert_eq!(s.remote_branch("master").as_deref(), Some(commit));
+    assert_eq!(s.remote_branch("flake-update/test").as_deref(), Some(commit));
+    // A fast-forward: the old master is the new commit's parent.
+    assert_eq!(git(&s.path("remote.git"), &["rev-parse", &format!("{commit}^")]), before);
+    let lock = git(&s.path("remote.git"), &["show", &format!("{commit}:flake.lock")]);
+    assert!(lock.contains(&dep_rev), "the promoted lock does not pin the new dep");
+    let message = git(&s.path("remote.git"), &["log", "-1", "--format=%B", commit]);
+    assert!(
+        message.contains(&format!("- dep: {} -> {}", &sum["inputs"][0]["old"].as_str().unwrap(), &dep_rev[..12])),
+        "{message}"
+    );
+    assert_eq!(sum["hosts"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn an_update_that_breaks_a_host_leaves_master_alone() {
+    let s = Setup::new();
+    let before = s.remote_branch("master").unwrap();
+    set_dep(&s.path("dep"), "broken");
+    let (code, sum) = s.run();
+    assert_eq!(code, 1, "{sum}");
+    assert_eq!(sum["status"], "build_failed");
+    assert_eq!(s.remote_branch("master").as_deref(), Some(before.as_str()), "master moved");
+    assert_eq!(
+        s.remote_branch("flake-update/test").as_deref(),
+        sum["commit"].as_str(),
+        "the update branch was not kept"
+    );
+    let h2 = sum["hosts"].as_array().unwrap().iter().find(|h| h["host"] == "h2").unwrap().clone();
+    assert_eq!(h2["status"], "failure");
+    assert!(h2["error"].as_str().unwrap().contains("broken on purpose"), "{h2}");
+}
+
+#[test]
+fn no_change_exits_0_without_a_commit() {
+    let s = Setup::new();
+    let before = s.remote_branch("master").unwrap();
+    let (code, sum) = s.run();
+    assert_eq!(code, 0, "{sum}");
+    assert_eq!(sum["status"], "unchanged");
+    assert!(sum["commit"].is_null());
+    assert_eq!(s.remote_branch("master").as_deref(), Some(before.as_str()));
+    assert_eq!(s.remote_branch("flake-update/test"), None);
+}
+
+#[test]
+fn a_master_that_moved_during_the_build_is_not_overwritten() {
+    let s = Setup::new();
+    set_dep(&s.path("dep"), "slow");
+    let child = s.command().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // While h2 waits at the gate, someone pushes to master.
+    s.hearth.wait_for_log("build started", 1);
+    let other = s.path("other");
+    run_ok(Command::new("git").args(["clone", "-q"]).arg(s.path("remote.git")).arg(&other));
+    std::fs::write(other.join("README"), "moved\n").unwrap();
+    git(&other, &["add", "README"]);
+    git(&other, &["commit", "-q", "-m", "someone else"]);
+    git(&other, &["push", "-q", "origin", "master"]);
+    let moved = s.remote_branch("master").unwrap();
+    std::fs::write(s.path("gate").join("release"), "").unwrap();
+    let (code, sum) = summary(child.wait_with_output().unwrap());
+    assert_eq!(code, 4, "{sum}");
+    assert_eq!(sum["status"], "target_moved");
+    assert_eq!(s.remote_branch("master").as_deref(), Some(moved.as_str()), "master was overwritten");
+    assert!(s.remote_branch("flake-update/test").is_some());
+}
