@@ -43,4 +43,6 @@ pub enum Command {
     Build(crate::builder::cli::BuildArgs),
     /// Update flake.lock on a branch, build every host, and promote it only if all built.
     FlakeUpdate(crate::flake_update::FlakeUpdateArgs),
+    /// Serve the Model Context Protocol on stdio, for AI assistants.
+    Mcp(crate::mcp::McpArgs),
 }

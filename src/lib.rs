@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod flake_update;
 pub mod http;
+pub mod mcp;
 pub mod metrics;
 pub mod nix;
 pub mod store;

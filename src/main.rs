@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         }
         Command::Build(args) => runtime.block_on(hearth::builder::cli::run(args)),
         Command::FlakeUpdate(args) => runtime.block_on(hearth::flake_update::run(args)),
+        Command::Mcp(args) => report(runtime.block_on(hearth::mcp::run(args))),
     }
 }
 

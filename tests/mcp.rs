@@ -1,0 +1,199 @@
+//! `hearth mcp` driven over stdio with real JSON-RPC messages (initialize, tools/list,
+//! tools/call), against a real nats-server and hearth's builder and cache.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use common::nats::Nats;
+use common::{Hearth, hash_part, run_ok, set_mode};
+use serde_json::{Value, json};
+
+struct Mcp {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    next_id: u64,
+}
+
+impl Mcp {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .arg("mcp")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut m = Mcp { child, stdin, stdout, next_id: 1 };
+        let init = m.call(
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "hearth-test", "version": "0"}}),
+        );
+        assert!(init["result"]["capabilities"]["tools"].is_object(), "{init}");
+        m.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        m
+    }
+
+    fn send(&mut self, msg: &Value) {
+        writeln!(self.stdin, "{msg}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Sends a request and returns its response (skipping notifications).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        loop {
+            let mut line = String::new();
+            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "hearth mcp closed stdout");
+            let msg: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON-RPC: {line}: {e}"));
+            if msg["id"] == id {
+                return msg;
+            }
+        }
+    }
+
+    fn tool(&mut self, name: &str, args: Value) -> Value {
+        self.call("tools/call", json!({"name": name, "arguments": args}))
+    }
+}
+
+impl Drop for Mcp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(result: &Value) -> Value {
+    let t = result["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("no text content: {result}"));
+    serde_json::from_str(t).unwrap()
+}
+
+struct Setup {
+    hearth: Hearth,
+    nats: Nats,
+    config: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let repo = dir.path().join("fleet");
+    std::fs::create_dir(&repo).unwrap();
+    let arch = run_ok(Command::new("uname").arg("-m")).trim().to_owned();
+    let mut salt = [0u8; 8];
+    getrandom::fill(&mut salt).unwrap();
+    let flake = format!(
+        "{{ outputs = {{ self }}: let mk = name: script: {{ config.system.build.toplevel = derivation {{ inherit name; system = \"{arch}-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" script ]; }}; }}; in {{ nixosConfigurations = {{ web1 = mk \"web1\" \"echo web1 {s} > $out\"; broken = mk \"broken\" \"echo broken {s}; echo it broke >&2; exit 1\"; }}; }}; }}\n",
+        s = hex::encode(salt)
+    );
+    std::fs::write(repo.join("flake.nix"), flake).unwrap();
+    for args in [
+        &["init", "-q", "-b", "master"][..],
+        &["add", "flake.nix"],
+        &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"],
+    ] {
+        run_ok(Command::new("git").arg("-C").arg(&repo).args(args));
+    }
+    let builder = format!(
+        "[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
+        nats.url(),
+        nats.builder_seed.display(),
+        dir.path().join("gcroots").display(),
+        repo.display()
+    );
+    let config = dir.path().join("mcp.toml");
+    std::fs::write(&config, &builder).unwrap();
+    let hearth = Hearth::start(&builder);
+    hearth.wait_for_log("builder listening", 1);
+    Setup { hearth, nats, config, _dir: dir }
+}
+
+impl Setup {
+    fn mcp(&self, extra: &[&str]) -> Mcp {
+        let config = self.config.to_str().unwrap().to_owned();
+        let url = self.hearth.url();
+        let nats = self.nats.url();
+        let seed = self.nats.seed_path().to_str().unwrap().to_owned();
+        let mut args = vec!["--config", &config, "--cache-url", &url, "--nats-url", &nats, "--nkey-seed-file", &seed];
+        args.extend_from_slice(extra);
+        Mcp::start(&args)
+    }
+}
+
+#[test]
+fn lists_tools_and_repos_builds_and_checks_the_cache() {
+    let s = setup();
+    let mut m = s.mcp(&["--enable-builds"]);
+    let tools = m.call("tools/list", json!({}));
+    let names: Vec<&str> =
+        tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    for t in ["list_repos", "build", "cache_status"] {
+        assert!(names.contains(&t), "{names:?}");
+    }
+
+    let repos = text(&m.tool("list_repos", json!({})));
+    assert_eq!(repos["repos"][0]["name"], "fleet");
+
+    let built = m.tool("build", json!({"repo": "fleet", "target": "web1"}));
+    assert_eq!(built["result"]["isError"], false, "{built}");
+    let summary = text(&built);
+    assert_eq!(summary["status"], "completed");
+    let out = summary["out_path"].as_str().unwrap().to_owned();
+
+    let by_path = text(&m.tool("cache_status", json!({"store_path": out})));
+    assert_eq!(by_path["cached"], true, "{by_path}");
+    let by_host = text(&m.tool("cache_status", json!({"repo": "fleet", "host": "web1"})));
+    assert_eq!(by_host["cached"], true, "{by_host}");
+    assert_eq!(by_host["store_path"], out.as_str());
+    let missing = text(&m.tool("cache_status", json!({"store_path": "00000000000000000000000000000000"})));
+    assert_eq!(missing["cached"], false);
+    assert_eq!(s.hearth.get(&format!("/{}.narinfo", hash_part(&out))).status, 200);
+
+    // A failed build is a tool result marked as an error, with the log's tail.
+    let failed = m.tool("build", json!({"repo": "fleet", "target": "broken"}));
+    assert_eq!(failed["result"]["isError"], true, "{failed}");
+    assert!(text(&failed)["hosts"][0]["error"].as_str().unwrap().contains("it broke"));
+}
+
+#[test]
+fn invalid_arguments_and_disabled_builds_are_mcp_errors() {
+    let s = setup();
+    let mut m = s.mcp(&[]);
+    let disabled = m.tool("build", json!({"repo": "fleet", "target": "web1"}));
+    assert!(disabled["error"]["message"].as_str().unwrap().contains("--enable-builds"), "{disabled}");
+
+    let mut m = s.mcp(&["--enable-builds"]);
+    for (tool, args, needle) in [
+        ("build", json!({"repo": "fleet", "target": "x; rm -rf /"}), "invalid target"),
+        ("build", json!({"repo": "fleet", "target": "web1", "branch": "--upload-pack=evil"}), "branch"),
+        ("build", json!({"repo": "nope", "target": "web1"}), "unknown repo"),
+        ("build", json!({"target": "web1"}), "repo"),
+        ("cache_status", json!({"store_path": "../../etc/passwd"}), "store path"),
+        ("cache_status", json!({}), "either"),
+        ("cache_status", json!({"repo": "fleet", "host": "never-built"}), "no successful build"),
+    ] {
+        let r = m.tool(tool, args.clone());
+        // A JSON-RPC error, or (for arguments that do not fit the schema, as rmcp reports them)
+        // a tool result marked as an error.
+        let msg = r["error"]["message"]
+            .as_str()
+            .or_else(|| (r["result"]["isError"] == true).then(|| r["result"]["content"][0]["text"].as_str()).flatten())
+            .unwrap_or_else(|| panic!("{tool} {args}: not an error: {r}"));
+        assert!(msg.contains(needle), "{tool} {args}: {msg}");
+    }
+    // Still serving after all that.
+    assert_eq!(text(&m.tool("list_repos", json!({})))["repos"][0]["name"], "fleet");
+}
