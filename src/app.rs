@@ -96,11 +96,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         zstd = ?config.zstd_level,
         "hearth serving"
     );
-    tracker.spawn(log_errors("cache", http::serve(listener, http::router(state.clone()), cancel.clone())));
+    tracker
+        .spawn(log_errors("cache", http::serve(listener, http::router(state.clone()), config.limits, cancel.clone())));
     if let Some(addr) = &config.metrics_bind {
         let l = bind(addr).await?;
         tracing::info!(listen = %l.describe(), "metrics serving");
-        tracker.spawn(log_errors("metrics", http::serve(l, http::metrics_router(state.clone()), cancel.clone())));
+        tracker.spawn(log_errors(
+            "metrics",
+            http::serve(l, http::metrics_router(state.clone()), config.limits, cancel.clone()),
+        ));
     }
     if let Some(builder) = config.builder {
         let worker = crate::builder::Worker::connect(builder, store.clone(), metrics.clone()).await?;

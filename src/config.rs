@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub builder: Option<BuilderSection>,
     /// Seconds that in-flight requests and builds get after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// Client connections served at once.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    pub header_timeout_seconds: u64,
 }
 
 impl Default for FileConfig {
@@ -59,6 +63,8 @@ impl Default for FileConfig {
             metrics: MetricsSection::default(),
             builder: None,
             shutdown_grace_seconds: 30,
+            max_connections: 4096,
+            header_timeout_seconds: 30,
         }
     }
 }
@@ -144,6 +150,7 @@ pub struct Config {
     pub zstd_level: Option<i32>,
     pub builder: Option<BuilderConfig>,
     pub shutdown_grace: Duration,
+    pub limits: crate::http::ConnLimits,
 }
 
 impl Config {
@@ -172,6 +179,12 @@ impl Config {
         if !(1..=19).contains(&file.compression.level) {
             return Err(ConfigError::Value { key: "compression.level", reason: "zstd levels are 1 to 19".into() });
         }
+        if file.max_connections == 0 {
+            return Err(ConfigError::Value { key: "max_connections", reason: "must be at least 1".into() });
+        }
+        if file.header_timeout_seconds == 0 {
+            return Err(ConfigError::Value { key: "header_timeout_seconds", reason: "must be at least 1".into() });
+        }
         let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
         let builder = file.builder.map(BuilderConfig::from_section).transpose()?;
         Ok(Self {
@@ -191,6 +204,10 @@ impl Config {
             zstd_level: (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level),
             builder,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds),
+            limits: crate::http::ConnLimits {
+                max_connections: file.max_connections,
+                header_timeout: Duration::from_secs(file.header_timeout_seconds),
+            },
         })
     }
 }

@@ -131,11 +131,77 @@ impl Listener {
     }
 }
 
-/// Serves `router` on `listener` until `cancel` fires, then finishes the requests in flight.
-pub async fn serve(listener: Listener, router: Router, cancel: CancellationToken) -> std::io::Result<()> {
-    let shutdown = cancel.cancelled_owned();
-    match listener {
-        Listener::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(shutdown).await,
-        Listener::Unix(l) => axum::serve(l, router).with_graceful_shutdown(shutdown).await,
+/// Limits on client connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slowloris protection; idle keep-alive
+    /// connections are closed after it too).
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self { max_connections: 4096, header_timeout: Duration::from_secs(30) }
     }
+}
+
+/// Serves `router` on `listener` until `cancel` fires, then stops accepting and waits for the
+/// connections in flight (the caller bounds that wait). Each connection is HTTP/1.1 with a
+/// header timeout, and at most `limits.max_connections` are served at once.
+pub async fn serve(
+    listener: Listener,
+    router: Router,
+    limits: ConnLimits,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    match listener {
+        Listener::Tcp(l) => serve_on(l, router, limits, cancel).await,
+        Listener::Unix(l) => serve_on(l, router, limits, cancel).await,
+    }
+}
+
+async fn serve_on<L>(
+    mut listener: L,
+    router: Router,
+    limits: ConnLimits,
+    cancel: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Io: Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    loop {
+        // `Listener::accept` retries (with a pause) on errors such as running out of file
+        // descriptors, so it only returns connections.
+        let (io, _addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = cancel.cancelled() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(max = limits.max_connections, "connection limit reached; closing a new connection");
+            drop(io);
+            continue;
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), service.clone());
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(err = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
