@@ -1,12 +1,13 @@
 //! Temp roots that keep paths alive while their NARs stream.
 //!
-//! A temp root lives as long as the daemon connection that added it. Roots are added on one
-//! shared connection that is replaced after a while; each [`TempRoot`] keeps its connection open,
-//! so a connection (and its roots) closes when the last stream using it ends. That bounds both
-//! the number of daemon connections and how long a served path stays pinned.
+//! A temp root lives as long as the daemon connection that added it. Concurrent streams share one
+//! connection; each [`TempRoot`] keeps it open and nothing else does, so the connection (and every
+//! root on it) closes when the last stream using it ends. A connection takes new roots only for a
+//! while ([`MAX_AGE`], [`ROOTS_PER_CONNECTION`]), so under steady load old connections drain and
+//! close too: a served path is pinned only while some stream that shares its connection runs.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
@@ -20,7 +21,8 @@ const ROOTS_PER_CONNECTION: usize = 256;
 const MAX_AGE: Duration = Duration::from_secs(60);
 
 struct Holder {
-    conn: Arc<Mutex<Connection>>,
+    /// Weak: only the streams keep a connection alive.
+    conn: Weak<Mutex<Connection>>,
     roots: usize,
     opened: Instant,
 }
@@ -44,18 +46,25 @@ impl TempRoots {
         let mut current = self.current.lock().await;
         // A held connection may have died with a restarted daemon: then try once on a new one.
         for attempt in 0..2 {
-            let stale =
-                current.as_ref().is_none_or(|h| h.roots >= ROOTS_PER_CONNECTION || h.opened.elapsed() > MAX_AGE);
-            if stale {
-                let conn = Connection::connect(&self.socket).await?;
-                *current = Some(Holder { conn: Arc::new(Mutex::new(conn)), roots: 0, opened: Instant::now() });
-            }
-            let Some(holder) = current.as_mut() else { break };
-            let result = holder.conn.lock().await.add_temp_root(path).await;
+            let live = current
+                .as_ref()
+                .filter(|h| h.roots < ROOTS_PER_CONNECTION && h.opened.elapsed() <= MAX_AGE)
+                .and_then(|h| h.conn.upgrade());
+            let conn = match live {
+                Some(conn) => conn,
+                None => {
+                    let conn = Arc::new(Mutex::new(Connection::connect(&self.socket).await?));
+                    *current = Some(Holder { conn: Arc::downgrade(&conn), roots: 0, opened: Instant::now() });
+                    conn
+                }
+            };
+            let result = conn.lock().await.add_temp_root(path).await;
             match result {
                 Ok(()) => {
-                    holder.roots += 1;
-                    return Ok(TempRoot { _conn: holder.conn.clone() });
+                    if let Some(h) = current.as_mut() {
+                        h.roots += 1;
+                    }
+                    return Ok(TempRoot { _conn: conn });
                 }
                 Err(e) => {
                     // The connection is out of sync or gone; never reuse it.
