@@ -10,52 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::flake::{flake, make_repo};
 use common::nats::Nats;
 use common::{Hearth, hash_part, run_ok, set_mode};
 use futures::StreamExt;
 use serde_json::Value;
-
-fn system() -> String {
-    let arch = run_ok(Command::new("uname").arg("-m")).trim().to_owned();
-    format!("{arch}-linux")
-}
-
-fn flake(hosts: &[(&str, String)]) -> String {
-    let hosts: String =
-        hosts.iter().map(|(name, script)| format!("        {name} = mk \"{name}\" \"{script}\";\n")).collect();
-    format!(
-        r#"{{
-  outputs = {{ self }}:
-    let
-      mk = name: script: {{
-        config.system.build.toplevel = derivation {{
-          inherit name;
-          system = "{}";
-          builder = "/bin/sh";
-          args = [ "-c" script ];
-        }};
-      }};
-    in {{
-      nixosConfigurations = {{
-{hosts}      }};
-    }};
-}}
-"#,
-        system()
-    )
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    run_ok(Command::new("git").arg("-C").arg(dir).args(args));
-}
-
-fn make_repo(path: &Path, flake_text: &str) {
-    std::fs::create_dir_all(path).unwrap();
-    git(path, &["init", "-q", "-b", "master"]);
-    std::fs::write(path.join("flake.nix"), flake_text).unwrap();
-    git(path, &["add", "flake.nix"]);
-    git(path, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"]);
-}
 
 /// A nats-server, two flake repos and hearth with the builder, ready to take requests.
 struct Fleet {
@@ -68,6 +27,10 @@ struct Fleet {
 
 impl Fleet {
     fn start(extra: &str) -> Self {
+        Self::start_env(extra, &[])
+    }
+
+    fn start_env(extra: &str, env: &[(&str, &str)]) -> Self {
         let nats = Nats::start();
         let dir = tempfile::tempdir().unwrap();
         // Builders run as nixbld users: they must reach the gate directory.
@@ -75,11 +38,7 @@ impl Fleet {
         let gate = dir.path().join("gate");
         std::fs::create_dir(&gate).unwrap();
         set_mode(&gate, 0o777);
-        let salt = hex::encode({
-            let mut b = [0u8; 8];
-            getrandom::fill(&mut b).unwrap();
-            b
-        });
+        let salt = common::flake::salt();
         let g = gate.display();
         make_repo(
             &dir.path().join("fleet"),
@@ -95,6 +54,7 @@ impl Fleet {
                 ("gate", format!("while [ ! -e {g}/release ]; do /bin/sleep 0.05; done; echo gate {salt} > $out")),
                 ("gate2", format!("while [ ! -e {g}/release ]; do /bin/sleep 0.05; done; echo gate2 {salt} > $out")),
                 ("slow", format!("echo $$ > {g}/slow.pid; exec /bin/sleep 1000")),
+                ("diskhog", format!("/bin/head -c 50000000 /dev/zero > fill && echo {salt} > $out")),
             ]),
         );
         let config = format!(
@@ -122,7 +82,7 @@ branch = "master"
             fleet = dir.path().join("fleet").display(),
             lab = dir.path().join("lab").display(),
         );
-        let hearth = Hearth::start(&config);
+        let hearth = Hearth::start_env(&config, env);
         hearth.wait_for_log("builder listening", 1);
         Fleet { hearth, nats, dir, gate }
     }
@@ -435,4 +395,44 @@ fn a_missing_nkey_seed_file_stops_startup_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a valid NKey seed") && !err.contains("SUnotaseed"), "{err}");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=1777"), "tmpfs"])
+                .arg(dir.path()),
+        );
+        TinyDisk { dir }
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_build_clearly_and_the_cache_keeps_serving() {
+    // Nix builds in $TMPDIR: put it on a disk too small for the build.
+    let disk = TinyDisk::mount("8m");
+    let tmp = disk.dir.path().to_str().unwrap().to_owned();
+    let f = Fleet::start_env("", &[("TMPDIR", &tmp)]);
+    let (code, replies) = f.cli(&["lab", "diskhog"]);
+    assert_eq!(code, 1, "{replies:?}");
+    let last = replies.last().unwrap();
+    assert_eq!(last["status"], "failed");
+    let error = last["hosts"][0]["error"].as_str().unwrap();
+    assert!(error.contains("No space left on device"), "{error}");
+    assert_eq!(f.hearth.get("/cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf.narinfo").status, 200);
+    let (code, _) = f.cli(&["fleet", "good1"]);
+    assert_eq!(code, 0, "the builder did not recover");
 }

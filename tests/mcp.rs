@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use common::nats::Nats;
-use common::{Hearth, hash_part, run_ok, set_mode};
+use common::{Hearth, hash_part, set_mode};
 use serde_json::{Value, json};
 
 struct Mcp {
@@ -91,22 +91,14 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     set_mode(dir.path(), 0o755);
     let repo = dir.path().join("fleet");
-    std::fs::create_dir(&repo).unwrap();
-    let arch = run_ok(Command::new("uname").arg("-m")).trim().to_owned();
-    let mut salt = [0u8; 8];
-    getrandom::fill(&mut salt).unwrap();
-    let flake = format!(
-        "{{ outputs = {{ self }}: let mk = name: script: {{ config.system.build.toplevel = derivation {{ inherit name; system = \"{arch}-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" script ]; }}; }}; in {{ nixosConfigurations = {{ web1 = mk \"web1\" \"echo web1 {s} > $out\"; broken = mk \"broken\" \"echo broken {s}; echo it broke >&2; exit 1\"; }}; }}; }}\n",
-        s = hex::encode(salt)
+    let salt = common::flake::salt();
+    common::flake::make_repo(
+        &repo,
+        &common::flake::flake(&[
+            ("web1", format!("echo web1 {salt} > $out")),
+            ("broken", format!("echo broken {salt}; echo it broke >&2; exit 1")),
+        ]),
     );
-    std::fs::write(repo.join("flake.nix"), flake).unwrap();
-    for args in [
-        &["init", "-q", "-b", "master"][..],
-        &["add", "flake.nix"],
-        &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"],
-    ] {
-        run_ok(Command::new("git").arg("-C").arg(&repo).args(args));
-    }
     let builder = format!(
         "[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
         nats.url(),

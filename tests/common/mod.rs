@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod flake;
 pub mod nats;
 
 use std::io::{BufRead, BufReader, Write};
@@ -89,6 +90,11 @@ impl Hearth {
     /// Starts hearth with `extra` TOML appended to a config that binds 127.0.0.1:0 and signs with
     /// the test key; waits for the "hearth serving" line and reads the bound address from it.
     pub fn start(extra: &str) -> Self {
+        Self::start_env(extra, &[])
+    }
+
+    /// As [`Hearth::start`], with extra environment variables for the hearth process.
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Self {
         ensure_store();
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("test.sec");
@@ -97,10 +103,14 @@ impl Hearth {
         let config = dir.path().join("hearth.toml");
         let toml = format!("bind = \"127.0.0.1:0\"\nsign_key_paths = [\"{}\"]\n{extra}\n", key.display());
         std::fs::write(&config, toml).expect("write config");
-        Self::start_with_config(&config, dir)
+        Self::spawn(&config, dir, env)
     }
 
     pub fn start_with_config(config: &Path, dir: tempfile::TempDir) -> Self {
+        Self::spawn(config, dir, &[])
+    }
+
+    fn spawn(config: &Path, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
         let log = dir.path().join("stderr.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
             .args(["serve", "--config"])
@@ -109,6 +119,7 @@ impl Hearth {
             .env("NO_COLOR", "1")
             // Builds in tests never reach the network's substituters.
             .env("NIX_CONFIG", "substituters =\n")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
