@@ -57,20 +57,23 @@ fn activated_listener() -> anyhow::Result<Option<Listener>> {
     Ok(Some(listener))
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT. The handlers are installed when this is called, so call it
+/// before announcing readiness: a signal that arrives right after is then never missed.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop hearth with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
 }
 
 /// Runs `hearth serve` until a signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let signalled = shutdown_signal()?;
     let repos: Vec<String> =
         config.builder.as_ref().map(|b| b.repos.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
     let metrics = Arc::new(Metrics::new(&repos));
@@ -113,7 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracker.close();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    shutdown_signal().await;
+    signalled.await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
