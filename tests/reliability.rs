@@ -182,7 +182,11 @@ struct PrivateDaemon {
 impl PrivateDaemon {
     fn start(socket: &std::path::Path) -> Self {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new("nix-daemon").env("NIX_DAEMON_SOCKET_PATH", socket).spawn().unwrap();
+        let child = Command::new("nix-daemon")
+            .env("NIX_DAEMON_SOCKET_PATH", socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         wait_until("the private daemon's socket", || socket.exists());
         PrivateDaemon { child: Some(child), socket: socket.to_owned() }
     }

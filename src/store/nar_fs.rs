@@ -6,21 +6,47 @@
 //! `read_dir`, so a walk never leaves the path it started at.
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::ffi::{CStr, CString};
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 
 use crate::nix::listing::ListingNode;
 use crate::nix::nar;
+
+/// A regular file inside an open directory; opened only when its contents are wanted.
+pub(crate) struct Entry<'a> {
+    dir: BorrowedFd<'a>,
+    name: &'a CStr,
+}
+
+impl Entry<'_> {
+    /// Opens the file for reading, relative to its directory and never through a symlink.
+    pub(crate) fn open(&self) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            self.dir,
+            self.name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.name.to_string_lossy().into_owned()
+    }
+}
 
 /// What a walk reports, in NAR order.
 pub(crate) trait Visitor {
     /// NAR framing bytes.
     fn framing(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// A regular file's `size` bytes of contents; framing (and padding) is reported separately.
-    fn contents(&mut self, path: &Path, size: u64, executable: bool) -> io::Result<()>;
+    fn contents(&mut self, file: &Entry<'_>, size: u64, executable: bool) -> io::Result<()>;
     /// A symlink node (its framing is reported too).
     fn symlink(&mut self, _target: &[u8]) {}
     /// A directory node starts.
@@ -37,62 +63,85 @@ pub(crate) trait Visitor {
     }
 }
 
-/// Walks `root` as a whole NAR (header included).
+/// Walks `root` as a whole NAR (header included). Every file is reached relative to its open
+/// directory (`openat`, `statat`), which keeps path lookups to one name per file.
 pub(crate) fn walk(root: &Path, v: &mut impl Visitor) -> io::Result<()> {
     let mut buf = Vec::with_capacity(256);
     nar::put_archive_start(&mut buf);
     v.framing(&buf)?;
-    node(root, v, &mut buf)
+    let parent = root.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
+    let name = root.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    let dir = rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    node(dir.as_fd(), &name, v, &mut buf)
 }
 
-fn node(path: &Path, v: &mut impl Visitor, buf: &mut Vec<u8>) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    let ft = meta.file_type();
+fn node(dir: BorrowedFd<'_>, name: &CStr, v: &mut impl Visitor, buf: &mut Vec<u8>) -> io::Result<()> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     buf.clear();
     nar::put_node_open(buf);
-    if ft.is_file() {
-        let executable = meta.permissions().mode() & 0o100 != 0;
-        nar::put_regular_header(buf, executable, meta.len());
-        v.framing(buf)?;
-        v.contents(path, meta.len(), executable)?;
-        buf.clear();
-        buf.extend_from_slice(&[0u8; 8][..nar::padding(meta.len()) as usize]);
-        nar::put_node_close(buf);
-        v.framing(buf)
-    } else if ft.is_symlink() {
-        let target = fs::read_link(path)?;
-        nar::put_symlink(buf, target.as_os_str().as_bytes());
-        v.symlink(target.as_os_str().as_bytes());
-        v.framing(buf)
-    } else if ft.is_dir() {
-        nar::put_directory(buf);
-        v.directory();
-        v.framing(buf)?;
-        let mut names: Vec<_> = fs::read_dir(path)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
-            if v.done() {
-                return Ok(());
-            }
-            buf.clear();
-            nar::put_entry_open(buf, name.as_bytes());
-            v.enter(name.as_bytes());
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {
+            let size = u64::try_from(st.st_size).map_err(|_| io::Error::other("negative file size"))?;
+            let executable = st.st_mode & 0o100 != 0;
+            nar::put_regular_header(buf, executable, size);
             v.framing(buf)?;
-            node(&path.join(&name), v, buf)?;
+            v.contents(&Entry { dir, name }, size, executable)?;
+            buf.clear();
+            buf.extend_from_slice(&[0u8; 8][..nar::padding(size) as usize]);
+            nar::put_node_close(buf);
+            v.framing(buf)
+        }
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
+            nar::put_symlink(buf, target.as_bytes());
+            v.symlink(target.as_bytes());
+            v.framing(buf)
+        }
+        FileType::Directory => {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            nar::put_directory(buf);
+            v.directory();
+            v.framing(buf)?;
+            let mut names = Vec::new();
+            let mut entries = Dir::read_from(&fd)?;
+            while let Some(entry) = entries.read() {
+                let entry = entry?;
+                let n = entry.file_name();
+                if n.to_bytes() != b"." && n.to_bytes() != b".." {
+                    names.push(n.to_owned());
+                }
+            }
+            names.sort_by(|a, b| a.to_bytes().cmp(b.to_bytes()));
+            for n in &names {
+                if v.done() {
+                    return Ok(());
+                }
+                buf.clear();
+                nar::put_entry_open(buf, n.to_bytes());
+                v.enter(n.to_bytes());
+                v.framing(buf)?;
+                node(fd.as_fd(), n, v, buf)?;
+                buf.clear();
+                nar::put_node_close(buf);
+                v.framing(buf)?;
+                v.leave();
+            }
+            v.directory_end();
             buf.clear();
             nar::put_node_close(buf);
-            v.framing(buf)?;
-            v.leave();
+            v.framing(buf)
         }
-        v.directory_end();
-        buf.clear();
-        nar::put_node_close(buf);
-        v.framing(buf)
-    } else {
-        Err(io::Error::new(
+        _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a store path holds a file that is not regular, a directory or a symlink",
-        ))
+        )),
     }
 }
 
@@ -128,7 +177,7 @@ impl Visitor for ListingVisitor {
         self.offset += bytes.len() as u64;
         Ok(())
     }
-    fn contents(&mut self, _: &Path, size: u64, executable: bool) -> io::Result<()> {
+    fn contents(&mut self, _: &Entry<'_>, size: u64, executable: bool) -> io::Result<()> {
         self.place(ListingNode::Regular { size, executable, nar_offset: self.offset });
         self.offset += size;
         Ok(())
@@ -159,7 +208,8 @@ impl Visitor for ListingVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::fs;
+    use std::os::unix::fs::{PermissionsExt, symlink};
 
     /// The `tree` fixture of `../shared/nix-wire/make_fixtures.sh`, on disk.
     fn make_tree(root: &Path) {
@@ -191,8 +241,9 @@ mod tests {
             self.0.extend_from_slice(bytes);
             Ok(())
         }
-        fn contents(&mut self, path: &Path, _: u64, _: bool) -> io::Result<()> {
-            self.0.extend_from_slice(&fs::read(path)?);
+        fn contents(&mut self, file: &Entry<'_>, _: u64, _: bool) -> io::Result<()> {
+            use std::io::Read;
+            file.open()?.read_to_end(&mut self.0)?;
             Ok(())
         }
     }

@@ -6,14 +6,13 @@
 //! ones, so memory stays flat under load. A range skips the files before its start by size alone
 //! and seeks into the first one it needs.
 
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::nar_fs::{self, Visitor};
+use super::nar_fs::{self, Entry, Visitor};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -134,9 +133,9 @@ impl Visitor for RangeOut {
         Ok(())
     }
 
-    fn contents(&mut self, path: &Path, size: u64, _executable: bool) -> io::Result<()> {
+    fn contents(&mut self, entry: &Entry<'_>, size: u64, _executable: bool) -> io::Result<()> {
         if let Some((a, b)) = self.overlap(size) {
-            let mut file = File::open(path)?;
+            let mut file = entry.open()?;
             if a > 0 {
                 file.seek(SeekFrom::Start(a))?;
             }
@@ -152,7 +151,7 @@ impl Visitor for RangeOut {
                 if let Err(e) = file.read_exact(&mut self.buf[filled..]) {
                     self.buf.truncate(filled);
                     // A file shorter than its metadata said changed under us: never pad it.
-                    return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                    return Err(io::Error::new(e.kind(), format!("{}: {e}", entry.name())));
                 }
                 left -= want as u64;
             }
@@ -204,8 +203,8 @@ impl<W: Write> Visitor for ZstdOut<W> {
         self.enc.write_all(bytes)
     }
 
-    fn contents(&mut self, path: &Path, size: u64, _executable: bool) -> io::Result<()> {
-        let mut file = File::open(path)?.take(size);
+    fn contents(&mut self, entry: &Entry<'_>, size: u64, _executable: bool) -> io::Result<()> {
+        let mut file = entry.open()?.take(size);
         let mut copied = 0u64;
         loop {
             let n = file.read(&mut self.scratch)?;
@@ -216,10 +215,7 @@ impl<W: Write> Visitor for ZstdOut<W> {
             copied += n as u64;
         }
         if copied != size {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{}: changed while read", path.display()),
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: changed while read", entry.name())));
         }
         Ok(())
     }
