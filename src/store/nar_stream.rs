@@ -70,10 +70,8 @@ pub fn spawn<G: Send + 'static>(path: PathBuf, encoding: Encoding, guard: G) -> 
         let _active = active;
         let result = match encoding {
             Encoding::Plain { start, end } => {
-                let chunk = chunk_size();
-                let mut out =
-                    RangeOut { tx: tx.clone(), buf: BytesMut::with_capacity(chunk), chunk, pos: 0, start, end };
-                nar_fs::walk(&path, &mut out).and_then(|()| out.flush())
+                let mut out = RangeOut { out: Chunker::new(tx.clone()), pos: 0, start, end };
+                nar_fs::walk(&path, &mut out).and_then(|()| out.out.flush())
             }
             Encoding::Zstd { level } => zstd_walk(&path, level, tx.clone()),
         };
@@ -92,18 +90,20 @@ fn send(tx: &mpsc::Sender<io::Result<Bytes>>, bytes: Bytes) -> io::Result<()> {
     tx.blocking_send(Ok(bytes)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
 }
 
-/// Writes the part of the NAR inside `[start, end)` to the channel.
-struct RangeOut {
+/// Collects bytes into chunks of the current budgeted size and hands full ones to the channel.
+struct Chunker {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
     chunk: usize,
-    /// The NAR offset of the next byte reported by the walk.
-    pos: u64,
-    start: u64,
-    end: u64,
 }
 
-impl RangeOut {
+impl Chunker {
+    fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> Self {
+        let chunk = chunk_size();
+        Self { tx, buf: BytesMut::with_capacity(chunk), chunk }
+    }
+
+    /// Sends what is buffered, and sizes the next chunk by the budget as it is now.
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             self.chunk = chunk_size();
@@ -113,6 +113,21 @@ impl RangeOut {
         Ok(())
     }
 
+    fn flush_if_full(&mut self) -> io::Result<()> {
+        if self.buf.len() >= self.chunk { self.flush() } else { Ok(()) }
+    }
+}
+
+/// Writes the part of the NAR inside `[start, end)` to the channel.
+struct RangeOut {
+    out: Chunker,
+    /// The NAR offset of the next byte reported by the walk.
+    pos: u64,
+    start: u64,
+    end: u64,
+}
+
+impl RangeOut {
     /// The part of `[pos, pos + len)` that lies in the range, relative to `pos`.
     fn overlap(&self, len: u64) -> Option<(u64, u64)> {
         let from = self.start.max(self.pos);
@@ -124,10 +139,8 @@ impl RangeOut {
 impl Visitor for RangeOut {
     fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
         if let Some((a, b)) = self.overlap(bytes.len() as u64) {
-            self.buf.extend_from_slice(&bytes[a as usize..b as usize]);
-            if self.buf.len() >= self.chunk {
-                self.flush()?;
-            }
+            self.out.buf.extend_from_slice(&bytes[a as usize..b as usize]);
+            self.out.flush_if_full()?;
         }
         self.pos += bytes.len() as u64;
         Ok(())
@@ -140,16 +153,15 @@ impl Visitor for RangeOut {
                 file.seek(SeekFrom::Start(a))?;
             }
             let mut left = b - a;
+            let out = &mut self.out;
             while left > 0 {
-                if self.buf.len() >= self.chunk {
-                    self.flush()?;
-                }
-                let room = (self.chunk - self.buf.len()) as u64;
+                out.flush_if_full()?;
+                let room = (out.chunk - out.buf.len()) as u64;
                 let want = left.min(room) as usize;
-                let filled = self.buf.len();
-                self.buf.resize(filled + want, 0);
-                if let Err(e) = file.read_exact(&mut self.buf[filled..]) {
-                    self.buf.truncate(filled);
+                let filled = out.buf.len();
+                out.buf.resize(filled + want, 0);
+                if let Err(e) = file.read_exact(&mut out.buf[filled..]) {
+                    out.buf.truncate(filled);
                     // A file shorter than its metadata said changed under us: never pad it.
                     return Err(io::Error::new(e.kind(), format!("{}: {e}", entry.name())));
                 }
@@ -165,30 +177,17 @@ impl Visitor for RangeOut {
     }
 }
 
-/// An `io::Write` that hands full chunks to the channel.
-struct ChannelWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: BytesMut,
-    chunk: usize,
-}
-
-impl Write for ChannelWriter {
+/// Compressed output goes to the channel in chunks.
+impl Write for Chunker {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = data.len().min(self.chunk.saturating_sub(self.buf.len()).max(1));
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= self.chunk {
-            self.flush()?;
-        }
+        self.flush_if_full()?;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.chunk = chunk_size();
-            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.chunk)).freeze();
-            send(&self.tx, chunk)?;
-        }
-        Ok(())
+        Chunker::flush(self)
     }
 }
 
@@ -222,10 +221,7 @@ impl<W: Write> Visitor for ZstdOut<W> {
 }
 
 fn zstd_walk(path: &Path, level: i32, tx: mpsc::Sender<io::Result<Bytes>>) -> io::Result<()> {
-    let chunk = chunk_size();
-    let writer = ChannelWriter { tx, buf: BytesMut::with_capacity(chunk), chunk };
-    let mut out = ZstdOut { enc: zstd::Encoder::new(writer, level)?, scratch: vec![0; MIN_CHUNK] };
+    let mut out = ZstdOut { enc: zstd::Encoder::new(Chunker::new(tx), level)?, scratch: vec![0; MIN_CHUNK] };
     nar_fs::walk(path, &mut out)?;
-    let mut writer = out.enc.finish()?;
-    writer.flush()
+    out.enc.finish()?.flush()
 }
