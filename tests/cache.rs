@@ -14,6 +14,16 @@ fn test_pub() -> String {
     std::fs::read_to_string(nix_wire().join("keys/test.pub")).unwrap().trim().to_owned()
 }
 
+/// `nix copy --from <hearth> --to <dest>` of `path`, trusting `key`.
+fn nix_copy(h: &Hearth, dest: &std::path::Path, key: &str, path: &str) -> std::process::Output {
+    nix_cmd("nix")
+        .args(["copy", "--from", &h.url(), "--to"])
+        .arg(dest)
+        .args(["--option", "trusted-public-keys", key, path])
+        .output()
+        .unwrap()
+}
+
 fn unique(tag: &str) -> Vec<u8> {
     let mut seed = [0u8; 16];
     getrandom::fill(&mut seed).unwrap();
@@ -66,23 +76,13 @@ fn nix_copies_a_fresh_path_and_refuses_a_wrong_key() {
     let text = String::from_utf8(unique("copy")).unwrap();
     let path = common::build_input_addressed("fresh", text.trim());
     let dest = tempfile::tempdir().unwrap();
-    let out = nix_cmd("nix")
-        .args(["copy", "--from", &h.url(), "--to"])
-        .arg(dest.path())
-        .args(["--option", "trusted-public-keys", &test_pub(), &path])
-        .output()
-        .unwrap();
+    let out = nix_copy(&h, dest.path(), &test_pub(), &path);
     assert!(out.status.success(), "nix copy failed: {}", String::from_utf8_lossy(&out.stderr));
     let copied = dest.path().join(path.trim_start_matches('/'));
     assert_eq!(std::fs::read(&copied).unwrap(), std::fs::read(&path).unwrap());
 
     let other = tempfile::tempdir().unwrap();
-    let out = nix_cmd("nix")
-        .args(["copy", "--from", &h.url(), "--to"])
-        .arg(other.path())
-        .args(["--option", "trusted-public-keys", "other-key-1:KVViHldcRCNu3vivAf5RgtT7/XRaHI2mk2ZTgg1XlRZ=", &path])
-        .output()
-        .unwrap();
+    let out = nix_copy(&h, other.path(), "other-key-1:KVViHldcRCNu3vivAf5RgtT7/XRaHI2mk2ZTgg1XlRZ=", &path);
     assert!(!out.status.success(), "nix copy accepted a path signed by a key it does not trust");
     assert!(String::from_utf8_lossy(&out.stderr).contains("signature"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -158,12 +158,7 @@ fn zstd_variant_is_fetched_by_nix() {
     assert!(compressed.body.len() < size / 10, "zstd did not compress a repetitive file");
 
     let dest = tempfile::tempdir().unwrap();
-    let out = nix_cmd("nix")
-        .args(["copy", "--from", &h.url(), "--to"])
-        .arg(dest.path())
-        .args(["--option", "trusted-public-keys", &test_pub(), &path])
-        .output()
-        .unwrap();
+    let out = nix_copy(&h, dest.path(), &test_pub(), &path);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Plain NAR URLs are not served when the narinfo points to zstd? They are: both stay valid.
     let plain = h.get(&format!("/nar/{}.nar?hash={hash}", url.split('.').next().unwrap().trim_start_matches("nar/")));
