@@ -131,6 +131,9 @@ impl Listener {
     }
 }
 
+/// hyper's per-connection buffer limit (its default is about 400 KiB).
+const MAX_CONN_BUF: usize = 64 * 1024;
+
 /// Limits on client connections.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -192,6 +195,9 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .keep_alive(true)
+            // Bounds what hyper buffers per connection (request head, and response bytes it
+            // copies instead of queueing): NAR chunks are already bounded by our own budget.
+            .max_buf_size(MAX_CONN_BUF)
             .serve_connection(TokioIo::new(io), service.clone());
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
