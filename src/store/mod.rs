@@ -103,6 +103,18 @@ impl DiskId {
     }
 }
 
+/// What a backend (database or daemon) reports about a valid path, before it is validated:
+/// full paths, a `sha256:` hash in base16 or nixbase32, empty strings for "none".
+struct Reported<'a, R> {
+    full: &'a str,
+    hash: &'a str,
+    nar_size: Option<u64>,
+    references: R,
+    deriver: &'a str,
+    sigs: Vec<String>,
+    ca: &'a str,
+}
+
 /// Store access shared by the HTTP cache and the builder.
 pub struct Store {
     config: StoreConfig,
@@ -179,23 +191,35 @@ impl Store {
         Ok(Some(info))
     }
 
-    fn info_from_row(&self, row: db::DbRow) -> Result<PathInfo, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of {}", row.path));
-        let path = StorePath::from_absolute(&self.config.store_dir, &row.path).ok_or_else(|| corrupt("path"))?;
-        let nar_hash = sha256_to_nix32(&row.hash).ok_or_else(|| corrupt("NAR hash"))?;
-        let nar_size =
-            row.nar_size.and_then(|n| u64::try_from(n).ok()).filter(|&n| n > 0).ok_or_else(|| corrupt("NAR size"))?;
-        let mut references: Vec<String> =
-            row.references.as_deref().unwrap_or("").split_whitespace().map(|r| basename(r).to_owned()).collect();
+    /// Validated path info from what a backend reported.
+    fn assemble<'a>(&self, r: Reported<'a, impl Iterator<Item = &'a str>>) -> Result<PathInfo, StoreError> {
+        let Reported { full, hash, nar_size, references, deriver, sigs, ca } = r;
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of {full}"));
+        let path = StorePath::from_absolute(&self.config.store_dir, full).ok_or_else(|| corrupt("path"))?;
+        let nar_hash = sha256_to_nix32(hash).ok_or_else(|| corrupt("NAR hash"))?;
+        let nar_size = nar_size.filter(|&n| n > 0).ok_or_else(|| corrupt("NAR size"))?;
+        let mut references: Vec<String> = references.map(|r| basename(r).to_owned()).collect();
         references.sort();
         Ok(PathInfo {
             path,
             nar_hash,
             nar_size,
             references,
-            deriver: row.deriver.filter(|d| !d.is_empty()).map(|d| basename(&d).to_owned()),
+            deriver: (!deriver.is_empty()).then(|| basename(deriver).to_owned()),
+            sigs,
+            ca: (!ca.is_empty()).then(|| ca.to_owned()),
+        })
+    }
+
+    fn info_from_row(&self, row: db::DbRow) -> Result<PathInfo, StoreError> {
+        self.assemble(Reported {
+            full: &row.path,
+            hash: &row.hash,
+            nar_size: row.nar_size.and_then(|n| u64::try_from(n).ok()),
+            references: row.references.as_deref().unwrap_or("").split_whitespace(),
+            deriver: row.deriver.as_deref().unwrap_or(""),
             sigs: row.sigs.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect(),
-            ca: row.ca.filter(|c| !c.is_empty()),
+            ca: row.ca.as_deref().unwrap_or(""),
         })
     }
 
@@ -212,23 +236,19 @@ impl Store {
             })
             .await?;
         let Some((full, info)) = found else { return Ok(None) };
-        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of {full}"));
-        let path = StorePath::from_absolute(&self.config.store_dir, &full).ok_or_else(|| corrupt("path"))?;
         // The daemon sends the NAR hash as bare base16.
-        let prefixed =
+        let hash =
             if info.nar_hash.contains(':') { info.nar_hash.clone() } else { format!("sha256:{}", info.nar_hash) };
-        let nar_hash = sha256_to_nix32(&prefixed).ok_or_else(|| corrupt("NAR hash"))?;
-        let mut references: Vec<String> = info.references.iter().map(|r| basename(r).to_owned()).collect();
-        references.sort();
-        Ok(Some(PathInfo {
-            path,
-            nar_hash,
-            nar_size: info.nar_size,
-            references,
-            deriver: (!info.deriver.is_empty()).then(|| basename(&info.deriver).to_owned()),
+        self.assemble(Reported {
+            full: &full,
+            hash: &hash,
+            nar_size: Some(info.nar_size),
+            references: info.references.iter().map(String::as_str),
+            deriver: &info.deriver,
             sigs: info.sigs,
-            ca: (!info.ca.is_empty()).then_some(info.ca),
-        }))
+            ca: &info.ca,
+        })
+        .map(Some)
     }
 
     /// Protects `path` from garbage collection until the returned guard is dropped, then checks
