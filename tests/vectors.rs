@@ -90,17 +90,22 @@ fn nar_encoding_is_byte_exact() {
     }
 }
 
+/// A vector path's references, as basenames.
+fn reference_basenames(p: &Value) -> Vec<String> {
+    p["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().trim_start_matches("/nix/store/").to_owned())
+        .collect()
+}
+
 fn narinfo_for(p: &Value, narinfo_text: &str) -> NarInfo {
     // Take URL, compression and file hash/size from Nix's own narinfo; render everything else
     // from the path's facts.
     let nix = NarInfo::parse(narinfo_text).expect("Nix's narinfo parses");
     let store_dir = "/nix/store";
-    let references: Vec<String> = p["references"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().trim_start_matches("/nix/store/").to_owned())
-        .collect();
+    let references = reference_basenames(p);
     let key = SecretKey::parse(common::vectors()["test_key"]["secret_key_file"].as_str().unwrap()).unwrap();
     let mut info = NarInfo {
         store_path: p["store_path"].as_str().unwrap().to_owned(),
@@ -132,12 +137,7 @@ fn narinfo_text_signature_and_fingerprint_are_byte_exact() {
             // Round trip.
             assert_eq!(NarInfo::parse(&info.to_string()).unwrap(), info);
         }
-        let refs: Vec<String> = p["references"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap().trim_start_matches("/nix/store/").to_owned())
-            .collect();
+        let refs = reference_basenames(&p);
         let fp = fingerprint(
             p["store_path"].as_str().unwrap(),
             p["nar_hash_nix32"].as_str().unwrap(),
