@@ -32,6 +32,42 @@ ensure_toolchain() {
 }
 
 
+# Sets Nix up the way Debian's nix-setup-systemd package does (nix-bin alone, as installed with
+# --no-install-recommends, leaves this out): the nixbld group with ten build users, the nix-users
+# group, and /etc/nix/nix.conf with `sandbox = false`. Idempotent; says what it changed, and sets
+# NIX_SETUP_CHANGED=1 so that a daemon started before the change is restarted.
+NIX_SETUP_CHANGED=0
+ensure_nix_setup() {
+    local n nologin
+    nologin=$(command -v nologin || echo /usr/sbin/nologin)
+    if ! getent group nix-users >/dev/null; then
+        log "adding group nix-users"
+        as_root groupadd --force --system nix-users
+        NIX_SETUP_CHANGED=1
+    fi
+    if ! getent group nixbld >/dev/null; then
+        log "adding group nixbld"
+        as_root groupadd --force --system nixbld
+        NIX_SETUP_CHANGED=1
+    fi
+    for n in $(seq 1 10); do
+        if ! id "nixbld$n" >/dev/null 2>&1; then
+            log "adding build user nixbld$n"
+            as_root useradd --system --comment "Nix build user $n" --home-dir /var/empty \
+                --gid nixbld --groups nixbld --no-user-group --shell "$nologin" "nixbld$n"
+            NIX_SETUP_CHANGED=1
+        fi
+    done
+    if [ ! -e /etc/nix/nix.conf ]; then
+        log "writing /etc/nix/nix.conf (sandbox = false, as Debian's nix-setup-systemd does)"
+        as_root mkdir -p /etc/nix
+        printf '# Written by hearth scripts/lib.sh, as nix-setup-systemd would.\nsandbox = false\n' |
+            as_root tee /etc/nix/nix.conf >/dev/null
+        NIX_SETUP_CHANGED=1
+    fi
+    getent group nixbld >/dev/null || die "the nixbld group is still missing"
+}
+
 # True when a nix-daemon answers on its socket (an invalid path is a daemon's answer).
 nix_daemon_answers() {
     local out
@@ -45,6 +81,13 @@ nix_daemon_answers() {
 
 # Starts nix-daemon in the background unless one answers on the socket.
 ensure_nix_daemon() {
+    ensure_nix_setup
+    if [ "$NIX_SETUP_CHANGED" = 1 ] && pgrep -x nix-daemon >/dev/null; then
+        log "restarting nix-daemon to pick up the new setup"
+        as_root pkill -x nix-daemon || true
+        local j
+        for j in $(seq 1 50); do pgrep -x nix-daemon >/dev/null || break; sleep 0.1; done
+    fi
     nix_daemon_answers && return 0
     log "starting nix-daemon"
     as_root mkdir -p /nix/var/log
