@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hearth::nix::store_path::StorePathHash;
-use hearth::store::nar_stream::{self, Encoding};
+use std::sync::Arc;
+
+use hearth::store::nar_stream::{Encoding, NarPool, NarStream};
 use hearth::store::{Backend, Store, StoreConfig};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -25,9 +27,12 @@ fn make_tree(root: &Path) {
 }
 
 async fn drain(path: PathBuf, size: u64) -> u64 {
-    let mut rx = nar_stream::spawn(path, Encoding::Plain { start: 0, end: size }, ());
+    use futures::StreamExt;
+    static POOL: std::sync::OnceLock<Arc<NarPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| Arc::new(NarPool::new(32).expect("NAR pool"))).clone();
+    let mut rx = NarStream::new(pool, path, Encoding::Plain { start: 0, end: size }, ());
     let mut n = 0;
-    while let Some(chunk) = rx.recv().await {
+    while let Some(chunk) = rx.next().await {
         n += chunk.expect("chunk").len() as u64;
     }
     n
@@ -60,6 +65,7 @@ fn store(backend: Backend) -> Store {
         log_dir: "/nix/var/log/nix".into(),
         pool_size: 4,
         backend,
+        nar_threads: 4,
     })
     .expect("the local Nix store (run scripts/bench, which sets it up)")
 }

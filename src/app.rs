@@ -83,6 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.keys,
         metrics.clone(),
         CacheSettings { priority: config.priority, zstd_level: config.zstd_level },
+        config.streams,
     );
 
     let listener = match activated_listener()? {

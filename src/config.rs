@@ -47,6 +47,12 @@ pub struct FileConfig {
     pub max_connections: usize,
     /// Seconds a client has to send a request's headers.
     pub header_timeout_seconds: u64,
+    /// Seconds a client may read nothing of a response before it is disconnected.
+    pub send_timeout_seconds: u64,
+    /// NAR downloads streamed at once; more get 503 with `Retry-After`.
+    pub max_nar_streams: usize,
+    /// Blocking threads that read NARs and logs (apart from database and `.ls` work).
+    pub nar_threads: usize,
 }
 
 impl Default for FileConfig {
@@ -65,6 +71,9 @@ impl Default for FileConfig {
             shutdown_grace_seconds: 30,
             max_connections: 4096,
             header_timeout_seconds: 30,
+            send_timeout_seconds: 60,
+            max_nar_streams: 512,
+            nar_threads: 32,
         }
     }
 }
@@ -81,11 +90,13 @@ pub enum Algorithm {
 pub struct CompressionSection {
     pub algorithm: Algorithm,
     pub level: i32,
+    /// Compressed NAR streams at once (each holds an encoder's memory); more get 503.
+    pub max_streams: usize,
 }
 
 impl Default for CompressionSection {
     fn default() -> Self {
-        Self { algorithm: Algorithm::None, level: 3 }
+        Self { algorithm: Algorithm::None, level: 3, max_streams: 16 }
     }
 }
 
@@ -151,6 +162,38 @@ pub struct Config {
     pub builder: Option<BuilderConfig>,
     pub shutdown_grace: Duration,
     pub limits: crate::http::ConnLimits,
+    pub streams: crate::http::StreamLimits,
+}
+
+/// Checks that a number lies in `range`.
+pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Value {
+            key,
+            reason: format!("{value} is out of range: {} to {}", range.start(), range.end()),
+        })
+    }
+}
+
+/// The longest text file hearth reads as configuration.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A TOML error without the source line it would quote: the file may hold a secret (a config
+/// pointed at a key or seed by mistake), so only the position and the reason are told.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let position = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!("not a valid hearth config: {}{}", position.unwrap_or_default(), e.message().trim_end())
 }
 
 impl Config {
@@ -158,8 +201,8 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let file: FileConfig = match path {
             Some(p) => {
-                let text = fs::read_to_string(p).map_err(|e| file_err(p, e))?;
-                toml::from_str(&text).map_err(|e| file_err(p, e.to_string().trim_end()))?
+                let text = crate::regular_file::read_to_string(p, MAX_CONFIG_BYTES).map_err(|e| file_err(p, e))?;
+                toml::from_str(&text).map_err(|e| file_err(p, toml_error(&text, &e)))?
             }
             None => FileConfig::default(),
         };
@@ -173,18 +216,17 @@ impl Config {
                 reason: "must be an absolute path without a trailing slash".into(),
             });
         }
-        if file.daemon_pool_size == 0 || file.daemon_pool_size > 1024 {
-            return Err(ConfigError::Value { key: "daemon_pool_size", reason: "must be 1 to 1024".into() });
-        }
+        in_range("daemon_pool_size", file.daemon_pool_size, 1..=1024)?;
         if !(1..=19).contains(&file.compression.level) {
             return Err(ConfigError::Value { key: "compression.level", reason: "zstd levels are 1 to 19".into() });
         }
-        if file.max_connections == 0 {
-            return Err(ConfigError::Value { key: "max_connections", reason: "must be at least 1".into() });
-        }
-        if file.header_timeout_seconds == 0 {
-            return Err(ConfigError::Value { key: "header_timeout_seconds", reason: "must be at least 1".into() });
-        }
+        in_range("compression.max_streams", file.compression.max_streams, 1..=4096)?;
+        in_range("max_connections", file.max_connections, 1..=1_000_000)?;
+        in_range("header_timeout_seconds", file.header_timeout_seconds, 1..=3600)?;
+        in_range("send_timeout_seconds", file.send_timeout_seconds, 1..=3600)?;
+        in_range("shutdown_grace_seconds", file.shutdown_grace_seconds, 0..=86_400)?;
+        in_range("max_nar_streams", file.max_nar_streams, 1..=100_000)?;
+        in_range("nar_threads", file.nar_threads, 1..=1024)?;
         let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
         let builder = file.builder.map(BuilderConfig::from_section).transpose()?;
         Ok(Self {
@@ -200,6 +242,7 @@ impl Config {
                 log_dir: file.store.log_dir,
                 pool_size: file.daemon_pool_size,
                 backend: file.store.backend,
+                nar_threads: file.nar_threads,
             },
             zstd_level: (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level),
             builder,
@@ -207,6 +250,11 @@ impl Config {
             limits: crate::http::ConnLimits {
                 max_connections: file.max_connections,
                 header_timeout: Duration::from_secs(file.header_timeout_seconds),
+                send_timeout: Duration::from_secs(file.send_timeout_seconds),
+            },
+            streams: crate::http::StreamLimits {
+                max_nar_streams: file.max_nar_streams,
+                max_zstd_streams: file.compression.max_streams,
             },
         })
     }
@@ -214,7 +262,8 @@ impl Config {
 
 /// Reads one secret key file. The error names the file, never its contents.
 pub fn load_key(path: &Path) -> Result<SecretKey, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read signing key: {e}")))?;
+    let text = crate::regular_file::read_to_string(path, 4096)
+        .map_err(|e| file_err(path, format!("cannot read signing key: {e}")))?;
     let key = SecretKey::parse(&text).map_err(|e| file_err(path, format!("not a Nix secret key: {e}")))?;
     if fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
         tracing::warn!(file = %path.display(), "signing key file is readable by other users; chmod 600 it");

@@ -12,4 +12,5 @@ pub mod http;
 pub mod mcp;
 pub mod metrics;
 pub mod nix;
+pub mod regular_file;
 pub mod store;

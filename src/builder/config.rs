@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::job::{is_valid_branch, is_valid_name};
-use crate::config::ConfigError;
+use crate::config::{ConfigError, in_range};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,7 +89,7 @@ impl NatsAuth {
             }),
             (Some(p), None) => {
                 let file = p.display().to_string();
-                let seed = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                let seed = crate::regular_file::read_to_string(p, 4096).map_err(|e| ConfigError::File {
                     file: file.clone(),
                     reason: format!("cannot read NKey seed: {e}"),
                 })?;
@@ -175,15 +175,9 @@ impl BuilderConfig {
             }
             repos.push(RepoConfig { name: r.name, url: r.url, branch: r.branch });
         }
-        if s.queue_size == 0 {
-            return Err(ConfigError::Value { key: "builder.queue_size", reason: "must be at least 1".into() });
-        }
-        if s.build_timeout_seconds == 0 {
-            return Err(ConfigError::Value {
-                key: "builder.build_timeout_seconds",
-                reason: "must be at least 1".into(),
-            });
-        }
+        in_range("builder.queue_size", s.queue_size, 1..=10_000)?;
+        in_range("builder.build_timeout_seconds", s.build_timeout_seconds, 1..=7 * 86_400)?;
+        in_range("builder.progress_interval_ms", s.progress_interval_ms, 0..=3_600_000)?;
         if !is_valid_name(&s.queue_group) {
             return Err(ConfigError::Value { key: "builder.queue_group", reason: "must be a plain name".into() });
         }

@@ -16,6 +16,9 @@ pub enum HttpError {
     NotFound,
     #[error("range not satisfiable")]
     RangeNotSatisfiable { size: u64 },
+    /// Too many streams of this kind at once; the client should retry shortly.
+    #[error("busy: {0}")]
+    Busy(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -29,11 +32,14 @@ impl IntoResponse for HttpError {
             HttpError::Store(StoreError::Unavailable(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store temporarily unavailable")
             }
+            HttpError::Busy(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
             HttpError::Store(StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::Io(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
         };
-        if status.is_server_error() {
+        if matches!(self, HttpError::Busy(_)) {
+            tracing::warn!(err = %self, "request refused: at a configured limit");
+        } else if status.is_server_error() {
             tracing::error!(err = %self, "request failed");
         } else {
             tracing::debug!(err = %self, "request refused");
@@ -50,6 +56,9 @@ impl IntoResponse for HttpError {
             }
             HttpError::Store(StoreError::Unavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            HttpError::Busy(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
             }
             _ => {}
         }

@@ -34,6 +34,21 @@ pub struct CacheSettings {
     pub zstd_level: Option<i32>,
 }
 
+/// How many response streams may run at once.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// NAR downloads (plain or compressed); more get 503 with `Retry-After`.
+    pub max_nar_streams: usize,
+    /// Compressed NAR downloads, each holding an encoder's memory; more get 503.
+    pub max_zstd_streams: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self { max_nar_streams: 512, max_zstd_streams: 16 }
+    }
+}
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -42,16 +57,26 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<CacheSettings>,
     pub(crate) narinfos: Arc<narinfo::NarinfoCache>,
+    pub(crate) nar_permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) zstd_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
-    pub fn new(store: Arc<Store>, keys: Vec<SecretKey>, metrics: Arc<Metrics>, cache: CacheSettings) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        keys: Vec<SecretKey>,
+        metrics: Arc<Metrics>,
+        cache: CacheSettings,
+        streams: StreamLimits,
+    ) -> Self {
         Self {
             store,
             keys: Arc::new(keys),
             metrics,
             cache: Arc::new(cache),
             narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
+            nar_permits: Arc::new(tokio::sync::Semaphore::new(streams.max_nar_streams)),
+            zstd_permits: Arc::new(tokio::sync::Semaphore::new(streams.max_zstd_streams)),
         }
     }
 }
@@ -142,11 +167,14 @@ pub struct ConnLimits {
     /// Time a client has to send a request's headers (slowloris protection; idle keep-alive
     /// connections are closed after it too).
     pub header_timeout: Duration,
+    /// Time a client may read nothing while a response waits to be written; then the
+    /// connection is closed (a stalled reader holds no stream for longer).
+    pub send_timeout: Duration,
 }
 
 impl Default for ConnLimits {
     fn default() -> Self {
-        Self { max_connections: 4096, header_timeout: Duration::from_secs(30) }
+        Self { max_connections: 4096, header_timeout: Duration::from_secs(30), send_timeout: Duration::from_secs(60) }
     }
 }
 
@@ -163,6 +191,17 @@ pub async fn serve(
         Listener::Tcp(l) => serve_on(l, router, limits, cancel).await,
         Listener::Unix(l) => serve_on(l, router, limits, cancel).await,
     }
+}
+
+/// Wraps a connection so that a write that makes no progress for `timeout` fails (and the
+/// connection closes): a client that stops reading cannot hold a response forever.
+fn with_send_timeout<T>(io: T, timeout: Duration) -> std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<T>>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let mut stream = tokio_io_timeout::TimeoutStream::new(io);
+    stream.set_write_timeout(Some(timeout));
+    Box::pin(stream)
 }
 
 async fn serve_on<L>(
@@ -198,7 +237,7 @@ where
             // Bounds what hyper buffers per connection (request head, and response bytes it
             // copies instead of queueing): NAR chunks are already bounded by our own budget.
             .max_buf_size(MAX_CONN_BUF)
-            .serve_connection(TokioIo::new(io), service.clone());
+            .serve_connection(TokioIo::new(with_send_timeout(io, limits.send_timeout)), service.clone());
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

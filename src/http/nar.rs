@@ -18,7 +18,8 @@ use super::error::{HttpError, HttpResult};
 use super::range::{RangeDecision, decide};
 use crate::metrics::Metrics;
 use crate::nix::http_path::{self, NarEncoding};
-use crate::store::nar_stream::{self, Encoding, NarReceiver};
+use crate::store::nar_stream::{Encoding, NarStream};
+use futures::Stream;
 
 #[derive(serde::Deserialize)]
 pub(super) struct NarQuery {
@@ -72,22 +73,36 @@ pub(super) async fn get(
     if method == Method::HEAD {
         return Ok((status, resp_headers).into_response());
     }
+    // Bounds: streams at once, and compressed streams (each holds an encoder) at once. Beyond
+    // them a client is told to come back shortly, at once, rather than queued.
+    let permit =
+        state.nar_permits.clone().try_acquire_owned().map_err(|_| HttpError::Busy("too many NAR downloads"))?;
+    let zstd_permit = match encoding {
+        Encoding::Zstd { .. } => Some(
+            state
+                .zstd_permits
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| HttpError::Busy("too many compressed downloads"))?,
+        ),
+        Encoding::Plain { .. } => None,
+    };
     let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
-    let rx = nar_stream::spawn(state.store.disk_path(&info.path), encoding, root);
-    let body = NarBody::new(rx, length, state.metrics.clone());
+    let stream = state.store.nar_stream(&info.path, encoding, (root, permit, zstd_permit));
+    let body = NarBody::new(stream, length, state.metrics.clone());
     Ok((status, resp_headers, Body::new(body)).into_response())
 }
 
 /// A streamed NAR body with an exact size hint where the length is known, counting bytes sent
 /// and keeping the in-flight gauge up while it lives.
 struct NarBody {
-    rx: NarReceiver,
+    rx: NarStream,
     remaining: Option<u64>,
     metrics: Arc<Metrics>,
 }
 
 impl NarBody {
-    fn new(rx: NarReceiver, length: Option<u64>, metrics: Arc<Metrics>) -> Self {
+    fn new(rx: NarStream, length: Option<u64>, metrics: Arc<Metrics>) -> Self {
         metrics.nars_in_flight.inc();
         Self { rx, remaining: length, metrics }
     }
@@ -107,7 +122,7 @@ impl http_body::Body for NarBody {
         if self.remaining == Some(0) {
             return Poll::Ready(None);
         }
-        match self.rx.poll_recv(cx) {
+        match Pin::new(&mut self.rx).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 let n = chunk.len() as u64;
                 if let Some(rem) = self.remaining.as_mut() {

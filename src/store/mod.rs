@@ -7,6 +7,7 @@
 pub mod daemon;
 pub mod db;
 pub(crate) mod nar_fs;
+pub mod nar_reader;
 pub mod nar_stream;
 mod temp_roots;
 
@@ -81,6 +82,8 @@ pub struct StoreConfig {
     pub log_dir: PathBuf,
     pub pool_size: usize,
     pub backend: Backend,
+    /// Blocking threads that produce NAR (and log) chunks, apart from tokio's shared pool.
+    pub nar_threads: usize,
 }
 
 /// Path infos kept in memory at most.
@@ -121,6 +124,7 @@ pub struct Store {
     db: Option<db::Db>,
     pool: daemon::Pool,
     roots: temp_roots::TempRoots,
+    nars: Arc<nar_stream::NarPool>,
     /// Path info of valid paths, keyed by hash part. Store paths are immutable, so an entry stays
     /// right while the same file is on disk; that is checked (one `lstat`) on every hit. Misses
     /// are never cached: a path built a moment ago is found at once.
@@ -148,7 +152,8 @@ impl Store {
         };
         let pool = daemon::Pool::new(config.daemon_socket.clone(), config.pool_size);
         let roots = temp_roots::TempRoots::new(config.daemon_socket.clone());
-        Ok(Self { config, db, pool, roots, infos: quick_cache::sync::Cache::new(INFO_CACHE_ENTRIES) })
+        let nars = Arc::new(nar_stream::NarPool::new(config.nar_threads)?);
+        Ok(Self { config, db, pool, roots, nars, infos: quick_cache::sync::Cache::new(INFO_CACHE_ENTRIES) })
     }
 
     pub fn store_dir(&self) -> &str {
@@ -263,6 +268,16 @@ impl Store {
         }
     }
 
+    /// The NAR of `path` (held by `guard`, e.g. its temp root, while the stream lives).
+    pub fn nar_stream<G: Send + Sync + 'static>(
+        &self,
+        path: &StorePath,
+        encoding: nar_stream::Encoding,
+        guard: G,
+    ) -> nar_stream::NarStream {
+        nar_stream::NarStream::new(self.nars.clone(), self.disk_path(path), encoding, guard)
+    }
+
     /// The `.ls` listing of a path and its NAR size, from metadata alone.
     pub async fn listing(&self, path: &StorePath) -> Result<(ListingNode, u64), StoreError> {
         let disk = self.disk_path(path);
@@ -271,15 +286,17 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("listing task: {e}")))??)
     }
 
-    /// The build log of a derivation, decompressed; `None` if the store has none.
-    pub async fn build_log(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The build log of a derivation, decompressed as it is streamed (memory stays bounded
+    /// whatever it expands to); `None` if the store has none.
+    pub async fn build_log(&self, drv: &StorePath) -> Result<Option<nar_stream::NarStream>, StoreError> {
         let base = drv.to_string();
         let dir = self.config.log_dir.join("drvs").join(&base[..2]);
         let plain = dir.join(&base[2..]);
         let bz2 = dir.join(format!("{}.bz2", &base[2..]));
-        tokio::task::spawn_blocking(move || read_log(&plain, &bz2))
+        let source = tokio::task::spawn_blocking(move || open_log(&plain, &bz2))
             .await
-            .map_err(|e| StoreError::Corrupt(format!("log task: {e}")))?
+            .map_err(|e| StoreError::Corrupt(format!("log task: {e}")))??;
+        Ok(source.map(|s| nar_stream::NarStream::from_reader(self.nars.clone(), format!("log {base}"), s)))
     }
 
     /// The realisation document for a CA derivation output, as Nix's binary caches store it.
@@ -297,19 +314,15 @@ impl Store {
     }
 }
 
-fn read_log(plain: &Path, bz2: &Path) -> Result<Option<Vec<u8>>, StoreError> {
-    use std::io::Read;
-    match std::fs::File::open(bz2) {
-        Ok(f) => {
-            let mut out = Vec::new();
-            bzip2::read::BzDecoder::new(f).read_to_end(&mut out)?;
-            return Ok(Some(out));
-        }
+/// Opens a build log: Nix keeps them bzip2-compressed, or plain.
+fn open_log(plain: &Path, bz2: &Path) -> Result<Option<nar_stream::Source>, StoreError> {
+    match crate::regular_file::open(bz2) {
+        Ok(f) => return Ok(Some(Box::new(bzip2::read::BzDecoder::new(f)))),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
         Err(_) => {}
     }
-    match std::fs::read(plain) {
-        Ok(bytes) => Ok(Some(bytes)),
+    match crate::regular_file::open(plain) {
+        Ok(f) => Ok(Some(Box::new(f))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }

@@ -1,27 +1,61 @@
 //! A store path → a stream of its NAR bytes (or a range of them, or zstd of them).
 //!
-//! The walk runs on a blocking thread and hands chunks through a bounded channel, so a request
-//! holds at most a chunk × ([`QUEUE`] + 2) bytes whatever the NAR's size. Chunks share a memory
-//! budget: one download gets large chunks (few syscalls), many concurrent downloads get small
-//! ones, so memory stays flat under load. A range skips the files before its start by size alone
-//! and seeks into the first one it needs.
+//! Pull-based: the stream holds a [`NarReader`] (the walk's place, as data) and produces one chunk
+//! per short call on the NAR pool's own blocking threads, with one chunk read ahead. A client
+//! that stops reading stops the production and holds no thread, only the walk's state and at
+//! most two chunks. Chunks share a memory budget: one download gets large chunks (few
+//! syscalls), many concurrent downloads get small ones, so memory stays flat under load.
+//!
+//! On-the-fly zstd is bounded too: its window and match tables are capped at [`ZSTD_MAX_LOG`],
+//! which bounds the encoder's memory whatever the level (see docs/performance.md).
 
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use futures::Stream;
+use tokio::task::JoinHandle;
 
-use super::nar_fs::{self, Entry, Visitor};
+use super::nar_reader::{NarReader, fill};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// Chunks queued between the walk and the socket.
-const QUEUE: usize = 2;
 /// Bytes of chunk buffers that all streams together aim to stay under.
 const BUFFER_BUDGET: usize = 16 << 20;
+/// Chunks a stream holds at most: the one being sent and the one read ahead.
+const CHUNKS_PER_STREAM: usize = 2;
 const MIN_CHUNK: usize = 16 << 10;
 const MAX_CHUNK: usize = 128 << 10;
+/// The largest zstd window, hash and chain table logs on-the-fly compression uses: together they
+/// bound an encoder's memory (about 13 MiB at level 19 instead of 85 MiB; see
+/// docs/performance.md) at a small cost in ratio.
+pub const ZSTD_MAX_LOG: u32 = 20;
+
+/// zstd's own (chainLog, hashLog) for each level 1..=19, for inputs over 256 KiB (zstd's
+/// `clevels.h`): capped at [`ZSTD_MAX_LOG`], never raised.
+const ZSTD_TABLE_LOGS: [(u32, u32); 19] = [
+    (13, 14),
+    (15, 16),
+    (16, 17),
+    (18, 18),
+    (18, 19),
+    (18, 19),
+    (19, 20),
+    (19, 20),
+    (20, 21),
+    (21, 22),
+    (21, 22),
+    (22, 23),
+    (22, 22),
+    (22, 23),
+    (23, 23),
+    (22, 22),
+    (23, 22),
+    (23, 22),
+    (24, 22),
+];
 
 /// Streams running now.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
@@ -29,7 +63,7 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 /// The chunk size for the next chunk: the budget shared by the running streams.
 fn chunk_size() -> usize {
     let streams = ACTIVE.load(Ordering::Relaxed).max(1);
-    (BUFFER_BUDGET / (streams * (QUEUE + 2))).clamp(MIN_CHUNK, MAX_CHUNK)
+    (BUFFER_BUDGET / (streams * CHUNKS_PER_STREAM)).clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
 /// Counts a running stream while it lives.
@@ -48,9 +82,6 @@ impl Drop for Active {
     }
 }
 
-/// A stream of NAR chunks; an `Err` item ends it early (the client sees a short body).
-pub type NarReceiver = mpsc::Receiver<io::Result<Bytes>>;
-
 /// What to send of the NAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -60,168 +91,217 @@ pub enum Encoding {
     Zstd { level: i32 },
 }
 
-/// Starts streaming `path` on a blocking thread. `guard` (for example a temp root) lives until the
-/// walk ends, whether it completes, fails, or the receiver is dropped.
-pub fn spawn<G: Send + 'static>(path: PathBuf, encoding: Encoding, guard: G) -> NarReceiver {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let active = Active::new();
-    tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        let _active = active;
-        let result = match encoding {
-            Encoding::Plain { start, end } => {
-                let mut out = RangeOut { out: Chunker::new(tx.clone()), pos: 0, start, end };
-                nar_fs::walk(&path, &mut out).and_then(|()| out.out.flush())
-            }
-            Encoding::Zstd { level } => zstd_walk(&path, level, tx.clone()),
-        };
-        if let Err(e) = result {
-            // A closed receiver means the client went away: nothing to report.
-            if e.kind() != io::ErrorKind::BrokenPipe {
-                tracing::warn!(path = %path.display(), err = %e, "NAR stream failed");
-                let _ = tx.blocking_send(Err(e));
-            }
+/// The blocking threads NAR chunks are produced on, apart from tokio's shared blocking pool
+/// (database lookups, `.ls` walks), so that NAR streams can never starve them or be starved.
+pub struct NarPool {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl NarPool {
+    /// A pool of at most `threads` blocking threads.
+    pub fn new(threads: usize) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(threads.max(1))
+            .thread_name("hearth-nar")
+            .build()?;
+        Ok(Self { runtime: Some(runtime) })
+    }
+
+    fn spawn<F, T>(&self, f: F) -> Option<JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.runtime.as_ref().map(|rt| rt.spawn_blocking(f))
+    }
+}
+
+impl Drop for NarPool {
+    fn drop(&mut self) {
+        // Dropping a runtime may block, which is not allowed inside async code.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
+    }
+}
+
+/// A blocking byte source.
+pub type Source = Box<dyn Read + Send>;
+type Produced = (Source, io::Result<Bytes>);
+
+/// Opens the byte source for `encoding`: nothing is read yet.
+fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Source> {
+    let mut reader = NarReader::open(path)?;
+    Ok(match encoding {
+        Encoding::Plain { start, end } => {
+            reader.skip_to(start);
+            Box::new(reader.take(end.saturating_sub(start)))
+        }
+        Encoding::Zstd { level } => {
+            let mut enc = zstd::stream::read::Encoder::new(reader, level)?;
+            enc.window_log(ZSTD_MAX_LOG)?;
+            let index = usize::try_from(level.clamp(1, 19) - 1).unwrap_or(0);
+            let (chain, hash) = ZSTD_TABLE_LOGS[index];
+            enc.set_parameter(zstd::zstd_safe::CParameter::ChainLog(chain.min(ZSTD_MAX_LOG)))?;
+            enc.set_parameter(zstd::zstd_safe::CParameter::HashLog(hash.min(ZSTD_MAX_LOG)))?;
+            Box::new(enc)
+        }
+    })
+}
+
+/// Produces one chunk; an empty chunk is the end.
+fn produce(mut source: Source) -> Produced {
+    let mut buf = BytesMut::zeroed(chunk_size());
+    let result = fill(&mut source, &mut buf).map(|n| {
+        buf.truncate(n);
+        buf.freeze()
     });
-    rx
+    (source, result)
 }
 
-fn send(tx: &mpsc::Sender<io::Result<Bytes>>, bytes: Bytes) -> io::Result<()> {
-    tx.blocking_send(Ok(bytes)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+type Opener = Box<dyn FnOnce() -> io::Result<Source> + Send>;
+
+/// Bytes from a blocking source (a NAR walk, a log file) as a stream of chunks, produced on
+/// the NAR pool. `guard` (a temp root, a permit) lives as long as the stream. An `Err` item
+/// ends it early (the client sees a short body).
+pub struct NarStream {
+    pool: std::sync::Arc<NarPool>,
+    /// What it streams, for logs.
+    what: String,
+    /// The chunk being produced (read ahead), or the source while idle.
+    in_flight: Option<JoinHandle<Produced>>,
+    idle: Option<Source>,
+    open: Option<Opener>,
+    done: bool,
+    _active: Active,
+    _guard: Box<dyn Send + Sync>,
 }
 
-/// Collects bytes into chunks of the current budgeted size and hands full ones to the channel.
-struct Chunker {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: BytesMut,
-    chunk: usize,
-}
-
-impl Chunker {
-    fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> Self {
-        let chunk = chunk_size();
-        Self { tx, buf: BytesMut::with_capacity(chunk), chunk }
+impl NarStream {
+    /// The NAR of the store path at `path` (on disk).
+    pub fn new<G: Send + Sync + 'static>(
+        pool: std::sync::Arc<NarPool>,
+        path: PathBuf,
+        encoding: Encoding,
+        guard: G,
+    ) -> Self {
+        let what = path.display().to_string();
+        Self::with_opener(pool, what, Box::new(move || open_source(&path, encoding)), Box::new(guard))
     }
 
-    /// Sends what is buffered, and sizes the next chunk by the budget as it is now.
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.chunk = chunk_size();
-            let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.chunk)).freeze();
-            send(&self.tx, chunk)?;
+    /// Any blocking byte source, already open.
+    pub fn from_reader(pool: std::sync::Arc<NarPool>, what: String, source: Source) -> Self {
+        Self::with_opener(pool, what, Box::new(move || Ok(source)), Box::new(()))
+    }
+
+    fn with_opener(pool: std::sync::Arc<NarPool>, what: String, open: Opener, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            pool,
+            what,
+            in_flight: None,
+            idle: None,
+            open: Some(open),
+            done: false,
+            _active: Active::new(),
+            _guard: guard,
         }
-        Ok(())
     }
 
-    fn flush_if_full(&mut self) -> io::Result<()> {
-        if self.buf.len() >= self.chunk { self.flush() } else { Ok(()) }
-    }
-}
-
-/// Writes the part of the NAR inside `[start, end)` to the channel.
-struct RangeOut {
-    out: Chunker,
-    /// The NAR offset of the next byte reported by the walk.
-    pos: u64,
-    start: u64,
-    end: u64,
-}
-
-impl RangeOut {
-    /// The part of `[pos, pos + len)` that lies in the range, relative to `pos`.
-    fn overlap(&self, len: u64) -> Option<(u64, u64)> {
-        let from = self.start.max(self.pos);
-        let to = self.end.min(self.pos + len);
-        (from < to).then(|| (from - self.pos, to - self.pos))
+    /// Starts producing the next chunk on the pool.
+    fn start_next(&mut self) -> bool {
+        let job = if let Some(source) = self.idle.take() {
+            self.pool.spawn(move || produce(source))
+        } else if let Some(open) = self.open.take() {
+            self.pool.spawn(move || match open() {
+                Ok(source) => produce(source),
+                Err(e) => (Box::new(io::empty()) as Source, Err(e)),
+            })
+        } else {
+            None
+        };
+        self.in_flight = job;
+        self.in_flight.is_some()
     }
 }
 
-impl Visitor for RangeOut {
-    fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if let Some((a, b)) = self.overlap(bytes.len() as u64) {
-            self.out.buf.extend_from_slice(&bytes[a as usize..b as usize]);
-            self.out.flush_if_full()?;
+impl Stream for NarStream {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
         }
-        self.pos += bytes.len() as u64;
-        Ok(())
-    }
-
-    fn contents(&mut self, entry: &Entry<'_>, size: u64, _executable: bool) -> io::Result<()> {
-        if let Some((a, b)) = self.overlap(size) {
-            let mut file = entry.open()?;
-            if a > 0 {
-                file.seek(SeekFrom::Start(a))?;
+        if self.in_flight.is_none() && !self.start_next() {
+            self.done = true;
+            return Poll::Ready(Some(Err(io::Error::other("the NAR pool is shut down"))));
+        }
+        let Some(job) = self.in_flight.as_mut() else { return Poll::Ready(None) };
+        let (source, result) = match Pin::new(job).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(produced)) => produced,
+            Poll::Ready(Err(e)) => (Box::new(io::empty()) as Source, Err(io::Error::other(e))),
+        };
+        self.in_flight = None;
+        match result {
+            Ok(chunk) if chunk.is_empty() => {
+                self.done = true;
+                Poll::Ready(None)
             }
-            let mut left = b - a;
-            let out = &mut self.out;
-            while left > 0 {
-                out.flush_if_full()?;
-                let room = (out.chunk - out.buf.len()) as u64;
-                let want = left.min(room) as usize;
-                let filled = out.buf.len();
-                out.buf.resize(filled + want, 0);
-                if let Err(e) = file.read_exact(&mut out.buf[filled..]) {
-                    out.buf.truncate(filled);
-                    // A file shorter than its metadata said changed under us: never pad it.
-                    return Err(io::Error::new(e.kind(), format!("{}: {e}", entry.name())));
+            Ok(chunk) => {
+                // Read one chunk ahead while this one is sent.
+                self.idle = Some(source);
+                self.start_next();
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Err(e) => {
+                self.done = true;
+                if e.kind() != io::ErrorKind::BrokenPipe {
+                    tracing::warn!(what = %self.what, err = %e, "stream failed");
                 }
-                left -= want as u64;
+                Poll::Ready(Some(Err(e)))
             }
         }
-        self.pos += size;
-        Ok(())
-    }
-
-    fn done(&self) -> bool {
-        self.pos >= self.end
     }
 }
 
-/// Compressed output goes to the channel in chunks.
-impl Write for Chunker {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(self.chunk.saturating_sub(self.buf.len()).max(1));
-        self.buf.extend_from_slice(&data[..n]);
-        self.flush_if_full()?;
-        Ok(n)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::sync::Arc;
 
-    fn flush(&mut self) -> io::Result<()> {
-        Chunker::flush(self)
-    }
-}
-
-/// Feeds the whole NAR through a zstd encoder.
-struct ZstdOut<W: Write> {
-    enc: zstd::Encoder<'static, W>,
-    scratch: Vec<u8>,
-}
-
-impl<W: Write> Visitor for ZstdOut<W> {
-    fn framing(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.enc.write_all(bytes)
-    }
-
-    fn contents(&mut self, entry: &Entry<'_>, size: u64, _executable: bool) -> io::Result<()> {
-        let mut file = entry.open()?.take(size);
-        let mut copied = 0u64;
-        loop {
-            let n = file.read(&mut self.scratch)?;
-            if n == 0 {
-                break;
-            }
-            self.enc.write_all(&self.scratch[..n])?;
-            copied += n as u64;
+    async fn collect(pool: &Arc<NarPool>, path: &std::path::Path, encoding: Encoding) -> Vec<u8> {
+        let mut s = NarStream::new(pool.clone(), path.to_owned(), encoding, ());
+        let mut out = Vec::new();
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk.unwrap());
         }
-        if copied != size {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: changed while read", entry.name())));
-        }
-        Ok(())
+        out
     }
-}
 
-fn zstd_walk(path: &Path, level: i32, tx: mpsc::Sender<io::Result<Bytes>>) -> io::Result<()> {
-    let mut out = ZstdOut { enc: zstd::Encoder::new(Chunker::new(tx), level)?, scratch: vec![0; MIN_CHUNK] };
-    nar_fs::walk(path, &mut out)?;
-    out.enc.finish()?.flush()
+    #[tokio::test]
+    async fn plain_ranges_and_zstd_round_trip() {
+        let pool = Arc::new(NarPool::new(2).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir(&root).unwrap();
+        for i in 0..50 {
+            std::fs::write(root.join(format!("f{i:02}")), vec![i as u8; 10_000 * i]).unwrap();
+        }
+        let whole = collect(&pool, &root, Encoding::Plain { start: 0, end: u64::MAX }).await;
+        assert!(whole.len() > 12_000_000);
+        let part = collect(&pool, &root, Encoding::Plain { start: 1_000_003, end: 5_000_001 }).await;
+        assert!(part == whole[1_000_003..5_000_001]);
+        let z = collect(&pool, &root, Encoding::Zstd { level: 3 }).await;
+        assert!(zstd::decode_all(&z[..]).unwrap() == whole);
+    }
+
+    #[tokio::test]
+    async fn a_missing_path_is_an_error_item() {
+        let pool = Arc::new(NarPool::new(1).unwrap());
+        let mut s = NarStream::new(pool, "/nonexistent/x".into(), Encoding::Plain { start: 0, end: 10 }, ());
+        assert!(s.next().await.unwrap().is_err());
+        assert!(s.next().await.is_none());
+    }
 }

@@ -1,0 +1,51 @@
+//! Opening files hearth is told about (keys, seeds, build logs) safely: regular files only.
+//!
+//! A FIFO, a device or a directory at such a path is refused at once instead of blocking or
+//! being read without end, and what is read into memory is capped.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Opens `path` for reading if it is a regular file (a symlink to one is followed; the open
+/// never blocks, as it would on a FIFO).
+pub fn open(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(f)
+}
+
+/// Reads a small regular text file whole: at most `limit` bytes.
+pub fn read_to_string(path: &Path, limit: u64) -> io::Result<String> {
+    let mut text = String::new();
+    open(path)?.take(limit + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("larger than {limit} bytes")));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifos_directories_and_large_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) reads a NUL-terminated path we own.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0);
+        assert!(read_to_string(&fifo, 100).is_err());
+        assert!(read_to_string(dir.path(), 100).is_err());
+        let big = dir.path().join("big");
+        std::fs::write(&big, "x".repeat(101)).unwrap();
+        assert!(read_to_string(&big, 100).is_err());
+        assert_eq!(read_to_string(&big, 101).unwrap().len(), 101);
+    }
+}

@@ -1,0 +1,194 @@
+//! What a hostile or careless client cannot do to the cache: stalled readers that never read,
+//! more NAR streams than configured, a log that expands to hundreds of MiB, stalled zstd
+//! streams at the highest level. Each test fails against a server without the bound.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Hearth, hash_part, nix_cmd, request};
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(h: &Hearth, name: &str) -> f64 {
+    let text = h.get("/metrics").text();
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// A path of `mib` MiB of random bytes (incompressible), and its NAR URL.
+fn big_path(h: &Hearth, mib: usize) -> (String, String) {
+    let mut bytes = vec![0u8; mib << 20];
+    getrandom::fill(&mut bytes).unwrap();
+    let path = common::add_to_store("stall.bin", &bytes);
+    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
+    let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
+    (path, format!("/{url}"))
+}
+
+/// Sends a GET, reads the head (status) and `n` body bytes, and leaves the rest unread.
+fn stall(addr: &str, target: &str, n: usize) -> (u16, BufReader<TcpStream>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if status == 0 {
+            status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        }
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    if status == 200 {
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf).unwrap();
+    }
+    (status, r)
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+}
+
+#[test]
+fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
+    // Four NAR threads, forty stalled clients: with a thread held per stalled stream nothing
+    // else could be streamed until they leave.
+    let h = Hearth::start("nar_threads = 4\nmax_nar_streams = 100\nsend_timeout_seconds = 3\n");
+    let (path, url) = big_path(&h, 48);
+    let stalled: Vec<_> = (0..40).map(|_| stall(&h.addr, &url, 4096)).collect();
+    assert!(stalled.iter().all(|(status, _)| *status == 200));
+    assert_eq!(metric(&h, "hearth_nars_in_flight"), 40.0);
+    assert!(threads(h.pid()) < 40, "{} threads for 40 stalled streams", threads(h.pid()));
+
+    // A whole NAR, a listing and a narinfo are still served at once.
+    let tree = "/nar/1952r6gshs4r8mjfmgym0zgydzpm9m55wxgzg042v6w8dy91831r.nar?hash=cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf";
+    let whole = h.get(tree);
+    assert_eq!(whole.status, 200);
+    let nar = common::nix_wire().join("nars/cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf-tree.nar");
+    assert!(whole.body == std::fs::read(nar).unwrap());
+    assert_eq!(h.get("/cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf.ls").status, 200);
+    assert_eq!(h.get(&format!("/{}.narinfo", hash_part(&path))).status, 200);
+
+    // After the send timeout every stalled stream is dropped while its client still holds the
+    // socket: streams and temp roots are released, so the path can be collected.
+    wait_until("stalled streams to be cut", || metric(&h, "hearth_nars_in_flight") == 0.0);
+    wait_until("the path to be deletable", || {
+        nix_cmd("nix-store").args(["--delete", &path]).output().unwrap().status.success()
+    });
+    // The clients see their download end short instead of hanging.
+    for (_, mut r) in stalled.into_iter().take(3) {
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        assert!(rest.len() < 48 << 20, "a stalled client got the whole NAR");
+    }
+}
+
+#[test]
+fn streams_beyond_the_configured_bound_get_503_with_retry_after_at_once() {
+    let h = Hearth::start("max_nar_streams = 5\nsend_timeout_seconds = 600\n");
+    let (path, url) = big_path(&h, 32);
+    let held: Vec<_> = (0..5).map(|_| stall(&h.addr, &url, 4096)).collect();
+    assert!(held.iter().all(|(status, _)| *status == 200));
+    let r = request(&h.addr, "GET", &url, &[]);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("2"));
+    // HEAD needs no stream; narinfos need none either.
+    assert_eq!(request(&h.addr, "HEAD", &url, &[]).status, 200);
+    assert_eq!(h.get(&format!("/{}.narinfo", hash_part(&path))).status, 200);
+    drop(held);
+    wait_until("a stream to be free again", || request(&h.addr, "HEAD", "/nix-cache-info", &[]).status == 200);
+    wait_until("downloads to be served again", || metric(&h, "hearth_nars_in_flight") == 0.0);
+    let again = h.get(&url);
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body.len(), again.header("content-length").unwrap().parse::<usize>().unwrap());
+    let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
+}
+
+#[test]
+fn a_log_bomb_is_streamed_with_bounded_memory() {
+    // 256 MiB of log text, bzip2-compressed to a few KiB, as Nix stores logs.
+    let logs = tempfile::tempdir().unwrap();
+    let base = "39bvdmldxycprsns8aq5n5r1lffhp1mx-bomb.drv";
+    let dir = logs.path().join("drvs").join(&base[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let plain = logs.path().join("plain");
+    let line = b"building: the same line again and again, as a runaway build prints it\n";
+    let mut f = std::fs::File::create(&plain).unwrap();
+    let mut written = 0usize;
+    while written < 256 << 20 {
+        f.write_all(&line.repeat(1000)).unwrap();
+        written += line.len() * 1000;
+    }
+    drop(f);
+    let bz2 = std::fs::File::create(dir.join(format!("{}.bz2", &base[2..]))).unwrap();
+    let status = std::process::Command::new("bzip2").args(["-c", "-1"]).arg(&plain).stdout(bz2).status().unwrap();
+    assert!(status.success());
+    std::fs::remove_file(&plain).unwrap();
+
+    let h = Hearth::start(&format!("[store]\nlog_dir = \"{}\"\n", logs.path().display()));
+    let (_, before) = common::memory_kib(h.pid());
+    // Six at once, read to the end.
+    let readers: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = h.addr.clone();
+            std::thread::spawn(move || {
+                let (status, mut r) = stall(&addr, &format!("/log/{base}"), 0);
+                assert_eq!(status, 200);
+                let mut n = 0u64;
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let k = r.read(&mut buf).unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                n
+            })
+        })
+        .collect();
+    for r in readers {
+        // Chunked transfer encoding adds a little framing; the text itself is all there.
+        assert!(r.join().unwrap() >= written as u64);
+    }
+    let (peak, _) = common::memory_kib(h.pid());
+    assert!(peak < before + 96 * 1024, "peak RSS {peak} KiB (from {before} KiB) for six log downloads");
+}
+
+#[test]
+fn stalled_zstd_streams_at_level_19_have_bounded_memory() {
+    let h = Hearth::start(
+        "send_timeout_seconds = 600\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
+    );
+    let (path, _) = big_path(&h, 24);
+    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
+    let url = format!("/{}", narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap());
+    assert!(url.contains(".nar.zst"), "{url}");
+    let (_, before) = common::memory_kib(h.pid());
+    let held: Vec<_> = (0..12).map(|_| stall(&h.addr, &url, 1024)).collect();
+    assert!(held.iter().all(|(status, _)| *status == 200));
+    // The thirteenth compressed stream is refused, not queued.
+    let r = request(&h.addr, "GET", &url, &[]);
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    let (peak, _) = common::memory_kib(h.pid());
+    eprintln!("zstd level 19: {} KiB of RSS per stalled stream", (peak - before) / 12);
+    // Each encoder's window is capped: 12 streams stay far below 12 × 85 MiB.
+    assert!(peak < before + 12 * 40 * 1024, "peak RSS {peak} KiB (from {before} KiB) for 12 zstd-19 streams");
+    drop(held);
+    let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
+}
