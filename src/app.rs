@@ -15,23 +15,37 @@ use crate::http::{self, AppState, CacheSettings, Listener};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Binds `addr`, replacing a stale unix socket file.
+/// Binds `addr`, replacing only a stale unix socket.
 pub async fn bind(addr: &BindAddr) -> anyhow::Result<Listener> {
     match addr {
         BindAddr::Tcp(a) => {
             Ok(Listener::Tcp(tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot bind {a}"))?))
         }
         BindAddr::Unix(p) => {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", p.display())),
-            }
+            remove_stale_socket(p)?;
             Ok(Listener::Unix(
                 tokio::net::UnixListener::bind(p).with_context(|| format!("cannot bind unix:{}", p.display()))?,
             ))
         }
     }
+}
+
+/// Removes a socket left by an earlier run at `path`; refuses to touch anything else (a file, a
+/// directory, or a socket something still listens on).
+fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("{} is in use by another process", path.display());
+    }
+    std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))
 }
 
 /// The listener systemd passed us (socket activation), if any.

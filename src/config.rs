@@ -191,7 +191,18 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
         let before = &text[..span.start.min(text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        format!("line {line}, column {column}: ")
+        // The key is named only when the line is plainly `key = …` with a bare key: a key name
+        // is never secret, and anything else (a secret key's `name:base64`) is not quoted.
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && k.bytes().all(|c| c.is_ascii_alphanumeric() || b"_-.".contains(&c)));
+        match key {
+            Some(key) => format!("line {line}, column {column} (key `{key}`): "),
+            None => format!("line {line}, column {column}: "),
+        }
     });
     format!("not a valid hearth config: {}{}", position.unwrap_or_default(), e.message().trim_end())
 }

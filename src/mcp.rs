@@ -130,9 +130,10 @@ impl HearthMcp {
             return Err(invalid(format!("unknown repo `{}` (see list_repos)", p.repo)));
         }
         let client = self.nats.connect("hearth-mcp").await.map_err(|(_, m)| ErrorData::internal_error(m, None))?;
-        let reply = request_build(&client, &p.repo, &p.target, p.branch.as_deref(), self.build_timeout, |_, _| {})
-            .await
-            .map_err(|(_, m)| ErrorData::internal_error(m, None))?;
+        let reply =
+            request_build(&client, &p.repo, &p.target, p.branch.as_deref(), None, self.build_timeout, |_, _| {})
+                .await
+                .map_err(|(_, m)| ErrorData::internal_error(m, None))?;
         let value = serde_json::to_value(&reply).unwrap_or_default();
         Ok(json_result(&value, reply.status == Status::Completed))
     }

@@ -31,7 +31,10 @@ impl Fleet {
     }
 
     fn start_env(extra: &str, env: &[(&str, &str)]) -> Self {
-        let nats = Nats::start();
+        Self::start_full(Nats::start(), extra, env)
+    }
+
+    fn start_full(nats: Nats, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Builders run as nixbld users: they must reach the gate directory.
         set_mode(dir.path(), 0o755);
@@ -46,6 +49,7 @@ impl Fleet {
                 ("good1", format!("echo good1 {salt} > $out")),
                 ("good2", format!("echo good2 {salt} > $out")),
                 ("bad", format!("echo {salt}; echo this host fails on purpose >&2; exit 1")),
+                ("web-01.home", format!("echo web-01.home {salt} > $out")),
             ]),
         );
         make_repo(
@@ -55,6 +59,13 @@ impl Fleet {
                 ("gate2", format!("while [ ! -e {g}/release ]; do /bin/sleep 0.05; done; echo gate2 {salt} > $out")),
                 ("slow", format!("echo $$ > {g}/slow.pid; exec /bin/sleep 1000")),
                 ("diskhog", format!("/bin/head -c 50000000 /dev/zero > fill && echo {salt} > $out")),
+                // 40 log lines of 2 KiB each, then a failure: its log tail alone is ~80 KiB.
+                (
+                    "loud",
+                    format!(
+                        "echo {salt}; l=x; for k in 1 2 3 4 5 6 7 8 9 10 11; do l=$l$l; done; i=0; while [ $i -lt 40 ]; do echo $i $l >&2; i=$((i+1)); done; exit 1"
+                    ),
+                ),
             ]),
         );
         let config = format!(
@@ -198,7 +209,7 @@ fn all_with_one_failure_reports_each_host() {
     assert_eq!(last["status"], "failed");
     let hosts = last["hosts"].as_array().unwrap();
     let status = |h: &str| hosts.iter().find(|x| x["host"] == h).unwrap_or_else(|| panic!("{h} missing")).clone();
-    assert_eq!(hosts.len(), 3);
+    assert_eq!(hosts.len(), 4);
     assert_eq!(status("good1")["status"], "success");
     assert_eq!(status("good2")["status"], "success");
     assert_eq!(status("bad")["status"], "failure");
@@ -364,7 +375,7 @@ async fn a_build_survives_a_nats_restart_and_its_final_reply_arrives() {
     client.flush().await.unwrap();
     // The build finishes while the builder is cut off.
     f.release();
-    f.hearth.wait_for_log("build finished", 1);
+    f.hearth.wait_for_log("build succeeded", 1);
     f.nats.reload(true);
     let done = until_status(&mut sub, "completed").await;
     assert!(done["out_path"].as_str().unwrap().ends_with("-gate"));
@@ -435,4 +446,89 @@ fn a_full_disk_fails_the_build_clearly_and_the_cache_keeps_serving() {
     assert_eq!(f.hearth.get("/cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf.narinfo").status, 200);
     let (code, _) = f.cli(&["fleet", "good1"]);
     assert_eq!(code, 0, "the builder did not recover");
+}
+
+#[test]
+fn a_final_reply_larger_than_the_nats_max_payload_still_arrives() {
+    let f = Fleet::start_full(Nats::start_with("max_payload: 32768"), "", &[]);
+    let (code, replies) = f.cli(&["lab", "loud"]);
+    assert_eq!(code, 1, "no final reply: {replies:?}");
+    let last = replies.last().unwrap();
+    assert_eq!(last["status"], "failed");
+    assert!(last["message"].as_str().unwrap().contains("cut to fit"), "{last}");
+    assert!(serde_json::to_vec(last).unwrap().len() <= 32768);
+    assert!(last["hosts"][0]["error"].as_str().unwrap().contains("39 xxxx"), "the end of the log is kept");
+}
+
+#[test]
+fn the_branch_is_resolved_by_its_full_ref_name_only() {
+    let f = Fleet::start("");
+    let repo = f.dir.path().join("fleet");
+    let master = run_ok(Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "master"])).trim().to_owned();
+    // A branch whose name ends like master's ref, pointing at a commit that breaks good1.
+    let flake = std::fs::read_to_string(repo.join("flake.nix")).unwrap().replace("echo good1", "exit 1; echo good1");
+    common::flake::git(&repo, &["checkout", "-q", "-b", "a/refs/heads/master"]);
+    std::fs::write(repo.join("flake.nix"), flake).unwrap();
+    common::flake::git(&repo, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "spoof"]);
+    common::flake::git(&repo, &["checkout", "-q", "master"]);
+    let (code, replies) = f.cli(&["fleet", "good1"]);
+    assert_eq!(code, 0, "{replies:?}");
+    assert_eq!(replies.last().unwrap()["commit"], master.as_str());
+    let (code, replies) = f.cli(&["fleet", "good1", "--branch", "nosuch"]);
+    assert_eq!(code, 1);
+    assert!(replies.last().unwrap()["message"].as_str().unwrap().contains("branch `nosuch` not found"));
+}
+
+#[test]
+fn a_dotted_host_builds_and_an_unknown_host_is_rejected_without_a_metric_series() {
+    let f = Fleet::start("");
+    let (code, replies) = f.cli(&["fleet", "web-01.home"]);
+    assert_eq!(code, 0, "{replies:?}");
+    assert!(replies.last().unwrap()["out_path"].as_str().unwrap().ends_with("-web-01.home"));
+
+    let (code, replies) = f.cli(&["fleet", "god1"]);
+    assert_eq!(code, 2, "{replies:?}");
+    let last = replies.last().unwrap();
+    assert_eq!(last["status"], "rejected");
+    let message = last["message"].as_str().unwrap();
+    assert!(message.contains("unknown host `god1`") && message.contains("good1"), "{message}");
+    let m = f.metrics();
+    assert!(!m.contains("god1"), "a series was made for an unknown host:\n{m}");
+    assert_eq!(metric(&m, "homelab_deploy_builds_total{repo=\"fleet\",status=\"failure\"}"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_rev_joins_only_a_build_of_that_commit() {
+    let f = Fleet::start("");
+    let client = f.nats.deployer().await;
+    let lab = f.dir.path().join("lab");
+    let head =
+        |repo: &Path| run_ok(Command::new("git").arg("-C").arg(repo).args(["rev-parse", "HEAD"])).trim().to_owned();
+    let old = head(&lab);
+    let req = |rev: Option<&str>, id: &str| match rev {
+        Some(r) => format!(r#"{{"repo":"lab","target":"gate","rev":"{r}","reply_to":"build.responses.{id}"}}"#),
+        None => format!(r#"{{"repo":"lab","target":"gate","reply_to":"build.responses.{id}"}}"#),
+    };
+    let mut a = f.request(&client, "build.lab.gate", &req(None, "a"), "build.responses.a").await;
+    let building = loop {
+        let r = next_reply(&mut a).await;
+        if r["message"] == "building gate" {
+            break r;
+        }
+    };
+    assert_eq!(building["commit"], old.as_str());
+    // A new commit lands while the first build runs.
+    std::fs::write(lab.join("NEWS"), "new\n").unwrap();
+    common::flake::git(&lab, &["add", "NEWS"]);
+    common::flake::git(&lab, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "news"]);
+    let new = head(&lab);
+    let mut b = f.request(&client, "build.lab.gate", &req(Some(&new), "b"), "build.responses.b").await;
+    let queued = next_reply(&mut b).await;
+    assert_eq!(queued["queue_position"], 1, "a request for another commit joined: {queued}");
+    let mut c = f.request(&client, "build.lab.gate", &req(Some(&old), "c"), "build.responses.c").await;
+    assert!(next_reply(&mut c).await["message"].as_str().unwrap().contains("joined"));
+    f.release();
+    assert_eq!(until_status(&mut a, "completed").await["commit"], old.as_str());
+    assert_eq!(until_status(&mut c, "completed").await["commit"], old.as_str());
+    assert_eq!(until_status(&mut b, "completed").await["commit"], new.as_str());
 }

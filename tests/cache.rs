@@ -50,6 +50,8 @@ fn narinfo_nar_and_listing_equal_the_golden_vectors() {
 
         let head = request(&h.addr, "HEAD", &format!("/{hash}.narinfo"), &[]);
         assert_eq!(head.status, 200);
+        // RFC 9110: HEAD carries the Content-Length a GET would.
+        assert_eq!(head.header("content-length"), Some(r.body.len().to_string().as_str()));
 
         let nar = h.get(&format!("/nar/{nar_hash}.nar?hash={hash}"));
         assert_eq!(nar.status, 200);
@@ -137,6 +139,17 @@ fn a_broken_transfer_resumes_with_range() {
     let past = request(&h.addr, "GET", &format!("/nar/{TREE_NAR}.nar?hash={TREE}"), &[("Range", "bytes=2744-")]);
     assert_eq!(past.status, 416);
     assert_eq!(past.header("content-range"), Some("bytes */2744"));
+
+    // If-Range: the NAR's own ETag resumes; any other validator gets the whole NAR.
+    let url = format!("/nar/{TREE_NAR}.nar?hash={TREE}");
+    let etag = h.get(&url).header("etag").unwrap().to_owned();
+    let resumed = request(&h.addr, "GET", &url, &[("Range", "bytes=1234-"), ("If-Range", &etag)]);
+    assert_eq!(resumed.status, 206);
+    for other in ["\"something-else\"", "Wed, 21 Oct 2015 07:28:00 GMT"] {
+        let whole = request(&h.addr, "GET", &url, &[("Range", "bytes=1234-"), ("If-Range", other)]);
+        assert_eq!(whole.status, 200, "{other}");
+        assert!(whole.body == full);
+    }
 }
 
 #[test]
@@ -340,6 +353,32 @@ fn serves_on_a_unix_socket_and_exits_0_on_sigterm() {
     assert_eq!(r.status, 200);
     assert!(r.text().contains("StoreDir: /nix/store"));
     assert!(h.terminate().success());
+}
+
+#[test]
+fn a_unix_bind_replaces_only_a_stale_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "not a socket").unwrap();
+    let config = dir.path().join("h.toml");
+    std::fs::write(&config, format!("bind = \"unix:{}\"\n", target.display())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "not a socket", "hearth deleted a file");
+
+    // A socket nobody listens on any more (an earlier run's) is replaced.
+    let sock = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    std::fs::write(&config, format!("bind = \"unix:{}\"\n", sock.display())).unwrap();
+    let keep = tempfile::tempdir().unwrap();
+    let h = Hearth::start_with_config(&config, keep);
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    drop(h);
 }
 
 #[test]

@@ -60,6 +60,21 @@ fn bad_configs_fail_naming_file_key_and_reason() {
         assert_eq!(code, Some(2), "{toml}: {err}");
         assert!(err.contains(needle), "{toml}: `{err}` does not name {needle}");
     }
+    // Numbers that would break the server at run time are refused up front.
+    for (toml, needle) in [
+        ("max_connections = 2305843009213693952\n", "max_connections"),
+        ("header_timeout_seconds = 9223372036854775807\n", "header_timeout_seconds"),
+        ("send_timeout_seconds = 0\n", "send_timeout_seconds"),
+        ("max_nar_streams = 0\n", "max_nar_streams"),
+        ("nar_threads = 100000\n", "nar_threads"),
+        ("[compression]\nmax_streams = 0\n", "compression.max_streams"),
+        ("shutdown_grace_seconds = 99999999\n", "shutdown_grace_seconds"),
+        ("[builder]\nqueue_size = 99999999\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n", "builder.queue_size"),
+    ] {
+        let (code, err) = check(toml);
+        assert_eq!(code, Some(2), "{toml}: {err}");
+        assert!(err.contains(needle) && err.contains("out of range"), "{toml}: {err}");
+    }
     let (code, err) = check("priority = 30\nunknown_key = 1\n");
     assert_eq!(code, Some(2));
     assert!(err.contains("bad.toml"), "the error does not name the file: {err}");
@@ -81,6 +96,36 @@ fn key_file_errors_name_the_file_and_never_the_key() {
     assert_eq!(code, Some(2));
     assert!(err.contains("bad.sec") && err.contains("not a Nix secret key"), "{err}");
     assert!(!err.contains("AQEBAQEB"), "key material in the error: {err}");
+}
+
+#[test]
+fn a_secret_given_as_the_config_is_never_echoed() {
+    let secret = std::fs::read_to_string(common::nix_wire().join("keys/test.sec")).unwrap();
+    let seed = nkeys::KeyPair::new_user().seed().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [("cache.sec", secret.trim().to_owned()), ("nats.seed", seed.clone())] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &text).unwrap();
+        let out = hearth(&["check-config", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(name), "the file is not named: {err}");
+        let tail = &text[text.len() - 16..];
+        assert!(!err.contains(tail) && !err.contains(&text[..12.min(text.len())]), "secret echoed: {err}");
+    }
+}
+
+#[test]
+fn a_fifo_as_a_key_or_config_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("key.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // Nobody writes to the FIFO: opening it for reading would block forever.
+    let (code, err) = check(&format!("sign_key_paths = [\"{}\"]\n", fifo.display()));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    let out = hearth(&["check-config", "--config", fifo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

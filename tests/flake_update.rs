@@ -125,12 +125,16 @@ impl Setup {
     }
 
     fn command(&self) -> Command {
+        self.command_on("flake-update/test")
+    }
+
+    fn command_on(&self, update_branch: &str) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
         c.args(["flake-update", "--repo", "fleet", "--path"])
             .arg(self.path("work"))
             .args([
                 "--update-branch",
-                "flake-update/test",
+                update_branch,
                 "--push",
                 "--json",
                 "--nats-url",
@@ -233,4 +237,47 @@ fn a_master_that_moved_during_the_build_is_not_overwritten() {
     assert_eq!(sum["status"], "target_moved");
     assert_eq!(s.remote_branch("master").as_deref(), Some(moved.as_str()), "master was overwritten");
     assert!(s.remote_branch("flake-update/test").is_some());
+}
+
+#[test]
+fn an_update_left_building_by_a_timed_out_run_is_never_promoted_for_a_later_one() {
+    let s = Setup::new();
+    let before = s.remote_branch("master").unwrap();
+    // The first run gives up waiting while h2 is held at the gate; its build goes on.
+    set_dep(&s.path("dep"), "slow");
+    let (code, first) = summary(s.command().args(["--timeout", "2s"]).output().unwrap());
+    assert_eq!(code, 3, "{first}");
+    // The input breaks; the second run's request must not join the first run's build.
+    set_dep(&s.path("dep"), "broken");
+    let child = s.command().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    s.hearth.wait_for_log("build request accepted", 2);
+    std::fs::write(s.path("gate").join("release"), "").unwrap();
+    let (code, sum) = summary(child.wait_with_output().unwrap());
+    assert_eq!(code, 1, "{sum}");
+    assert_eq!(sum["status"], "build_failed", "{sum}");
+    assert_eq!(s.remote_branch("master").as_deref(), Some(before.as_str()), "master moved to an unbuilt lock");
+    assert!(s.hearth.log().contains("outcome=Queued"), "the second request joined:\n{}", s.hearth.log());
+}
+
+#[test]
+fn a_branch_hearth_did_not_create_is_never_overwritten() {
+    let s = Setup::new();
+    let other = s.path("other");
+    run_ok(Command::new("git").args(["clone", "-q"]).arg(s.path("remote.git")).arg(&other));
+    std::fs::write(other.join("WORK"), "someone's work\n").unwrap();
+    git(&other, &["add", "WORK"]);
+    git(&other, &["commit", "-q", "-m", "work in progress"]);
+    git(&other, &["push", "-q", "origin", "HEAD:refs/heads/develop"]);
+    let develop = s.remote_branch("develop").unwrap();
+    set_dep(&s.path("dep"), "v3");
+    for branch in ["develop", "flake-update/not-ours"] {
+        if branch != "develop" {
+            git(&other, &["push", "-q", "origin", &format!("HEAD:refs/heads/{branch}")]);
+        }
+        let (code, sum) = summary(s.command_on(branch).output().unwrap());
+        assert_eq!(code, 2, "{sum}");
+        assert!(sum["message"].as_str().unwrap().contains("did not create"), "{sum}");
+    }
+    assert_eq!(s.remote_branch("develop").as_deref(), Some(develop.as_str()), "develop was overwritten");
+    assert_eq!(s.remote_branch("flake-update/not-ours").as_deref(), Some(develop.as_str()));
 }

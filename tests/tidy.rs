@@ -28,3 +28,33 @@ fn every_module_starts_with_a_doc_comment() {
         .collect();
     assert!(missing.is_empty(), "files without a leading //! doc: {missing:?}");
 }
+
+/// Workflow examples never splice `${{ … }}` expressions into a `run:` script (a dispatcher's
+/// input would become shell code); they pass them through `env:`.
+#[test]
+fn workflow_examples_pass_expressions_through_the_environment() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml" && e != "yml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut run_indent: Option<usize> = None;
+        for (n, line) in text.lines().enumerate() {
+            let indent = line.len() - line.trim_start().len();
+            if let Some(i) = run_indent {
+                if line.trim().is_empty() || indent > i {
+                    assert!(!line.contains("${{"), "{}:{}: expression in a run script: {line}", path.display(), n + 1);
+                    continue;
+                }
+                run_indent = None;
+            }
+            let item = line.trim_start().trim_start_matches("- ");
+            if let Some(rest) = item.strip_prefix("run:") {
+                assert!(!rest.contains("${{"), "{}:{}: expression in a run script", path.display(), n + 1);
+                run_indent = Some(indent);
+            }
+        }
+    }
+}

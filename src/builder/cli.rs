@@ -24,6 +24,9 @@ pub struct BuildArgs {
     /// The branch to build (default: the repo's configured branch).
     #[arg(long)]
     pub branch: Option<String>,
+    /// Build exactly this commit (40 hex digits) instead of the branch's current one.
+    #[arg(long)]
+    pub rev: Option<String>,
     #[command(flatten)]
     pub nats: NatsArgs,
     /// How long to wait for the final reply, e.g. `4h`, `30m`, `90s` or seconds.
@@ -113,6 +116,14 @@ pub fn validate(repo: &str, target: &str, branch: Option<&str>) -> Result<(), (u
     Ok(())
 }
 
+/// Checks a commit id as the builder will.
+fn validate_rev(rev: Option<&str>) -> Result<(), (u8, String)> {
+    match rev {
+        Some(r) if !job::is_valid_rev(r) => Err((EXIT_REFUSED, format!("invalid rev `{r}`: give a full commit id"))),
+        _ => Ok(()),
+    }
+}
+
 /// Publishes a build request and follows it to its final reply, calling `on_reply` for every
 /// reply (with its raw JSON). Errors carry the exit code: refused (2) or no result (3).
 pub async fn request_build(
@@ -120,16 +131,19 @@ pub async fn request_build(
     repo: &str,
     target: &str,
     branch: Option<&str>,
+    rev: Option<&str>,
     timeout: Duration,
     mut on_reply: impl FnMut(&Reply, &[u8]),
 ) -> Result<Reply, (u8, String)> {
     validate(repo, target, branch)?;
+    validate_rev(rev)?;
     let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
     let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
     let request = BuildRequest {
         repo: repo.to_owned(),
         target: target.to_owned(),
         branch: branch.map(str::to_owned),
+        rev: rev.map(str::to_owned),
         reply_to: Some(reply_to.clone()),
     };
     let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
@@ -173,9 +187,15 @@ async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
     validate(&args.repo, &args.target, args.branch.as_deref())?;
     let client = args.nats.connect("hearth-build-cli").await?;
     let mut display = Display::new(args.json);
-    let reply = request_build(&client, &args.repo, &args.target, args.branch.as_deref(), args.timeout, |r, raw| {
-        display.show(r, raw)
-    })
+    let reply = request_build(
+        &client,
+        &args.repo,
+        &args.target,
+        args.branch.as_deref(),
+        args.rev.as_deref(),
+        args.timeout,
+        |r, raw| display.show(r, raw),
+    )
     .await?;
     Ok(exit_code(&reply))
 }

@@ -149,6 +149,12 @@ impl BuilderConfig {
         }
         let mut repos = Vec::new();
         for r in s.repos {
+            if r.name == "responses" {
+                return Err(ConfigError::Value {
+                    key: "builder.repos.name",
+                    reason: "`responses` is reserved: replies go to build.responses.>".into(),
+                });
+            }
             if !is_valid_name(&r.name) {
                 return Err(ConfigError::Value {
                     key: "builder.repos.name",

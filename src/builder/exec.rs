@@ -152,6 +152,29 @@ fn git_url(flake_url: &str) -> Option<&str> {
     Some(rest.split('?').next().unwrap_or(rest))
 }
 
+/// The commit of exactly `full_ref` in `git ls-remote` output (which matches ref name
+/// suffixes: `a/refs/heads/master` also matches `refs/heads/master`).
+fn exact_ref(ls_remote: &str, full_ref: &str) -> Result<String, String> {
+    let branch = full_ref.strip_prefix("refs/heads/").unwrap_or(full_ref);
+    let found: Vec<&str> = ls_remote
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(_, name)| *name == full_ref)
+        .map(|(rev, _)| rev)
+        .collect();
+    match found.as_slice() {
+        [] => Err(format!("branch `{branch}` not found")),
+        [rev] if super::job::is_valid_rev(rev) => Ok((*rev).to_owned()),
+        [_] => Err(format!("branch `{branch}`: git ls-remote gave no commit id")),
+        _ => Err(format!("branch `{branch}` is ambiguous")),
+    }
+}
+
+/// The attribute path of a host's system, each name quoted (a host may contain dots).
+pub fn toplevel_attr(host: &str) -> String {
+    format!("nixosConfigurations.\"{host}\".config.system.build.toplevel")
+}
+
 /// A flake reference at `branch` (and `rev`, where known).
 fn flake_ref(url: &str, branch: &str, rev: Option<&str>) -> String {
     if url.starts_with("git+") {
@@ -172,28 +195,30 @@ impl Exec {
         c
     }
 
-    /// Resolves `branch` of a repo to its current commit and the flake reference to build.
-    /// For `git+` URLs the commit is looked up with `git ls-remote`, so a new commit is always
-    /// seen (Nix would cache the branch for an hour); other references are refreshed by Nix.
+    /// Resolves `branch` of a repo to the commit to build (`rev` if given, else the branch's
+    /// current commit) and the flake reference pinned to it. For `git+` URLs the branch is
+    /// looked up with `git ls-remote`, so a new commit is always seen (Nix would cache the
+    /// branch for an hour); other references are refreshed by Nix and cannot pin a `rev`.
     pub async fn resolve(
         &self,
         url: &str,
         branch: &str,
+        rev: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<(String, Option<String>), BuildError> {
-        let Some(git) = git_url(url) else { return Ok((flake_ref(url, branch, None), None)) };
+        let Some(git) = git_url(url) else {
+            if rev.is_some() {
+                return Err(BuildError::Failed { message: "`rev` needs a git+ repo URL".into(), tail: String::new() });
+            }
+            return Ok((flake_ref(url, branch, None), None));
+        };
+        let full_ref = format!("refs/heads/{branch}");
         let mut cmd = Command::new("git");
-        cmd.args(["ls-remote", "--", git, &format!("refs/heads/{branch}")]);
+        cmd.args(["ls-remote", "--", git, &full_ref]);
         let out = run("git ls-remote", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await?;
-        let rev = out
-            .split_whitespace()
-            .next()
-            .filter(|r| r.len() == 40 && r.bytes().all(|c| c.is_ascii_hexdigit()))
-            .ok_or_else(|| BuildError::Failed {
-            message: format!("branch `{branch}` not found"),
-            tail: String::new(),
-        })?;
-        Ok((flake_ref(url, branch, Some(rev)), Some(rev.to_owned())))
+        let head = exact_ref(&out, &full_ref).map_err(|message| BuildError::Failed { message, tail: String::new() })?;
+        let commit = rev.unwrap_or(&head).to_owned();
+        Ok((flake_ref(url, branch, Some(&commit)), Some(commit)))
     }
 
     /// The names of the flake's `nixosConfigurations`, keeping only valid host names.
@@ -233,7 +258,7 @@ impl Exec {
         let mut cmd = self.nix();
         cmd.args(["build", "--json", "--no-write-lock-file", "--print-build-logs", "--out-link"])
             .arg(&link)
-            .arg(format!("{flake}#nixosConfigurations.{host}.config.system.build.toplevel"));
+            .arg(format!("{flake}#{}", toplevel_attr(host)));
         let out = run("nix build", cmd, self.timeout, cancel, on_line).await?;
         let parsed: serde_json::Value =
             serde_json::from_str(&out).map_err(|e| BuildError::Output("nix build".into(), e.to_string()))?;
@@ -257,5 +282,18 @@ mod tests {
         assert_eq!(git_url("github:o/r"), None);
         assert_eq!(flake_ref("git+file:///r", "main", Some("ab")), "git+file:///r?ref=main&rev=ab");
         assert_eq!(flake_ref("git+file:///r?dir=x", "main", None), "git+file:///r?dir=x&ref=main");
+    }
+
+    #[test]
+    fn only_the_exact_ref_counts() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        let out = format!("{a}\trefs/heads/x/refs/heads/master\n{b}\trefs/heads/master\n");
+        assert_eq!(exact_ref(&out, "refs/heads/master"), Ok(b.clone()));
+        let spoof_only = format!("{a}\trefs/heads/x/refs/heads/master\n");
+        assert!(exact_ref(&spoof_only, "refs/heads/master").unwrap_err().contains("not found"));
+        assert!(exact_ref("", "refs/heads/master").is_err());
+        assert!(exact_ref(&format!("{b}\trefs/heads/master\n{a}\trefs/heads/master\n"), "refs/heads/master").is_err());
+        assert_eq!(toplevel_attr("web-01.home"), "nixosConfigurations.\"web-01.home\".config.system.build.toplevel");
     }
 }

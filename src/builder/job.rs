@@ -17,6 +17,10 @@ pub struct BuildRequest {
     pub target: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
+    /// The exact commit to build (40 hex digits); default: the branch's current commit. A
+    /// request with `rev` only joins a build of that very commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
 }
@@ -109,6 +113,71 @@ impl Reply {
     }
 }
 
+/// The last `max` bytes of `text` (at a character boundary), marked as cut when cut.
+fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[…]{}", &text[start..])
+}
+
+/// The reply as JSON no larger than `max` bytes (the NATS server's max payload): log tails in
+/// host errors, then the message, are cut from the front until it fits, and the message says so.
+/// An oversized message is never published, since NATS would drop it.
+pub fn encode_within(reply: &Reply, max: usize) -> Vec<u8> {
+    let encode = |r: &Reply| serde_json::to_vec(r).unwrap_or_default();
+    let whole = encode(reply);
+    if whole.len() <= max {
+        return whole;
+    }
+    let note = format!(" [log tails cut to fit the NATS max payload of {max} bytes]");
+    let mut budget = max / 2;
+    loop {
+        let mut r = reply.clone();
+        for h in r.hosts.iter_mut().flatten() {
+            h.error = h.error.as_deref().map(|e| tail(e, budget / r_hosts_len(reply).max(1)));
+        }
+        let message = r.message.take().unwrap_or_default();
+        let cut =
+            if encode(&r).len() + message.len() + note.len() + 16 > max { tail(&message, budget) } else { message };
+        r.message = Some(format!("{cut}{note}"));
+        let bytes = encode(&r);
+        if bytes.len() <= max || budget == 0 {
+            return bytes;
+        }
+        budget /= 2;
+    }
+}
+
+fn r_hosts_len(r: &Reply) -> usize {
+    r.hosts.as_ref().map_or(0, Vec::len)
+}
+
+/// Up to `n` of `names` closest to `wanted` (edit distance), for "did you mean" hints.
+pub fn closest<'a>(names: &'a [String], wanted: &str, n: usize) -> Vec<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(cur).min(row[j]) };
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    let mut scored: Vec<(usize, &str)> = names.iter().map(|h| (distance(h, wanted), h.as_str())).collect();
+    scored.sort();
+    scored.into_iter().take(n).map(|(_, h)| h).collect()
+}
+
 /// `^[A-Za-z0-9][A-Za-z0-9._-]*$`, at most 253 characters: repo, target and host names.
 pub fn is_valid_name(s: &str) -> bool {
     let mut bytes = s.bytes();
@@ -132,6 +201,11 @@ pub fn is_valid_branch(s: &str) -> bool {
         && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"/._-+".contains(&c))
 }
 
+/// A full git commit id: 40 lowercase hex digits.
+pub fn is_valid_rev(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
 /// A NATS subject we may publish a reply to.
 pub fn is_valid_reply_subject(s: &str) -> bool {
     s.strip_prefix(RESPONSE_PREFIX).is_some_and(|id| {
@@ -153,6 +227,8 @@ pub enum Rejection {
     BadTarget,
     #[error("invalid branch name")]
     BadBranch,
+    #[error("invalid rev: must be a full commit id (40 lowercase hex digits)")]
+    BadRev,
     #[error("reply_to must be a subject under build.responses.")]
     BadReplyTo,
     #[error("the subject `{0}` does not match the request's repo and target")]
@@ -161,6 +237,8 @@ pub enum Rejection {
     QueueFull,
     #[error("the builder is shutting down")]
     ShuttingDown,
+    #[error("too many requests joined this build already; try again when it ends")]
+    TooManyJoiners,
 }
 
 /// Parses and validates a request received on `subject`. `known_repo` says whether a repo is
@@ -184,6 +262,9 @@ pub fn parse_request(
     }
     if req.branch.as_deref().is_some_and(|b| !is_valid_branch(b)) {
         return fail(Rejection::BadBranch);
+    }
+    if req.rev.as_deref().is_some_and(|r| !is_valid_rev(r)) {
+        return fail(Rejection::BadRev);
     }
     let expected = format!("build.{}.{}", req.repo, req.target);
     if subject != expected {
@@ -220,6 +301,12 @@ mod tests {
             ("build.nixos-servers.a", r#"{"repo":"nixos-servers","target":"a","reply_to":"_INBOX.x"}"#, |r| {
                 *r == Rejection::BadReplyTo
             }),
+            ("build.nixos-servers.a", r#"{"repo":"nixos-servers","target":"a","rev":"HEAD"}"#, |r| {
+                *r == Rejection::BadRev
+            }),
+            ("build.nixos-servers.a", r#"{"repo":"nixos-servers","target":"a","rev":"--upload-pack=x"}"#, |r| {
+                *r == Rejection::BadRev
+            }),
             ("build.nixos-servers.b", r#"{"repo":"nixos-servers","target":"a"}"#, |r| {
                 matches!(r, Rejection::SubjectMismatch(_))
             }),
@@ -228,6 +315,41 @@ mod tests {
             let err = parse(subject, json).expect_err(json);
             assert!(check(&err), "{json}: {err:?}");
         }
+    }
+
+    #[test]
+    fn oversized_replies_are_cut_to_fit() {
+        let mut r = Reply::new(Status::Failed, "fleet", "all").message("14 of 14 host(s) failed");
+        r.hosts = Some(
+            (0..14)
+                .map(|i| HostSummary {
+                    host: format!("h{i}"),
+                    status: HostStatus::Failure,
+                    out_path: None,
+                    error: Some(format!("nix build failed\n{}\nthe last line {i}", "log line\n".repeat(10_000))),
+                    duration_seconds: 1.0,
+                })
+                .collect(),
+        );
+        let max = 64 * 1024;
+        let bytes = encode_within(&r, max);
+        assert!(bytes.len() <= max, "{} bytes", bytes.len());
+        let back: Reply = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back.status, Status::Failed);
+        assert!(back.message.unwrap().contains("cut to fit"));
+        let hosts = back.hosts.unwrap();
+        assert_eq!(hosts.len(), 14);
+        // The end of each log, where the error is, survives.
+        assert!(hosts[13].error.as_deref().unwrap().ends_with("the last line 13"));
+        // A reply that fits is left alone.
+        let small = Reply::new(Status::Completed, "fleet", "a");
+        assert_eq!(encode_within(&small, max), serde_json::to_vec(&small).unwrap());
+    }
+
+    #[test]
+    fn closest_names() {
+        let hosts: Vec<String> = ["web1", "web2", "db1", "ns1"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(closest(&hosts, "wbe1", 2), vec!["web1", "web2"]);
     }
 
     #[test]

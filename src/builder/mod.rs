@@ -1,4 +1,4 @@
-//! The NATS build worker: takes requests on `build.<repo>.*` (queue group), queues them, builds
+//! The NATS build worker: takes requests on `build.<repo>.>` (queue group), queues them, builds
 //! one request at a time, and streams replies to each request's `reply_to`.
 //!
 //! Architecture invariant: knows NATS and the `nix`/`git` commands, never HTTP. What it builds
@@ -67,7 +67,8 @@ impl Worker {
     pub async fn run(self, cancel: CancellationToken) {
         let mut subs = Vec::new();
         for repo in &self.config.repos {
-            let subject = format!("build.{}.*", repo.name);
+            // `>`: a host name may hold dots, which NATS reads as more subject tokens.
+            let subject = format!("build.{}.>", repo.name);
             match self.client.queue_subscribe(subject.clone(), self.config.queue_group.clone()).await {
                 Ok(s) => subs.push(s),
                 Err(e) => tracing::error!(%subject, err = %e, "cannot subscribe"),
@@ -113,7 +114,12 @@ impl Worker {
                 let reply_to = reply_to.or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
                 let label = if self.config.repo(repo).is_some() { repo } else { "unknown" };
                 self.metrics.build_rejected.get_or_create(&Repo { repo: label.to_owned() }).inc();
-                tracing::info!(subject = %msg.subject, reason = %why, "build request rejected");
+                // Request fields are untrusted: escaped, so they cannot forge log lines.
+                tracing::warn!(
+                    subject = %msg.subject.escape_debug(),
+                    reason = %why.to_string().escape_debug(),
+                    "build request rejected"
+                );
                 if let Some(to) = reply_to {
                     self.publish(&[to], &Reply::new(Status::Rejected, repo, target).message(why.to_string())).await;
                 }
@@ -127,10 +133,18 @@ impl Worker {
             repo: repo.clone(),
             target: req.target.clone(),
             branch,
+            rev: req.rev.clone(),
             reply_to: reply_to.iter().cloned().collect(),
         };
         let outcome = self.queue.push(job);
         self.metrics.build_queue.set(self.queue.waiting() as i64);
+        tracing::info!(
+            repo = %req.repo,
+            target = %req.target,
+            rev = req.rev.as_deref().unwrap_or("(head)"),
+            outcome = ?outcome,
+            "build request accepted"
+        );
         let Some(to) = reply_to else { return };
         let reply = |status| Reply::new(status, &req.repo, &req.target);
         match outcome {
@@ -143,9 +157,12 @@ impl Worker {
                 r.queue_position = Some(position);
                 self.publish(&[to], &r).await;
             }
-            Enqueued::Full => {
+            Enqueued::Full | Enqueued::TooManyJoiners => {
+                let why =
+                    if outcome == Enqueued::Full { job::Rejection::QueueFull } else { job::Rejection::TooManyJoiners };
                 self.metrics.build_rejected.get_or_create(&Repo { repo: req.repo.clone() }).inc();
-                self.publish(&[to], &reply(Status::Rejected).message(job::Rejection::QueueFull.to_string())).await;
+                tracing::warn!(repo = %req.repo, target = %req.target, reason = %why, "build request rejected");
+                self.publish(&[to], &reply(Status::Rejected).message(why.to_string())).await;
             }
         }
     }
@@ -183,37 +200,47 @@ impl Worker {
             r
         };
         let started = Instant::now();
-        tracing::info!(%repo, target = %job.target, branch = %job.branch, "build started");
+        tracing::info!(%repo, target = %job.target, branch = %job.branch, rev = job.rev.as_deref().unwrap_or("(head)"), "build started");
         self.publish(
             &self.subscribers(),
             &base(Status::Started).message(format!("building {} of {repo} at {}", job.target, job.branch)),
         )
         .await;
 
-        let resolved = match self.exec.resolve(&job.repo.url, &job.branch, cancel).await {
+        let resolved = match self.exec.resolve(&job.repo.url, &job.branch, job.rev.as_deref(), cancel).await {
             Ok(r) => r,
             Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
         };
         let (flake, commit) = resolved;
-        let hosts = if job.target == "all" {
-            match self.exec.list_hosts(&flake, cancel).await {
-                Ok(h) if h.is_empty() => {
-                    return self
-                        .finish_failed(
-                            job,
-                            base(Status::Failed).message("the flake has no nixosConfigurations"),
-                            started,
-                            cancel,
-                        )
-                        .await;
-                }
-                Ok(h) => h,
-                Err(e) => {
-                    return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await;
-                }
+        self.queue.set_running_commit(commit.clone());
+        let base = |status| {
+            let mut r = base(status);
+            r.commit = commit.clone();
+            r
+        };
+        // The flake's own host names: the only names that are built or become metric labels.
+        let known = match self.exec.list_hosts(&flake, cancel).await {
+            Ok(h) if h.is_empty() => {
+                let r = base(Status::Failed).message("the flake has no nixosConfigurations");
+                return self.finish_failed(job, r, started, cancel).await;
             }
-        } else {
+            Ok(h) => h,
+            Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
+        };
+        let hosts = if job.target == "all" {
+            known
+        } else if known.contains(&job.target) {
             vec![job.target.clone()]
+        } else {
+            let hint = if known.len() <= 10 {
+                format!("the flake defines: {}", known.join(", "))
+            } else {
+                format!("closest: {} (of {} hosts)", job::closest(&known, &job.target, 5).join(", "), known.len())
+            };
+            let message = format!("unknown host `{}` in {repo}; {hint}", job.target);
+            self.metrics.build_rejected.get_or_create(&Repo { repo: repo.clone() }).inc();
+            tracing::warn!(%repo, target = %job.target, commit = commit.as_deref().unwrap_or("-"), "build rejected: unknown host");
+            return self.publish_final(&self.subscribers(), &base(Status::Rejected).message(message), cancel).await;
         };
 
         let mut summaries = Vec::new();
@@ -231,7 +258,6 @@ impl Worker {
             }
             let mut r = base(Status::Progress).message(format!("building {host}"));
             r.host = Some(host.clone());
-            r.commit = commit.clone();
             self.publish(&self.subscribers(), &r).await;
             let host_start = Instant::now();
             let result = self.build_with_progress(&flake, job, host, cancel).await;
@@ -261,10 +287,10 @@ impl Worker {
         }
 
         let ok = summaries.iter().all(|s| s.status == HostStatus::Success);
-        let failed: Vec<&str> =
-            summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.as_str()).collect();
+        let built = summaries.len();
+        let failed: Vec<String> =
+            summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.clone()).collect();
         let mut r = base(if ok { Status::Completed } else { Status::Failed });
-        r.commit = commit;
         r.message = Some(if ok {
             format!("{} host(s) built", summaries.len())
         } else if shutdown {
@@ -279,14 +305,27 @@ impl Worker {
         r.hosts = Some(summaries);
         r.duration_seconds = Some(started.elapsed().as_secs_f64());
         self.record(repo, ok);
-        tracing::info!(%repo, target = %job.target, ok, "build finished");
+        let duration = format!("{:.1}s", started.elapsed().as_secs_f64());
+        let commit = r.commit.as_deref().unwrap_or("-");
+        if ok {
+            tracing::info!(%repo, target = %job.target, branch = %job.branch, %commit, hosts = built, %duration, "build succeeded");
+        } else {
+            tracing::warn!(%repo, target = %job.target, branch = %job.branch, %commit, failed = %failed.join(","), %duration, reason = r.message.as_deref().unwrap_or(""), "build failed");
+        }
         self.publish_final(&self.subscribers(), &r, cancel).await;
     }
 
     async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {
         reply.duration_seconds = Some(started.elapsed().as_secs_f64());
         self.record(&job.repo.name, false);
-        tracing::info!(repo = %job.repo.name, target = %job.target, reason = ?reply.message, "build failed");
+        tracing::warn!(
+            repo = %job.repo.name,
+            target = %job.target,
+            branch = %job.branch,
+            duration = %format!("{:.1}s", started.elapsed().as_secs_f64()),
+            reason = %reply.message.as_deref().unwrap_or("").lines().next().unwrap_or(""),
+            "build failed"
+        );
         self.publish_final(&self.subscribers(), &reply, cancel).await;
     }
 
@@ -363,9 +402,12 @@ impl Worker {
     }
 
     async fn publish(&self, to: &[String], reply: &Reply) {
-        let Ok(payload) = serde_json::to_vec(reply) else { return };
+        // Replies over the server's max payload would be refused: cut log tails to fit.
+        let max = self.client.server_info().max_payload;
+        let max = if max == 0 { 1 << 20 } else { max };
+        let payload = bytes::Bytes::from(job::encode_within(reply, max.saturating_sub(512)));
         for subject in to {
-            if let Err(e) = self.client.publish(subject.clone(), payload.clone().into()).await {
+            if let Err(e) = self.client.publish(subject.clone(), payload.clone()).await {
                 tracing::warn!(%subject, err = %e, "cannot publish reply");
             }
         }

@@ -1,5 +1,10 @@
 //! The bounded build queue: one running job, waiting jobs in order, and joining of identical
-//! requests (same repo, target and branch) so nothing is built twice.
+//! requests so nothing is built twice.
+//!
+//! Identical means the same repo, target, branch and requested `rev`. A request that names a
+//! `rev` also joins a running build that resolved to exactly that commit; a request that names
+//! none joins a running build of its branch. Each build takes at most [`MAX_SUBSCRIBERS`]
+//! requests, so its fan-out of replies stays bounded.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -14,12 +19,31 @@ pub(super) struct Job {
     pub repo: RepoConfig,
     pub target: String,
     pub branch: String,
+    /// The commit asked for, if any.
+    pub rev: Option<String>,
     pub reply_to: Vec<String>,
 }
 
+/// Requests one build answers at most (its own and those that joined it).
+pub(super) const MAX_SUBSCRIBERS: usize = 64;
+
 impl Job {
     fn same_build(&self, other: &Job) -> bool {
-        self.repo.name == other.repo.name && self.target == other.target && self.branch == other.branch
+        self.repo.name == other.repo.name
+            && self.target == other.target
+            && self.branch == other.branch
+            && self.rev == other.rev
+    }
+
+    /// Whether `other` may join this job while it runs, having resolved to `commit`.
+    fn joinable_running(&self, other: &Job, commit: Option<&str>) -> bool {
+        let same_place =
+            self.repo.name == other.repo.name && self.target == other.target && self.branch == other.branch;
+        same_place
+            && match other.rev.as_deref() {
+                None => self.rev.is_none(),
+                Some(rev) => self.rev.as_deref() == Some(rev) || commit == Some(rev),
+            }
     }
 }
 
@@ -34,12 +58,25 @@ pub(super) enum Enqueued {
     Queued { position: usize },
     /// The queue is full.
     Full,
+    /// The identical build has as many requests as it takes.
+    TooManyJoiners,
 }
 
 #[derive(Default)]
 struct State {
     waiting: VecDeque<Job>,
     running: Option<Job>,
+    /// The commit the running job resolved to, once known.
+    running_commit: Option<String>,
+}
+
+/// Adds `job`'s reply subjects to `target` unless that makes too many.
+fn join(target: &mut Job, job: Job) -> Enqueued {
+    if target.reply_to.len() + job.reply_to.len() > MAX_SUBSCRIBERS {
+        return Enqueued::TooManyJoiners;
+    }
+    target.reply_to.extend(job.reply_to);
+    Enqueued::Joined
 }
 
 pub(super) struct Queue {
@@ -61,13 +98,12 @@ impl Queue {
 
     pub(super) fn push(&self, job: Job) -> Enqueued {
         let mut s = self.lock();
-        if let Some(running) = s.running.as_mut().filter(|r| r.same_build(&job)) {
-            running.reply_to.extend(job.reply_to);
-            return Enqueued::Joined;
+        let State { running, running_commit, waiting } = &mut *s;
+        if let Some(running) = running.as_mut().filter(|r| r.joinable_running(&job, running_commit.as_deref())) {
+            return join(running, job);
         }
-        if let Some(waiting) = s.waiting.iter_mut().find(|w| w.same_build(&job)) {
-            waiting.reply_to.extend(job.reply_to);
-            return Enqueued::Joined;
+        if let Some(waiting) = waiting.iter_mut().find(|w| w.same_build(&job)) {
+            return join(waiting, job);
         }
         if s.waiting.len() >= self.capacity {
             return Enqueued::Full;
@@ -88,6 +124,7 @@ impl Queue {
                 let mut s = self.lock();
                 if let Some(job) = s.waiting.pop_front() {
                     s.running = Some(job.clone());
+                    s.running_commit = None;
                     return job;
                 }
             }
@@ -95,9 +132,16 @@ impl Queue {
         }
     }
 
+    /// The running job resolved its branch to `commit`.
+    pub(super) fn set_running_commit(&self, commit: Option<String>) {
+        self.lock().running_commit = commit;
+    }
+
     /// The running job is done.
     pub(super) fn finish(&self) {
-        self.lock().running = None;
+        let mut s = self.lock();
+        s.running = None;
+        s.running_commit = None;
     }
 
     pub(super) fn running_subscribers(&self) -> Vec<String> {
@@ -123,8 +167,39 @@ mod tests {
             repo: RepoConfig { name: "r".into(), url: "git+file:///r".into(), branch: "master".into() },
             target: target.into(),
             branch: "master".into(),
+            rev: None,
             reply_to: vec![reply.into()],
         }
+    }
+
+    fn at(rev: &str, reply: &str) -> Job {
+        Job { rev: Some(rev.repeat(40)), ..job("a", reply) }
+    }
+
+    #[tokio::test]
+    async fn a_rev_joins_only_a_build_of_that_commit() {
+        let q = Queue::new(4);
+        assert_eq!(q.push(job("a", "1")), Enqueued::Starting);
+        let _running = q.next().await;
+        // Unresolved yet: a request for a commit cannot know it is the same build.
+        assert_eq!(q.push(at("b", "2")), Enqueued::Queued { position: 1 });
+        q.set_running_commit(Some("c".repeat(40)));
+        // Resolved to c: a request for b waits (joins the waiting b), one for c joins.
+        assert_eq!(q.push(at("b", "3")), Enqueued::Joined);
+        assert_eq!(q.push(at("c", "4")), Enqueued::Joined);
+        assert_eq!(q.running_subscribers(), vec!["1".to_owned(), "4".to_owned()]);
+        assert_eq!(q.drain()[0].reply_to, vec!["2".to_owned(), "3".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn joiners_are_bounded() {
+        let q = Queue::new(4);
+        assert_eq!(q.push(job("a", "0")), Enqueued::Starting);
+        for i in 1..MAX_SUBSCRIBERS {
+            assert_eq!(q.push(job("a", &i.to_string())), Enqueued::Joined);
+        }
+        assert_eq!(q.push(job("a", "x")), Enqueued::TooManyJoiners);
+        assert_eq!(q.push(job("b", "y")), Enqueued::Queued { position: 2 });
     }
 
     #[tokio::test]

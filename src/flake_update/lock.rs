@@ -53,8 +53,11 @@ pub fn diff(old: &Value, new: &Value) -> Vec<InputChange> {
 }
 
 /// The commit message for a lock update.
+/// The subject line of every lock update commit.
+pub const COMMIT_SUBJECT: &str = "flake.lock: update";
+
 pub fn commit_message(changes: &[InputChange]) -> String {
-    let mut msg = String::from("flake.lock: update\n\n");
+    let mut msg = format!("{COMMIT_SUBJECT}\n\n");
     for c in changes {
         let old = c.old.as_deref().unwrap_or("(new)");
         let new = c.new.as_deref().unwrap_or("(removed)");

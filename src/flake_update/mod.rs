@@ -39,6 +39,10 @@ pub struct FlakeUpdateArgs {
     /// The branch the update is built on (default `flake-update/<UTC date>`).
     #[arg(long)]
     pub update_branch: Option<String>,
+    /// Replace an existing remote update branch that hearth did not create (by default only an
+    /// earlier `flake-update/…` branch of hearth's own is ever replaced).
+    #[arg(long)]
+    pub force_update_branch: bool,
     /// Update only these inputs (repeatable); default: all.
     #[arg(long = "input")]
     pub inputs: Vec<String>,
@@ -125,6 +129,33 @@ pub async fn run(args: FlakeUpdateArgs) -> ExitCode {
 
 type Outcome = Result<(u8, Summary), (u8, String)>;
 
+/// A final reply proves the update built only if it names the pushed commit and lists hosts,
+/// every one of them a success.
+fn built_exactly(reply: &crate::builder::job::Reply, commit: &str) -> bool {
+    let hosts = reply.hosts.as_deref().unwrap_or_default();
+    reply.status == Status::Completed
+        && reply.commit.as_deref() == Some(commit)
+        && !hosts.is_empty()
+        && hosts.iter().all(|h| h.status == HostStatus::Success && h.out_path.is_some())
+}
+
+/// Refuses to replace a remote branch that is not an earlier update of hearth's: a name under
+/// `flake-update/` whose tip is a lock update commit.
+async fn check_update_branch_is_ours(repo: &Git, remote: &str, branch: &str) -> Result<(), (u8, String)> {
+    let Ok(tip) = repo.fetch_branch(remote, branch).await else { return Ok(()) };
+    let subject = repo.run(&["log", "-1", "--format=%s", &tip]).await.unwrap_or_default();
+    if branch.starts_with("flake-update/") && subject == lock::COMMIT_SUBJECT {
+        return Ok(());
+    }
+    Err((
+        EXIT_REFUSED,
+        format!(
+            "{remote} already has a branch `{branch}` that hearth did not create; \
+             choose another --update-branch, or pass --force-update-branch to replace it"
+        ),
+    ))
+}
+
 async fn update(args: &FlakeUpdateArgs) -> Outcome {
     let update_branch = args.update_branch.clone().unwrap_or_else(|| format!("flake-update/{}", today()));
     if !is_valid_name(&args.repo) {
@@ -207,7 +238,10 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
             format!("committed {commit} on {update_branch} (not pushed: pass --push to build and promote)");
         return Ok((0, summary));
     }
-    // The update branch is ours: replacing an older run's branch of the same name is fine.
+    // Replace the update branch only if it is an earlier run's (or the operator says so).
+    if !args.force_update_branch {
+        check_update_branch_is_ours(repo, &args.remote, update_branch).await?;
+    }
     repo.run(&["push", "--quiet", "--force", &args.remote, &format!("{commit}:refs/heads/{update_branch}")])
         .await
         .map_err(fail)?;
@@ -216,13 +250,25 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
     let client = args.nats.connect("hearth-flake-update").await?;
     let mut display = Display::new(false);
     let json = args.json;
-    let reply = request_build(&client, &args.repo, "all", Some(update_branch), args.timeout, |r, raw| {
-        if !json {
-            display.show(r, raw);
-        }
-    })
-    .await?;
+    // The request names the exact commit: it never joins a build of another commit.
+    let reply =
+        request_build(&client, &args.repo, "all", Some(update_branch), Some(&commit), args.timeout, |r, raw| {
+            if !json {
+                display.show(r, raw);
+            }
+        })
+        .await?;
     summary.hosts = reply.hosts.clone().unwrap_or_default();
+    if reply.status == Status::Completed && !built_exactly(&reply, &commit) {
+        summary.status = "build_failed";
+        summary.message = format!(
+            "{} left alone; {update_branch} kept: the builder reported commit {} and {} host(s), not every host of {commit}",
+            args.target_branch,
+            reply.commit.as_deref().unwrap_or("(none)"),
+            summary.hosts.len()
+        );
+        return Ok((EXIT_FAILED, summary));
+    }
     if reply.status != Status::Completed {
         summary.status = "build_failed";
         let failed: Vec<&str> =

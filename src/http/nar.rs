@@ -55,7 +55,15 @@ pub(super) async fn get(
         Some(level) => (StatusCode::OK, Encoding::Zstd { level }, None),
         None => {
             resp_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-            match decide(headers.get(header::RANGE).map(|v| v.as_bytes()), size) {
+            // A NAR never changes: its hash is its strong validator. `If-Range` with any other
+            // validator (or a date: there is no Last-Modified) asks for the whole NAR.
+            let etag = format!("\"{}\"", info.nar_hash.strip_prefix("sha256:").unwrap_or(&info.nar_hash));
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                resp_headers.insert(header::ETAG, v);
+            }
+            let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| v.as_bytes() == etag.as_bytes());
+            let range = headers.get(header::RANGE).filter(|_| if_range_ok).map(|v| v.as_bytes());
+            match decide(range, size) {
                 RangeDecision::Full => (StatusCode::OK, Encoding::Plain { start: 0, end: size }, Some(size)),
                 RangeDecision::Partial { start, end } => {
                     if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{Method, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
@@ -15,19 +15,13 @@ use crate::nix::store_path::StorePathHash;
 use crate::store::PathInfo;
 
 /// `/{file}` at the root: `.narinfo` or `.ls`; anything else is not a route of ours.
-pub(super) async fn get_root_file(
-    State(state): State<AppState>,
-    method: Method,
-    Path(file): Path<String>,
-) -> HttpResult<Response> {
+pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Path<String>) -> HttpResult<Response> {
     if file.ends_with(".narinfo") {
         let hash = http_path::parse_narinfo(&file).ok_or(HttpError::BadRequest("malformed narinfo hash"))?;
         let info = state.store.path_info(hash).await?.ok_or(HttpError::NotFound)?;
         let headers = [(header::CONTENT_TYPE, "text/x-nix-narinfo"), (header::CACHE_CONTROL, "public, max-age=86400")];
-        if method == Method::HEAD {
-            // Existence checks: no signing, no body.
-            return Ok((headers, Body::empty()).into_response());
-        }
+        // HEAD gets the same headers as GET, Content-Length included (RFC 9110); the server
+        // sends no body for it.
         Ok((headers, state.narinfos.get_or_render(&info, || render(&state, &info).to_string())).into_response())
     } else if file.ends_with(".ls") {
         let hash = http_path::parse_listing(&file).ok_or(HttpError::BadRequest("malformed listing hash"))?;

@@ -13,7 +13,7 @@ pub fn system() -> String {
 
 pub fn flake(hosts: &[(&str, String)]) -> String {
     let hosts: String =
-        hosts.iter().map(|(name, script)| format!("        {name} = mk \"{name}\" \"{script}\";\n")).collect();
+        hosts.iter().map(|(name, script)| format!("        \"{name}\" = mk \"{name}\" \"{script}\";\n")).collect();
     format!(
         r#"{{
   outputs = {{ self }}:

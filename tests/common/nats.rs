@@ -14,6 +14,8 @@ pub struct Nats {
     pub deployer_seed: PathBuf,
     builder_pub: String,
     deployer_pub: String,
+    /// Extra server settings (e.g. `max_payload: 32768`).
+    extra: String,
 }
 
 fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
@@ -24,6 +26,11 @@ fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
 
 impl Nats {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a server with `extra` lines in its config.
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let builder = nkeys::KeyPair::new_user();
         let deployer = nkeys::KeyPair::new_user();
@@ -39,6 +46,7 @@ impl Nats {
             deployer_seed,
             builder_pub: builder.public_key(),
             deployer_pub: deployer.public_key(),
+            extra: extra.to_owned(),
         };
         n.write_config(true);
         n.spawn();
@@ -57,8 +65,9 @@ impl Nats {
         }
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
         let conf = format!(
-            "host: 127.0.0.1\nport: {port}\npid_file: \"{}\"\naccounts: {{\n  DEPLOY: {{\n    users: [\n      {}\n    ]\n  }}\n}}\n",
+            "host: 127.0.0.1\nport: {port}\npid_file: \"{}\"\n{}\naccounts: {{\n  DEPLOY: {{\n    users: [\n      {}\n    ]\n  }}\n}}\n",
             self.dir.path().join("nats.pid").display(),
+            self.extra,
             users.join(",\n      ")
         );
         std::fs::write(self.config_path(), conf).expect("write nats config");
