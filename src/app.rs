@@ -107,13 +107,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
+    let compression = match config.zstd_level {
+        Some(level) => format!("zstd level {level}"),
+        None => "none".to_owned(),
+    };
     tracing::info!(
         listen = %listener.describe(),
         backend = store.backend_name(),
         keys = state.keys.len(),
-        zstd = ?config.zstd_level,
+        %compression,
         "hearth serving"
     );
+    for key in state.keys.iter() {
+        tracing::info!(
+            key = key.name(),
+            "signing narinfos; clients trust it with: trusted-public-keys = {}",
+            key.public_key()
+        );
+    }
+    if state.keys.is_empty() {
+        tracing::warn!(
+            "no signing key configured (sign_key_paths): narinfos are unsigned, and clients that require \
+             signatures (the default) refuse every input-addressed path; make one with `hearth keygen`"
+        );
+    }
     tracker
         .spawn(log_errors("cache", http::serve(listener, http::router(state.clone()), config.limits, cancel.clone())));
     if let Some(addr) = &config.metrics_bind {
@@ -166,5 +183,6 @@ pub fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) ->
     f.write_all(key.to_file_contents().as_bytes())?;
     std::fs::write(public, key.public_key().to_string())
         .with_context(|| format!("cannot write {}", public.display()))?;
+    println!("trusted-public-keys = {}", key.public_key());
     Ok(())
 }

@@ -6,15 +6,27 @@ use clap::Parser;
 use hearth::cli::{Cli, Command};
 use hearth::config::Config;
 
+/// Logging to stderr: colour only on a terminal (and never with `NO_COLOR`), no timestamps under
+/// systemd (journald adds its own), and for client commands only warnings unless `HEARTH_LOG`
+/// says otherwise.
+fn init_logging(command: &Command) {
+    use std::io::IsTerminal;
+    let client = matches!(command, Command::Build(_) | Command::FlakeUpdate(_) | Command::Mcp(_));
+    let default = if client { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.command);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -349,7 +349,7 @@ mod tests {
     #[test]
     fn closest_names() {
         let hosts: Vec<String> = ["web1", "web2", "db1", "ns1"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(closest(&hosts, "wbe1", 2), vec!["web1", "web2"]);
+        assert_eq!(closest(&hosts, "webl", 2), vec!["web1", "web2"]);
     }
 
     #[test]
