@@ -330,9 +330,15 @@ fn metrics_count_requests_and_nar_bytes() {
     assert_eq!(h.get(&format!("/{TREE}.narinfo")).status, 200);
     assert_eq!(h.get(&format!("/nar/{TREE_NAR}.nar?hash={TREE}")).status, 200);
     assert_eq!(h.get("/00000000000000000000000000000000.narinfo").status, 404);
+    assert_eq!(h.get(&format!("/{TREE}.ls")).status, 200);
+    assert_eq!(h.get("/favicon.ico").status, 404);
     let m = h.get("/metrics").text();
-    assert!(m.contains("hearth_http_requests_total{route=\"/{file}\",status=\"200\"} 1"), "{m}");
-    assert!(m.contains("hearth_http_requests_total{route=\"/{file}\",status=\"404\"} 1"), "{m}");
+    // Routes by what they serve: a narinfo hit rate can be computed.
+    assert!(m.contains("hearth_http_requests_total{route=\"narinfo\",status=\"200\"} 1"), "{m}");
+    assert!(m.contains("hearth_http_requests_total{route=\"narinfo\",status=\"404\"} 1"), "{m}");
+    assert!(m.contains("hearth_http_requests_total{route=\"nar\",status=\"200\"} 1"), "{m}");
+    assert!(m.contains("hearth_http_requests_total{route=\"ls\",status=\"200\"} 1"), "{m}");
+    assert!(m.contains("hearth_http_requests_total{route=\"other\",status=\"404\"} 1"), "{m}");
     assert!(m.contains("hearth_nar_sent_bytes_total 2744"), "{m}");
     assert!(m.contains("hearth_nars_in_flight 0"), "{m}");
     assert!(m.contains("hearth_daemon_pool_size 16"), "{m}");

@@ -4,7 +4,6 @@
 //! rejected, or no builder serves the repo); 3 no final reply (timeout or NATS unreachable).
 //! Success is judged from the final reply only.
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +54,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_REFUSED: u8 = 2;
 pub const EXIT_NO_RESULT: u8 = 3;
+/// Ctrl-C: the client stopped following; the build itself goes on.
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 pub async fn run(args: BuildArgs) -> ExitCode {
     match follow(args).await {
@@ -187,7 +188,7 @@ async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
     validate(&args.repo, &args.target, args.branch.as_deref())?;
     let client = args.nats.connect("hearth-build-cli").await?;
     let mut display = Display::new(args.json);
-    let reply = request_build(
+    let build = request_build(
         &client,
         &args.repo,
         &args.target,
@@ -195,21 +196,80 @@ async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
         args.rev.as_deref(),
         args.timeout,
         |r, raw| display.show(r, raw),
-    )
-    .await?;
-    Ok(exit_code(&reply))
+    );
+    tokio::select! {
+        reply = build => Ok(exit_code(&reply?)),
+        _ = tokio::signal::ctrl_c() => {
+            let again = format!("hearth build {} {}", args.repo, args.target);
+            Err((
+                EXIT_INTERRUPTED,
+                format!("\ninterrupted: the build goes on on the builder; `{again}` follows it again (it joins the running build)"),
+            ))
+        }
+    }
 }
 
 /// Renders replies: JSON lines, plain lines, or a live status line on a terminal.
 pub struct Display {
     json: bool,
     tty: bool,
-    hosts: BTreeMap<String, String>,
+    /// A status line is on screen (to be cleared before the next line).
+    status_shown: bool,
+}
+
+/// The terminal's width in columns, read on every update so a resize takes effect at once.
+fn terminal_width() -> usize {
+    rustix::termios::tcgetwinsize(std::io::stdout())
+        .map(|w| usize::from(w.ws_col))
+        .ok()
+        .filter(|&w| w > 0)
+        .unwrap_or(80)
+}
+
+/// `text` cut to `width` columns (characters), never wrapping.
+fn fit(text: &str, width: usize) -> String {
+    let mut out: String = text.chars().filter(|c| !c.is_control()).take(width).collect();
+    if text.chars().count() > width && width > 1 {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
+/// How a reply reads in one line, without its log lines: `[host] message`, or the message.
+pub fn headline(reply: &Reply) -> String {
+    let message = reply.message.as_deref().unwrap_or("");
+    let status = match reply.status {
+        Status::Started => "started",
+        Status::Progress => "",
+        Status::Completed => "completed",
+        Status::Failed => "FAILED",
+        Status::Rejected => "rejected",
+    };
+    let what = match (&reply.host, reply.status) {
+        // Final replies name the request, not one host.
+        (Some(host), Status::Progress) => {
+            let message = message.strip_prefix(host.as_str()).and_then(|m| m.strip_prefix(": ")).unwrap_or(message);
+            format!("[{host}] {message}")
+        }
+        _ => message.to_owned(),
+    };
+    if status.is_empty() { what } else { format!("{status}: {what}") }
 }
 
 impl Display {
     pub fn new(json: bool) -> Self {
-        Self { json, tty: std::io::stdout().is_terminal(), hosts: BTreeMap::new() }
+        Self { json, tty: std::io::stdout().is_terminal(), status_shown: false }
+    }
+
+    /// Whether a reply carries build log lines (rather than an event).
+    fn is_log(reply: &Reply) -> bool {
+        reply.status == Status::Progress
+            && reply.host.is_some()
+            && reply.out_path.is_none()
+            && reply.duration_seconds.is_none()
+            && reply.queue_position.is_none()
+            && !reply.message.as_deref().unwrap_or("").starts_with("building ")
     }
 
     pub fn show(&mut self, reply: &Reply, raw: &[u8]) {
@@ -219,26 +279,27 @@ impl Display {
             let _ = out.write_all(b"\n");
             return;
         }
-        let host = reply.host.as_deref().unwrap_or("-");
-        let message = reply.message.as_deref().unwrap_or("");
-        let status = format!("{:?}", reply.status).to_lowercase();
-        match (self.tty, reply.status) {
-            // On a terminal, log lines replace each other on one status line.
-            (true, Status::Progress)
-                if reply.host.is_some() && reply.out_path.is_none() && reply.duration_seconds.is_none() =>
-            {
-                let last = message.lines().last().unwrap_or("");
-                self.hosts.insert(host.to_owned(), last.to_owned());
-                let line: String = format!("[{host}] {last}").chars().take(120).collect();
-                let _ = write!(out, "\r\x1b[2K{line}");
-            }
-            _ => {
-                if self.tty {
-                    let _ = write!(out, "\r\x1b[2K");
+        let host = reply.host.as_deref().unwrap_or("");
+        if Self::is_log(reply) {
+            if self.tty {
+                // On a terminal, log lines replace each other on one status line.
+                let last = reply.message.as_deref().unwrap_or("").lines().last().unwrap_or("");
+                let _ =
+                    write!(out, "\r\x1b[2K{}", fit(&format!("[{host}] {last}"), terminal_width().saturating_sub(1)));
+                self.status_shown = true;
+            } else {
+                for line in reply.message.as_deref().unwrap_or("").lines() {
+                    let _ = writeln!(out, "[{host}] {line}");
                 }
-                let _ = writeln!(out, "{status} {host}: {message}");
             }
+            let _ = out.flush();
+            return;
         }
+        if self.status_shown {
+            let _ = write!(out, "\r\x1b[2K");
+            self.status_shown = false;
+        }
+        let _ = writeln!(out, "{}", headline(reply));
         if let Some(hosts) = &reply.hosts {
             for h in hosts {
                 let mark = if h.status == HostStatus::Success { "ok  " } else { "FAIL" };
@@ -263,6 +324,18 @@ impl Display {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_fit_and_read_plainly() {
+        assert_eq!(fit("abcdef", 4), "abc…");
+        assert_eq!(fit("abc", 4), "abc");
+        assert_eq!(fit("a\tb\x1b[31m", 10), "ab[31m");
+        let mut r = Reply::new(Status::Progress, "fleet", "all").message("web1: success");
+        r.host = Some("web1".into());
+        assert_eq!(headline(&r), "[web1] success");
+        let started = Reply::new(Status::Started, "fleet", "all").message("building all of fleet at master");
+        assert_eq!(headline(&started), "started: building all of fleet at master");
+    }
 
     #[test]
     fn durations() {
