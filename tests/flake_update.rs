@@ -173,7 +173,7 @@ fn a_good_update_is_promoted_to_master() {
     assert_eq!(sum["status"], "promoted", "{sum}");
     let commit = sum["commit"].as_str().unwrap();
     assert_eq!(s.remote_branch("master").as_deref(), Some(commit));
-    assert_eq!(s.remote_branch("flake-update/test").as_deref(), Some(commit));
+    assert_eq!(s.remote_branch("flake-update/test"), None, "the promoted update branch was left behind");
     // A fast-forward: the old master is the new commit's parent.
     assert_eq!(git(&s.path("remote.git"), &["rev-parse", &format!("{commit}^")]), before);
     let lock = git(&s.path("remote.git"), &["show", &format!("{commit}:flake.lock")]);
@@ -280,4 +280,41 @@ fn a_branch_hearth_did_not_create_is_never_overwritten() {
     }
     assert_eq!(s.remote_branch("develop").as_deref(), Some(develop.as_str()), "develop was overwritten");
     assert_eq!(s.remote_branch("flake-update/not-ours").as_deref(), Some(develop.as_str()));
+}
+
+/// `command` without the flag `flag`, same environment.
+fn without(command: &Command, flag: &str) -> Command {
+    let mut c = Command::new(command.get_program());
+    c.args(command.get_args().filter(|a| *a != flag));
+    c.envs(command.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    c
+}
+
+#[test]
+fn an_unknown_input_is_an_error_and_text_output_reads_once() {
+    let s = Setup::new();
+    let (code, sum) = summary(s.command().args(["--input", "nosuch"]).output().unwrap());
+    assert_eq!(code, 2, "{sum}");
+    assert!(sum["message"].as_str().unwrap().contains("no input `nosuch`; its inputs: dep"), "{sum}");
+    assert_eq!(s.remote_branch("flake-update/test"), None, "pushed before refusing");
+
+    // Text mode: the moved inputs are listed, a failed host's log tail appears once.
+    set_dep(&s.path("dep"), "broken");
+    let out = without(&s.command(), "--json").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("input dep: "), "{all}");
+    // The log tail under the failed host (indented) is printed once, not again by the summary.
+    assert_eq!(all.matches("       h2> h2 is broken on purpose").count(), 1, "{all}");
+}
+
+#[test]
+fn a_dry_run_says_what_it_committed_once() {
+    let s = Setup::new();
+    set_dep(&s.path("dep"), "v4");
+    let out = without(&s.command(), "--push").output().unwrap();
+    let (code, sum) = summary(out);
+    assert_eq!(code, 0, "{sum}");
+    assert_eq!(sum["status"], "committed");
+    assert!(!sum["message"].as_str().unwrap().contains("committed"), "{sum}");
 }

@@ -19,6 +19,12 @@ pub struct InputChange {
 
 /// The locked identity of each direct input of the root node: `rev` if it has one, else
 /// `narHash`.
+/// The names of the root's direct inputs (followed ones included).
+pub fn input_names(lock: &Value) -> Vec<String> {
+    let root = lock["root"].as_str().unwrap_or("root");
+    lock["nodes"][root]["inputs"].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
 fn inputs(lock: &Value) -> BTreeMap<String, String> {
     let nodes = &lock["nodes"];
     let root = lock["root"].as_str().unwrap_or("root");

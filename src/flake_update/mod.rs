@@ -117,11 +117,16 @@ pub async fn run(args: FlakeUpdateArgs) -> ExitCode {
     } else {
         let stream: &mut dyn std::io::Write = if code == 0 { &mut std::io::stdout() } else { &mut std::io::stderr() };
         let _ = writeln!(stream, "{}: {}", summary.status, summary.message);
-        for h in summary.hosts.iter().filter(|h| h.status == HostStatus::Failure) {
-            let _ = writeln!(stream, "  FAIL {}:", h.host);
-            for line in h.error.as_deref().unwrap_or("").lines() {
-                let _ = writeln!(stream, "       {line}");
-            }
+        for c in &summary.inputs {
+            let old = c.old.as_deref().unwrap_or("(new)");
+            let new = c.new.as_deref().unwrap_or("(removed)");
+            let _ = writeln!(stream, "  input {}: {old} -> {new}", c.name);
+        }
+        // Failed hosts' log tails were shown with the build's final reply already.
+        let failed: Vec<&str> =
+            summary.hosts.iter().filter(|h| h.status == HostStatus::Failure).map(|h| h.host.as_str()).collect();
+        if !failed.is_empty() {
+            let _ = writeln!(stream, "  failed hosts: {}", failed.join(", "));
         }
     }
     ExitCode::from(code)
@@ -195,6 +200,11 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
             .unwrap_or(serde_json::Value::Null)
     };
     let old = read_lock();
+    // Nix only warns about an input the flake does not have; that is a mistake, said plainly.
+    let known = lock::input_names(&old);
+    if let Some(unknown) = args.inputs.iter().find(|i| !known.contains(i)) {
+        return Err((EXIT_REFUSED, format!("the flake has no input `{unknown}`; its inputs: {}", known.join(", "))));
+    }
     let mut nix = tokio::process::Command::new(&args.nix);
     nix.current_dir(wt.dir()).args(["--extra-experimental-features", "nix-command flakes"]);
     if args.inputs.is_empty() {
@@ -234,8 +244,7 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
     summary.commit = Some(commit.clone());
     if !args.push {
         summary.status = "committed";
-        summary.message =
-            format!("committed {commit} on {update_branch} (not pushed: pass --push to build and promote)");
+        summary.message = format!("{commit} on {update_branch} (not pushed: pass --push to build and promote)");
         return Ok((0, summary));
     }
     // Replace the update branch only if it is an earlier run's (or the operator says so).
@@ -304,5 +313,11 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
     }
     summary.status = "promoted";
     summary.message = format!("every host built; {} is now {commit}", args.target_branch);
+    // The update is in the target now: its branch has done its job (a failed one is kept).
+    if let Err(e) = repo.run(&["push", "--quiet", &args.remote, "--delete", update_branch]).await {
+        tracing::warn!(branch = update_branch, err = %e, "cannot delete the promoted update branch");
+    } else {
+        summary.update_branch = None;
+    }
     Ok((0, summary))
 }

@@ -156,8 +156,7 @@ fn route_label(matched: Option<&str>, path: &str) -> &'static str {
 }
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route =
-        route_label(req.extensions().get::<MatchedPath>().map(|p| p.as_str()), req.uri().path()).to_owned();
+    let route = route_label(req.extensions().get::<MatchedPath>().map(|p| p.as_str()), req.uri().path()).to_owned();
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
