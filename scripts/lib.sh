@@ -104,3 +104,23 @@ ensure_git_identity() {
     git config --global user.email >/dev/null 2>&1 || git config --global user.email "hearth-tests@localhost"
     git config --global user.name >/dev/null 2>&1 || git config --global user.name "hearth tests"
 }
+
+# A Python virtualenv (under target/, so cargo clean removes it) with the official MCP client
+# SDK from PyPI, for the MCP tests; exports HEARTH_MCP_PYTHON. Idempotent.
+ensure_mcp_client() {
+    local venv="${HEARTH_PY_VENV:-$PWD/target/py-mcp}"
+    command -v python3 >/dev/null || ensure_packages python3:python3
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        log "installing python3-venv"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    if ! "$venv/bin/python" -c 'import mcp' >/dev/null 2>&1; then
+        log "installing the MCP client SDK (PyPI: mcp) into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check 'mcp>=1.10,<2' \
+            || die "cannot install the MCP client SDK from PyPI"
+    fi
+    "$venv/bin/python" -c 'import mcp' || die "the MCP client SDK is still missing in $venv"
+    export HEARTH_MCP_PYTHON="$venv/bin/python"
+}

@@ -83,6 +83,7 @@ struct Setup {
     hearth: Hearth,
     nats: Nats,
     config: std::path::PathBuf,
+    gate: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -92,11 +93,18 @@ fn setup() -> Setup {
     set_mode(dir.path(), 0o755);
     let repo = dir.path().join("fleet");
     let salt = common::flake::salt();
+    // Builders run as nixbld users: they must reach the gate.
+    let gate = dir.path().join("gate");
+    std::fs::create_dir(&gate).unwrap();
+    set_mode(&gate, 0o777);
+    let g = gate.display();
     common::flake::make_repo(
         &repo,
         &common::flake::flake(&[
             ("web1", format!("echo web1 {salt} > $out")),
             ("broken", format!("echo broken {salt}; echo it broke >&2; exit 1")),
+            ("gated1", format!("while [ ! -e {g}/one ]; do /bin/sleep 0.05; done; echo gated1 {salt} > $out")),
+            ("gated2", format!("while [ ! -e {g}/two ]; do /bin/sleep 0.05; done; echo gated2 {salt} > $out")),
         ]),
     );
     let builder = format!(
@@ -110,19 +118,68 @@ fn setup() -> Setup {
     std::fs::write(&config, &builder).unwrap();
     let hearth = Hearth::start(&builder);
     hearth.wait_for_log("builder listening", 1);
-    Setup { hearth, nats, config, _dir: dir }
+    Setup { hearth, nats, config, gate, _dir: dir }
 }
 
 impl Setup {
-    fn mcp(&self, extra: &[&str]) -> Mcp {
+    fn args(&self) -> Vec<String> {
         let config = self.config.to_str().unwrap().to_owned();
-        let url = self.hearth.url();
-        let nats = self.nats.url();
         let seed = self.nats.seed_path().to_str().unwrap().to_owned();
-        let mut args = vec!["--config", &config, "--cache-url", &url, "--nats-url", &nats, "--nkey-seed-file", &seed];
-        args.extend_from_slice(extra);
-        Mcp::start(&args)
+        [
+            "--config",
+            &config,
+            "--cache-url",
+            &self.hearth.url(),
+            "--nats-url",
+            &self.nats.url(),
+            "--nkey-seed-file",
+            &seed,
+        ]
+        .map(str::to_owned)
+        .to_vec()
     }
+
+    fn mcp(&self, extra: &[&str]) -> Mcp {
+        let mut args = self.args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Mcp::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+}
+
+#[test]
+fn a_real_mcp_client_follows_builds_longer_than_its_timeout() {
+    let python = std::env::var("HEARTH_MCP_PYTHON")
+        .expect("HEARTH_MCP_PYTHON is not set: scripts/test installs the MCP Python SDK and sets it");
+    let s = setup();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_hearth"))
+        .arg(&s.gate)
+        .arg("--")
+        .args(s.args())
+        .arg("--enable-builds")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let found: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(found["server"].as_str().unwrap().starts_with("hearth "), "{found}");
+    assert!(found["long_build_seconds"].as_f64().unwrap() > 3.0);
+}
+
+#[test]
+fn without_a_config_it_says_so_instead_of_answering_wrongly() {
+    let s = setup();
+    let url = s.hearth.url();
+    let mut m = Mcp::start(&["--cache-url", &url]);
+    let repos = text(&m.tool("list_repos", json!({})));
+    assert_eq!(repos["repos"], json!([]));
+    assert!(repos["config"].is_null());
+    assert!(repos["note"].as_str().unwrap().contains("without hearth's config"), "{repos}");
+    let host = m.tool("cache_status", json!({"repo": "fleet", "host": "web1"}));
+    let msg = host["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("without hearth's config") && !msg.contains("no successful build"), "{host}");
 }
 
 #[test]

@@ -67,7 +67,8 @@ pub async fn run(args: BuildArgs) -> ExitCode {
     }
 }
 
-fn random_id() -> String {
+/// A random id for reply subjects and build ids.
+pub fn random_id() -> String {
     let mut b = [0u8; 12];
     // Without OS randomness, fall back to time and pid: the id only has to be unique.
     if getrandom::fill(&mut b).is_err() {

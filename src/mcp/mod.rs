@@ -4,18 +4,29 @@
 //!
 //! A client of the cache (HTTP) and of the builder (NATS), like `hearth build`: it never touches
 //! the store. Invalid arguments are refused as the builder would refuse them, as MCP errors.
+//!
+//! Builds take minutes to hours: `build` sends a progress notification for every builder reply
+//! (when the client gave a progress token), and `build` with `wait: false` returns a build id at
+//! once, which `build_status` answers for ([`builds`]). Without a config it says so instead of
+//! answering as if nothing were configured.
+
+mod builds;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
-use rmcp::{ErrorData, ServerHandler, ServiceExt, schemars, tool, tool_handler, tool_router};
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, RequestMetaObject, ServerCapabilities,
+    ServerConfig,
+};
+use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, schemars, tool, tool_handler, tool_router};
 use serde::Deserialize;
 
-use crate::builder::cli::{NatsArgs, parse_duration, request_build, validate};
+use crate::builder::cli::{NatsArgs, headline, parse_duration, request_build, validate};
 use crate::builder::config::RepoConfig;
 use crate::builder::job::Status;
 use crate::config::Config;
@@ -43,11 +54,24 @@ pub struct McpArgs {
 pub struct BuildParams {
     /// A repo the builder serves (see `list_repos`).
     pub repo: String,
-    /// A host name of the repo's flake, or `all`.
+    /// A host name of the repo's flake, or `all` for every host.
     pub target: String,
-    /// A branch to build instead of the repo's default.
+    /// A branch to build instead of the repo's default branch.
     #[serde(default)]
     pub branch: Option<String>,
+    /// A full commit id (40 hex digits) to build instead of the branch's current commit.
+    #[serde(default)]
+    pub rev: Option<String>,
+    /// `true` (default): wait for the result, with progress notifications. `false`: return a
+    /// `build_id` at once and ask `build_status` later (for builds longer than the client waits).
+    #[serde(default)]
+    pub wait: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct BuildStatusParams {
+    /// The `build_id` that `build` returned.
+    pub build_id: String,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -55,9 +79,10 @@ pub struct CacheStatusParams {
     /// A store path (`/nix/store/<hash>-<name>`) or its 32-character hash.
     #[serde(default)]
     pub store_path: Option<String>,
-    /// With `host`: check that host's last successful build.
+    /// With `host`, instead of `store_path`: the repo whose host's last successful build to check.
     #[serde(default)]
     pub repo: Option<String>,
+    /// With `repo`: the host whose last successful build to check.
     #[serde(default)]
     pub host: Option<String>,
 }
@@ -65,12 +90,16 @@ pub struct CacheStatusParams {
 #[derive(Clone)]
 pub struct HearthMcp {
     enable_builds: bool,
+    /// The config file read, and whether it has a `[builder]` section.
+    config_path: Option<PathBuf>,
+    has_builder: bool,
     repos: Vec<RepoConfig>,
     gcroots_dir: PathBuf,
     store_dir: String,
     cache_url: String,
     nats: NatsArgs,
     build_timeout: Duration,
+    builds: Arc<builds::Builds>,
     tool_router: ToolRouter<Self>,
 }
 
@@ -90,6 +119,7 @@ fn json_result(value: &serde_json::Value, ok: bool) -> CallToolResult {
 #[tool_router]
 impl HearthMcp {
     pub fn new(args: &McpArgs, config: Option<Config>) -> Self {
+        let has_builder = config.as_ref().is_some_and(|c| c.builder.is_some());
         let (repos, gcroots_dir, store_dir) = match config {
             Some(c) => (
                 c.builder.as_ref().map(|b| b.repos.clone()).unwrap_or_default(),
@@ -100,42 +130,145 @@ impl HearthMcp {
         };
         Self {
             enable_builds: args.enable_builds,
+            config_path: args.config.clone(),
+            has_builder,
             repos,
             gcroots_dir,
             store_dir,
             cache_url: args.cache_url.trim_end_matches('/').to_owned(),
             nats: args.nats.clone(),
             build_timeout: args.build_timeout,
+            builds: Arc::new(builds::Builds::default()),
             tool_router: Self::tool_router(),
         }
     }
 
+    /// Why the builder's repos and GC roots are unknown here, if they are.
+    fn missing_config(&self) -> Option<String> {
+        match &self.config_path {
+            None => Some(
+                "hearth mcp was started without hearth's config (--config or HEARTH_CONFIG), so the builder's \
+                 repos and build records are unknown here; this does not mean there are none"
+                    .into(),
+            ),
+            Some(p) if !self.has_builder => {
+                Some(format!("{} has no [builder] section: this host runs no builder", p.display()))
+            }
+            Some(_) => None,
+        }
+    }
+
     /// The repos the builder accepts, from hearth's configuration.
-    #[tool(description = "List the flake repos the hearth builder accepts (name, flake URL, default branch).")]
+    #[tool(description = "List the flake repos the hearth builder accepts (name, flake URL, default branch), from \
+        hearth's config; says which config was read, or that none was.")]
     async fn list_repos(&self) -> Result<CallToolResult, ErrorData> {
         let repos: Vec<_> =
             self.repos.iter().map(|r| serde_json::json!({"name": r.name, "url": r.url, "branch": r.branch})).collect();
-        Ok(json_result(&serde_json::json!({ "repos": repos }), true))
+        let mut value = serde_json::json!({
+            "config": self.config_path.as_ref().map(|p| p.display().to_string()),
+            "repos": repos,
+        });
+        if let Some(why) = self.missing_config() {
+            value["note"] = why.into();
+        }
+        Ok(json_result(&value, true))
     }
 
-    #[tool(
-        description = "Build a repo's NixOS host (or `all` hosts) on the build host and wait for the result: a per-host summary with output paths, or errors with the build log's tail. Only when hearth mcp runs with --enable-builds."
-    )]
-    async fn build(&self, Parameters(p): Parameters<BuildParams>) -> Result<CallToolResult, ErrorData> {
+    #[tool(description = "Build a repo's NixOS host (or `all` hosts) on the build host. With `wait` (default) it \
+        returns the result: per host the output path, or the error with the build log's tail; progress \
+        notifications come meanwhile. With `wait: false` it returns a `build_id` at once: poll \
+        `build_status`. Builds take minutes to hours. Only when hearth mcp runs with --enable-builds.")]
+    async fn build(
+        &self,
+        Parameters(p): Parameters<BuildParams>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
         if !self.enable_builds {
             return Err(ErrorData::invalid_request("builds are disabled: start `hearth mcp --enable-builds`", None));
         }
         validate(&p.repo, &p.target, p.branch.as_deref()).map_err(|(_, m)| invalid(m))?;
+        if p.rev.as_deref().is_some_and(|r| !crate::builder::job::is_valid_rev(r)) {
+            return Err(invalid("`rev` must be a full commit id (40 lowercase hex digits)"));
+        }
         if !self.repos.is_empty() && !self.repos.iter().any(|r| r.name == p.repo) {
             return Err(invalid(format!("unknown repo `{}` (see list_repos)", p.repo)));
         }
         let client = self.nats.connect("hearth-mcp").await.map_err(|(_, m)| ErrorData::internal_error(m, None))?;
-        let reply =
-            request_build(&client, &p.repo, &p.target, p.branch.as_deref(), None, self.build_timeout, |_, _| {})
-                .await
-                .map_err(|(_, m)| ErrorData::internal_error(m, None))?;
-        let value = serde_json::to_value(&reply).unwrap_or_default();
+        let id = crate::builder::cli::random_id();
+        self.builds.start(&id, &p.repo, &p.target).ok_or_else(|| {
+            ErrorData::invalid_request("too many builds from this session are running; wait for one to end", None)
+        })?;
+        // Progress belongs to a request that is still open: none once `build` has returned.
+        let wait = p.wait != Some(false);
+        let token = if wait { meta.get_progress_token() } else { None };
+        let run = {
+            let builds = self.builds.clone();
+            let id = id.clone();
+            let timeout = self.build_timeout;
+            async move {
+                let mut sent = 0u32;
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let notify = async {
+                    // Progress goes out in order, off the reply loop, so a slow client never
+                    // holds up reading replies.
+                    while let Some(line) = rx.recv().await {
+                        if let Some(token) = &token {
+                            sent += 1;
+                            let param =
+                                ProgressNotificationParam::new(token.clone(), f64::from(sent)).with_message(line);
+                            let _ = peer.notify_progress(param).await;
+                        }
+                    }
+                };
+                let follow = async {
+                    let r = request_build(
+                        &client,
+                        &p.repo,
+                        &p.target,
+                        p.branch.as_deref(),
+                        p.rev.as_deref(),
+                        timeout,
+                        |reply, _| {
+                            let line = headline(reply);
+                            builds.update(&id, reply, line.clone());
+                            let _ = tx.send(line);
+                        },
+                    )
+                    .await;
+                    drop(tx);
+                    r
+                };
+                let (result, ()) = tokio::join!(follow, notify);
+                if let Err((_, why)) = &result {
+                    builds.fail(&id, why.clone());
+                }
+                result
+            }
+        };
+        if !wait {
+            tokio::spawn(run);
+            let value = serde_json::json!({
+                "build_id": id,
+                "state": "running",
+                "hint": "call build_status with this build_id until state is not `running`",
+            });
+            return Ok(json_result(&value, true));
+        }
+        let reply = run.await.map_err(|(_, m)| ErrorData::internal_error(m, None))?;
+        let mut value = serde_json::to_value(&reply).unwrap_or_default();
+        value["build_id"] = id.into();
         Ok(json_result(&value, reply.status == Status::Completed))
+    }
+
+    #[tool(description = "The state of a build started with `build`: `running`, `completed`, `failed`, `rejected` \
+        or `error`, its commit, the last progress lines, and the final result once it ended. Results are kept \
+        for 24 hours (the last 100 builds).")]
+    async fn build_status(&self, Parameters(p): Parameters<BuildStatusParams>) -> Result<CallToolResult, ErrorData> {
+        let value = self.builds.status(&p.build_id).ok_or_else(|| {
+            invalid(format!("no build `{}` is known to this hearth mcp session (ids are kept for 24 h)", p.build_id))
+        })?;
+        Ok(json_result(&value, true))
     }
 
     #[tool(
@@ -154,6 +287,9 @@ impl HearthMcp {
             }
             (None, Some(repo), Some(host)) => {
                 validate(repo, host, None).map_err(|(_, m)| invalid(m))?;
+                if let Some(why) = self.missing_config() {
+                    return Err(invalid(format!("cannot tell where {host}'s builds are recorded: {why}")));
+                }
                 let link = self.gcroots_dir.join(repo).join(host);
                 let target = std::fs::read_link(&link).map_err(|_| {
                     invalid(format!("no successful build of {host} in {repo} is recorded on this machine"))
@@ -189,11 +325,14 @@ impl HearthMcp {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for HearthMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
-            "hearth: the fleet's Nix binary cache and NixOS build host. list_repos shows what can be built; \
-             cache_status checks whether a path or a host's last build is in the cache; build (when enabled) \
-             builds hosts before they are deployed.",
-        )
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("hearth", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "hearth: the fleet's Nix binary cache and NixOS build host. list_repos shows what can be built; \
+                 cache_status checks whether a path or a host's last build is in the cache; build (when enabled) \
+                 builds hosts before they are deployed: builds take minutes to hours, so use wait: false and \
+                 build_status when your client's request timeout is shorter.",
+            )
     }
 }
 
