@@ -5,6 +5,18 @@ let
   cfg = config.services.hearth;
   toml = pkgs.formats.toml { };
   credDir = "/run/credentials/hearth.service";
+  gcrootsDir = "/nix/var/nix/gcroots/hearth";
+
+  # A secret's path: an absolute path string outside the store. A path literal (`./cache.sec`)
+  # would be copied into the world-readable /nix/store, so it is refused.
+  secretPath = lib.types.externalPath or (lib.types.addCheck lib.types.str
+    (s: lib.hasPrefix "/" s && !lib.hasPrefix "${builtins.storeDir}/" s) // {
+    description = "absolute path not in the Nix store";
+  });
+
+  # `host:port`, with an IPv6 literal in brackets, as both systemd and hearth want it.
+  hostPort = addr: port: if lib.hasInfix ":" addr then "[${addr}]:${toString port}" else "${addr}:${toString port}";
+  isLoopback = addr: addr == "localhost" || addr == "::1" || lib.hasPrefix "127." addr;
 
   signKeyCreds = lib.imap0 (i: path: { name = "sign-key-${toString i}"; inherit path; }) cfg.signKeyPaths;
 
@@ -17,7 +29,7 @@ let
         nats_url = cfg.builder.natsUrl;
         nkey_seed_file = "${credDir}/builder-nkey";
         build_timeout_seconds = cfg.builder.timeoutSeconds;
-        gcroots_dir = "/nix/var/nix/gcroots/hearth";
+        gcroots_dir = gcrootsDir;
         nix = "${config.nix.package}/bin/nix";
         repos = map (r: { inherit (r) name url branch; }) cfg.builder.repos;
       };
@@ -57,6 +69,13 @@ in
 
     package = lib.mkOption {
       type = lib.types.package;
+      default = throw ''
+        services.hearth.package has no value: set it to hearth's package, e.g.
+        `services.hearth.package = inputs.hearth.packages.''${pkgs.stdenv.hostPlatform.system}.default;`,
+        or import the flake's `nixosModules.default`, which sets it (importing `nixos-module/`
+        directly does not).
+      '';
+      defaultText = lib.literalMD "the flake's `packages.<system>.default` with `nixosModules.default`; none when `nixos-module/` is imported directly";
       description = "The hearth package (the flake's `packages.<system>.default`).";
     };
 
@@ -85,11 +104,13 @@ in
     };
 
     signKeyPaths = lib.mkOption {
-      type = lib.types.listOf lib.types.path;
+      type = lib.types.listOf secretPath;
       default = [ ];
       example = [ "/run/secrets/nix-cache02.home.2rjus.net-1.sec" ];
       description = ''
-        Nix-format secret signing keys. They are handed to the service with systemd
+        Nix-format secret signing keys, as absolute path strings outside the store (a path
+        literal such as `./cache.sec` is refused: Nix would copy the secret into the
+        world-readable /nix/store). They are handed to the service with systemd
         `LoadCredential`, so they may live in a secret store readable only by root.
       '';
     };
@@ -121,8 +142,8 @@ in
         options = {
           bind = lib.mkOption {
             type = lib.types.str;
-            default = "${cfg.listenAddress}:${toString cfg.port}";
-            defaultText = lib.literalExpression ''"''${listenAddress}:''${toString port}"'';
+            default = hostPort cfg.listenAddress cfg.port;
+            defaultText = lib.literalMD "`listenAddress:port` (`[addr]:port` for IPv6)";
             description = "`host:port` or `unix:/path`.";
           };
           priority = lib.mkOption {
@@ -144,8 +165,8 @@ in
           };
           metrics.bind = lib.mkOption {
             type = lib.types.nullOr lib.types.str;
-            default = if cfg.metricsPort == null then null else "${cfg.listenAddress}:${toString cfg.metricsPort}";
-            defaultText = lib.literalExpression ''"''${listenAddress}:''${toString metricsPort}"'';
+            default = if cfg.metricsPort == null then null else hostPort cfg.listenAddress cfg.metricsPort;
+            defaultText = lib.literalMD "`listenAddress:metricsPort` (`[addr]:port` for IPv6)";
             description = "Separate metrics listener.";
           };
         };
@@ -160,8 +181,8 @@ in
         description = "NATS server (`tls://` for TLS).";
       };
       nkeySeedFile = lib.mkOption {
-        type = lib.types.path;
-        description = "The builder's NKey seed, handed over with `LoadCredential`.";
+        type = secretPath;
+        description = "The builder's NKey seed (an absolute path string outside the store), handed over with `LoadCredential`.";
       };
       repos = lib.mkOption {
         type = lib.types.listOf repoType;
@@ -194,12 +215,14 @@ in
       };
       natsUrl = lib.mkOption {
         type = lib.types.str;
-        default = cfg.builder.natsUrl;
+        default =
+          if cfg.builder.enable then cfg.builder.natsUrl
+          else throw "services.hearth.scheduler.natsUrl has no value: set it (it defaults to services.hearth.builder.natsUrl only where the builder is enabled)";
         defaultText = lib.literalExpression "config.services.hearth.builder.natsUrl";
         description = "NATS server for the scheduler.";
       };
       nkeySeedFile = lib.mkOption {
-        type = lib.types.path;
+        type = secretPath;
         description = "The scheduler's own NKey seed (a deployer user: publish `build.>`, subscribe `build.responses.>`).";
       };
     };
@@ -216,6 +239,15 @@ in
 
   config = lib.mkMerge [
     (lib.mkIf cfg.enable {
+      assertions = [
+        {
+          assertion = !cfg.builder.enable || cfg.builder.repos != [ ];
+          message = "services.hearth.builder.enable is set but services.hearth.builder.repos is empty: hearth would refuse to start. List the flake repos to build.";
+        }
+      ];
+      warnings = lib.optional (cfg.openFirewall && isLoopback cfg.listenAddress)
+        "services.hearth.openFirewall opens port ${toString cfg.port}, but hearth listens on ${cfg.listenAddress} only: nothing outside reaches it. Set services.hearth.listenAddress (e.g. \"0.0.0.0\"), or leave the firewall closed behind nginx.";
+
       users.users.hearth = {
         isSystemUser = true;
         group = "hearth";
@@ -225,7 +257,7 @@ in
 
       nix.settings.allowed-users = lib.mkIf cfg.addToNixAllowedUsers [ "hearth" ];
 
-      systemd.tmpfiles.rules = lib.optional cfg.builder.enable "d /nix/var/nix/gcroots/hearth 0755 hearth hearth -";
+      systemd.tmpfiles.rules = lib.optional cfg.builder.enable "d ${gcrootsDir} 0755 hearth hearth -";
 
       networking.firewall.allowedTCPPorts =
         lib.optionals cfg.openFirewall ([ cfg.port ] ++ lib.optional (cfg.metricsPort != null) cfg.metricsPort);
@@ -234,12 +266,13 @@ in
 
       systemd.sockets.hearth = lib.mkIf cfg.socketActivation {
         wantedBy = [ "sockets.target" ];
-        listenStreams = [ "${cfg.listenAddress}:${toString cfg.port}" ];
+        listenStreams = [ (hostPort cfg.listenAddress cfg.port) ];
       };
 
       systemd.services.hearth = {
         description = "hearth Nix binary cache";
-        wantedBy = [ "multi-user.target" ];
+        # With socket activation the socket starts hearth on the first connection.
+        wantedBy = lib.optional (!cfg.socketActivation) "multi-user.target";
         after = [ "network-online.target" "nix-daemon.socket" ];
         wants = [ "network-online.target" ];
         requires = lib.optional cfg.socketActivation "hearth.socket";
@@ -247,6 +280,10 @@ in
         environment.HEARTH_LOG = "info";
         serviceConfig = {
           Type = "notify";
+          # The GC-root directory exists before the sandbox is set up, even on the first switch
+          # before tmpfiles ran ("+": as root, outside the sandbox).
+          ExecStartPre = lib.optional cfg.builder.enable
+            "+${pkgs.coreutils}/bin/install -d -m 0755 -o hearth -g hearth ${gcrootsDir}";
           ExecStart = "${cfg.package}/bin/hearth serve --config ${configFile}";
           Restart = "on-failure";
           RestartSec = 5;
@@ -257,7 +294,7 @@ in
             ++ lib.optional cfg.builder.enable "builder-nkey:${cfg.builder.nkeySeedFile}";
           # Builds run in the daemon; hearth itself reads the store and writes only its GC roots.
           ProtectSystem = "strict";
-          ReadWritePaths = lib.optional cfg.builder.enable "/nix/var/nix/gcroots/hearth";
+          ReadWritePaths = lib.optional cfg.builder.enable "-${gcrootsDir}";
           StateDirectory = "hearth";
           CacheDirectory = "hearth";
           Environment = [ "HOME=/var/lib/hearth" "XDG_CACHE_HOME=/var/cache/hearth" ];
@@ -296,11 +333,30 @@ in
           Type = "oneshot";
           DynamicUser = true;
           LoadCredential = [ "nkey:${cfg.scheduler.nkeySeedFile}" ];
+          # A NATS client only: as tightly sandboxed as hearth itself.
           NoNewPrivileges = true;
           ProtectSystem = "strict";
           ProtectHome = true;
           PrivateTmp = true;
+          PrivateDevices = true;
           CapabilityBoundingSet = "";
+          AmbientCapabilities = "";
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          ProtectProc = "invisible";
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+          UMask = "0077";
         };
         # Every repo is built even if an earlier one fails; the unit fails if any did.
         script = ''
@@ -315,11 +371,12 @@ in
       };
       systemd.timers.hearth-scheduled-build = {
         wantedBy = [ "timers.target" ];
+        # Interval-based (not a calendar): a run missed while the host was down is caught up by
+        # OnBootSec, so Persistent= (which only acts on OnCalendar=) is not set.
         timerConfig = {
           OnBootSec = "10m";
           OnUnitActiveSec = cfg.scheduler.interval;
           RandomizedDelaySec = cfg.scheduler.randomizedDelay;
-          Persistent = true;
         };
       };
     })

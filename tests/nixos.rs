@@ -150,3 +150,198 @@ fn the_dashboard_queries_only_exported_metrics() {
         }
     }
 }
+
+/// The module evaluated with nixpkgs' module system (tests/nixos/eval.nix) for `configuration`
+/// (a Nix expression): the rendered units, TOML, assertions and warnings; or the evaluation error.
+fn eval_module(configuration: &str) -> Result<serde_json::Value, String> {
+    let lib = root().join("../shared/nixpkgs-lib/lib");
+    assert!(lib.exists(), "{} is missing: it holds nixpkgs' lib for this test", lib.display());
+    let expr = format!(
+        "import {harness} {{ lib = import {lib}; configuration = {{ lib, ... }}: {configuration}; }}",
+        harness = root().join("tests/nixos/eval.nix").display(),
+        lib = lib.display(),
+    );
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "--read-write-mode", "--expr", &expr])
+        .output()
+        .expect("nix-instantiate (nix-bin)");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+const PACKAGE: &str = r#"package = { type = "derivation"; name = "hearth"; outPath = "/nix/store/00000000000000000000000000000000-hearth"; };"#;
+
+/// Runs the rendered TOML through `hearth check-config`, with the credentials systemd would pass
+/// replaced by real test files.
+fn check_rendered_toml(toml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(common::nix_wire().join("keys/test.sec"), dir.path().join("sign-key-0")).unwrap();
+    std::fs::write(dir.path().join("builder-nkey"), nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let toml = toml.replace("/run/credentials/hearth.service", &dir.path().display().to_string());
+    let path = dir.path().join("hearth.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_hearth")).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "check-config refused the rendered TOML:\n{toml}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn service<'a>(v: &'a serde_json::Value, name: &str) -> &'a str {
+    v["services"][name].as_str().unwrap_or_else(|| panic!("no service {name}: {v}"))
+}
+
+const FULL_BUILDER: &str = r#"
+    builder = {
+      enable = true;
+      natsUrl = "nats://nats.home.2rjus.net:4222";
+      nkeySeedFile = "/run/secrets/hearth-builder.nkey";
+      repos = [ { name = "nixos-servers"; url = "git+https://git.t-juice.club/torjus/nixos-servers.git"; } ];
+    };
+    scheduler = { enable = true; repos = [ "nixos-servers" ]; nkeySeedFile = "/run/secrets/hearth-scheduler.nkey"; };
+"#;
+
+#[test]
+fn the_module_evaluates_with_defaults_and_renders_a_hardened_unit() {
+    let v = eval_module(&format!("{{ services.hearth = {{ enable = true; {PACKAGE} }}; }}")).unwrap();
+    let unit = service(&v, "hearth");
+    for line in [
+        "Type=notify",
+        "User=hearth",
+        "ProtectSystem=strict",
+        "SystemCallFilter=@system-service",
+        "NoNewPrivileges=true",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no `{line}` in\n{unit}");
+    }
+    assert_eq!(v["wantedBy"]["hearth"], serde_json::json!(["multi-user.target"]));
+    assert_eq!(v["failedAssertions"], serde_json::json!([]));
+    assert_eq!(v["warnings"], serde_json::json!([]));
+    let toml = v["toml"].as_str().unwrap();
+    assert!(toml.contains("bind = \"127.0.0.1:5000\""), "{toml}");
+    check_rendered_toml(toml);
+}
+
+#[test]
+fn the_documented_build_host_renders_credentials_gc_roots_and_a_hardened_scheduler() {
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE}
+            signKeyPaths = [ "/run/secrets/nix-cache02.home.2rjus.net-1.sec" ];
+            alerts.enable = true; {FULL_BUILDER} }}; }}"#
+    ))
+    .unwrap();
+    let unit = service(&v, "hearth");
+    assert!(unit.contains("LoadCredential=sign-key-0:/run/secrets/nix-cache02.home.2rjus.net-1.sec\n"), "{unit}");
+    assert!(unit.contains("LoadCredential=builder-nkey:/run/secrets/hearth-builder.nkey\n"), "{unit}");
+    // The GC-root directory: optional in the sandbox, created before the start on a first switch.
+    assert!(unit.contains("ReadWritePaths=-/nix/var/nix/gcroots/hearth\n"), "{unit}");
+    assert!(unit.contains("ExecStartPre=+/nix/store/00000000000000000000000000000000-coreutils/bin/install -d -m 0755 -o hearth -g hearth /nix/var/nix/gcroots/hearth\n"), "{unit}");
+    assert_eq!(v["tmpfiles"], serde_json::json!(["d /nix/var/nix/gcroots/hearth 0755 hearth hearth -"]));
+    let scheduler = service(&v, "hearth-scheduled-build");
+    for line in [
+        "SystemCallFilter=@system-service",
+        "RestrictAddressFamilies=AF_INET",
+        "PrivateDevices=true",
+        "DynamicUser=true",
+    ] {
+        assert!(scheduler.lines().any(|l| l == line), "scheduler lacks `{line}`:\n{scheduler}");
+    }
+    let timer = v["timers"]["hearth-scheduled-build"].as_str().unwrap();
+    assert!(timer.contains("OnUnitActiveSec=2h") && !timer.contains("Persistent"), "{timer}");
+    let toml = v["toml"].as_str().unwrap();
+    assert!(
+        toml.contains("[[builder.repos]]")
+            && toml.contains("nkey_seed_file = \"/run/credentials/hearth.service/builder-nkey\""),
+        "{toml}"
+    );
+    check_rendered_toml(toml);
+}
+
+#[test]
+fn every_option_set_renders_and_checks() {
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE}
+            listenAddress = "0.0.0.0"; port = 5001; openFirewall = true; metricsPort = 9974;
+            addToNixAllowedUsers = true; signKeyPaths = [ "/run/secrets/a.sec" ];
+            settings = {{ priority = 40; compression = {{ algorithm = "zstd"; level = 9; }}; max_nar_streams = 64; }};
+            alerts = {{ enable = true; narBandwidthBytesPerSecond = 50000000; }};
+            builder.timeoutSeconds = 3600; {FULL_BUILDER} }}; }}"#
+    ))
+    .unwrap();
+    assert_eq!(v["firewall"], serde_json::json!([5001, 9974]));
+    assert_eq!(v["allowedUsers"], serde_json::json!(["hearth"]));
+    assert_eq!(v["warnings"], serde_json::json!([]));
+    let toml = v["toml"].as_str().unwrap();
+    for needle in [
+        "bind = \"0.0.0.0:5001\"",
+        "priority = 40",
+        "algorithm = \"zstd\"",
+        "max_nar_streams = 64",
+        "build_timeout_seconds = 3600",
+        "bind = \"0.0.0.0:9974\"",
+    ] {
+        assert!(toml.contains(needle), "no `{needle}` in\n{toml}");
+    }
+    check_rendered_toml(toml);
+}
+
+#[test]
+fn ipv6_listeners_are_bracketed_and_socket_activation_starts_on_demand() {
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE} listenAddress = "::1"; socketActivation = true; }}; }}"#
+    ))
+    .unwrap();
+    let socket = v["sockets"]["hearth"].as_str().unwrap();
+    assert!(socket.contains("ListenStream=[::1]:5000\n"), "{socket}");
+    assert_eq!(v["wantedBy"]["hearth.socket"], serde_json::json!(["sockets.target"]));
+    assert_eq!(v["wantedBy"]["hearth"], serde_json::json!([]), "started at boot despite socket activation");
+    let toml = v["toml"].as_str().unwrap();
+    assert!(toml.contains("bind = \"[::1]:5000\"") && toml.contains("bind = \"[::1]:9973\""), "{toml}");
+    check_rendered_toml(toml);
+}
+
+#[test]
+fn a_scheduler_only_host_evaluates_and_says_which_option_it_needs() {
+    let base = r#"scheduler = { enable = true; repos = [ "fleet" ]; nkeySeedFile = "/run/secrets/s.nkey"; };"#;
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ {PACKAGE} {base} scheduler.natsUrl = "nats://nats:4222"; }}; }}"#
+    ))
+    .unwrap();
+    assert!(service(&v, "hearth-scheduled-build").contains("ExecStart="));
+    assert!(v["services"]["hearth"].is_null());
+    let err = eval_module(&format!("{{ services.hearth = {{ {PACKAGE} {base} }}; }}")).unwrap_err();
+    assert!(err.contains("services.hearth.scheduler.natsUrl has no value"), "{err}");
+}
+
+#[test]
+fn mistakes_fail_evaluation_with_a_reason() {
+    // A secret as a path literal would be copied into the world-readable store.
+    let err = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE} signKeyPaths = [ ./cache.sec ]; }}; }}"#
+    ))
+    .unwrap_err();
+    assert!(err.contains("signKeyPaths") && err.contains("not in the Nix store"), "{err}");
+    let err = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE} builder = {{ enable = true; natsUrl = "nats://n:4222"; nkeySeedFile = ./seed; repos = [ {{ name = "r"; url = "git+file:///r"; }} ]; }}; }}; }}"#
+    ))
+    .unwrap_err();
+    assert!(err.contains("nkeySeedFile") && err.contains("not in the Nix store"), "{err}");
+    // A builder with nothing to build is an assertion, not a unit that fails at run time.
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE} builder = {{ enable = true; natsUrl = "nats://n:4222"; nkeySeedFile = "/run/secrets/b"; }}; }}; }}"#
+    ))
+    .unwrap();
+    assert!(v["failedAssertions"][0].as_str().unwrap().contains("builder.repos is empty"), "{v}");
+    // The firewall opened for a listener nobody outside can reach.
+    let v =
+        eval_module(&format!("{{ services.hearth = {{ enable = true; {PACKAGE} openFirewall = true; }}; }}")).unwrap();
+    assert!(v["warnings"][0].as_str().unwrap().contains("listens on 127.0.0.1 only"), "{v}");
+    // Imported directly, without the flake: the error says what to set.
+    let err = eval_module("{ services.hearth.enable = true; }").unwrap_err();
+    assert!(err.contains("services.hearth.package has no value") && err.contains("nixosModules.default"), "{err}");
+}
