@@ -318,3 +318,32 @@ fn a_dry_run_says_what_it_committed_once() {
     assert_eq!(sum["status"], "committed");
     assert!(!sum["message"].as_str().unwrap().contains("committed"), "{sum}");
 }
+
+#[test]
+fn nothing_is_pushed_for_a_repo_no_builder_serves_or_another_remote() {
+    let s = Setup::new();
+    set_dep(&s.path("dep"), "v5");
+    let cmd = s.command();
+    let mut c = Command::new(cmd.get_program());
+    c.args(cmd.get_args().map(|a| if a == "fleet" { "nosuch".as_ref() } else { a }));
+    c.envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    let (code, sum) = summary(c.output().unwrap());
+    assert_eq!(code, 2, "{sum}");
+    assert!(sum["message"].as_str().unwrap().contains("no builder serves repo `nosuch`"), "{sum}");
+    assert_eq!(s.remote_branch("flake-update/test"), None, "a branch was pushed first");
+
+    // A clone whose origin is another repository than the one the builder builds.
+    let other = s.path("other.git");
+    run_ok(Command::new("git").args(["clone", "-q", "--bare"]).arg(s.path("remote.git")).arg(&other));
+    git(&s.path("work"), &["remote", "set-url", "origin", &other.display().to_string()]);
+    let (code, sum) = s.run();
+    assert_eq!(code, 2, "{sum}");
+    assert!(sum["message"].as_str().unwrap().contains("nothing was pushed"), "{sum}");
+    let pushed = Command::new("git")
+        .arg("-C")
+        .arg(&other)
+        .args(["rev-parse", "--verify", "--quiet", "flake-update/test"])
+        .output()
+        .unwrap();
+    assert!(!pushed.status.success(), "pushed to the other remote");
+}

@@ -135,23 +135,51 @@ pub async fn request_build(
     branch: Option<&str>,
     rev: Option<&str>,
     timeout: Duration,
-    mut on_reply: impl FnMut(&Reply, &[u8]),
+    on_reply: impl FnMut(&Reply, &[u8]),
 ) -> Result<Reply, (u8, String)> {
     validate(repo, target, branch)?;
     validate_rev(rev)?;
-    let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
-    let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
     let request = BuildRequest {
         repo: repo.to_owned(),
         target: target.to_owned(),
         branch: branch.map(str::to_owned),
         rev: rev.map(str::to_owned),
-        reply_to: Some(reply_to.clone()),
+        check: false,
+        reply_to: None,
     };
+    exchange(client, request, timeout, on_reply).await
+}
+
+/// Asks whether a builder serves `repo`, without building anything: its reply carries the
+/// repo's URL (without credentials) and default branch.
+pub async fn check_repo(client: &async_nats::Client, repo: &str) -> Result<Reply, (u8, String)> {
+    validate(repo, "all", None)?;
+    let request = BuildRequest {
+        repo: repo.to_owned(),
+        target: "all".to_owned(),
+        branch: None,
+        rev: None,
+        check: true,
+        reply_to: None,
+    };
+    exchange(client, request, Duration::from_secs(30), |_, _| {}).await
+}
+
+/// Publishes `request` with a fresh reply subject and reads replies until a final one.
+async fn exchange(
+    client: &async_nats::Client,
+    mut request: BuildRequest,
+    timeout: Duration,
+    mut on_reply: impl FnMut(&Reply, &[u8]),
+) -> Result<Reply, (u8, String)> {
+    let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
+    let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
+    request.reply_to = Some(reply_to.clone());
     let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
+    let repo = &request.repo;
     // The reply subject lets the server answer "no responders" when no builder serves the repo.
     client
-        .publish_with_reply(format!("build.{repo}.{target}"), reply_to, payload.into())
+        .publish_with_reply(format!("build.{repo}.{}", request.target), reply_to, payload.into())
         .await
         .map_err(|e| (EXIT_NO_RESULT, format!("publish: {e}")))?;
     client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;

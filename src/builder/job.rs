@@ -21,6 +21,10 @@ pub struct BuildRequest {
     /// request with `rev` only joins a build of that very commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
+    /// Only ask whether a builder serves the repo: the answer is one final reply at once, with
+    /// the repo's URL (without credentials), and nothing is built.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
 }
@@ -87,6 +91,9 @@ pub struct Reply {
     /// Per-host summary, on final replies of builds that ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<Vec<HostSummary>>,
+    /// The repo's flake URL without credentials, on the reply to a `check` request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_url: Option<String>,
 }
 
 impl Reply {
@@ -104,6 +111,7 @@ impl Reply {
             duration_seconds: None,
             queue_position: None,
             hosts: None,
+            repo_url: None,
         }
     }
 
@@ -176,6 +184,43 @@ pub fn closest<'a>(names: &'a [String], wanted: &str, n: usize) -> Vec<&'a str> 
     let mut scored: Vec<(usize, &str)> = names.iter().map(|h| (distance(h, wanted), h.as_str())).collect();
     scored.sort();
     scored.into_iter().take(n).map(|(_, h)| h).collect()
+}
+
+/// A URL without its credentials (`user:token@`), safe to tell a client.
+pub fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// A git remote or flake URL reduced to what names the repository, so that two spellings of
+/// one repo compare equal: `git+https://user@host/o/r.git?ref=x`, `ssh://git@host/o/r`,
+/// `git@host:o/r.git` and `https://host/o/r/` all become `host/o/r`; a local path stays a path.
+pub fn repo_identity(url: &str) -> String {
+    let url = url.strip_prefix("git+").unwrap_or(url);
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    let rest = if let Some(r) = url.strip_prefix("github:") {
+        format!("github.com/{r}")
+    } else if let Some((_, r)) = url.split_once("://") {
+        r.to_owned()
+    } else if let Some((user_host, path)) = url.split_once(':').filter(|(h, _)| !h.contains('/')) {
+        format!("{user_host}/{path}")
+    } else {
+        url.to_owned()
+    };
+    let rest = match rest.split_once('/') {
+        Some((authority, path)) if !rest.starts_with('/') => {
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{host}/{path}")
+        }
+        _ => rest,
+    };
+    rest.trim_end_matches('/').trim_end_matches(".git").trim_end_matches('/').to_owned()
 }
 
 /// `^[A-Za-z0-9][A-Za-z0-9._-]*$`, at most 253 characters: repo, target and host names.
@@ -344,6 +389,25 @@ mod tests {
         // A reply that fits is left alone.
         let small = Reply::new(Status::Completed, "fleet", "a");
         assert_eq!(encode_within(&small, max), serde_json::to_vec(&small).unwrap());
+    }
+
+    #[test]
+    fn repo_urls_compare_by_what_names_the_repo() {
+        let same = [
+            "git+https://tok:secret@git.example.org/o/r.git?ref=main",
+            "https://git.example.org/o/r",
+            "ssh://git@git.example.org/o/r.git",
+            "git@git.example.org:o/r.git",
+            "https://git.example.org/o/r/",
+        ];
+        for u in same {
+            assert_eq!(repo_identity(u), "git.example.org/o/r", "{u}");
+        }
+        assert_eq!(repo_identity("git+file:///tmp/x/remote.git"), "/tmp/x/remote");
+        assert_eq!(repo_identity("/tmp/x/remote.git"), "/tmp/x/remote");
+        assert_ne!(repo_identity("https://git.example.org/o/other"), "git.example.org/o/r");
+        assert_eq!(without_credentials("git+https://tok:secret@h/o/r.git"), "git+https://h/o/r.git");
+        assert_eq!(without_credentials("git+file:///r"), "git+file:///r");
     }
 
     #[test]

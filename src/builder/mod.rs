@@ -128,6 +128,17 @@ impl Worker {
         };
         let reply_to = req.reply_to.clone().or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
         let Some(repo) = self.config.repo(&req.repo) else { return };
+        if req.check {
+            // A question, not a build: answered at once, counted nowhere.
+            if let Some(to) = reply_to {
+                let mut r = Reply::new(Status::Completed, &req.repo, &req.target)
+                    .message(format!("repo `{}` is served here", req.repo));
+                r.branch = Some(repo.branch.clone());
+                r.repo_url = Some(job::without_credentials(&repo.url));
+                self.publish(&[to], &r).await;
+            }
+            return;
+        }
         let branch = req.branch.clone().unwrap_or_else(|| repo.branch.clone());
         let job = Job {
             repo: repo.clone(),

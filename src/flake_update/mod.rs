@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::builder::cli::{Display, EXIT_FAILED, EXIT_REFUSED, NatsArgs, parse_duration, request_build};
-use crate::builder::job::{HostStatus, HostSummary, Status, is_valid_branch, is_valid_name};
+use crate::builder::job::{HostStatus, HostSummary, Status, is_valid_branch, is_valid_name, repo_identity};
 use git::Git;
 use lock::InputChange;
 
@@ -144,6 +144,30 @@ fn built_exactly(reply: &crate::builder::job::Reply, commit: &str) -> bool {
         && hosts.iter().all(|h| h.status == HostStatus::Success && h.out_path.is_some())
 }
 
+/// Refuses to go on unless a builder serves `--repo`, and builds it from the clone's remote.
+async fn check_builder_builds_this_remote(args: &FlakeUpdateArgs, repo: &Git) -> Result<(), (u8, String)> {
+    let client = args.nats.connect("hearth-flake-update").await?;
+    let served = crate::builder::cli::check_repo(&client, &args.repo).await?;
+    let remote = repo
+        .run(&["remote", "get-url", "--", &args.remote])
+        .await
+        .map_err(|e| (EXIT_REFUSED, format!("remote `{}`: {e}", args.remote)))?;
+    let Some(url) = served.repo_url else { return Ok(()) };
+    if repo_identity(&url) != repo_identity(&remote) {
+        return Err((
+            EXIT_REFUSED,
+            format!(
+                "the builder builds repo `{}` from {url}, but remote `{}` of {} is {}; nothing was pushed",
+                args.repo,
+                args.remote,
+                args.path.display(),
+                crate::builder::job::without_credentials(&remote)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses to replace a remote branch that is not an earlier update of hearth's: a name under
 /// `flake-update/` whose tip is a lock update commit.
 async fn check_update_branch_is_ours(repo: &Git, remote: &str, branch: &str) -> Result<(), (u8, String)> {
@@ -179,6 +203,10 @@ async fn update(args: &FlakeUpdateArgs) -> Outcome {
     }
     let repo = Git::new(&args.path);
     let fail = |e: git::GitError| (EXIT_FAILED, e.to_string());
+    if args.push {
+        // Before anything is pushed: a builder serves the repo, from this clone's remote.
+        check_builder_builds_this_remote(args, &repo).await?;
+    }
     let base = repo.fetch_branch(&args.remote, &args.target_branch).await.map_err(fail)?;
 
     // 1. Update the lock in a temporary worktree of the target branch.
