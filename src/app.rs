@@ -152,7 +152,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
-        tracing::warn!(grace = ?config.shutdown_grace, "tasks still running after the grace period; exiting");
+        tracing::warn!(
+            grace_seconds = config.shutdown_grace.as_secs(),
+            "tasks still running after the grace period; exiting"
+        );
     }
     Ok(())
 }

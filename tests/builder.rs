@@ -218,6 +218,13 @@ fn all_with_one_failure_reports_each_host() {
     assert!(last["message"].as_str().unwrap().contains("bad"));
     // Progress carried log lines.
     assert!(replies.iter().any(|r| r["status"] == "progress" && r["host"] == "bad"));
+    // The operator's log says who failed, at which commit, and why, in words.
+    let log = f.hearth.log();
+    let line = log.lines().find(|l| l.contains("build failed")).unwrap_or_else(|| panic!("{log}"));
+    for needle in ["WARN", "repo=fleet", "target=all", "failed=bad", "commit=", "duration=", "1 of 4 host(s) failed"] {
+        assert!(line.contains(needle), "no `{needle}` in {line}");
+    }
+    assert!(!line.contains("Some(") && !line.contains("None"), "{line}");
 
     let m = f.metrics();
     assert_eq!(metric(&m, "homelab_deploy_builds_total{repo=\"fleet\",status=\"failure\"}"), 1.0);

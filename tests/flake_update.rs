@@ -256,7 +256,7 @@ fn an_update_left_building_by_a_timed_out_run_is_never_promoted_for_a_later_one(
     assert_eq!(code, 1, "{sum}");
     assert_eq!(sum["status"], "build_failed", "{sum}");
     assert_eq!(s.remote_branch("master").as_deref(), Some(before.as_str()), "master moved to an unbuilt lock");
-    assert!(s.hearth.log().contains("outcome=Queued"), "the second request joined:\n{}", s.hearth.log());
+    assert!(s.hearth.log().contains("outcome=queued"), "the second request joined:\n{}", s.hearth.log());
 }
 
 #[test]

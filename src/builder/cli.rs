@@ -229,10 +229,14 @@ async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
     tokio::select! {
         reply = build => Ok(exit_code(&reply?)),
         _ = tokio::signal::ctrl_c() => {
+            if std::io::stdout().is_terminal() {
+                // End the status line before the message.
+                println!();
+            }
             let again = format!("hearth build {} {}", args.repo, args.target);
             Err((
                 EXIT_INTERRUPTED,
-                format!("\ninterrupted: the build goes on on the builder; `{again}` follows it again (it joins the running build)"),
+                format!("interrupted: the build goes on on the builder; `{again}` follows it again (it joins the running build)"),
             ))
         }
     }
@@ -298,7 +302,7 @@ impl Display {
             && reply.out_path.is_none()
             && reply.duration_seconds.is_none()
             && reply.queue_position.is_none()
-            && !reply.message.as_deref().unwrap_or("").starts_with("building ")
+            && reply.message.as_deref() != reply.host.as_deref().map(|h| format!("building {h}")).as_deref()
     }
 
     pub fn show(&mut self, reply: &Reply, raw: &[u8]) {

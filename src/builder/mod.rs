@@ -153,7 +153,7 @@ impl Worker {
             repo = %req.repo,
             target = %req.target,
             rev = req.rev.as_deref().unwrap_or("(head)"),
-            outcome = ?outcome,
+            %outcome,
             "build request accepted"
         );
         let Some(to) = reply_to else { return };

@@ -220,3 +220,15 @@ mod tests {
         assert_eq!(q.drain().len(), 1);
     }
 }
+
+impl std::fmt::Display for Enqueued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Enqueued::Joined => f.write_str("joined"),
+            Enqueued::Starting => f.write_str("starting"),
+            Enqueued::Queued { position } => write!(f, "queued at {position}"),
+            Enqueued::Full => f.write_str("queue full"),
+            Enqueued::TooManyJoiners => f.write_str("too many joiners"),
+        }
+    }
+}
