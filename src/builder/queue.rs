@@ -158,6 +158,18 @@ impl Queue {
     }
 }
 
+impl std::fmt::Display for Enqueued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Enqueued::Joined => f.write_str("joined"),
+            Enqueued::Starting => f.write_str("starting"),
+            Enqueued::Queued { position } => write!(f, "queued at {position}"),
+            Enqueued::Full => f.write_str("queue full"),
+            Enqueued::TooManyJoiners => f.write_str("too many joiners"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,17 +230,5 @@ mod tests {
         let _ = q.drain();
         assert_eq!(q.push(job("x", "7")), Enqueued::Starting);
         assert_eq!(q.drain().len(), 1);
-    }
-}
-
-impl std::fmt::Display for Enqueued {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Enqueued::Joined => f.write_str("joined"),
-            Enqueued::Starting => f.write_str("starting"),
-            Enqueued::Queued { position } => write!(f, "queued at {position}"),
-            Enqueued::Full => f.write_str("queue full"),
-            Enqueued::TooManyJoiners => f.write_str("too many joiners"),
-        }
     }
 }
