@@ -29,6 +29,7 @@ let
         nats_url = cfg.builder.natsUrl;
         nkey_seed_file = "${credDir}/builder-nkey";
         build_timeout_seconds = cfg.builder.timeoutSeconds;
+        keep_generations = cfg.builder.keepGenerations;
         gcroots_dir = gcrootsDir;
         nix = "${config.nix.package}/bin/nix";
         repos = map (r: { inherit (r) name url branch; }) cfg.builder.repos;
@@ -193,6 +194,11 @@ in
         type = lib.types.ints.positive;
         default = 14400;
         description = "Timeout of one host's build.";
+      };
+      keepGenerations = lib.mkOption {
+        type = lib.types.ints.between 1 1000;
+        default = 3;
+        description = "Good systems kept per host as GC roots (the newest included), so rollbacks are served from the cache.";
       };
     };
 

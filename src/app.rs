@@ -92,12 +92,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.builder.as_ref().map(|b| b.repos.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
     let metrics = Arc::new(Metrics::new(&repos));
     let store = Arc::new(Store::open(config.store.clone()).context("cannot open the Nix store")?);
+    // The fleet record is kept only where a builder fills it.
+    let fleet_file = config.builder.as_ref().map(|_| config.state_dir.join("fleet.json"));
+    let fleet = Arc::new(crate::fleet::Fleet::load(fleet_file));
     let state = AppState::new(
         store.clone(),
         config.keys,
         metrics.clone(),
         CacheSettings { priority: config.priority, zstd_level: config.zstd_level },
         config.streams,
+        fleet.clone(),
     );
 
     let listener = match activated_listener()? {
@@ -142,7 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     if let Some(builder) = config.builder {
-        let worker = crate::builder::Worker::connect(builder, store.clone(), metrics.clone()).await?;
+        let worker = crate::builder::Worker::connect(builder, store.clone(), metrics.clone(), fleet.clone()).await?;
         tracker.spawn(worker.run(cancel.clone()));
     }
     tracker.close();

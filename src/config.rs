@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub max_nar_streams: usize,
     /// Blocking threads that read NARs and logs (apart from database and `.ls` work).
     pub nar_threads: usize,
+    /// Where hearth keeps its small state (the fleet record).
+    pub state_dir: PathBuf,
 }
 
 impl Default for FileConfig {
@@ -74,6 +76,7 @@ impl Default for FileConfig {
             send_timeout_seconds: 60,
             max_nar_streams: 512,
             nar_threads: 32,
+            state_dir: "/var/lib/hearth".into(),
         }
     }
 }
@@ -163,6 +166,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub limits: crate::http::ConnLimits,
     pub streams: crate::http::StreamLimits,
+    pub state_dir: PathBuf,
 }
 
 /// Checks that a number lies in `range`.
@@ -267,6 +271,7 @@ impl Config {
                 max_nar_streams: file.max_nar_streams,
                 max_zstd_streams: file.compression.max_streams,
             },
+            state_dir: file.state_dir,
         })
     }
 }

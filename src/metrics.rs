@@ -74,6 +74,8 @@ pub struct Metrics {
     pub build_queue: Gauge,
     pub build_in_progress: Gauge,
     pub build_rejected: Family<Repo, Counter>,
+    pub host_closure_bytes: Family<RepoHost, Gauge>,
+    pub host_closure_paths: Family<RepoHost, Gauge>,
     pub start_time: Gauge,
 }
 
@@ -131,6 +133,19 @@ impl Metrics {
             build_rejected.clone(),
         );
 
+        let host_closure_bytes = Family::<RepoHost, Gauge>::default();
+        registry.register(
+            "hearth_host_closure_bytes",
+            "NAR bytes of the closure of each host's newest good system",
+            host_closure_bytes.clone(),
+        );
+        let host_closure_paths = Family::<RepoHost, Gauge>::default();
+        registry.register(
+            "hearth_host_closure_paths",
+            "Store paths in the closure of each host's newest good system",
+            host_closure_paths.clone(),
+        );
+
         let start_time = Gauge::default();
         registry.register("hearth_start_time_seconds", "Unix time hearth started", start_time.clone());
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -161,6 +176,8 @@ impl Metrics {
             build_queue,
             build_in_progress,
             build_rejected,
+            host_closure_bytes,
+            host_closure_paths,
             start_time,
         }
     }

@@ -184,6 +184,9 @@ fn a_good_update_is_promoted_to_master() {
         "{message}"
     );
     assert_eq!(sum["hosts"].as_array().unwrap().len(), 2);
+    // What each host's system changed is in master's history.
+    assert!(message.contains("What changed on each host:") && message.contains("\nh1: "), "{message}");
+    assert!(sum["hosts"][0]["changes"].is_object(), "{sum}");
 }
 
 #[test]

@@ -200,6 +200,8 @@ fn lists_tools_and_repos_builds_and_checks_the_cache() {
     assert_eq!(built["result"]["isError"], false, "{built}");
     let summary = text(&built);
     assert_eq!(summary["status"], "completed");
+    // The assistant gets what changed on the host, to explain an update.
+    assert!(summary["hosts"][0]["changes"]["paths_after"].as_u64().unwrap() >= 1, "{summary}");
     let out = summary["out_path"].as_str().unwrap().to_owned();
 
     let by_path = text(&m.tool("cache_status", json!({"store_path": out})));

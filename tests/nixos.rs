@@ -270,7 +270,7 @@ fn every_option_set_renders_and_checks() {
             addToNixAllowedUsers = true; signKeyPaths = [ "/run/secrets/a.sec" ];
             settings = {{ priority = 40; compression = {{ algorithm = "zstd"; level = 9; }}; max_nar_streams = 64; }};
             alerts = {{ enable = true; narBandwidthBytesPerSecond = 50000000; }};
-            builder.timeoutSeconds = 3600; {FULL_BUILDER} }}; }}"#
+            builder.timeoutSeconds = 3600; builder.keepGenerations = 5; {FULL_BUILDER} }}; }}"#
     ))
     .unwrap();
     assert_eq!(v["firewall"], serde_json::json!([5001, 9974]));
@@ -283,6 +283,7 @@ fn every_option_set_renders_and_checks() {
         "algorithm = \"zstd\"",
         "max_nar_streams = 64",
         "build_timeout_seconds = 3600",
+        "keep_generations = 5",
         "bind = \"0.0.0.0:9974\"",
     ] {
         assert!(toml.contains(needle), "no `{needle}` in\n{toml}");

@@ -348,9 +348,25 @@ impl Display {
                         let _ = writeln!(out, "       {line}");
                     }
                 }
+                if let Some(c) = &h.changes {
+                    let _ = writeln!(out, "       {}: {}", h.host, c.headline());
+                    for line in c.lines() {
+                        let _ = writeln!(out, "         {}", self.colour(&line));
+                    }
+                }
             }
         }
         let _ = out.flush();
+    }
+
+    /// Added lines green, removed red, on a terminal only (and never with `NO_COLOR`).
+    fn colour(&self, line: &str) -> String {
+        let colour = self.tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        match (colour, line.as_bytes().first()) {
+            (true, Some(b'+')) => format!("\x1b[32m{line}\x1b[0m"),
+            (true, Some(b'-')) => format!("\x1b[31m{line}\x1b[0m"),
+            _ => line.to_owned(),
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub struct BuilderSection {
     pub nix: String,
     /// The shortest interval between two `progress` replies with log lines.
     pub progress_interval_ms: u64,
+    /// Good systems kept per host as GC roots (the newest included).
+    pub keep_generations: usize,
     pub repos: Vec<RepoSection>,
 }
 
@@ -55,6 +57,7 @@ impl Default for BuilderSection {
             gcroots_dir: "/nix/var/nix/gcroots/hearth".into(),
             nix: "nix".into(),
             progress_interval_ms: 1000,
+            keep_generations: 3,
             repos: Vec::new(),
         }
     }
@@ -138,6 +141,7 @@ pub struct BuilderConfig {
     pub gcroots_dir: PathBuf,
     pub nix: String,
     pub progress_interval: Duration,
+    pub keep_generations: usize,
     pub repos: Vec<RepoConfig>,
 }
 
@@ -184,6 +188,7 @@ impl BuilderConfig {
         in_range("builder.queue_size", s.queue_size, 1..=10_000)?;
         in_range("builder.build_timeout_seconds", s.build_timeout_seconds, 1..=7 * 86_400)?;
         in_range("builder.progress_interval_ms", s.progress_interval_ms, 0..=3_600_000)?;
+        in_range("builder.keep_generations", s.keep_generations, 1..=1000)?;
         if !is_valid_name(&s.queue_group) {
             return Err(ConfigError::Value { key: "builder.queue_group", reason: "must be a plain name".into() });
         }
@@ -196,6 +201,7 @@ impl BuilderConfig {
             gcroots_dir: s.gcroots_dir,
             nix: s.nix,
             progress_interval: Duration::from_millis(s.progress_interval_ms),
+            keep_generations: s.keep_generations,
             repos,
         })
     }

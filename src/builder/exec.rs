@@ -242,6 +242,24 @@ impl Exec {
         Ok(good)
     }
 
+    /// Makes `link` an (indirect) GC root of the store path `path`, through Nix, so it holds
+    /// wherever `link` lives.
+    pub async fn add_root(
+        &self,
+        path: &str,
+        link: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> Result<(), BuildError> {
+        if let Some(dir) = link.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| BuildError::Spawn(format!("mkdir {}", dir.display()), e))?;
+        }
+        let mut cmd = self.nix();
+        cmd.args(["build", "--out-link"]).arg(link).arg(path);
+        run("nix build (root)", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await.map(|_| ())
+    }
+
     /// Builds one host's toplevel, linking the result at `<gcroots_dir>/<repo>/<host>` (replaced
     /// only on success); returns its output path.
     pub async fn build_host(

@@ -64,6 +64,9 @@ pub struct HostSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub duration_seconds: f64,
+    /// What changed against the host's previous good system (on success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<crate::nix::closure_diff::Changes>,
 }
 
 /// A reply on the request's `reply_to` subject.
@@ -373,6 +376,7 @@ mod tests {
                     out_path: None,
                     error: Some(format!("nix build failed\n{}\nthe last line {i}", "log line\n".repeat(10_000))),
                     duration_seconds: 1.0,
+                    changes: None,
                 })
                 .collect(),
         );

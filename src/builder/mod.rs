@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod exec;
+pub mod generations;
 pub mod job;
 mod queue;
 
@@ -17,10 +18,14 @@ use anyhow::Context;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::fleet::{Fleet, LastBuild};
 use crate::metrics::{Metrics, Repo, RepoHost, RepoHostStatus, RepoStatus};
+use crate::nix::closure_diff::{self, Changes};
+use crate::nix::store_path::StorePath;
 use crate::store::Store;
 use config::BuilderConfig;
 use exec::{BuildError, Exec};
+use generations::Generations;
 use job::{HostStatus, HostSummary, Reply, Status};
 use queue::{Enqueued, Job, Queue};
 
@@ -31,7 +36,10 @@ const FINAL_REPLY_GRACE: Duration = Duration::from_secs(10);
 pub struct Worker {
     config: Arc<BuilderConfig>,
     client: async_nats::Client,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
+    fleet: Arc<Fleet>,
+    generations: Generations,
     exec: Exec,
     queue: Arc<Queue>,
 }
@@ -43,7 +51,12 @@ fn now_seconds() -> i64 {
 impl Worker {
     /// Sets up the NATS client; it connects in the background and reconnects forever, so the
     /// cache starts even while NATS is down.
-    pub async fn connect(config: BuilderConfig, _store: Arc<Store>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        config: BuilderConfig,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        fleet: Arc<Fleet>,
+    ) -> anyhow::Result<Self> {
         let options = config
             .auth
             .options()
@@ -60,7 +73,8 @@ impl Worker {
         let exec =
             Exec { nix: config.nix.clone(), timeout: config.build_timeout, gcroots_dir: config.gcroots_dir.clone() };
         let queue = Arc::new(Queue::new(config.queue_size));
-        Ok(Self { config: Arc::new(config), client, metrics, exec, queue })
+        let generations = Generations::new(&config.gcroots_dir, config.keep_generations);
+        Ok(Self { config: Arc::new(config), client, store, metrics, fleet, generations, exec, queue })
     }
 
     /// Takes requests until `cancel`, then fails the running and waiting builds with "shutdown".
@@ -83,6 +97,8 @@ impl Worker {
         }
         tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
         let worker = Arc::new(self);
+        // The record of generations comes back from the GC roots; closures from the store.
+        tokio::spawn(worker.clone().recover());
         let builds = tokio::spawn(worker.clone().build_loop(cancel.clone()));
         let mut incoming = futures::stream::select_all(subs);
         loop {
@@ -264,6 +280,7 @@ impl Worker {
                     out_path: None,
                     error: Some("shutdown".into()),
                     duration_seconds: 0.0,
+                    changes: None,
                 });
                 continue;
             }
@@ -271,6 +288,7 @@ impl Worker {
             r.host = Some(host.clone());
             self.publish(&self.subscribers(), &r).await;
             let host_start = Instant::now();
+            let previous = self.generations.newest_link(repo, host);
             let result = self.build_with_progress(&flake, job, host, cancel).await;
             let duration = host_start.elapsed().as_secs_f64();
             self.metrics
@@ -289,12 +307,26 @@ impl Worker {
                 .build_hosts
                 .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
                 .inc();
+            let changes = match &out_path {
+                Some(out) => self.record_generation(repo, host, out, previous.as_deref(), commit.as_deref()).await,
+                None => None,
+            };
+            self.fleet.update(repo, host, |h| {
+                h.last_build = Some(LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() })
+            });
             let mut r = base(Status::Progress).message(format!("{host}: {label}"));
             r.host = Some(host.clone());
             r.out_path = out_path.clone();
             r.duration_seconds = Some(duration);
             self.publish(&self.subscribers(), &r).await;
-            summaries.push(HostSummary { host: host.clone(), status, out_path, error, duration_seconds: duration });
+            summaries.push(HostSummary {
+                host: host.clone(),
+                status,
+                out_path,
+                error,
+                duration_seconds: duration,
+                changes,
+            });
         }
 
         let ok = summaries.iter().all(|s| s.status == HostStatus::Success);
@@ -338,6 +370,91 @@ impl Worker {
             "build failed"
         );
         self.publish_final(&self.subscribers(), &reply, cancel).await;
+    }
+
+    /// Roots `out` as the host's newest generation (adopting the link of an earlier good build
+    /// when there is no record yet), drops generations beyond `keep_generations`, and works out
+    /// what changed against the previous one. Problems are logged: the build itself succeeded.
+    async fn record_generation(
+        &self,
+        repo: &str,
+        host: &str,
+        out: &str,
+        previous_link: Option<&str>,
+        commit: Option<&str>,
+    ) -> Option<Changes> {
+        if self.generations.list(repo, host).is_empty()
+            && let Some(prev) = previous_link.filter(|p| *p != out)
+        {
+            // Built before generations were kept: the old out-link is generation 1.
+            self.root_generation(repo, host, prev, None, now_seconds() - 1).await;
+        }
+        // Compared with the newest good system before this build (itself, if nothing changed).
+        let before = self.generations.list(repo, host).last().map(|g| g.path.clone());
+        self.root_generation(repo, host, out, commit, now_seconds()).await;
+        let gens = self.generations.list(repo, host);
+        self.fleet.update(repo, host, |h| h.generations = gens);
+        self.describe(repo, host, before.as_deref(), out).await
+    }
+
+    async fn root_generation(&self, repo: &str, host: &str, path: &str, commit: Option<&str>, at: i64) {
+        let Some(plan) = self.generations.plan(repo, host, path, commit, at) else { return };
+        if let Err(e) = self.exec.add_root(path, &plan.link, &CancellationToken::new()).await {
+            tracing::warn!(%repo, %host, err = %e.detail(), "cannot root a generation; older ones are kept");
+            return;
+        }
+        for old in plan.obsolete {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!(link = %old.display(), err = %e, "cannot drop an old generation");
+            }
+        }
+    }
+
+    /// The newest generation's closure size (metrics, record) and its changes against the one
+    /// before it, from the store's path info.
+    async fn describe(&self, repo: &str, host: &str, before: Option<&str>, after: &str) -> Option<Changes> {
+        let closure = |p: String| async move {
+            let path = StorePath::from_absolute(self.store.store_dir(), &p)?;
+            let infos = self.store.closure(&path).await.ok()??;
+            Some(infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>())
+        };
+        let after = closure(after.to_owned()).await?;
+        let changes = match before {
+            Some(before) => closure_diff::diff(&closure(before.to_owned()).await?, &after),
+            None => {
+                let mut c = closure_diff::diff(&[], &[]);
+                c.first_build = true;
+                c.paths_after = after.len();
+                c.bytes_after = after.iter().map(|(_, s)| s).sum();
+                c
+            }
+        };
+        let label = RepoHost { repo: repo.to_owned(), host: host.to_owned() };
+        self.metrics
+            .host_closure_bytes
+            .get_or_create(&label)
+            .set(i64::try_from(changes.bytes_after).unwrap_or(i64::MAX));
+        self.metrics.host_closure_paths.get_or_create(&label).set(changes.paths_after as i64);
+        let summary = changes.clone();
+        self.fleet.update(repo, host, |h| {
+            h.closure_bytes = Some(summary.bytes_after);
+            h.closure_paths = Some(summary.paths_after);
+            h.changes = Some(summary);
+        });
+        Some(changes)
+    }
+
+    /// At startup: the generations on disk are the record; closure sizes and changes are worked
+    /// out again from the store.
+    async fn recover(self: Arc<Self>) {
+        let repos: Vec<String> = self.config.repos.iter().map(|r| r.name.clone()).collect();
+        for (repo, host) in self.generations.hosts(&repos) {
+            let gens = self.generations.list(&repo, &host);
+            self.fleet.update(&repo, &host, |h| h.generations = gens.clone());
+            let Some(newest) = gens.last() else { continue };
+            let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
+            let _ = self.describe(&repo, &host, before, &newest.path).await;
+        }
     }
 
     fn record(&self, repo: &str, ok: bool) {

@@ -80,18 +80,7 @@ pub struct Summary {
 }
 
 fn today() -> String {
-    // Days since the epoch → a civil date (Howard Hinnant's algorithm), UTC.
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let z = (secs / 86400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    crate::utc::day(crate::utc::now())
 }
 
 pub async fn run(args: FlakeUpdateArgs) -> ExitCode {
@@ -142,6 +131,32 @@ fn built_exactly(reply: &crate::builder::job::Reply, commit: &str) -> bool {
         && reply.commit.as_deref() == Some(commit)
         && !hosts.is_empty()
         && hosts.iter().all(|h| h.status == HostStatus::Success && h.out_path.is_some())
+}
+
+/// What each host's system changed, as commit message text.
+fn host_changes_text(hosts: &[HostSummary]) -> Option<String> {
+    let mut text = String::from("What changed on each host:\n");
+    let mut any = false;
+    for h in hosts {
+        let Some(c) = &h.changes else { continue };
+        any = true;
+        text.push_str(&format!("\n{}: {}\n", h.host, c.headline()));
+        for line in c.lines() {
+            text.push_str(&format!("  {line}\n"));
+        }
+    }
+    any.then_some(text)
+}
+
+/// A commit with `commit`'s tree and parent and its message followed by the host changes;
+/// `commit` itself when there are none.
+async fn with_host_changes(repo: &Git, commit: &str, hosts: &[HostSummary]) -> Result<String, git::GitError> {
+    let Some(text) = host_changes_text(hosts) else { return Ok(commit.to_owned()) };
+    let tree = repo.run(&["rev-parse", &format!("{commit}^{{tree}}")]).await?;
+    let parent = repo.run(&["rev-parse", &format!("{commit}^")]).await?;
+    let message = repo.run(&["log", "-1", "--format=%B", commit]).await?;
+    let message = format!("{}\n\n{text}", message.trim_end());
+    repo.run(&["commit-tree", &tree, "-p", &parent, "-m", &message]).await
 }
 
 /// Refuses to go on unless a builder serves `--repo`, and builds it from the clone's remote.
@@ -323,7 +338,18 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
         return Ok((code, summary));
     }
 
-    // 4. Fast-forward the target, never forcing: a target that moved meanwhile stays as it is.
+    // 4. The commit that goes to the target: the built one, with what changed on each host in
+    //    its message. Same tree and parent, so it is exactly what was built.
+    let commit = match with_host_changes(repo, &commit, &summary.hosts).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(err = %e, "cannot add the host changes to the commit message; promoting the built commit");
+            commit
+        }
+    };
+    summary.commit = Some(commit.clone());
+
+    // 5. Fast-forward the target, never forcing: a target that moved meanwhile stays as it is.
     let target_ref = format!("{commit}:refs/heads/{}", args.target_branch);
     if let Err(e) = repo.run(&["push", "--quiet", &args.remote, &target_ref]).await {
         let now = repo.fetch_branch(&args.remote, &args.target_branch).await.map_err(fail)?;

@@ -7,6 +7,7 @@
 mod cache_info;
 pub mod error;
 mod files;
+mod fleet;
 mod nar;
 mod narinfo;
 pub mod range;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub(crate) narinfos: Arc<narinfo::NarinfoCache>,
     pub(crate) nar_permits: Arc<tokio::sync::Semaphore>,
     pub(crate) zstd_permits: Arc<tokio::sync::Semaphore>,
+    /// The builder's record, for the fleet page (empty without a builder).
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 impl AppState {
@@ -81,6 +84,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         cache: CacheSettings,
         streams: StreamLimits,
+        fleet: Arc<crate::fleet::Fleet>,
     ) -> Self {
         Self {
             store,
@@ -90,6 +94,7 @@ impl AppState {
             narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
             nar_permits: Arc::new(tokio::sync::Semaphore::new(streams.max_nar_streams)),
             zstd_permits: Arc::new(tokio::sync::Semaphore::new(streams.max_zstd_streams)),
+            fleet,
         }
     }
 }
@@ -100,6 +105,8 @@ const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 /// The cache's routes, with metrics; `/metrics` included.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(fleet::index))
+        .route("/fleet.json", get(fleet::json))
         .route("/nix-cache-info", get(cache_info::get))
         .route("/health", get(cache_info::health))
         .route("/version", get(cache_info::version))
@@ -143,6 +150,7 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
 fn route_label(matched: Option<&str>, path: &str) -> &'static str {
     match matched {
         Some("/nix-cache-info") => "cache-info",
+        Some("/" | "/fleet.json") => "fleet",
         Some("/nar/{file}") => "nar",
         Some("/log/{file}") => "log",
         Some("/realisations/{file}") => "realisation",

@@ -4,6 +4,7 @@
 //! Architecture invariant: nothing in here does I/O or knows about tokio, HTTP, SQL or NATS.
 //! Everything else may call it; it calls nothing outside itself.
 
+pub mod closure_diff;
 pub mod http_path;
 pub mod listing;
 pub mod nar;

@@ -268,6 +268,27 @@ impl Store {
         }
     }
 
+    /// The closure of `path`: it and everything it references, directly or not. `None` if
+    /// `path` is not valid; a reference that vanished meanwhile is skipped.
+    pub async fn closure(&self, path: &StorePath) -> Result<Option<Vec<Arc<PathInfo>>>, StoreError> {
+        let Some(root) = self.path_info(path.hash()).await? else { return Ok(None) };
+        let mut seen = std::collections::HashSet::from([root.path.hash()]);
+        let mut todo = vec![root];
+        let mut out = Vec::new();
+        while let Some(info) = todo.pop() {
+            for reference in &info.references {
+                let Some(r) = StorePath::from_basename(reference) else { continue };
+                if seen.insert(r.hash())
+                    && let Some(next) = self.path_info(r.hash()).await?
+                {
+                    todo.push(next);
+                }
+            }
+            out.push(info);
+        }
+        Ok(Some(out))
+    }
+
     /// The NAR of `path` (held by `guard`, e.g. its temp root, while the stream lives).
     pub fn nar_stream<G: Send + Sync + 'static>(
         &self,

@@ -101,7 +101,13 @@ impl Hearth {
         std::fs::copy(nix_wire().join("keys/test.sec"), &key).expect("copy key");
         set_mode(&key, 0o600);
         let config = dir.path().join("hearth.toml");
-        let toml = format!("bind = \"127.0.0.1:0\"\nsign_key_paths = [\"{}\"]\n{extra}\n", key.display());
+        // State stays in the test's own directory unless the test names one.
+        let state = if extra.contains("state_dir") {
+            String::new()
+        } else {
+            format!("state_dir = \"{}\"\n", dir.path().join("state").display())
+        };
+        let toml = format!("bind = \"127.0.0.1:0\"\nsign_key_paths = [\"{}\"]\n{state}{extra}\n", key.display());
         std::fs::write(&config, toml).expect("write config");
         Self::spawn(&config, dir, env)
     }

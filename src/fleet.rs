@@ -1,0 +1,159 @@
+//! The fleet's record: per repo and host, the last build (status, time, commit), the good
+//! generations kept, the newest one's closure size and what changed against the one before.
+//!
+//! Written by the builder, read by the cache's fleet page (`GET /`): like the metrics registry,
+//! a place both sides touch, never a call from one into the other. It holds nothing secret (no
+//! keys, credentials or log lines). It is saved as a small JSON file under the state directory;
+//! a missing or corrupt file starts an empty record, which the builder fills again from the GC
+//! roots and the store.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::nix::closure_diff::Changes;
+
+/// One good system of a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Its number: 1 for the first recorded, counting up.
+    pub number: u64,
+    /// The toplevel store path.
+    pub path: String,
+    /// When it was built (unix seconds).
+    pub built_at: i64,
+    pub commit: Option<String>,
+}
+
+/// The last build of a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastBuild {
+    /// `success` or `failure`.
+    pub status: String,
+    /// When it ended (unix seconds).
+    pub at: i64,
+    pub commit: Option<String>,
+}
+
+/// What the record says of one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub last_build: Option<LastBuild>,
+    /// Oldest first; the last is the newest good system.
+    pub generations: Vec<Generation>,
+    /// The newest generation's closure: NAR bytes and paths.
+    pub closure_bytes: Option<u64>,
+    pub closure_paths: Option<usize>,
+    /// The newest generation against the one before it.
+    pub changes: Option<Changes>,
+}
+
+/// `(repo, host)` → record.
+pub type Hosts = BTreeMap<(String, String), HostRecord>;
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    hosts: Vec<SavedHost>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedHost {
+    repo: String,
+    host: String,
+    #[serde(flatten)]
+    record: HostRecord,
+}
+
+/// The record, shared by `Arc`.
+pub struct Fleet {
+    hosts: RwLock<Hosts>,
+    file: Option<PathBuf>,
+}
+
+impl Fleet {
+    /// The record saved at `file` (if given and readable), or an empty one.
+    pub fn load(file: Option<PathBuf>) -> Self {
+        let hosts = file.as_deref().map(read).unwrap_or_default();
+        Self { hosts: RwLock::new(hosts), file }
+    }
+
+    /// Changes one host's record (creating it) and saves the record.
+    pub fn update(&self, repo: &str, host: &str, change: impl FnOnce(&mut HostRecord)) {
+        let saved = {
+            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+            change(hosts.entry((repo.to_owned(), host.to_owned())).or_default());
+            self.file.as_ref().map(|_| to_json(&hosts))
+        };
+        if let (Some(file), Some(Ok(json))) = (&self.file, saved)
+            && let Err(e) = write_atomically(file, &json)
+        {
+            tracing::warn!(file = %file.display(), err = %e, "cannot save the fleet record");
+        }
+    }
+
+    /// A copy of the record.
+    pub fn snapshot(&self) -> Hosts {
+        self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn to_json(hosts: &Hosts) -> serde_json::Result<Vec<u8>> {
+    let saved = Saved {
+        version: 1,
+        hosts: hosts
+            .iter()
+            .map(|((repo, host), record)| SavedHost { repo: repo.clone(), host: host.clone(), record: record.clone() })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&saved)
+}
+
+fn read(file: &std::path::Path) -> Hosts {
+    let text = match crate::regular_file::read_to_string(file, 64 << 20) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Hosts::new(),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), err = %e, "cannot read the fleet record; starting a new one");
+            return Hosts::new();
+        }
+    };
+    match serde_json::from_str::<Saved>(&text) {
+        Ok(saved) => saved.hosts.into_iter().map(|h| ((h.repo, h.host), h.record)).collect(),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), err = %e, "the fleet record is corrupt; starting a new one");
+            Hosts::new()
+        }
+    }
+}
+
+fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(file).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_a_restart_and_a_corrupt_file_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state/fleet.json");
+        let f = Fleet::load(Some(file.clone()));
+        f.update("fleet", "web1", |r| {
+            r.last_build = Some(LastBuild { status: "success".into(), at: 5, commit: None });
+            r.closure_bytes = Some(42);
+        });
+        let again = Fleet::load(Some(file.clone()));
+        assert_eq!(again.snapshot(), f.snapshot());
+        std::fs::write(&file, "{ not json").unwrap();
+        assert!(Fleet::load(Some(file)).snapshot().is_empty());
+    }
+}

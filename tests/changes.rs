@@ -1,0 +1,245 @@
+//! What changed on each host: a host built again with a package upgraded, one added and one
+//! removed. The final reply, `hearth build`'s text, the metrics, the fleet page and `fleet.json`
+//! show the same changes, and they match `nix store diff-closures` of the real Nix on the same two
+//! systems. Older generations stay rooted and served for rollback, as many as configured.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::nats::Nats;
+use common::{Hearth, hash_part, nix_cmd, run_ok, set_mode};
+use serde_json::Value;
+
+/// A host `web1` whose system references the given packages (`name-version` each).
+fn flake(salt: &str, packages: &[&str], rebuild: &str) -> String {
+    let system = common::flake::system();
+    let pkgs: String = packages.iter().map(|p| format!("(mk \"{p}\") ")).collect();
+    format!(
+        r#"{{
+  outputs = {{ self }}:
+    let
+      mk = name: derivation {{
+        inherit name;
+        system = "{system}";
+        builder = "/bin/sh";
+        args = [ "-c" "echo ${{name}} {salt} > $out" ];
+      }};
+      # Same name and version, another build: a rebuild.
+      bash = derivation {{
+        name = "bash-5.2";
+        system = "{system}";
+        builder = "/bin/sh";
+        args = [ "-c" "echo bash {salt} {rebuild} > $out" ];
+      }};
+      pkgs = [ bash {pkgs}];
+    in {{
+      nixosConfigurations."web1".config.system.build.toplevel = derivation {{
+        name = "nixos-system-web1-26.05";
+        system = "{system}";
+        builder = "/bin/sh";
+        args = [ "-c" "echo ${{toString pkgs}} > $out" ];
+      }};
+    }};
+}}
+"#
+    )
+}
+
+struct Setup {
+    hearth: Hearth,
+    config: String,
+    nats: Nats,
+    repo: PathBuf,
+    roots: PathBuf,
+    salt: String,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(keep: usize) -> Setup {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let salt = common::flake::salt();
+    let repo = dir.path().join("fleet");
+    common::flake::make_repo(&repo, &flake(&salt, &["openssl-3.0.13", "linux-6.6.1", "oldtool-1.0"], "a"));
+    let roots = dir.path().join("gcroots");
+    let state = dir.path().join("state");
+    let config = format!(
+        "state_dir = \"{}\"\n[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\nkeep_generations = {keep}\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
+        state.display(),
+        nats.url(),
+        nats.builder_seed.display(),
+        roots.display(),
+        repo.display()
+    );
+    let hearth = Hearth::start(&config);
+    hearth.wait_for_log("builder listening", 1);
+    Setup { hearth, config, nats, repo, roots, salt, _dir: dir }
+}
+
+impl Setup {
+    fn commit(&self, packages: &[&str], rebuild: &str) {
+        std::fs::write(self.repo.join("flake.nix"), flake(&self.salt, packages, rebuild)).unwrap();
+        common::flake::git(&self.repo, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "bump"]);
+    }
+
+    /// `hearth build fleet web1`, as JSON replies or as text.
+    fn build(&self, json: bool) -> (i32, String) {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        c.args(["build", "fleet", "web1", "--nats-url", &self.nats.url(), "--nkey-seed-file"]);
+        c.arg(self.nats.seed_path()).env("NO_COLOR", "1");
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn final_reply(&self) -> Value {
+        let (code, out) = self.build(true);
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    }
+}
+
+/// `nix store diff-closures` as (name, old versions, new versions) for lines with versions.
+fn nix_diff(before: &str, after: &str) -> BTreeSet<(String, String, String)> {
+    let out = run_ok(nix_cmd("nix").args(["store", "diff-closures", before, after]));
+    out.lines()
+        .filter_map(|line| {
+            // Colour codes may surround the size.
+            let line: String = line
+                .split('\x1b')
+                .enumerate()
+                .map(|(i, p)| if i == 0 { p } else { p.split_once('m').map_or("", |x| x.1) })
+                .collect();
+            let (name, rest) = line.split_once(": ")?;
+            let (old, new) = rest.split(", ").next()?.split_once(" → ")?;
+            let norm = |s: &str| if s == "∅" { String::new() } else { s.to_owned() };
+            Some((name.to_owned(), norm(old), norm(new)))
+        })
+        .collect()
+}
+
+fn ours(changes: &Value) -> BTreeSet<(String, String, String)> {
+    let join =
+        |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_owned()).collect::<Vec<_>>().join(", ");
+    let mut out = BTreeSet::new();
+    for c in changes["changed"].as_array().unwrap() {
+        out.insert((c["name"].as_str().unwrap().to_owned(), join(&c["old"]), join(&c["new"])));
+    }
+    for a in changes["added"].as_array().unwrap() {
+        out.insert((a["name"].as_str().unwrap().to_owned(), String::new(), join(&a["versions"])));
+    }
+    for r in changes["removed"].as_array().unwrap() {
+        out.insert((r["name"].as_str().unwrap().to_owned(), join(&r["versions"]), String::new()));
+    }
+    out
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {series}"))
+}
+
+fn deletable(path: &str) -> bool {
+    nix_cmd("nix-store").args(["--delete", path]).output().unwrap().status.success()
+}
+
+#[test]
+fn a_second_build_reports_what_changed_everywhere_and_matches_diff_closures() {
+    let s = setup(3);
+    let first = s.final_reply();
+    let old = first["out_path"].as_str().unwrap().to_owned();
+    assert_eq!(first["hosts"][0]["changes"]["first_build"], true, "{first}");
+
+    // openssl upgraded, newtool added, oldtool removed, bash rebuilt.
+    s.commit(&["openssl-3.0.14", "linux-6.6.1", "newtool-2.1"], "b");
+    let second = s.final_reply();
+    let new = second["out_path"].as_str().unwrap().to_owned();
+    let changes = &second["hosts"][0]["changes"];
+    let expected: BTreeSet<(String, String, String)> =
+        [("newtool", "", "2.1"), ("oldtool", "1.0", ""), ("openssl", "3.0.13", "3.0.14")]
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+    assert_eq!(ours(changes), expected, "{changes}");
+    assert_eq!(ours(changes), nix_diff(&old, &new), "hearth and nix store diff-closures disagree");
+    // bash (same version, new hash) and the system itself are rebuilds.
+    assert_eq!(changes["rebuilt"], 2, "{changes}");
+    assert_eq!(changes["paths_before"], changes["paths_after"]);
+
+    // The same on the fleet page, fleet.json and in the metrics.
+    let page = s.hearth.get("/").text();
+    assert!(
+        page.contains("<b>openssl</b> 3.0.13 → 3.0.14") && page.contains("newtool") && page.contains("oldtool"),
+        "{page}"
+    );
+    assert!(page.contains("generation 2"), "{page}");
+    let fleet: Value = serde_json::from_slice(&s.hearth.get("/fleet.json").body).unwrap();
+    let host = &fleet["hosts"][0];
+    assert_eq!((host["repo"].as_str(), host["host"].as_str()), (Some("fleet"), Some("web1")));
+    assert_eq!(&host["changes"], changes);
+    let m = s.hearth.get("/metrics").text();
+    let label = "{repo=\"fleet\",host=\"web1\"}";
+    assert_eq!(metric(&m, &format!("hearth_host_closure_bytes{label}")), changes["bytes_after"].as_f64().unwrap());
+    assert_eq!(metric(&m, &format!("hearth_host_closure_paths{label}")), changes["paths_after"].as_f64().unwrap());
+    for secret in ["SU", "nkey", "BEGIN"] {
+        assert!(!page.contains(secret), "the page shows `{secret}`");
+    }
+
+    // hearth build's own text: a summary line per host and the version lines.
+    s.commit(&["openssl-3.0.15", "linux-6.6.1", "newtool-2.1"], "b");
+    let (code, text) = s.build(false);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("web1: 1 changed, 0 added, 0 removed"), "{text}");
+    assert!(text.contains("openssl: 3.0.14 → 3.0.15"), "{text}");
+
+    // Three generations: the two older systems are still roots and still served.
+    let gens = std::fs::read_dir(s.roots.join("fleet/.generations/web1")).unwrap().count();
+    assert_eq!(gens, 3);
+    for p in [&old, &new] {
+        assert_eq!(s.hearth.get(&format!("/{}.narinfo", hash_part(p))).status, 200);
+        assert!(!deletable(p), "{p} could be garbage-collected");
+    }
+    let dest = tempfile::tempdir().unwrap();
+    let key = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
+    let copy = nix_cmd("nix")
+        .args(["copy", "--from", &s.hearth.url(), "--to"])
+        .arg(dest.path())
+        .args(["--option", "trusted-public-keys", key.trim(), &old])
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "rollback copy: {}", String::from_utf8_lossy(&copy.stderr));
+
+    // A restart keeps the record: generations from the roots, the last build from the state
+    // file, the changes worked out again from the store.
+    let before: Value = serde_json::from_slice(&s.hearth.get("/fleet.json").body).unwrap();
+    let mut s = s;
+    s.hearth = Hearth::start(&s.config);
+    s.hearth.wait_for_log("builder listening", 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let after: Value = serde_json::from_slice(&s.hearth.get("/fleet.json").body).unwrap();
+        if after["hosts"] == before["hosts"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the record after a restart:\n{after}\nbefore:\n{before}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn with_keep_generations_1_only_the_newest_is_rooted() {
+    let s = setup(1);
+    let old = s.final_reply()["out_path"].as_str().unwrap().to_owned();
+    s.commit(&["openssl-3.0.14", "linux-6.6.1"], "a");
+    let new = s.final_reply()["out_path"].as_str().unwrap().to_owned();
+    assert_ne!(old, new);
+    assert!(!deletable(&new), "the newest system is not rooted");
+    assert!(deletable(&old), "an old generation beyond keep_generations is still rooted");
+}
