@@ -66,6 +66,7 @@ fn store(backend: Backend) -> Store {
         pool_size: 4,
         backend,
         nar_threads: 4,
+        nar_cache: None,
     })
     .expect("the local Nix store (run scripts/bench, which sets it up)")
 }

@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub store: StoreSection,
     pub metrics: MetricsSection,
     pub builder: Option<BuilderSection>,
+    /// The hot-NAR store (absent: none).
+    pub nar_cache: Option<NarCacheSection>,
     /// Seconds that in-flight requests and builds get after SIGTERM.
     pub shutdown_grace_seconds: u64,
     /// Client connections served at once.
@@ -70,6 +72,7 @@ impl Default for FileConfig {
             store: StoreSection::default(),
             metrics: MetricsSection::default(),
             builder: None,
+            nar_cache: None,
             shutdown_grace_seconds: 30,
             max_connections: 4096,
             header_timeout_seconds: 30,
@@ -121,6 +124,23 @@ impl Default for StoreSection {
             log_dir: "/nix/var/log/nix".into(),
             real_dir: None,
         }
+    }
+}
+
+/// `[nar_cache]`: hot NARs kept on disk, compressed once.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NarCacheSection {
+    pub dir: PathBuf,
+    /// `20GiB`, `500MiB`, …
+    pub max_size: String,
+    /// The zstd level entries are written at (with `compression.algorithm = "zstd"`).
+    pub level: i32,
+}
+
+impl Default for NarCacheSection {
+    fn default() -> Self {
+        Self { dir: "/var/cache/hearth/nars".into(), max_size: "20GiB".into(), level: 9 }
     }
 }
 
@@ -242,6 +262,26 @@ impl Config {
         in_range("shutdown_grace_seconds", file.shutdown_grace_seconds, 0..=86_400)?;
         in_range("max_nar_streams", file.max_nar_streams, 1..=100_000)?;
         in_range("nar_threads", file.nar_threads, 1..=1024)?;
+        let zstd_level = (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level);
+        let nar_cache = match &file.nar_cache {
+            Some(c) => {
+                in_range("nar_cache.level", c.level, 1..=19)?;
+                let max_size = crate::store::nar_cache::parse_size(&c.max_size).ok_or_else(|| ConfigError::Value {
+                    key: "nar_cache.max_size",
+                    reason: format!("`{}` is not a size like 20GiB or 500MiB", c.max_size),
+                })?;
+                in_range("nar_cache.max_size", max_size, 1 << 20..=1 << 50)?;
+                if !c.dir.is_absolute() {
+                    return Err(ConfigError::Value { key: "nar_cache.dir", reason: "must be an absolute path".into() });
+                }
+                Some(crate::store::nar_cache::NarCacheConfig {
+                    dir: c.dir.clone(),
+                    max_size,
+                    zstd_level: zstd_level.map(|_| c.level),
+                })
+            }
+            None => None,
+        };
         let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
         let builder = file.builder.map(BuilderConfig::from_section).transpose()?;
         Ok(Self {
@@ -258,8 +298,9 @@ impl Config {
                 pool_size: file.daemon_pool_size,
                 backend: file.store.backend,
                 nar_threads: file.nar_threads,
+                nar_cache,
             },
-            zstd_level: (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level),
+            zstd_level,
             builder,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds),
             limits: crate::http::ConnLimits {

@@ -74,6 +74,15 @@ pub struct Metrics {
     pub build_queue: Gauge,
     pub build_in_progress: Gauge,
     pub build_rejected: Family<Repo, Counter>,
+    pub nar_cache_hits: Counter,
+    pub nar_cache_misses: Counter,
+    pub nar_cache_bytes_sent: Counter,
+    pub nar_cache_entries: Gauge,
+    pub nar_cache_size: Gauge,
+    pub nar_cache_evictions: Counter,
+    pub nar_cache_fills: Counter,
+    pub nar_cache_fill_failures: Counter,
+    pub nar_cache_fill_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub host_closure_bytes: Family<RepoHost, Gauge>,
     pub host_closure_paths: Family<RepoHost, Gauge>,
     pub start_time: Gauge,
@@ -133,6 +142,49 @@ impl Metrics {
             build_rejected.clone(),
         );
 
+        let nar_cache_hits = Counter::default();
+        registry.register(
+            "hearth_nar_cache_hits",
+            "NAR requests served from the hot-NAR store",
+            nar_cache_hits.clone(),
+        );
+        let nar_cache_misses = Counter::default();
+        registry.register(
+            "hearth_nar_cache_misses",
+            "NAR requests the hot-NAR store could have served but did not hold",
+            nar_cache_misses.clone(),
+        );
+        let nar_cache_bytes_sent = Counter::default();
+        registry.register(
+            "hearth_nar_cache_sent_bytes",
+            "Bytes sent from the hot-NAR store",
+            nar_cache_bytes_sent.clone(),
+        );
+        let nar_cache_entries = Gauge::default();
+        registry.register("hearth_nar_cache_entries", "Entries in the hot-NAR store", nar_cache_entries.clone());
+        let nar_cache_size = Gauge::default();
+        registry.register("hearth_nar_cache_bytes", "Bytes on disk in the hot-NAR store", nar_cache_size.clone());
+        let nar_cache_evictions = Counter::default();
+        registry.register(
+            "hearth_nar_cache_evictions",
+            "Entries dropped from the hot-NAR store to stay under max_size",
+            nar_cache_evictions.clone(),
+        );
+        let nar_cache_fills = Counter::default();
+        registry.register("hearth_nar_cache_fills", "Entries written to the hot-NAR store", nar_cache_fills.clone());
+        let nar_cache_fill_failures = Counter::default();
+        registry.register(
+            "hearth_nar_cache_fill_failures",
+            "Fills of the hot-NAR store that failed (NarHash mismatch, disk full, path gone)",
+            nar_cache_fill_failures.clone(),
+        );
+        let nar_cache_fill_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "hearth_nar_cache_fill_seconds",
+            "Time spent filling the hot-NAR store",
+            nar_cache_fill_seconds.clone(),
+        );
+
         let host_closure_bytes = Family::<RepoHost, Gauge>::default();
         registry.register(
             "hearth_host_closure_bytes",
@@ -176,6 +228,15 @@ impl Metrics {
             build_queue,
             build_in_progress,
             build_rejected,
+            nar_cache_hits,
+            nar_cache_misses,
+            nar_cache_bytes_sent,
+            nar_cache_entries,
+            nar_cache_size,
+            nar_cache_evictions,
+            nar_cache_fills,
+            nar_cache_fill_failures,
+            nar_cache_fill_seconds,
             host_closure_bytes,
             host_closure_paths,
             start_time,

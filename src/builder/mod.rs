@@ -394,6 +394,13 @@ impl Worker {
         self.root_generation(repo, host, out, commit, now_seconds()).await;
         let gens = self.generations.list(repo, host);
         self.fleet.update(repo, host, |h| h.generations = gens);
+        // The host is about to pull its closure: have it compressed once, in the background.
+        if self.store.nar_cache().is_some()
+            && let Some(path) = StorePath::from_absolute(self.store.store_dir(), out)
+            && let Ok(Some(infos)) = self.store.closure(&path).await
+        {
+            self.store.cache_nars(&infos);
+        }
         self.describe(repo, host, before.as_deref(), out).await
     }
 

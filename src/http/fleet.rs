@@ -178,11 +178,15 @@ fn render(hosts: &Hosts, cache: &Value) -> String {
     let mut body = String::new();
     let keys: Vec<&str> = cache["public_keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     body.push_str(&format!(
-        "<h1>hearth</h1><p class=muted>binary cache of <code>{}</code> · priority {} · {} · signed by {}</p>",
+        "<h1>hearth</h1><p class=muted>binary cache of <code>{}</code> · priority {} · {} · {}</p>",
         esc(cache["store_dir"].as_str().unwrap_or("")),
         cache["priority"],
         esc(&format!("compression {}", cache["compression"].as_str().unwrap_or("none"))),
-        if keys.is_empty() { "no key (unsigned)".to_owned() } else { esc(&keys.join(", ")) }
+        if keys.is_empty() {
+            "unsigned (no signing key)".to_owned()
+        } else {
+            format!("signed by {}", esc(&keys.join(", ")))
+        }
     ));
     if hosts.is_empty() {
         body.push_str("<p>No builds are recorded here: this cache runs no builder, or none has built yet.</p>");

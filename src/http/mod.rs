@@ -132,6 +132,24 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
     let pool = state.store.pool();
     state.metrics.daemon_pool_in_use.set(pool.in_use() as i64);
     state.metrics.daemon_pool_size.set(pool.size() as i64);
+    if let Some(cache) = state.store.nar_cache() {
+        // One scrape at a time catches the counters up, so none is counted twice.
+        static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &state.metrics;
+        let (entries, bytes) = cache.usage();
+        m.nar_cache_entries.set(entries as i64);
+        m.nar_cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        // The store counts; the counters catch up at each scrape.
+        let s = cache.stats();
+        let catch_up =
+            |c: &prometheus_client::metrics::counter::Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&m.nar_cache_evictions, s.evictions.load(std::sync::atomic::Ordering::Relaxed));
+        catch_up(&m.nar_cache_fills, s.fills.load(std::sync::atomic::Ordering::Relaxed));
+        catch_up(&m.nar_cache_fill_failures, s.fill_failures.load(std::sync::atomic::Ordering::Relaxed));
+        let secs = s.fill_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+        m.nar_cache_fill_seconds.inc_by((secs - m.nar_cache_fill_seconds.get()).max(0.0));
+    }
     let open_metrics = headers
         .get_all(header::ACCEPT)
         .iter()

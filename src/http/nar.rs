@@ -46,6 +46,16 @@ pub(super) async fn get(
         (NarEncoding::Zstd, Some(level)) => Some(level),
         (NarEncoding::Zstd, None) => return Err(HttpError::NotFound),
     };
+    // A hot NAR of this very NarHash, in the asked encoding, is served from its file.
+    if let Some(cache) = state.store.nar_cache().filter(|c| c.compressed() == level.is_some()) {
+        if let Some(entry) = cache.get(store_hash, &info.nar_hash) {
+            return serve_cached(&state, &method, &headers, &entry);
+        }
+        state.metrics.nar_cache_misses.inc();
+        if cache.second_request(store_hash) {
+            state.store.cache_nars(std::slice::from_ref(&info));
+        }
+    }
     let size = info.nar_size;
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
@@ -61,18 +71,8 @@ pub(super) async fn get(
             if let Ok(v) = HeaderValue::from_str(&etag) {
                 resp_headers.insert(header::ETAG, v);
             }
-            let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| v.as_bytes() == etag.as_bytes());
-            let range = headers.get(header::RANGE).filter(|_| if_range_ok).map(|v| v.as_bytes());
-            match decide(range, size) {
-                RangeDecision::Full => (StatusCode::OK, Encoding::Plain { start: 0, end: size }, Some(size)),
-                RangeDecision::Partial { start, end } => {
-                    if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
-                        resp_headers.insert(header::CONTENT_RANGE, v);
-                    }
-                    (StatusCode::PARTIAL_CONTENT, Encoding::Plain { start, end }, Some(end - start))
-                }
-                RangeDecision::Unsatisfiable => return Err(HttpError::RangeNotSatisfiable { size }),
-            }
+            let (status, start, end) = ranged(&headers, &etag, size, &mut resp_headers)?;
+            (status, Encoding::Plain { start, end }, Some(end - start))
         }
     };
     if let Some(len) = length {
@@ -97,7 +97,53 @@ pub(super) async fn get(
     };
     let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
     let stream = state.store.nar_stream(&info.path, encoding, (root, permit, zstd_permit));
-    let body = NarBody::new(stream, length, state.metrics.clone());
+    let body = NarBody::new(stream, length, state.metrics.clone(), false);
+    Ok((status, resp_headers, Body::new(body)).into_response())
+}
+
+/// Decides a request's range over `size` bytes whose strong validator is `etag`: `If-Range`
+/// with any other validator (or a date: there is no Last-Modified) asks for everything.
+/// Returns the status and `[start, end)`, and sets `Content-Range` for a partial reply.
+fn ranged(headers: &HeaderMap, etag: &str, size: u64, resp: &mut HeaderMap) -> HttpResult<(StatusCode, u64, u64)> {
+    let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| v.as_bytes() == etag.as_bytes());
+    let range = headers.get(header::RANGE).filter(|_| if_range_ok).map(|v| v.as_bytes());
+    match decide(range, size) {
+        RangeDecision::Full => Ok((StatusCode::OK, 0, size)),
+        RangeDecision::Partial { start, end } => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+                resp.insert(header::CONTENT_RANGE, v);
+            }
+            Ok((StatusCode::PARTIAL_CONTENT, start, end))
+        }
+        RangeDecision::Unsatisfiable => Err(HttpError::RangeNotSatisfiable { size }),
+    }
+}
+
+/// Serves a hot-NAR entry's file: exact length, ranges, its own hash as the validator.
+fn serve_cached(
+    state: &AppState,
+    method: &Method,
+    headers: &HeaderMap,
+    entry: &crate::store::nar_cache::Entry,
+) -> HttpResult<Response> {
+    state.metrics.nar_cache_hits.inc();
+    let mut resp_headers = HeaderMap::new();
+    resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+    resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    resp_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let etag = format!("\"{}\"", entry.file_hash.strip_prefix("sha256:").unwrap_or(&entry.file_hash));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        resp_headers.insert(header::ETAG, v);
+    }
+    let (status, start, end) = ranged(headers, &etag, entry.file_size, &mut resp_headers)?;
+    resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if *method == Method::HEAD {
+        return Ok((status, resp_headers).into_response());
+    }
+    let permit =
+        state.nar_permits.clone().try_acquire_owned().map_err(|_| HttpError::Busy("too many NAR downloads"))?;
+    let stream = state.store.cached_nar_stream(entry, start, end, permit)?;
+    let body = NarBody::new(stream, Some(end - start), state.metrics.clone(), true);
     Ok((status, resp_headers, Body::new(body)).into_response())
 }
 
@@ -107,12 +153,14 @@ struct NarBody {
     rx: NarStream,
     remaining: Option<u64>,
     metrics: Arc<Metrics>,
+    /// Served from the hot-NAR store.
+    cached: bool,
 }
 
 impl NarBody {
-    fn new(rx: NarStream, length: Option<u64>, metrics: Arc<Metrics>) -> Self {
+    fn new(rx: NarStream, length: Option<u64>, metrics: Arc<Metrics>, cached: bool) -> Self {
         metrics.nars_in_flight.inc();
-        Self { rx, remaining: length, metrics }
+        Self { rx, remaining: length, metrics, cached }
     }
 }
 
@@ -140,6 +188,9 @@ impl http_body::Body for NarBody {
                     *rem -= n;
                 }
                 self.metrics.nar_bytes_sent.inc_by(n);
+                if self.cached {
+                    self.metrics.nar_cache_bytes_sent.inc_by(n);
+                }
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),

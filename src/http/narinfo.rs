@@ -22,7 +22,22 @@ pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Pat
         let headers = [(header::CONTENT_TYPE, "text/x-nix-narinfo"), (header::CACHE_CONTROL, "public, max-age=86400")];
         // HEAD gets the same headers as GET, Content-Length included (RFC 9110); the server
         // sends no body for it.
-        Ok((headers, state.narinfos.get_or_render(&info, || render(&state, &info).to_string())).into_response())
+        // A hot compressed NAR's narinfo carries the exact FileHash and FileSize of its file.
+        let file = state
+            .store
+            .nar_cache()
+            .filter(|c| c.compressed() && state.cache.zstd_level.is_some())
+            .and_then(|c| c.peek(hash, &info.nar_hash))
+            .map(|e| (e.file_hash, e.file_size));
+        let text = state.narinfos.get_or_render(&info, file.as_ref().map(|f| f.0.as_str()), || {
+            let mut narinfo = render(&state, &info);
+            if let Some((file_hash, file_size)) = &file {
+                narinfo.file_hash = Some(file_hash.clone());
+                narinfo.file_size = Some(*file_size);
+            }
+            narinfo.to_string()
+        });
+        Ok((headers, text).into_response())
     } else if file.ends_with(".ls") {
         let hash = http_path::parse_listing(&file).ok_or(HttpError::BadRequest("malformed listing hash"))?;
         let info = state.store.path_info(hash).await?.ok_or(HttpError::NotFound)?;
@@ -40,7 +55,8 @@ pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Pat
 /// Rendered, signed narinfos, reused while the store returns the same path info (the same `Arc`).
 /// Signing is most of a narinfo's cost.
 pub(crate) struct NarinfoCache {
-    entries: quick_cache::sync::Cache<StorePathHash, (Arc<PathInfo>, Bytes)>,
+    /// Keyed by path; valid for the same path info and the same hot-NAR file (if any).
+    entries: quick_cache::sync::Cache<StorePathHash, (Arc<PathInfo>, Option<String>, Bytes)>,
 }
 
 impl NarinfoCache {
@@ -48,15 +64,16 @@ impl NarinfoCache {
         Self { entries: quick_cache::sync::Cache::new(capacity) }
     }
 
-    fn get_or_render(&self, info: &Arc<PathInfo>, render: impl FnOnce() -> String) -> Bytes {
+    fn get_or_render(&self, info: &Arc<PathInfo>, file_hash: Option<&str>, render: impl FnOnce() -> String) -> Bytes {
         let hash = info.path.hash();
-        if let Some((cached, text)) = self.entries.get(&hash)
+        if let Some((cached, cached_file, text)) = self.entries.get(&hash)
             && Arc::ptr_eq(&cached, info)
+            && cached_file.as_deref() == file_hash
         {
             return text;
         }
         let text = Bytes::from(render());
-        self.entries.insert(hash, (info.clone(), text.clone()));
+        self.entries.insert(hash, (info.clone(), file_hash.map(str::to_owned), text.clone()));
         text
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod db;
+pub mod nar_cache;
 pub(crate) mod nar_fs;
 pub mod nar_reader;
 pub mod nar_stream;
@@ -84,6 +85,8 @@ pub struct StoreConfig {
     pub backend: Backend,
     /// Blocking threads that produce NAR (and log) chunks, apart from tokio's shared pool.
     pub nar_threads: usize,
+    /// The hot-NAR store, if configured.
+    pub nar_cache: Option<nar_cache::NarCacheConfig>,
 }
 
 /// Path infos kept in memory at most.
@@ -123,8 +126,9 @@ pub struct Store {
     config: StoreConfig,
     db: Option<db::Db>,
     pool: daemon::Pool,
-    roots: temp_roots::TempRoots,
+    roots: Arc<temp_roots::TempRoots>,
     nars: Arc<nar_stream::NarPool>,
+    nar_cache: Option<nar_cache::NarCache>,
     /// Path info of valid paths, keyed by hash part. Store paths are immutable, so an entry stays
     /// right while the same file is on disk; that is checked (one `lstat`) on every hit. Misses
     /// are never cached: a path built a moment ago is found at once.
@@ -151,9 +155,14 @@ impl Store {
             },
         };
         let pool = daemon::Pool::new(config.daemon_socket.clone(), config.pool_size);
-        let roots = temp_roots::TempRoots::new(config.daemon_socket.clone());
+        let roots = Arc::new(temp_roots::TempRoots::new(config.daemon_socket.clone()));
         let nars = Arc::new(nar_stream::NarPool::new(config.nar_threads)?);
-        Ok(Self { config, db, pool, roots, nars, infos: quick_cache::sync::Cache::new(INFO_CACHE_ENTRIES) })
+        let nar_cache = match &config.nar_cache {
+            Some(c) => Some(nar_cache::NarCache::open(c.clone(), roots.clone())?),
+            None => None,
+        };
+        let infos = quick_cache::sync::Cache::new(INFO_CACHE_ENTRIES);
+        Ok(Self { config, db, pool, roots, nars, nar_cache, infos })
     }
 
     pub fn store_dir(&self) -> &str {
@@ -287,6 +296,36 @@ impl Store {
             out.push(info);
         }
         Ok(Some(out))
+    }
+
+    /// The hot-NAR store, if configured.
+    pub fn nar_cache(&self) -> Option<&nar_cache::NarCache> {
+        self.nar_cache.as_ref()
+    }
+
+    /// Queues `infos` for the hot-NAR store (a host's closure, about to be pulled), in the
+    /// background; nothing happens without one.
+    pub fn cache_nars(&self, infos: &[Arc<PathInfo>]) {
+        let Some(cache) = &self.nar_cache else { return };
+        for info in infos {
+            let full = info.path.to_absolute(&self.config.store_dir);
+            cache.enqueue(info.clone(), self.disk_path(&info.path), full);
+        }
+    }
+
+    /// The bytes `[start, end)` of a hot-NAR entry's file, streamed on the NAR pool.
+    pub fn cached_nar_stream<G: Send + Sync + 'static>(
+        &self,
+        entry: &nar_cache::Entry,
+        start: u64,
+        end: u64,
+        guard: G,
+    ) -> Result<nar_stream::NarStream, StoreError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(&entry.file)?;
+        file.seek(SeekFrom::Start(start))?;
+        let source: nar_stream::Source = Box::new(file.take(end.saturating_sub(start)));
+        Ok(nar_stream::NarStream::from_reader_with(self.nars.clone(), entry.file.display().to_string(), source, guard))
     }
 
     /// The NAR of `path` (held by `guard`, e.g. its temp root, while the stream lives).

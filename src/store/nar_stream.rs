@@ -195,6 +195,16 @@ impl NarStream {
         Self::with_opener(pool, what, Box::new(move || Ok(source)), Box::new(()))
     }
 
+    /// Any blocking byte source, already open, with a guard that lives as long as the stream.
+    pub fn from_reader_with<G: Send + Sync + 'static>(
+        pool: std::sync::Arc<NarPool>,
+        what: String,
+        source: Source,
+        guard: G,
+    ) -> Self {
+        Self::with_opener(pool, what, Box::new(move || Ok(source)), Box::new(guard))
+    }
+
     fn with_opener(pool: std::sync::Arc<NarPool>, what: String, open: Opener, guard: Box<dyn Send + Sync>) -> Self {
         Self {
             pool,
