@@ -165,7 +165,7 @@ impl NarReader {
 
     /// Reads file contents into `out`; returns 0 once the file is done (its closing framing is
     /// then queued).
-    fn read_contents(&mut self, out: &mut [u8]) -> io::Result<usize> {
+    fn read_contents(&mut self, out: Out<'_>) -> io::Result<usize> {
         let Some(c) = self.contents.as_mut() else { return Ok(0) };
         let left = c.size - c.done;
         // Skip what lies before the wanted offset without reading it.
@@ -193,9 +193,18 @@ impl NarReader {
                 }
                 c.file = Some(file);
             }
-            let want = left.min(out.len() as u64) as usize;
             let Some(file) = c.file.as_mut() else { return Ok(0) };
-            let n = file.read(&mut out[..want])?;
+            let n = match out {
+                Out::Slice(out) => {
+                    let want = left.min(out.len() as u64) as usize;
+                    file.read(&mut out[..want])?
+                }
+                // Into the vector's spare capacity, which is never zeroed first.
+                Out::Vec(v) => {
+                    let want = left.min((v.capacity() - v.len()) as u64);
+                    file.take(want).read_to_end(v)?
+                }
+            };
             if n == 0 {
                 // A file shorter than its metadata said changed under us: never pad it.
                 return Err(io::Error::new(
@@ -238,7 +247,7 @@ impl NarReader {
                 return Ok(n);
             }
             if self.contents.is_some() {
-                let n = self.read_contents(out)?;
+                let n = self.read_contents(Out::Slice(out))?;
                 if n > 0 {
                     return Ok(n);
                 }
@@ -249,6 +258,48 @@ impl NarReader {
                 return Ok(0);
             }
         }
+    }
+}
+
+/// Where file contents go: a slice (`Read`), or a vector's spare capacity.
+enum Out<'a> {
+    Slice(&'a mut [u8]),
+    Vec(&'a mut Vec<u8>),
+}
+
+impl NarReader {
+    /// Appends the next NAR bytes to `v` until its capacity is full or the NAR ends, without
+    /// zeroing the buffer first. For whole NARs (no `skip_to`).
+    pub fn fill_vec(&mut self, v: &mut Vec<u8>) -> io::Result<()> {
+        while v.len() < v.capacity() {
+            if self.skip_until > self.pos {
+                // Ranges take the general path.
+                let mut tmp = vec![0u8; (v.capacity() - v.len()).min(64 << 10)];
+                let n = self.next_bytes(&mut tmp)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                v.extend_from_slice(&tmp[..n]);
+                continue;
+            }
+            if self.framing_pos < self.framing.len() {
+                let avail = &self.framing[self.framing_pos..];
+                let n = avail.len().min(v.capacity() - v.len());
+                v.extend_from_slice(&avail[..n]);
+                self.framing_pos += n;
+                self.pos += n as u64;
+                continue;
+            }
+            if self.contents.is_some() {
+                self.read_contents(Out::Vec(v))?;
+                continue;
+            }
+            if self.finished || !self.advance()? {
+                self.finished = true;
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -312,6 +363,28 @@ mod tests {
         }
         for from in 0..want.len() as u64 {
             assert!(read_all(&root, from, 7) == want[from as usize..], "from {from}");
+        }
+    }
+
+    #[test]
+    fn fill_vec_gives_the_same_bytes_at_every_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        fs::create_dir(&root).unwrap();
+        super::super::nar_fs::test_tree::make_tree(&root);
+        let want = golden("cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf-tree.nar");
+        for cap in [1, 7, 64, 1000, 1 << 20] {
+            let mut r = NarReader::open(&root).unwrap();
+            let mut out = Vec::new();
+            loop {
+                let mut v = Vec::with_capacity(cap);
+                r.fill_vec(&mut v).unwrap();
+                if v.is_empty() {
+                    break;
+                }
+                out.extend_from_slice(&v);
+            }
+            assert!(out == want, "capacity {cap}");
         }
     }
 

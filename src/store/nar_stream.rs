@@ -27,7 +27,7 @@ const BUFFER_BUDGET: usize = 16 << 20;
 /// Chunks a stream holds at most: the one being sent and the one read ahead.
 const CHUNKS_PER_STREAM: usize = 2;
 const MIN_CHUNK: usize = 16 << 10;
-const MAX_CHUNK: usize = 128 << 10;
+const MAX_CHUNK: usize = 1 << 20;
 /// The largest zstd window, hash and chain table logs on-the-fly compression uses: together they
 /// bound an encoder's memory (about 13 MiB at level 19 instead of 85 MiB; see
 /// docs/performance.md) at a small cost in ratio.
@@ -128,15 +128,24 @@ impl Drop for NarPool {
 
 /// A blocking byte source.
 pub type Source = Box<dyn Read + Send>;
-type Produced = (Source, io::Result<Bytes>);
+
+/// What a stream produces chunks from: a whole NAR (filled without zeroing buffers first), or
+/// any reader (ranges, zstd, files).
+enum Producer {
+    Nar { reader: NarReader, left: u64 },
+    Read(Source),
+}
+
+type Produced = (Producer, io::Result<Bytes>);
 
 /// Opens the byte source for `encoding`: nothing is read yet.
-fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Source> {
+fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Producer> {
     let mut reader = NarReader::open(path)?;
     Ok(match encoding {
+        Encoding::Plain { start: 0, end } => Producer::Nar { reader, left: end },
         Encoding::Plain { start, end } => {
             reader.skip_to(start);
-            Box::new(reader.take(end.saturating_sub(start)))
+            Producer::Read(Box::new(reader.take(end.saturating_sub(start))))
         }
         Encoding::Zstd { level } => {
             let mut enc = zstd::stream::read::Encoder::new(reader, level)?;
@@ -145,22 +154,33 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Source>
             let (chain, hash) = ZSTD_TABLE_LOGS[index];
             enc.set_parameter(zstd::zstd_safe::CParameter::ChainLog(chain.min(ZSTD_MAX_LOG)))?;
             enc.set_parameter(zstd::zstd_safe::CParameter::HashLog(hash.min(ZSTD_MAX_LOG)))?;
-            Box::new(enc)
+            Producer::Read(Box::new(enc))
         }
     })
 }
 
 /// Produces one chunk; an empty chunk is the end.
-fn produce(mut source: Source) -> Produced {
-    let mut buf = BytesMut::zeroed(chunk_size());
-    let result = fill(&mut source, &mut buf).map(|n| {
-        buf.truncate(n);
-        buf.freeze()
-    });
-    (source, result)
+fn produce(mut producer: Producer) -> Produced {
+    let result = match &mut producer {
+        Producer::Nar { reader, left } => {
+            let mut buf = Vec::with_capacity((chunk_size() as u64).min(*left) as usize);
+            reader.fill_vec(&mut buf).map(|()| {
+                *left -= buf.len() as u64;
+                Bytes::from(buf)
+            })
+        }
+        Producer::Read(source) => {
+            let mut buf = BytesMut::zeroed(chunk_size());
+            fill(source, &mut buf).map(|n| {
+                buf.truncate(n);
+                buf.freeze()
+            })
+        }
+    };
+    (producer, result)
 }
 
-type Opener = Box<dyn FnOnce() -> io::Result<Source> + Send>;
+type Opener = Box<dyn FnOnce() -> io::Result<Producer> + Send>;
 
 /// Bytes from a blocking source (a NAR walk, a log file) as a stream of chunks, produced on
 /// the NAR pool. `guard` (a temp root, a permit) lives as long as the stream. An `Err` item
@@ -171,7 +191,7 @@ pub struct NarStream {
     what: String,
     /// The chunk being produced (read ahead), or the source while idle.
     in_flight: Option<JoinHandle<Produced>>,
-    idle: Option<Source>,
+    idle: Option<Producer>,
     open: Option<Opener>,
     done: bool,
     _active: Active,
@@ -192,7 +212,7 @@ impl NarStream {
 
     /// Any blocking byte source, already open.
     pub fn from_reader(pool: std::sync::Arc<NarPool>, what: String, source: Source) -> Self {
-        Self::with_opener(pool, what, Box::new(move || Ok(source)), Box::new(()))
+        Self::with_opener(pool, what, Box::new(move || Ok(Producer::Read(source))), Box::new(()))
     }
 
     /// Any blocking byte source, already open, with a guard that lives as long as the stream.
@@ -202,7 +222,7 @@ impl NarStream {
         source: Source,
         guard: G,
     ) -> Self {
-        Self::with_opener(pool, what, Box::new(move || Ok(source)), Box::new(guard))
+        Self::with_opener(pool, what, Box::new(move || Ok(Producer::Read(source))), Box::new(guard))
     }
 
     fn with_opener(pool: std::sync::Arc<NarPool>, what: String, open: Opener, guard: Box<dyn Send + Sync>) -> Self {
@@ -225,7 +245,7 @@ impl NarStream {
         } else if let Some(open) = self.open.take() {
             self.pool.spawn(move || match open() {
                 Ok(source) => produce(source),
-                Err(e) => (Box::new(io::empty()) as Source, Err(e)),
+                Err(e) => (Producer::Read(Box::new(io::empty())), Err(e)),
             })
         } else {
             None
@@ -250,7 +270,7 @@ impl Stream for NarStream {
         let (source, result) = match Pin::new(job).poll(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(produced)) => produced,
-            Poll::Ready(Err(e)) => (Box::new(io::empty()) as Source, Err(io::Error::other(e))),
+            Poll::Ready(Err(e)) => (Producer::Read(Box::new(io::empty())), Err(io::Error::other(e))),
         };
         self.in_flight = None;
         match result {
