@@ -539,3 +539,16 @@ async fn a_request_with_a_rev_joins_only_a_build_of_that_commit() {
     assert_eq!(until_status(&mut c, "completed").await["commit"], old.as_str());
     assert_eq!(until_status(&mut b, "completed").await["commit"], new.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_fields_cannot_forge_log_lines() {
+    let f = Fleet::start("");
+    let client = f.nats.deployer().await;
+    let body = r#"{"repo":"fleet\n2026-01-01T00:00:00Z  INFO hearth::builder: build succeeded repo=forged","target":"all","reply_to":"build.responses.forge"}"#;
+    let mut sub = f.request(&client, "build.fleet.all", body, "build.responses.forge").await;
+    assert_eq!(next_reply(&mut sub).await["status"], "rejected");
+    f.hearth.wait_for_log("build request rejected", 1);
+    let log = f.hearth.log();
+    assert!(!log.lines().any(|l| l.starts_with("2026-01-01")), "a request forged a log line:\n{log}");
+    assert!(log.contains("\\n2026-01-01"), "the field is not in the log, escaped:\n{log}");
+}
