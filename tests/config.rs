@@ -27,6 +27,9 @@ fn the_example_config_has_only_known_keys() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hearth.toml")).unwrap();
     let parsed: FileConfig = toml::from_str(&text).unwrap();
     assert_eq!(parsed.priority, 30);
+    // Every key at its default, and the example parses as a whole config would.
+    assert_eq!(parsed.max_nar_streams, FileConfig::default().max_nar_streams);
+    assert_eq!(parsed.nar_cache.unwrap().max_size, "20GiB");
     assert_eq!(parsed.builder.unwrap().repos.len(), 1);
 }
 
