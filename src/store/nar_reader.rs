@@ -199,10 +199,20 @@ impl NarReader {
                     let want = left.min(out.len() as u64) as usize;
                     file.read(&mut out[..want])?
                 }
-                // Into the vector's spare capacity, which is never zeroed first.
+                // Into the vector's spare capacity, which is never zeroed first: one read(2)
+                // of up to the whole spare capacity. More than `left` bytes means the file
+                // grew under us: never send that.
                 Out::Vec(v) => {
-                    let want = left.min((v.capacity() - v.len()) as u64);
-                    file.take(want).read_to_end(v)?
+                    let before = v.len();
+                    let n = rustix::io::read(&*file, rustix::buffer::spare_capacity(v))?;
+                    if n as u64 > left {
+                        v.truncate(before);
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("{}: changed while read", c.name.to_string_lossy()),
+                        ));
+                    }
+                    n
                 }
             };
             if n == 0 {
