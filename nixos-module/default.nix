@@ -16,6 +16,31 @@ let
 
   # `host:port`, with an IPv6 literal in brackets, as both systemd and hearth want it.
   hostPort = addr: port: if lib.hasInfix ":" addr then "[${addr}]:${toString port}" else "${addr}:${toString port}";
+  # The sandbox both units share: no privileges, capabilities or devices, a private /tmp, the
+  # kernel and other namespaces out of reach, IP and unix sockets only.
+  sandbox = {
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+    SystemCallArchitectures = "native";
+    UMask = "0077";
+  };
+
   isLoopback = addr: addr == "localhost" || addr == "::1" || lib.hasPrefix "127." addr;
 
   signKeyCreds = lib.imap0 (i: path: { name = "sign-key-${toString i}"; inherit path; }) cfg.signKeyPaths;
@@ -284,7 +309,7 @@ in
         requires = lib.optional cfg.socketActivation "hearth.socket";
         path = [ config.nix.package pkgs.git ];
         environment.HEARTH_LOG = "info";
-        serviceConfig = {
+        serviceConfig = sandbox // {
           Type = "notify";
           # The GC-root directory exists before the sandbox is set up, even on the first switch
           # before tmpfiles ran ("+": as root, outside the sandbox).
@@ -304,27 +329,7 @@ in
           StateDirectory = "hearth";
           CacheDirectory = "hearth";
           Environment = [ "HOME=/var/lib/hearth" "XDG_CACHE_HOME=/var/cache/hearth" ];
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          NoNewPrivileges = true;
-          CapabilityBoundingSet = "";
-          AmbientCapabilities = "";
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-          SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
-          UMask = "0077";
           LimitNOFILE = 65536;
         };
       };
@@ -335,34 +340,14 @@ in
         description = "Build every host of ${lib.concatStringsSep ", " cfg.scheduler.repos} with hearth";
         after = [ "network-online.target" ];
         wants = [ "network-online.target" ];
-        serviceConfig = {
+        serviceConfig = sandbox // {
           Type = "oneshot";
           DynamicUser = true;
           LoadCredential = [ "nkey:${cfg.scheduler.nkeySeedFile}" ];
           # A NATS client only: as tightly sandboxed as hearth itself.
-          NoNewPrivileges = true;
           ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          CapabilityBoundingSet = "";
-          AmbientCapabilities = "";
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
           ProtectProc = "invisible";
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-          SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
-          UMask = "0077";
         };
         # Every repo is built even if an earlier one fails; the unit fails if any did.
         script = ''

@@ -50,6 +50,15 @@ pub struct HostRecord {
     pub changes: Option<Changes>,
 }
 
+impl HostRecord {
+    /// Records the newest generation's changes and, with them, its closure's size.
+    pub fn set_changes(&mut self, changes: &Changes) {
+        self.closure_bytes = Some(changes.bytes_after);
+        self.closure_paths = Some(changes.paths_after);
+        self.changes = Some(changes.clone());
+    }
+}
+
 /// `(repo, host)` → record.
 pub type Hosts = BTreeMap<(String, String), HostRecord>;
 

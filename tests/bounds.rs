@@ -8,32 +8,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Hearth, hash_part, nix_cmd, request};
+use common::{Hearth, big_path, hash_part, nix_cmd, request, wait_until};
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn metric(h: &Hearth, name: &str) -> f64 {
-    let text = h.get("/metrics").text();
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
-}
-
-/// A path of `mib` MiB of random bytes (incompressible), and its NAR URL.
-fn big_path(h: &Hearth, mib: usize) -> (String, String) {
-    let mut bytes = vec![0u8; mib << 20];
-    getrandom::fill(&mut bytes).unwrap();
-    let path = common::add_to_store("stall.bin", &bytes);
-    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
-    let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
-    (path, format!("/{url}"))
-}
+/// How long a condition may take to come true here.
+const WAIT: Duration = Duration::from_secs(90);
 
 /// Sends a GET, reads the head (status) and `n` body bytes, and leaves the rest unread.
 fn stall(addr: &str, target: &str, n: usize) -> (u16, BufReader<TcpStream>) {
@@ -71,7 +51,7 @@ fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
     let (path, url) = big_path(&h, 48);
     let stalled: Vec<_> = (0..40).map(|_| stall(&h.addr, &url, 4096)).collect();
     assert!(stalled.iter().all(|(status, _)| *status == 200));
-    assert_eq!(metric(&h, "hearth_nars_in_flight"), 40.0);
+    assert_eq!(h.metric("hearth_nars_in_flight"), 40.0);
     assert!(threads(h.pid()) < 40, "{} threads for 40 stalled streams", threads(h.pid()));
 
     // A whole NAR, a listing and a narinfo are still served at once.
@@ -85,8 +65,8 @@ fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
 
     // After the send timeout every stalled stream is dropped while its client still holds the
     // socket: streams and temp roots are released, so the path can be collected.
-    wait_until("stalled streams to be cut", || metric(&h, "hearth_nars_in_flight") == 0.0);
-    wait_until("the path to be deletable", || {
+    wait_until("stalled streams to be cut", WAIT, || h.metric("hearth_nars_in_flight") == 0.0);
+    wait_until("the path to be deletable", WAIT, || {
         nix_cmd("nix-store").args(["--delete", &path]).output().unwrap().status.success()
     });
     // The clients see their download end short instead of hanging.
@@ -110,8 +90,8 @@ fn streams_beyond_the_configured_bound_get_503_with_retry_after_at_once() {
     assert_eq!(request(&h.addr, "HEAD", &url, &[]).status, 200);
     assert_eq!(h.get(&format!("/{}.narinfo", hash_part(&path))).status, 200);
     drop(held);
-    wait_until("a stream to be free again", || request(&h.addr, "HEAD", "/nix-cache-info", &[]).status == 200);
-    wait_until("downloads to be served again", || metric(&h, "hearth_nars_in_flight") == 0.0);
+    wait_until("a stream to be free again", WAIT, || request(&h.addr, "HEAD", "/nix-cache-info", &[]).status == 200);
+    wait_until("downloads to be served again", WAIT, || h.metric("hearth_nars_in_flight") == 0.0);
     let again = h.get(&url);
     assert_eq!(again.status, 200);
     assert_eq!(again.body.len(), again.header("content-length").unwrap().parse::<usize>().unwrap());

@@ -286,11 +286,17 @@ fn a_branch_hearth_did_not_create_is_never_overwritten() {
 }
 
 /// `command` without the flag `flag`, same environment.
-fn without(command: &Command, flag: &str) -> Command {
+/// `command` with its arguments edited (`None` drops one), same environment.
+fn edited(command: &Command, edit: impl Fn(&std::ffi::OsStr) -> Option<&std::ffi::OsStr>) -> Command {
     let mut c = Command::new(command.get_program());
-    c.args(command.get_args().filter(|a| *a != flag));
+    c.args(command.get_args().filter_map(edit));
     c.envs(command.get_envs().filter_map(|(k, v)| Some((k, v?))));
     c
+}
+
+/// `command` without the flag `flag`.
+fn without(command: &Command, flag: &str) -> Command {
+    edited(command, |a| (a != flag).then_some(a))
 }
 
 #[test]
@@ -326,10 +332,7 @@ fn a_dry_run_says_what_it_committed_once() {
 fn nothing_is_pushed_for_a_repo_no_builder_serves_or_another_remote() {
     let s = Setup::new();
     set_dep(&s.path("dep"), "v5");
-    let cmd = s.command();
-    let mut c = Command::new(cmd.get_program());
-    c.args(cmd.get_args().map(|a| if a == "fleet" { "nosuch".as_ref() } else { a }));
-    c.envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    let mut c = edited(&s.command(), |a| Some(if a == "fleet" { "nosuch".as_ref() } else { a }));
     let (code, sum) = summary(c.output().unwrap());
     assert_eq!(code, 2, "{sum}");
     assert!(sum["message"].as_str().unwrap().contains("no builder serves repo `nosuch`"), "{sum}");

@@ -8,29 +8,13 @@
 mod common;
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Hearth, hash_part, nix_cmd, request, run_ok};
+use common::{Hearth, hash_part, nix_cmd, random_bytes, request, run_ok, wait_until};
+
+/// How long a condition may take to come true here.
+const WAIT: Duration = Duration::from_secs(120);
 use sha2::{Digest, Sha256};
-
-fn metric(h: &Hearth, name: &str) -> f64 {
-    let text = h.get("/metrics").text();
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn random(n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    getrandom::fill(&mut b).unwrap();
-    b
-}
 
 /// A cache config with a hot-NAR store in `dir`.
 fn config(dir: &std::path::Path, max_size: &str, zstd: bool) -> String {
@@ -46,12 +30,12 @@ fn narinfo_field(h: &Hearth, path: &str, field: &str) -> Option<String> {
 /// Asks for `path`'s NAR twice (the second request queues a fill) and waits for the fill.
 fn fill(h: &Hearth, path: &str) -> String {
     let url = format!("/{}", narinfo_field(h, path, "URL").unwrap());
-    let done = metric(h, "hearth_nar_cache_fills_total") + metric(h, "hearth_nar_cache_fill_failures_total");
+    let done = h.metric("hearth_nar_cache_fills_total") + h.metric("hearth_nar_cache_fill_failures_total");
     for _ in 0..2 {
         assert_eq!(h.get(&url).status, 200);
     }
-    wait_until("the fill", || {
-        metric(h, "hearth_nar_cache_fills_total") + metric(h, "hearth_nar_cache_fill_failures_total") > done
+    wait_until("the fill", WAIT, || {
+        h.metric("hearth_nar_cache_fills_total") + h.metric("hearth_nar_cache_fill_failures_total") > done
     });
     url
 }
@@ -67,15 +51,15 @@ fn entries_equal_the_nar_serve_ranges_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "1GiB", false);
     let h = Hearth::start(&cfg);
-    let path = common::add_to_store("hot.bin", &random(300_000));
+    let path = common::add_to_store("hot.bin", &random_bytes(300_000));
     let url = fill(&h, &path);
-    assert_eq!(metric(&h, "hearth_nar_cache_entries"), 1.0);
-    let hits = metric(&h, "hearth_nar_cache_hits_total");
+    assert_eq!(h.metric("hearth_nar_cache_entries"), 1.0);
+    let hits = h.metric("hearth_nar_cache_hits_total");
     let r = h.get(&url);
     assert_eq!(r.status, 200);
     assert!(r.body == dump(&path), "the cached NAR differs from nix-store --dump");
-    assert_eq!(metric(&h, "hearth_nar_cache_hits_total"), hits + 1.0);
-    assert!(metric(&h, "hearth_nar_cache_sent_bytes_total") >= r.body.len() as f64);
+    assert_eq!(h.metric("hearth_nar_cache_hits_total"), hits + 1.0);
+    assert!(h.metric("hearth_nar_cache_sent_bytes_total") >= r.body.len() as f64);
     let part = request(&h.addr, "GET", &url, &[("Range", "bytes=1000-1999")]);
     assert_eq!(part.status, 206);
     assert!(part.body == r.body[1000..2000]);
@@ -84,17 +68,17 @@ fn entries_equal_the_nar_serve_ranges_and_survive_a_restart() {
     // The index is the directory: a restart serves the entry at once, without a fill.
     drop(h);
     let h = Hearth::start(&cfg);
-    assert_eq!(metric(&h, "hearth_nar_cache_entries"), 1.0);
+    assert_eq!(h.metric("hearth_nar_cache_entries"), 1.0);
     assert!(h.get(&url).body == dump(&path));
-    assert_eq!(metric(&h, "hearth_nar_cache_hits_total"), 1.0);
-    assert_eq!(metric(&h, "hearth_nar_cache_fills_total"), 0.0);
+    assert_eq!(h.metric("hearth_nar_cache_hits_total"), 1.0);
+    assert_eq!(h.metric("hearth_nar_cache_fills_total"), 0.0);
 }
 
 #[test]
 fn zstd_entries_carry_their_file_hash_and_nix_substitutes_from_them() {
     let dir = tempfile::tempdir().unwrap();
     let h = Hearth::start(&config(dir.path(), "1GiB", true));
-    let path = common::build_input_addressed("hot-zstd", &hex::encode(random(16)).repeat(60));
+    let path = common::build_input_addressed("hot-zstd", &hex::encode(random_bytes(16)).repeat(60));
     assert_eq!(narinfo_field(&h, &path, "FileHash"), None, "no FileHash before the entry exists");
     let url = fill(&h, &path);
     let file_hash = narinfo_field(&h, &path, "FileHash").expect("FileHash once cached");
@@ -110,14 +94,14 @@ fn zstd_entries_carry_their_file_hash_and_nix_substitutes_from_them() {
     // The real Nix substitutes it (it checks the NarHash and our signature).
     let dest = tempfile::tempdir().unwrap();
     let key = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
-    let hits = metric(&h, "hearth_nar_cache_hits_total");
+    let hits = h.metric("hearth_nar_cache_hits_total");
     run_ok(nix_cmd("nix").args(["copy", "--from", &h.url(), "--to"]).arg(dest.path()).args([
         "--option",
         "trusted-public-keys",
         key.trim(),
         &path,
     ]));
-    assert_eq!(metric(&h, "hearth_nar_cache_hits_total"), hits + 1.0);
+    assert_eq!(h.metric("hearth_nar_cache_hits_total"), hits + 1.0);
 }
 
 #[test]
@@ -128,8 +112,8 @@ fn a_fill_whose_nar_hash_does_not_match_is_refused() {
     // Change the file on disk behind the store's back: the NAR no longer has its NarHash.
     std::fs::write(&path, b"the disk says that!\n").unwrap();
     fill(&h, &path);
-    assert_eq!(metric(&h, "hearth_nar_cache_fill_failures_total"), 1.0);
-    assert_eq!(metric(&h, "hearth_nar_cache_entries"), 0.0);
+    assert_eq!(h.metric("hearth_nar_cache_fill_failures_total"), 1.0);
+    assert_eq!(h.metric("hearth_nar_cache_entries"), 0.0);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "a rejected fill left {leftovers:?}");
     let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
@@ -140,14 +124,14 @@ fn a_collected_path_is_404_and_a_rebuilt_one_is_never_served_stale() {
     let dir = tempfile::tempdir().unwrap();
     let h = Hearth::start(&config(dir.path(), "1GiB", false));
     // An input-addressed path whose contents differ at each build: same path, new NarHash.
-    let salt = hex::encode(random(8));
+    let salt = hex::encode(random_bytes(8));
     let expr = format!(
         "derivation {{ name = \"flaky-{salt}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"read -r x < /proc/sys/kernel/random/uuid; echo $x > $out\" ]; }}"
     );
     let build = || run_ok(nix_cmd("nix-build").args(["--no-out-link", "-E", &expr])).trim().to_owned();
     let path = build();
     let old_url = fill(&h, &path);
-    assert_eq!(metric(&h, "hearth_nar_cache_entries"), 1.0);
+    assert_eq!(h.metric("hearth_nar_cache_entries"), 1.0);
 
     run_ok(nix_cmd("nix-store").args(["--delete", &path]));
     assert_eq!(h.get(&old_url).status, 404, "a collected path was served from its entry");
@@ -167,16 +151,17 @@ fn a_collected_path_is_404_and_a_rebuilt_one_is_never_served_stale() {
 fn eviction_keeps_the_size_bound() {
     let dir = tempfile::tempdir().unwrap();
     let h = Hearth::start(&config(dir.path(), "1MiB", false));
-    let paths: Vec<String> = (0..4).map(|i| common::add_to_store(&format!("evict{i}.bin"), &random(400_000))).collect();
+    let paths: Vec<String> =
+        (0..4).map(|i| common::add_to_store(&format!("evict{i}.bin"), &random_bytes(400_000))).collect();
     for p in &paths {
         fill(&h, p);
     }
-    assert!(metric(&h, "hearth_nar_cache_bytes") <= (1 << 20) as f64);
-    assert!(metric(&h, "hearth_nar_cache_evictions_total") >= 2.0);
+    assert!(h.metric("hearth_nar_cache_bytes") <= (1 << 20) as f64);
+    assert!(h.metric("hearth_nar_cache_evictions_total") >= 2.0);
     let on_disk: u64 = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk");
     // The newest is kept, and every path is still served.
-    assert_eq!(metric(&h, "hearth_nar_cache_entries"), 2.0);
+    assert_eq!(h.metric("hearth_nar_cache_entries"), 2.0);
     for p in &paths {
         let url = format!("/{}", narinfo_field(&h, p, "URL").unwrap());
         assert!(h.get(&url).body == dump(p));

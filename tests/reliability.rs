@@ -9,38 +9,18 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Hearth, hash_part, nix_cmd, nix_wire, raw_request, request};
+use common::{Hearth, big_path, hash_part, nix_cmd, nix_wire, raw_request, request, wait_until};
+
+/// How long a condition may take to come true here.
+const WAIT: Duration = Duration::from_secs(60);
 
 const TREE: &str = "cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf";
 const TREE_NAR: &str = "1952r6gshs4r8mjfmgym0zgydzpm9m55wxgzg042v6w8dy91831r";
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-fn metric(h: &Hearth, name: &str) -> f64 {
-    let text = h.get("/metrics").text();
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
-}
-
-/// A path of `mib` MiB (random, so every test gets its own), and its NAR URL on `h`.
-fn big_path(h: &Hearth, mib: usize) -> (String, String) {
-    let mut block = vec![0u8; 1 << 20];
-    getrandom::fill(&mut block).unwrap();
-    let path = common::add_to_store("big.bin", &block.repeat(mib));
-    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
-    let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
-    (path, format!("/{url}"))
 }
 
 /// Starts a GET and reads the head and `n` body bytes; the rest waits in the socket.
@@ -138,7 +118,7 @@ fn the_connection_cap_refuses_extra_connections_without_hurting_served_ones() {
     let h = Hearth::start("max_connections = 50\nheader_timeout_seconds = 60\n");
     let held: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(&h.addr).unwrap()).collect();
     // The 51st is accepted by the kernel and closed by hearth.
-    wait_until("the cap to close a new connection", || {
+    wait_until("the cap to close a new connection", WAIT, || {
         let mut s = TcpStream::connect(&h.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
@@ -146,7 +126,7 @@ fn the_connection_cap_refuses_extra_connections_without_hurting_served_ones() {
         matches!(s.read(&mut buf), Ok(0) | Err(_))
     });
     drop(held);
-    wait_until("service after the idle connections left", || {
+    wait_until("service after the idle connections left", WAIT, || {
         std::panic::catch_unwind(|| request(&h.addr, "GET", "/health", &[]).status).ok() == Some(200)
     });
 }
@@ -157,16 +137,16 @@ fn a_thousand_aborted_downloads_free_everything() {
     let (path, url) = big_path(&h, 64);
     // Warm up, then take the baseline.
     drop(start_download(&h.addr, &url, 1));
-    wait_until("no NARs in flight", || metric(&h, "hearth_nars_in_flight") == 0.0);
+    wait_until("no NARs in flight", WAIT, || h.metric("hearth_nars_in_flight") == 0.0);
     let fds_before = open_fds(h.pid());
     for _ in 0..20 {
         let batch: Vec<_> = (0..50).map(|_| start_download(&h.addr, &url, 4096)).collect();
         drop(batch);
     }
-    wait_until("every aborted stream to end", || metric(&h, "hearth_nars_in_flight") == 0.0);
+    wait_until("every aborted stream to end", WAIT, || h.metric("hearth_nars_in_flight") == 0.0);
     // Streams, files, daemon connections (temp roots) and sockets are all released; a few fds of
     // slack cover the temp-root connection being rotated meanwhile.
-    wait_until("file descriptors back to the baseline", || open_fds(h.pid()) <= fds_before + 4);
+    wait_until("file descriptors back to the baseline", WAIT, || open_fds(h.pid()) <= fds_before + 4);
     let (_, rss) = common::memory_kib(h.pid());
     assert!(rss < 128 * 1024, "RSS {rss} KiB after 1000 aborted downloads");
     assert_eq!(h.get(&format!("/{}.narinfo", hash_part(&path))).status, 200);
@@ -187,7 +167,7 @@ impl PrivateDaemon {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        wait_until("the private daemon's socket", || socket.exists());
+        wait_until("the private daemon's socket", WAIT, || socket.exists());
         PrivateDaemon { child: Some(child), socket: socket.to_owned() }
     }
 
@@ -250,7 +230,7 @@ fn garbage_collection_cannot_take_a_path_mid_download_and_a_collected_path_is_40
     drop(r);
 
     // Once nothing holds it, it can be collected, and then it is a 404 (not a stale hit).
-    wait_until("the path to be deletable", || {
+    wait_until("the path to be deletable", WAIT, || {
         nix_cmd("nix-store").args(["--delete", &path]).output().unwrap().status.success()
     });
     assert_eq!(h.get(&format!("/{}.narinfo", hash_part(&path))).status, 404);
@@ -264,7 +244,7 @@ fn sigterm_lets_a_download_in_flight_finish_and_exits_0() {
     let (mut r, len) = start_download(&h.addr, &url, 4096);
     let _ = Command::new("kill").args(["-TERM", &h.pid().to_string()]).status();
     // New connections are refused once it stops accepting.
-    wait_until("hearth to stop accepting", || TcpStream::connect(&h.addr).is_err());
+    wait_until("hearth to stop accepting", WAIT, || TcpStream::connect(&h.addr).is_err());
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).unwrap();
     assert_eq!(rest.len() as u64 + 4096, len, "the in-flight download was cut");

@@ -147,10 +147,12 @@ pub fn encode_within(reply: &Reply, max: usize) -> Vec<u8> {
     }
     let note = format!(" [log tails cut to fit the NATS max payload of {max} bytes]");
     let mut budget = max / 2;
+    // The log-tail budget is shared by the hosts.
+    let hosts = reply.hosts.as_ref().map_or(0, Vec::len).max(1);
     loop {
         let mut r = reply.clone();
         for h in r.hosts.iter_mut().flatten() {
-            h.error = h.error.as_deref().map(|e| tail(e, budget / r_hosts_len(reply).max(1)));
+            h.error = h.error.as_deref().map(|e| tail(e, budget / hosts));
         }
         let message = r.message.take().unwrap_or_default();
         let cut =
@@ -162,10 +164,6 @@ pub fn encode_within(reply: &Reply, max: usize) -> Vec<u8> {
         }
         budget /= 2;
     }
-}
-
-fn r_hosts_len(r: &Reply) -> usize {
-    r.hosts.as_ref().map_or(0, Vec::len)
 }
 
 /// Up to `n` of `names` closest to `wanted` (edit distance), for "did you mean" hints.

@@ -307,12 +307,22 @@ impl Worker {
                 .build_hosts
                 .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
                 .inc();
-            let changes = match &out_path {
-                Some(out) => self.record_generation(repo, host, out, previous.as_deref(), commit.as_deref()).await,
-                None => None,
+            let (generations, changes) = match &out_path {
+                Some(out) => {
+                    let (g, c) = self.record_generation(repo, host, out, previous.as_deref(), commit.as_deref()).await;
+                    (Some(g), c)
+                }
+                None => (None, None),
             };
+            // One update (and one save) of the record per host build.
             self.fleet.update(repo, host, |h| {
-                h.last_build = Some(LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() })
+                h.last_build = Some(LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() });
+                if let Some(g) = generations {
+                    h.generations = g;
+                }
+                if let Some(c) = &changes {
+                    h.set_changes(c);
+                }
             });
             let mut r = base(Status::Progress).message(format!("{host}: {label}"));
             r.host = Some(host.clone());
@@ -374,7 +384,8 @@ impl Worker {
 
     /// Roots `out` as the host's newest generation (adopting the link of an earlier good build
     /// when there is no record yet), drops generations beyond `keep_generations`, and works out
-    /// what changed against the previous one. Problems are logged: the build itself succeeded.
+    /// what changed against the previous one; returns the generations kept and the changes.
+    /// Problems are logged: the build itself succeeded.
     async fn record_generation(
         &self,
         repo: &str,
@@ -382,7 +393,7 @@ impl Worker {
         out: &str,
         previous_link: Option<&str>,
         commit: Option<&str>,
-    ) -> Option<Changes> {
+    ) -> (Vec<crate::fleet::Generation>, Option<Changes>) {
         if self.generations.list(repo, host).is_empty()
             && let Some(prev) = previous_link.filter(|p| *p != out)
         {
@@ -393,15 +404,16 @@ impl Worker {
         let before = self.generations.list(repo, host).last().map(|g| g.path.clone());
         self.root_generation(repo, host, out, commit, now_seconds()).await;
         let gens = self.generations.list(repo, host);
-        self.fleet.update(repo, host, |h| h.generations = gens);
+        let Some(after) = self.closure(out).await else { return (gens, None) };
         // The host is about to pull its closure: have it compressed once, in the background.
-        if self.store.nar_cache().is_some()
-            && let Some(path) = StorePath::from_absolute(self.store.store_dir(), out)
-            && let Ok(Some(infos)) = self.store.closure(&path).await
-        {
-            self.store.cache_nars(&infos);
-        }
-        self.describe(repo, host, before.as_deref(), out).await
+        self.store.cache_nars(&after);
+        (gens, self.describe(repo, host, before.as_deref(), &after).await)
+    }
+
+    /// The closure of the store path `path`, from the store's path info.
+    async fn closure(&self, path: &str) -> Option<Vec<Arc<crate::store::PathInfo>>> {
+        let path = StorePath::from_absolute(self.store.store_dir(), path)?;
+        self.store.closure(&path).await.ok()?
     }
 
     async fn root_generation(&self, repo: &str, host: &str, path: &str, commit: Option<&str>, at: i64) {
@@ -417,17 +429,21 @@ impl Worker {
         }
     }
 
-    /// The newest generation's closure size (metrics, record) and its changes against the one
-    /// before it, from the store's path info.
-    async fn describe(&self, repo: &str, host: &str, before: Option<&str>, after: &str) -> Option<Changes> {
-        let closure = |p: String| async move {
-            let path = StorePath::from_absolute(self.store.store_dir(), &p)?;
-            let infos = self.store.closure(&path).await.ok()??;
-            Some(infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>())
+    /// The newest generation's changes against the one before it (the store path `before`),
+    /// from the store's path info; its closure's size goes to the metrics.
+    async fn describe(
+        &self,
+        repo: &str,
+        host: &str,
+        before: Option<&str>,
+        after: &[Arc<crate::store::PathInfo>],
+    ) -> Option<Changes> {
+        let sizes = |infos: &[Arc<crate::store::PathInfo>]| {
+            infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>()
         };
-        let after = closure(after.to_owned()).await?;
+        let after = sizes(after);
         let changes = match before {
-            Some(before) => closure_diff::diff(&closure(before.to_owned()).await?, &after),
+            Some(before) => closure_diff::diff(&sizes(&self.closure(before).await?), &after),
             None => {
                 let mut c = closure_diff::diff(&[], &[]);
                 c.first_build = true;
@@ -442,12 +458,6 @@ impl Worker {
             .get_or_create(&label)
             .set(i64::try_from(changes.bytes_after).unwrap_or(i64::MAX));
         self.metrics.host_closure_paths.get_or_create(&label).set(changes.paths_after as i64);
-        let summary = changes.clone();
-        self.fleet.update(repo, host, |h| {
-            h.closure_bytes = Some(summary.bytes_after);
-            h.closure_paths = Some(summary.paths_after);
-            h.changes = Some(summary);
-        });
         Some(changes)
     }
 
@@ -457,10 +467,22 @@ impl Worker {
         let repos: Vec<String> = self.config.repos.iter().map(|r| r.name.clone()).collect();
         for (repo, host) in self.generations.hosts(&repos) {
             let gens = self.generations.list(&repo, &host);
-            self.fleet.update(&repo, &host, |h| h.generations = gens.clone());
-            let Some(newest) = gens.last() else { continue };
-            let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
-            let _ = self.describe(&repo, &host, before, &newest.path).await;
+            let changes = match gens.last() {
+                Some(newest) => {
+                    let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
+                    match self.closure(&newest.path).await {
+                        Some(after) => self.describe(&repo, &host, before, &after).await,
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            self.fleet.update(&repo, &host, |h| {
+                h.generations = gens;
+                if let Some(c) = &changes {
+                    h.set_changes(c);
+                }
+            });
         }
     }
 

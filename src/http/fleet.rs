@@ -69,14 +69,6 @@ pub(crate) fn esc(s: &str) -> String {
     out
 }
 
-fn bytes(n: f64) -> String {
-    human_bytes(n as i64, false)
-}
-
-fn signed_bytes(n: i64) -> String {
-    human_bytes(n, true)
-}
-
 /// A store path's name, without the store directory and hash.
 fn short(path: &str) -> &str {
     let base = path.rsplit('/').next().unwrap_or(path);
@@ -96,7 +88,7 @@ fn changes_html(c: &Changes) -> String {
         c.added.len(),
         c.removed.len(),
         c.rebuilt,
-        esc(&signed_bytes(c.bytes_delta())),
+        esc(&human_bytes(c.bytes_delta(), true)),
         c.paths_before,
         c.paths_after
     );
@@ -106,7 +98,7 @@ fn changes_html(c: &Changes) -> String {
             esc(&v.name),
             esc(&versions(&v.old)),
             esc(&versions(&v.new)),
-            esc(&signed_bytes(v.size_delta))
+            esc(&human_bytes(v.size_delta, true))
         ));
     }
     for p in &c.added {
@@ -150,7 +142,11 @@ fn host_html(repo: &str, host: &str, r: &HostRecord) -> String {
             esc(short(&g.path)),
             esc(&crate::utc::minute(g.built_at)),
             r.closure_bytes
-                .map(|b| format!(" · closure {} in {} paths", esc(&bytes(b as f64)), r.closure_paths.unwrap_or(0)))
+                .map(|b| format!(
+                    " · closure {} in {} paths",
+                    esc(&human_bytes(b as i64, false)),
+                    r.closure_paths.unwrap_or(0)
+                ))
                 .unwrap_or_default()
         ));
         if r.generations.len() > 1 {
@@ -238,9 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_read_plainly() {
-        assert_eq!(bytes(512.0), "512 B");
-        assert_eq!(signed_bytes(-2048), "-2.0 KiB");
+    fn versions_read_as_diff_closures_prints_them() {
         assert_eq!(versions(&["".into(), "1.2".into()]), "ε, 1.2");
     }
 }

@@ -287,6 +287,8 @@ mod tests {
         assert_eq!(c.lines()[2], "+ newtool 2.1");
         assert_eq!(c.lines()[3], "- oldtool 1.0");
         assert_eq!(human_bytes(12 * 1024 * 1024 + 400 * 1024, true), "+12.4 MiB");
+        assert_eq!(human_bytes(512, false), "512 B");
+        assert_eq!(human_bytes(-2048, true), "-2.0 KiB");
     }
 
     #[test]

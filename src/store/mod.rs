@@ -325,7 +325,7 @@ impl Store {
         let mut file = std::fs::File::open(&entry.file)?;
         file.seek(SeekFrom::Start(start))?;
         let source: nar_stream::Source = Box::new(file.take(end.saturating_sub(start)));
-        Ok(nar_stream::NarStream::from_reader_with(self.nars.clone(), entry.file.display().to_string(), source, guard))
+        Ok(nar_stream::NarStream::from_reader(self.nars.clone(), entry.file.display().to_string(), source, guard))
     }
 
     /// The NAR of `path` (held by `guard`, e.g. its temp root, while the stream lives).
@@ -356,7 +356,7 @@ impl Store {
         let source = tokio::task::spawn_blocking(move || open_log(&plain, &bz2))
             .await
             .map_err(|e| StoreError::Corrupt(format!("log task: {e}")))??;
-        Ok(source.map(|s| nar_stream::NarStream::from_reader(self.nars.clone(), format!("log {base}"), s)))
+        Ok(source.map(|s| nar_stream::NarStream::from_reader(self.nars.clone(), format!("log {base}"), s, ())))
     }
 
     /// The realisation document for a CA derivation output, as Nix's binary caches store it.

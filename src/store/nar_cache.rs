@@ -155,19 +155,11 @@ impl NarCache {
         }
         // Oldest first, so the clock orders them by use as well as it can be known.
         found.sort_by_key(|f| f.0);
-        let mut index = Index::default();
-        for (_, hash, file, nar_hash, file_hash, file_size) in found {
-            index.clock += 1;
-            index.total += file_size;
-            let entry = Entry { file, nar_hash, file_hash, file_size, last_used: index.clock };
-            if let Some(old) = index.entries.insert(hash, entry) {
-                index.total -= old.file_size;
-                let _ = std::fs::remove_file(old.file);
-            }
-        }
         let inner =
-            Inner { config, index: Mutex::new(index), pending: Mutex::default(), roots, stats: Default::default() };
-        inner.evict();
+            Inner { config, index: Mutex::default(), pending: Mutex::default(), roots, stats: Default::default() };
+        for (_, hash, file, nar_hash, file_hash, file_size) in found {
+            inner.publish(hash, Entry { file, nar_hash, file_hash, file_size, last_used: 0 });
+        }
         Ok(Self { inner: Arc::new(inner), seen: quick_cache::sync::Cache::new(100_000), worker: OnceLock::new() })
     }
 
@@ -247,7 +239,8 @@ impl Inner {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
     }
 
-    /// Publishes a finished fill (replacing an entry of the same path with another NarHash).
+    /// Publishes an entry as the most recently used (replacing one of the same path with
+    /// another NarHash), and evicts beyond the bound.
     fn publish(&self, hash: StorePathHash, entry: Entry) {
         let mut index = self.lock();
         index.clock += 1;

@@ -87,17 +87,7 @@ fn node(dir: BorrowedFd<'_>, name: &CStr, v: &mut impl Visitor, buf: &mut Vec<u8
             nar::put_directory(buf);
             v.directory();
             v.framing(buf)?;
-            let mut names = Vec::new();
-            let mut entries = Dir::read_from(&fd)?;
-            while let Some(entry) = entries.read() {
-                let entry = entry?;
-                let n = entry.file_name();
-                if n.to_bytes() != b"." && n.to_bytes() != b".." {
-                    names.push(n.to_owned());
-                }
-            }
-            names.sort_by(|a, b| a.to_bytes().cmp(b.to_bytes()));
-            for n in &names {
+            for n in &sorted_names(&fd)? {
                 if v.done() {
                     return Ok(());
                 }
@@ -121,6 +111,21 @@ fn node(dir: BorrowedFd<'_>, name: &CStr, v: &mut impl Visitor, buf: &mut Vec<u8
             "a store path holds a file that is not regular, a directory or a symlink",
         )),
     }
+}
+
+/// The entries of an open directory, `.` and `..` left out, in NAR order (bytewise).
+pub(crate) fn sorted_names(dir: &std::os::fd::OwnedFd) -> io::Result<Vec<CString>> {
+    let mut names = Vec::new();
+    let mut entries = Dir::read_from(dir)?;
+    while let Some(entry) = entries.read() {
+        let entry = entry?;
+        let n = entry.file_name();
+        if n.to_bytes() != b"." && n.to_bytes() != b".." {
+            names.push(n.to_owned());
+        }
+    }
+    names.sort_by(|a, b| a.to_bytes().cmp(b.to_bytes()));
+    Ok(names)
 }
 
 /// Builds the `.ls` tree of `root` from metadata alone (no file is read), with the NAR's size.

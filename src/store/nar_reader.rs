@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::nix::nar;
 
@@ -140,16 +140,7 @@ impl NarReader {
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )?;
-                let mut names = Vec::new();
-                let mut entries = Dir::read_from(&fd)?;
-                while let Some(entry) = entries.read() {
-                    let entry = entry?;
-                    let n = entry.file_name();
-                    if n.to_bytes() != b"." && n.to_bytes() != b".." {
-                        names.push(n.to_owned());
-                    }
-                }
-                names.sort_by(|a, b| a.to_bytes().cmp(b.to_bytes()));
+                let names = super::nar_fs::sorted_names(&fd)?;
                 nar::put_directory(&mut self.framing);
                 self.stack.push(DirFrame { fd, names: names.into() });
             }

@@ -210,13 +210,8 @@ impl NarStream {
         Self::with_opener(pool, what, Box::new(move || open_source(&path, encoding)), Box::new(guard))
     }
 
-    /// Any blocking byte source, already open.
-    pub fn from_reader(pool: std::sync::Arc<NarPool>, what: String, source: Source) -> Self {
-        Self::with_opener(pool, what, Box::new(move || Ok(Producer::Read(source))), Box::new(()))
-    }
-
     /// Any blocking byte source, already open, with a guard that lives as long as the stream.
-    pub fn from_reader_with<G: Send + Sync + 'static>(
+    pub fn from_reader<G: Send + Sync + 'static>(
         pool: std::sync::Arc<NarPool>,
         what: String,
         source: Source,

@@ -74,6 +74,31 @@ pub fn build_input_addressed(name: &str, text: &str) -> String {
     run_ok(nix_cmd("nix-build").args(["--no-out-link", "-E", &expr])).trim().to_owned()
 }
 
+/// Polls `ok` until it holds; fails the test naming `what` after `within`.
+pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `n` random bytes.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("OS randomness");
+    b
+}
+
+/// A path of `mib` MiB of random bytes (incompressible, and every test's own), and its NAR URL
+/// on `h`.
+pub fn big_path(h: &Hearth, mib: usize) -> (String, String) {
+    let path = add_to_store("big.bin", &random_bytes(mib << 20));
+    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
+    let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("a URL line").to_owned();
+    (path, format!("/{url}"))
+}
+
 pub fn hash_part(store_path: &str) -> String {
     store_path.trim_start_matches("/nix/store/")[..32].to_owned()
 }
@@ -170,6 +195,14 @@ impl Hearth {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         self.child.wait().expect("wait hearth")
+    }
+
+    /// The value of one metric line of hearth's `/metrics`, by its name and labels.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
     }
 
     pub fn log(&self) -> String {
