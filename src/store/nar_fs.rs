@@ -87,7 +87,7 @@ fn node(dir: BorrowedFd<'_>, name: &CStr, v: &mut impl Visitor, buf: &mut Vec<u8
             nar::put_directory(buf);
             v.directory();
             v.framing(buf)?;
-            for n in &sorted_names(&fd)? {
+            for (n, _) in &sorted_entries(&fd)? {
                 if v.done() {
                     return Ok(());
                 }
@@ -113,18 +113,20 @@ fn node(dir: BorrowedFd<'_>, name: &CStr, v: &mut impl Visitor, buf: &mut Vec<u8
     }
 }
 
-/// The entries of an open directory, `.` and `..` left out, in NAR order (bytewise).
-pub(crate) fn sorted_names(dir: &std::os::fd::OwnedFd) -> io::Result<Vec<CString>> {
+/// The entries of an open directory, `.` and `..` left out, in NAR order (bytewise), each with
+/// the type the directory listing gives (`Unknown` where the file system gives none): a hint
+/// that saves a `stat`, never trusted on its own.
+pub(crate) fn sorted_entries(dir: &std::os::fd::OwnedFd) -> io::Result<Vec<(CString, FileType)>> {
     let mut names = Vec::new();
     let mut entries = Dir::read_from(dir)?;
     while let Some(entry) = entries.read() {
         let entry = entry?;
         let n = entry.file_name();
         if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push(n.to_owned());
+            names.push((n.to_owned(), entry.file_type()));
         }
     }
-    names.sort_by(|a, b| a.to_bytes().cmp(b.to_bytes()));
+    names.sort_by(|a, b| a.0.to_bytes().cmp(b.0.to_bytes()));
     Ok(names)
 }
 

@@ -6,12 +6,16 @@
 //! follows the same rules as [`super::nar_fs::walk`] (names only from `read_dir`, every open
 //! relative to its directory, never through a symlink) and produces the same bytes, which the
 //! tests check against `nix-store --dump`'s golden NARs.
+//!
+//! Per entry it makes as few syscalls as it safely can, since a toolchain has 50,000 of them:
+//! the directory listing's type picks the call (a file is opened and `fstat`ed, a directory
+//! opened, a symlink read; no separate `stat`), and each call checks the type again itself.
 
 use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -22,7 +26,8 @@ use crate::nix::nar;
 /// An open directory of the walk and the entries of it still to visit.
 struct DirFrame {
     fd: OwnedFd,
-    names: VecDeque<CString>,
+    /// Each entry's name and the type its directory listing gave.
+    names: VecDeque<(CString, FileType)>,
 }
 
 /// A regular file whose contents come next.
@@ -51,6 +56,14 @@ pub struct NarReader {
     /// Bytes before this offset are dropped instead of returned.
     skip_until: u64,
     finished: bool,
+}
+
+/// Opens the entry `name` of `dir` for reading, never through a symlink (`O_NOFOLLOW`), with
+/// `extra` flags (`O_DIRECTORY` for a directory, `O_NONBLOCK` for a file, so that a FIFO could
+/// never block the open).
+fn open_entry(dir: BorrowedFd<'_>, name: &CString, extra: OFlags) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | extra;
+    Ok(rustix::fs::openat(dir, name.as_c_str(), flags, Mode::empty())?)
 }
 
 fn invalid(msg: &'static str) -> io::Error {
@@ -90,14 +103,14 @@ impl NarReader {
         self.framing.clear();
         self.framing_pos = 0;
         if let Some(name) = self.root_name.take() {
-            self.visit(None, name)?;
+            self.visit(None, name, FileType::Unknown)?;
             return Ok(true);
         }
         let Some(top) = self.stack.last_mut() else { return Ok(false) };
         match top.names.pop_front() {
-            Some(name) => {
+            Some((name, listed)) => {
                 nar::put_entry_open(&mut self.framing, name.to_bytes());
-                self.visit(Some(self.stack.len() - 1), name)?;
+                self.visit(Some(self.stack.len() - 1), name, listed)?;
             }
             None => {
                 // The directory node ends, and with it the parent's entry (if any).
@@ -111,36 +124,50 @@ impl NarReader {
         Ok(true)
     }
 
-    /// Frames the node `name` in directory `dir_index`; a regular file's contents come next.
-    fn visit(&mut self, dir_index: Option<usize>, name: CString) -> io::Result<()> {
+    /// Frames the node `name` in directory `dir_index` (`listed`: the type its directory
+    /// listing gave); a regular file's contents come next.
+    ///
+    /// The listed type only picks the first call; each call checks the type again itself
+    /// (`O_NOFOLLOW` and `fstat` for a file, `O_DIRECTORY` for a directory, `readlinkat` for a
+    /// symlink), so a wrong or stale type is an error, never a file read the wrong way. Where
+    /// the listing gives no type, or while skipping to an offset (files are then passed over
+    /// unopened), `statat` decides.
+    fn visit(&mut self, dir_index: Option<usize>, name: CString, listed: FileType) -> io::Result<()> {
         let in_dir = dir_index.is_some();
         let dir = match dir_index.and_then(|i| self.stack.get(i)) {
             Some(frame) => frame.fd.as_fd(),
             None => self.root_parent.as_fd(),
         };
-        let st = rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let skipping = self.skip_until > self.pos;
+        let (kind, stat, file) = match listed {
+            FileType::RegularFile if !skipping => {
+                let fd = open_entry(dir, &name, OFlags::NONBLOCK)?;
+                let st = rustix::fs::fstat(&fd)?;
+                (FileType::from_raw_mode(st.st_mode), Some(st), Some(File::from(fd)))
+            }
+            FileType::Directory | FileType::Symlink => (listed, None, None),
+            _ => {
+                let st = rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+                (FileType::from_raw_mode(st.st_mode), Some(st), None)
+            }
+        };
         nar::put_node_open(&mut self.framing);
-        match FileType::from_raw_mode(st.st_mode) {
-            FileType::RegularFile => {
+        match (kind, stat) {
+            (FileType::RegularFile, Some(st)) => {
                 let size = u64::try_from(st.st_size).map_err(|_| io::Error::other("negative file size"))?;
                 nar::put_regular_header(&mut self.framing, st.st_mode & 0o100 != 0, size);
-                self.contents = Some(Contents { dir_index, name, size, done: 0, file: None });
+                self.contents = Some(Contents { dir_index, name, size, done: 0, file });
             }
-            FileType::Symlink => {
+            (FileType::Symlink, _) => {
                 let target = rustix::fs::readlinkat(dir, name.as_c_str(), Vec::new())?;
                 nar::put_symlink(&mut self.framing, target.as_bytes());
                 if in_dir {
                     nar::put_node_close(&mut self.framing);
                 }
             }
-            FileType::Directory => {
-                let fd = rustix::fs::openat(
-                    dir,
-                    name.as_c_str(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
-                let names = super::nar_fs::sorted_names(&fd)?;
+            (FileType::Directory, _) => {
+                let fd = open_entry(dir, &name, OFlags::DIRECTORY)?;
+                let names = super::nar_fs::sorted_entries(&fd)?;
                 nar::put_directory(&mut self.framing);
                 self.stack.push(DirFrame { fd, names: names.into() });
             }
@@ -172,12 +199,7 @@ impl NarReader {
                     Some(frame) => frame.fd.as_fd(),
                     None => self.root_parent.as_fd(),
                 };
-                let fd = rustix::fs::openat(
-                    dir,
-                    c.name.as_c_str(),
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                let fd = open_entry(dir, &c.name, OFlags::NONBLOCK)?;
                 let mut file = File::from(fd);
                 if c.done > 0 {
                     file.seek(SeekFrom::Start(c.done))?;
@@ -408,5 +430,23 @@ mod tests {
         let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let mut r = NarReader::open(&sock).unwrap();
         assert!(r.read_to_end(&mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_fifo_inside_a_tree_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("a"), b"before").unwrap();
+        let fifo = std::ffi::CString::new(root.join("b").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) reads a NUL-terminated path we own.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) };
+        assert_eq!(rc, 0);
+        // Nothing writes to the FIFO: opening it for reading would block forever.
+        let err = NarReader::open(&root).unwrap().read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut whole = Vec::with_capacity(1 << 20);
+        assert!(NarReader::open(&root).unwrap().fill_vec(&mut whole).is_err());
     }
 }

@@ -4,7 +4,9 @@
 //! per short call on the NAR pool's own blocking threads, with one chunk read ahead. A client
 //! that stops reading stops the production and holds no thread, only the walk's state and at
 //! most two chunks. Chunks share a memory budget: one download gets large chunks (few
-//! syscalls), many concurrent downloads get small ones, so memory stays flat under load.
+//! syscalls), many concurrent downloads get small ones, so memory stays flat under load. A
+//! whole-NAR stream reuses its chunk buffers once they are sent, so it does not page-fault in
+//! fresh memory for every chunk.
 //!
 //! On-the-fly zstd is bounded too: its window and match tables are capped at [`ZSTD_MAX_LOG`],
 //! which bounds the encoder's memory whatever the level (see docs/performance.md).
@@ -14,6 +16,7 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -129,11 +132,60 @@ impl Drop for NarPool {
 /// A blocking byte source.
 pub type Source = Box<dyn Read + Send>;
 
-/// What a stream produces chunks from: a whole NAR (filled without zeroing buffers first), or
-/// any reader (ranges, zstd, files).
+/// What a stream produces chunks from: a whole NAR (filled without zeroing buffers first, into
+/// buffers it reuses), or any reader (ranges, zstd, files).
 enum Producer {
-    Nar { reader: NarReader, left: u64 },
+    Nar { reader: NarReader, left: u64, buffers: Recycler },
     Read(Source),
+}
+
+/// Free chunk buffers of one stream. A chunk's buffer comes back when the HTTP layer drops the
+/// chunk (it has been written), so a long download reuses the same few buffers instead of
+/// allocating (and page-faulting in) fresh memory for every chunk. It holds at most
+/// [`CHUNKS_PER_STREAM`] buffers, and none once the stream is gone.
+#[derive(Default)]
+struct Recycler(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Recycler {
+    /// An empty buffer of exactly `size` bytes' capacity: a free one, or a new one.
+    fn take(&self, size: usize) -> Vec<u8> {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(buf) = free.pop() {
+            if buf.capacity() == size {
+                return buf;
+            }
+        }
+        Vec::with_capacity(size)
+    }
+
+    /// `buf` as a chunk whose buffer returns here once it is dropped.
+    fn chunk(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Chunk { buf, home: Arc::downgrade(&self.0) })
+    }
+}
+
+/// A chunk's bytes and where its buffer returns to.
+struct Chunk {
+    buf: Vec<u8>,
+    home: Weak<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        let Some(home) = self.home.upgrade() else { return };
+        let mut free = home.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < CHUNKS_PER_STREAM {
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
+            free.push(buf);
+        }
+    }
 }
 
 type Produced = (Producer, io::Result<Bytes>);
@@ -142,7 +194,7 @@ type Produced = (Producer, io::Result<Bytes>);
 fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Producer> {
     let mut reader = NarReader::open(path)?;
     Ok(match encoding {
-        Encoding::Plain { start: 0, end } => Producer::Nar { reader, left: end },
+        Encoding::Plain { start: 0, end } => Producer::Nar { reader, left: end, buffers: Recycler::default() },
         Encoding::Plain { start, end } => {
             reader.skip_to(start);
             Producer::Read(Box::new(reader.take(end.saturating_sub(start))))
@@ -162,11 +214,11 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Produce
 /// Produces one chunk; an empty chunk is the end.
 fn produce(mut producer: Producer) -> Produced {
     let result = match &mut producer {
-        Producer::Nar { reader, left } => {
-            let mut buf = Vec::with_capacity((chunk_size() as u64).min(*left) as usize);
+        Producer::Nar { reader, left, buffers } => {
+            let mut buf = buffers.take((chunk_size() as u64).min(*left) as usize);
             reader.fill_vec(&mut buf).map(|()| {
                 *left -= buf.len() as u64;
-                Bytes::from(buf)
+                buffers.chunk(buf)
             })
         }
         Producer::Read(source) => {
@@ -320,6 +372,32 @@ mod tests {
         assert!(part == whole[1_000_003..5_000_001]);
         let z = collect(&pool, &root, Encoding::Zstd { level: 3 }).await;
         assert!(zstd::decode_all(&z[..]).unwrap() == whole);
+    }
+
+    #[test]
+    fn chunk_buffers_come_back_to_their_stream_and_no_more_than_it_holds() {
+        let buffers = Recycler::default();
+        let mut a = buffers.take(4096);
+        a.extend_from_slice(b"chunk");
+        let a_at = a.as_ptr();
+        let chunk = buffers.chunk(a);
+        assert_eq!(&chunk[..], b"chunk");
+        // Still being sent: a new buffer.
+        let b = buffers.take(4096);
+        assert_ne!(b.as_ptr(), a_at);
+        drop(chunk);
+        // Sent: the same memory, empty, for the next chunk of the same size only.
+        let again = buffers.take(4096);
+        assert_eq!((again.as_ptr(), again.len()), (a_at, 0));
+        let chunks: Vec<Bytes> = (0..5).map(|_| buffers.chunk(buffers.take(64))).collect();
+        drop(chunks);
+        assert_eq!(buffers.0.lock().unwrap().len(), CHUNKS_PER_STREAM);
+        assert_eq!(buffers.take(128).capacity(), 128);
+        // A chunk that outlives its stream frees its buffer.
+        let late = buffers.chunk(again);
+        drop(buffers);
+        drop(late);
+        drop(b);
     }
 
     #[tokio::test]
