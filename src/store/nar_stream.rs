@@ -27,8 +27,16 @@ use super::nar_reader::{NarReader, fill};
 
 /// Bytes of chunk buffers that all streams together aim to stay under.
 const BUFFER_BUDGET: usize = 16 << 20;
-/// Chunks a stream holds at most: the one being sent and the one read ahead.
-const CHUNKS_PER_STREAM: usize = 2;
+/// Chunk buffers a stream holds at most: the one being sent, the one read ahead and the one it
+/// keeps for its next chunk ([`FREE_PER_STREAM`]).
+const CHUNKS_PER_STREAM: usize = 3;
+/// Sent chunk buffers a stream keeps for its next chunk: one is enough for a steady download
+/// (a chunk is sent while the next is read), and each more is memory a stalled client holds.
+const FREE_PER_STREAM: usize = 1;
+/// Only buffers this large are kept: the allocator maps and unmaps them itself (glibc's
+/// default mmap threshold), so each new one is fresh memory to page-fault in, while smaller
+/// ones (many concurrent streams) come from its free lists already.
+const KEEP_MIN: usize = 128 << 10;
 const MIN_CHUNK: usize = 16 << 10;
 const MAX_CHUNK: usize = 1 << 20;
 /// The largest zstd window, hash and chain table logs on-the-fly compression uses: together they
@@ -142,7 +150,7 @@ enum Producer {
 /// Free chunk buffers of one stream. A chunk's buffer comes back when the HTTP layer drops the
 /// chunk (it has been written), so a long download reuses the same few buffers instead of
 /// allocating (and page-faulting in) fresh memory for every chunk. It holds at most
-/// [`CHUNKS_PER_STREAM`] buffers, and none once the stream is gone.
+/// [`FREE_PER_STREAM`] free buffers, and none once the stream is gone.
 #[derive(Default)]
 struct Recycler(Arc<Mutex<Vec<Vec<u8>>>>);
 
@@ -180,7 +188,7 @@ impl Drop for Chunk {
     fn drop(&mut self) {
         let Some(home) = self.home.upgrade() else { return };
         let mut free = home.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < CHUNKS_PER_STREAM {
+        if free.len() < FREE_PER_STREAM && self.buf.capacity() >= KEEP_MIN {
             let mut buf = std::mem::take(&mut self.buf);
             buf.clear();
             free.push(buf);
@@ -375,24 +383,28 @@ mod tests {
     }
 
     #[test]
-    fn chunk_buffers_come_back_to_their_stream_and_no_more_than_it_holds() {
+    fn large_chunk_buffers_come_back_to_their_stream_and_no_more_than_it_holds() {
         let buffers = Recycler::default();
-        let mut a = buffers.take(4096);
+        let mut a = buffers.take(KEEP_MIN);
         a.extend_from_slice(b"chunk");
         let a_at = a.as_ptr();
         let chunk = buffers.chunk(a);
         assert_eq!(&chunk[..], b"chunk");
         // Still being sent: a new buffer.
-        let b = buffers.take(4096);
+        let b = buffers.take(KEEP_MIN);
         assert_ne!(b.as_ptr(), a_at);
         drop(chunk);
         // Sent: the same memory, empty, for the next chunk of the same size only.
-        let again = buffers.take(4096);
+        let again = buffers.take(KEEP_MIN);
         assert_eq!((again.as_ptr(), again.len()), (a_at, 0));
-        let chunks: Vec<Bytes> = (0..5).map(|_| buffers.chunk(buffers.take(64))).collect();
+        // Small buffers are left to the allocator; large ones are kept up to the bound.
+        drop(buffers.chunk(buffers.take(KEEP_MIN / 2)));
+        assert_eq!(buffers.0.lock().unwrap().len(), 0);
+        let chunks: Vec<Bytes> = (0..5).map(|_| buffers.chunk(buffers.take(2 * KEEP_MIN))).collect();
         drop(chunks);
-        assert_eq!(buffers.0.lock().unwrap().len(), CHUNKS_PER_STREAM);
-        assert_eq!(buffers.take(128).capacity(), 128);
+        assert_eq!(buffers.0.lock().unwrap().len(), FREE_PER_STREAM);
+        assert_eq!(buffers.take(KEEP_MIN).capacity(), KEEP_MIN);
+        assert_eq!(buffers.0.lock().unwrap().len(), 0);
         // A chunk that outlives its stream frees its buffer.
         let late = buffers.chunk(again);
         drop(buffers);
