@@ -25,6 +25,7 @@ fn init_logging(command: &Command) {
 }
 
 fn main() -> ExitCode {
+    fix_mmap_threshold();
     let cli = Cli::parse();
     init_logging(&cli.command);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -78,3 +79,26 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
+
+/// glibc serves allocations of 128 KiB and more with mmap of their own, but raises that
+/// threshold to the largest block freed so far, after which large NAR chunks come from its
+/// per-thread arenas, which keep what was freed: after a few concurrent toolchain downloads
+/// hearth held about 50 MiB it no longer used. A fixed threshold returns large blocks to the
+/// system when they are freed (NAR streams reuse their own large chunk buffers, so this costs
+/// no page faults per chunk): about 18 MiB idle after the same downloads, and a peak under 256
+/// concurrent downloads of about 35 MiB instead of 63 (docs/performance.md). An operator's own
+/// `MALLOC_MMAP_THRESHOLD_` wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fix_mmap_threshold() {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt(3) only sets an allocator parameter, and this runs first in `main`,
+        // before any other thread exists.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_mmap_threshold() {}

@@ -27,15 +27,15 @@ use super::nar_reader::{NarReader, fill};
 
 /// Bytes of chunk buffers that all streams together aim to stay under.
 const BUFFER_BUDGET: usize = 16 << 20;
-/// Chunk buffers a stream holds at most: the one being sent, the one read ahead and the one it
-/// keeps for its next chunk ([`FREE_PER_STREAM`]).
-const CHUNKS_PER_STREAM: usize = 3;
-/// Sent chunk buffers a stream keeps for its next chunk: one is enough for a steady download
-/// (a chunk is sent while the next is read), and each more is memory a stalled client holds.
-const FREE_PER_STREAM: usize = 1;
-/// Only buffers this large are kept: the allocator maps and unmaps them itself (glibc's
-/// default mmap threshold), so each new one is fresh memory to page-fault in, while smaller
-/// ones (many concurrent streams) come from its free lists already.
+/// Chunk buffers a stream holds at most: the one being sent, the one read ahead and those it
+/// keeps for its next chunks ([`FREE_PER_STREAM`]).
+const CHUNKS_PER_STREAM: usize = 4;
+/// Sent chunk buffers a stream keeps for its next chunks: hyper may finish two chunks between
+/// two reads, and each more is memory a stalled client holds.
+const FREE_PER_STREAM: usize = 2;
+/// Only buffers this large are kept: the allocator maps and unmaps them itself (glibc's mmap
+/// threshold, which `main` fixes there), so each new one is fresh memory to page-fault in,
+/// while smaller ones (many concurrent streams) come from its free lists.
 const KEEP_MIN: usize = 128 << 10;
 const MIN_CHUNK: usize = 16 << 10;
 const MAX_CHUNK: usize = 1 << 20;
