@@ -66,6 +66,14 @@ fn open_entry(dir: BorrowedFd<'_>, name: &CString, extra: OFlags) -> io::Result<
     Ok(rustix::fs::openat(dir, name.as_c_str(), flags, Mode::empty())?)
 }
 
+/// The open directory the entries of frame `dir_index` are in (`None`: the root's parent).
+fn dir_fd<'a>(stack: &'a [DirFrame], root_parent: &'a OwnedFd, dir_index: Option<usize>) -> BorrowedFd<'a> {
+    match dir_index.and_then(|i| stack.get(i)) {
+        Some(frame) => frame.fd.as_fd(),
+        None => root_parent.as_fd(),
+    }
+}
+
 fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -134,10 +142,7 @@ impl NarReader {
     /// unopened), `statat` decides.
     fn visit(&mut self, dir_index: Option<usize>, name: CString, listed: FileType) -> io::Result<()> {
         let in_dir = dir_index.is_some();
-        let dir = match dir_index.and_then(|i| self.stack.get(i)) {
-            Some(frame) => frame.fd.as_fd(),
-            None => self.root_parent.as_fd(),
-        };
+        let dir = dir_fd(&self.stack, &self.root_parent, dir_index);
         let skipping = self.skip_until > self.pos;
         let (kind, stat, file) = match listed {
             FileType::RegularFile if !skipping => {
@@ -195,10 +200,7 @@ impl NarReader {
         let left = c.size - c.done;
         if left > 0 {
             if c.file.is_none() {
-                let dir = match c.dir_index.and_then(|i| self.stack.get(i)) {
-                    Some(frame) => frame.fd.as_fd(),
-                    None => self.root_parent.as_fd(),
-                };
+                let dir = dir_fd(&self.stack, &self.root_parent, c.dir_index);
                 let fd = open_entry(dir, &c.name, OFlags::NONBLOCK)?;
                 let mut file = File::from(fd);
                 if c.done > 0 {
@@ -374,13 +376,18 @@ mod tests {
         out
     }
 
-    #[test]
-    fn matches_nix_dump_at_every_offset_and_read_size() {
+    /// The test tree on disk (under the returned directory) and its NAR from `nix-store --dump`.
+    fn golden_tree() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("tree");
         fs::create_dir(&root).unwrap();
         super::super::nar_fs::test_tree::make_tree(&root);
-        let want = golden("cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf-tree.nar");
+        (dir, root, golden("cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf-tree.nar"))
+    }
+
+    #[test]
+    fn matches_nix_dump_at_every_offset_and_read_size() {
+        let (_dir, root, want) = golden_tree();
         for size in [1, 3, 8, 100, 4096] {
             assert!(read_all(&root, 0, size) == want, "read size {size}");
         }
@@ -391,11 +398,7 @@ mod tests {
 
     #[test]
     fn fill_vec_gives_the_same_bytes_at_every_capacity() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("tree");
-        fs::create_dir(&root).unwrap();
-        super::super::nar_fs::test_tree::make_tree(&root);
-        let want = golden("cdnf7sl3i8vngkdz1zh3vqxzz3djw8wf-tree.nar");
+        let (_dir, root, want) = golden_tree();
         for cap in [1, 7, 64, 1000, 1 << 20] {
             let mut r = NarReader::open(&root).unwrap();
             let mut out = Vec::new();
@@ -438,11 +441,7 @@ mod tests {
         let root = dir.path().join("tree");
         fs::create_dir(&root).unwrap();
         fs::write(root.join("a"), b"before").unwrap();
-        let fifo = std::ffi::CString::new(root.join("b").as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo(3) reads a NUL-terminated path we own.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) };
-        assert_eq!(rc, 0);
+        rustix::fs::mknodat(rustix::fs::CWD, root.join("b"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         // Nothing writes to the FIFO: opening it for reading would block forever.
         let err = NarReader::open(&root).unwrap().read_to_end(&mut Vec::new()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
