@@ -3,10 +3,10 @@
 //! Pull-based: the stream holds a [`NarReader`] (the walk's place, as data) and produces one chunk
 //! per short call on the NAR pool's own blocking threads, with one chunk read ahead. A client
 //! that stops reading stops the production and holds no thread, only the walk's state and at
-//! most two chunks. Chunks share a memory budget: one download gets large chunks (few
-//! syscalls), many concurrent downloads get small ones, so memory stays flat under load. A
-//! whole-NAR stream reuses its chunk buffers once they are sent, so it does not page-fault in
-//! fresh memory for every chunk.
+//! most [`CHUNKS_PER_STREAM`] chunk buffers. Chunks share a memory budget: one download gets
+//! large chunks (few syscalls), many concurrent downloads get small ones, so memory stays flat
+//! under load. A whole-NAR stream reuses its large chunk buffers once they are sent, so it does
+//! not page-fault in fresh memory for every chunk.
 //!
 //! On-the-fly zstd is bounded too: its window and match tables are capped at [`ZSTD_MAX_LOG`],
 //! which bounds the encoder's memory whatever the level (see docs/performance.md).
@@ -34,8 +34,8 @@ const CHUNKS_PER_STREAM: usize = 4;
 /// two reads, and each more is memory a stalled client holds.
 const FREE_PER_STREAM: usize = 2;
 /// Only buffers this large are kept: the allocator maps and unmaps them itself (glibc's mmap
-/// threshold, which `main` fixes there), so each new one is fresh memory to page-fault in,
-/// while smaller ones (many concurrent streams) come from its free lists.
+/// threshold, which `main` fixes at this size), so each new one is fresh memory to page-fault
+/// in, while smaller ones (many concurrent streams) come from its free lists.
 const KEEP_MIN: usize = 128 << 10;
 const MIN_CHUNK: usize = 16 << 10;
 const MAX_CHUNK: usize = 1 << 20;
@@ -166,13 +166,17 @@ impl Recycler {
         Vec::with_capacity(size)
     }
 
-    /// `buf` as a chunk whose buffer returns here once it is dropped.
+    /// `buf` as a chunk; a large buffer returns here once the chunk is dropped, a small one
+    /// goes back to the allocator.
     fn chunk(&self, buf: Vec<u8>) -> Bytes {
+        if buf.capacity() < KEEP_MIN {
+            return Bytes::from(buf);
+        }
         Bytes::from_owner(Chunk { buf, home: Arc::downgrade(&self.0) })
     }
 }
 
-/// A chunk's bytes and where its buffer returns to.
+/// A chunk with a large buffer, and where that buffer returns to.
 struct Chunk {
     buf: Vec<u8>,
     home: Weak<Mutex<Vec<Vec<u8>>>>,
@@ -188,7 +192,7 @@ impl Drop for Chunk {
     fn drop(&mut self) {
         let Some(home) = self.home.upgrade() else { return };
         let mut free = home.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < FREE_PER_STREAM && self.buf.capacity() >= KEEP_MIN {
+        if free.len() < FREE_PER_STREAM {
             let mut buf = std::mem::take(&mut self.buf);
             buf.clear();
             free.push(buf);
