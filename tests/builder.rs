@@ -440,10 +440,16 @@ impl Drop for TinyDisk {
 
 #[test]
 fn a_full_disk_fails_the_build_clearly_and_the_cache_keeps_serving() {
-    // Nix builds in $TMPDIR: put it on a disk too small for the build.
+    // Put where Nix builds on a disk too small for the build: $TMPDIR up to Nix 2.29, its
+    // `build-dir` (default /nix/var/nix/builds) since 2.30.
     let disk = TinyDisk::mount("8m");
     let tmp = disk.dir.path().to_str().unwrap().to_owned();
-    let f = Fleet::start_env("", &[("TMPDIR", &tmp)]);
+    let nix_config = format!("substituters =\nbuild-dir = {tmp}\n");
+    let mut env = vec![("TMPDIR", tmp.as_str())];
+    if common::nix_version() >= (2, 30) {
+        env.push(("NIX_CONFIG", &nix_config));
+    }
+    let f = Fleet::start_env("", &env);
     let (code, replies) = f.cli(&["lab", "diskhog"]);
     assert_eq!(code, 1, "{replies:?}");
     let last = replies.last().unwrap();

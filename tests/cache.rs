@@ -254,6 +254,12 @@ fn the_daemon_backend_serves_the_same_narinfos() {
         assert_eq!(a.text(), b.text(), "{hash}");
     }
     assert!(daemon.log().contains("backend=\"daemon\"") || daemon.log().contains("backend=daemon"));
+    // The protocol each Nix negotiates with our client (docs/compatibility.md): 1.34 with Nix 2.8,
+    // our newest (1.38, with feature negotiation) with today's Nix.
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains("connected to the nix-daemon")).unwrap_or_else(|| panic!("{log}"));
+    let expected = if common::nix_version() >= (2, 24) { "protocol=1.38" } else { "protocol=1.34" };
+    assert!(line.contains(expected), "{line}");
 }
 
 #[test]

@@ -172,8 +172,12 @@ fn keygen_writes_a_private_nix_format_pair_and_never_overwrites() {
     );
     let info = common::run_ok(common::nix_cmd("nix").args(["path-info", "--json", "--store"]).arg(&store).arg(path));
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-    let sigs: Vec<String> =
-        info[0]["signatures"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+    let sigs: Vec<String> = common::path_info_entry(&info, path)["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
     let fingerprint = common::vectors()["paths"][0]["fingerprint"].as_str().unwrap().to_owned();
     assert!(sigs.iter().any(|s| pk.verify(&fingerprint, s)), "no signature by our key in {sigs:?}");
 }

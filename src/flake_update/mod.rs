@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::builder::cli::{Display, EXIT_FAILED, EXIT_REFUSED, NatsArgs, parse_duration, request_build};
 use crate::builder::job::{HostStatus, HostSummary, Status, is_valid_branch, is_valid_name, repo_identity};
+use crate::nix::version::NixVersion;
 use git::Git;
 use lock::InputChange;
 
@@ -234,6 +235,17 @@ async fn update(args: &FlakeUpdateArgs) -> Outcome {
     result
 }
 
+/// The Nix that `nix` is, asked once per run.
+async fn nix_version(nix: &str) -> Result<NixVersion, (u8, String)> {
+    let out = tokio::process::Command::new(nix)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| (EXIT_FAILED, format!("cannot run {nix} --version: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    NixVersion::parse(&text).ok_or_else(|| (EXIT_FAILED, format!("cannot read the version of {nix}: {}", text.trim())))
+}
+
 async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: &str, update_branch: &str) -> Outcome {
     let fail = |e: git::GitError| (EXIT_FAILED, e.to_string());
     let read_lock = || -> serde_json::Value {
@@ -252,6 +264,8 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
     nix.current_dir(wt.dir()).args(["--extra-experimental-features", "nix-command flakes"]);
     if args.inputs.is_empty() {
         nix.args(["flake", "update"]);
+    } else if nix_version(&args.nix).await?.has_flake_update_inputs() {
+        nix.args(["flake", "update"]).args(&args.inputs);
     } else {
         nix.args(["flake", "lock"]);
         for input in &args.inputs {

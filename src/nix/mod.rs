@@ -1,5 +1,5 @@
 //! Nix's formats, pure: nixbase32, store paths, NAR framing, `.ls` listings, narinfo text,
-//! signing keys, URL grammar and daemon-protocol encoding.
+//! signing keys, URL grammar, daemon-protocol encoding and what a `nix --version` supports.
 //!
 //! Architecture invariant: nothing in here does I/O or knows about tokio, HTTP, SQL or NATS.
 //! Everything else may call it; it calls nothing outside itself.
@@ -12,6 +12,7 @@ pub mod narinfo;
 pub mod nixbase32;
 pub mod signing;
 pub mod store_path;
+pub mod version;
 pub mod wire;
 
 /// Converts a `sha256:<hex>` hash (as the Nix database and daemon store it) to `sha256:<nix32>`.

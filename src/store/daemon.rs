@@ -57,7 +57,12 @@ impl Connection {
         let stream = UnixStream::connect(socket).await.map_err(DaemonError::Connect)?;
         let (r, w) = stream.into_split();
         let mut c = Self { r: BufReader::new(r), w: BufWriter::new(w), version: 0 };
-        tokio::time::timeout(OP_TIMEOUT, c.handshake()).await.map_err(|_| DaemonError::Timeout)??;
+        let daemon_nix = tokio::time::timeout(OP_TIMEOUT, c.handshake()).await.map_err(|_| DaemonError::Timeout)??;
+        tracing::debug!(
+            protocol = %format_args!("{}.{}", wire::major(c.version), wire::minor(c.version)),
+            daemon = daemon_nix.as_deref().unwrap_or("(not said before protocol 1.33)"),
+            "connected to the nix-daemon"
+        );
         Ok(c)
     }
 
@@ -66,7 +71,8 @@ impl Connection {
         self.version
     }
 
-    async fn handshake(&mut self) -> Result<(), DaemonError> {
+    /// Returns the daemon's Nix version where the protocol says it (1.33+).
+    async fn handshake(&mut self) -> Result<Option<String>, DaemonError> {
         self.w.write_all(&Request::default().u64(wire::WORKER_MAGIC_1).0).await?;
         self.w.flush().await?;
         if self.u64().await? != wire::WORKER_MAGIC_2 {
@@ -99,13 +105,12 @@ impl Connection {
         }
         self.w.write_all(&req.0).await?;
         self.w.flush().await?;
-        if minor >= 33 {
-            self.string().await?; // the daemon's Nix version
-        }
+        let daemon_nix = if minor >= 33 { Some(self.string().await?) } else { None };
         if minor >= 35 {
             self.u64().await?; // trusted status
         }
-        self.stderr_loop().await
+        self.stderr_loop().await?;
+        Ok(daemon_nix)
     }
 
     async fn u64(&mut self) -> Result<u64, DaemonError> {

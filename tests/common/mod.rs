@@ -44,6 +44,28 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// One path's entry in `nix path-info --json`: a list of objects with a `path` field up to Nix
+/// 2.18, a map keyed by store path since Nix 2.19.
+pub fn path_info_entry<'a>(info: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    let entry = match info {
+        serde_json::Value::Array(list) => list.iter().find(|e| e["path"] == path),
+        serde_json::Value::Object(map) => map.get(path),
+        _ => None,
+    };
+    entry.unwrap_or_else(|| panic!("no entry for {path} in nix path-info --json: {info}"))
+}
+
+/// Which Nix the tests run against: `(major, minor)` of `nix --version`.
+pub fn nix_version() -> (u32, u32) {
+    static VERSION: OnceLock<(u32, u32)> = OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let text = run_ok(Command::new("nix").arg("--version"));
+        let number = text.split_whitespace().last().unwrap_or_default();
+        let mut parts = number.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    })
+}
+
 /// Makes sure the real Nix store and daemon are there and the golden paths are in the store.
 pub fn ensure_store() {
     static ONCE: OnceLock<()> = OnceLock::new();
