@@ -24,6 +24,8 @@ in
         extraConfig = ''
           proxy_http_version 1.1;
           proxy_set_header Connection "";
+          # hearth shares its stream bounds out by client address (trusted_proxies).
+          proxy_set_header X-Forwarded-For $remote_addr;
         '';
       };
 
@@ -46,6 +48,7 @@ in
         extraConfig = ''
           proxy_http_version 1.1;
           proxy_set_header Connection "";
+          proxy_set_header X-Forwarded-For $remote_addr;
           proxy_buffering off;
           proxy_request_buffering off;
           proxy_max_temp_file_size 0;

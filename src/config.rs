@@ -51,8 +51,14 @@ pub struct FileConfig {
     pub header_timeout_seconds: u64,
     /// Seconds a client may read nothing of a response before it is disconnected.
     pub send_timeout_seconds: u64,
-    /// NAR downloads streamed at once; more get 503 with `Retry-After`.
+    /// NAR downloads (and build logs) streamed at once.
     pub max_nar_streams: usize,
+    /// Build log downloads streamed at once.
+    pub max_log_streams: usize,
+    /// The share of each stream bound one client address may hold (0 < share <= 1).
+    pub client_stream_share: f64,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
     /// Blocking threads that read NARs and logs (apart from database and `.ls` work).
     pub nar_threads: usize,
     /// Where hearth keeps its small state (the fleet record).
@@ -78,6 +84,9 @@ impl Default for FileConfig {
             header_timeout_seconds: 30,
             send_timeout_seconds: 60,
             max_nar_streams: 512,
+            max_log_streams: 32,
+            client_stream_share: 0.25,
+            trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
             nar_threads: 32,
             state_dir: "/var/lib/hearth".into(),
         }
@@ -261,6 +270,23 @@ impl Config {
         in_range("send_timeout_seconds", file.send_timeout_seconds, 1..=3600)?;
         in_range("shutdown_grace_seconds", file.shutdown_grace_seconds, 0..=86_400)?;
         in_range("max_nar_streams", file.max_nar_streams, 1..=100_000)?;
+        in_range("max_log_streams", file.max_log_streams, 1..=4096)?;
+        if !(file.client_stream_share > 0.0 && file.client_stream_share <= 1.0) {
+            return Err(ConfigError::Value {
+                key: "client_stream_share",
+                reason: "must be a fraction above 0 and at most 1 (0.25: a quarter of each bound)".into(),
+            });
+        }
+        let trusted_proxies = file
+            .trusted_proxies
+            .iter()
+            .map(|a| {
+                a.parse::<std::net::IpAddr>().map_err(|_| ConfigError::Value {
+                    key: "trusted_proxies",
+                    reason: format!("`{a}` is not an IP address"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         in_range("nar_threads", file.nar_threads, 1..=1024)?;
         let zstd_level = (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level);
         let nar_cache = match &file.nar_cache {
@@ -311,6 +337,10 @@ impl Config {
             streams: crate::http::StreamLimits {
                 max_nar_streams: file.max_nar_streams,
                 max_zstd_streams: file.compression.max_streams,
+                max_log_streams: file.max_log_streams,
+                client_share: file.client_stream_share,
+                trusted_proxies,
+                ..crate::http::StreamLimits::default()
             },
             state_dir: file.state_dir,
         })

@@ -24,6 +24,20 @@ fn init_logging(command: &Command) {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as servers do (systemd's default soft
+/// limit is 1024): every client connection and every NAR walk's open directory is a descriptor,
+/// and the connection cap, not the soft limit, is what should bound them.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(err = %e, "cannot raise the open-file limit");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     fix_mmap_threshold();
     let cli = Cli::parse();
@@ -37,6 +51,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve { config, bind } => {
+            raise_fd_limit();
             let mut cfg = match Config::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => return config_error(e),

@@ -43,6 +43,11 @@ pub struct RepoHost {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Bound {
+    pub bound: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Repo {
     pub repo: String,
 }
@@ -64,6 +69,8 @@ pub struct Metrics {
     pub http_duration: Family<Route, Histogram, fn() -> Histogram>,
     pub nar_bytes_sent: Counter,
     pub nars_in_flight: Gauge,
+    pub stream_evictions: Family<Bound, Counter>,
+    pub streams_held: Family<Bound, Gauge>,
     pub daemon_pool_in_use: Gauge,
     pub daemon_pool_size: Gauge,
     pub builds: Family<RepoStatus, Counter>,
@@ -100,6 +107,18 @@ impl Metrics {
         registry.register("hearth_nar_sent_bytes", "NAR body bytes written to clients", nar_bytes_sent.clone());
         let nars_in_flight = Gauge::default();
         registry.register("hearth_nars_in_flight", "NAR bodies being streamed", nars_in_flight.clone());
+        let stream_evictions = Family::<Bound, Counter>::default();
+        registry.register(
+            "hearth_stream_evictions",
+            "Streams whose client read nothing that gave their slot to a new request, by bound (nar, zstd, log)",
+            stream_evictions.clone(),
+        );
+        let streams_held = Family::<Bound, Gauge>::default();
+        registry.register(
+            "hearth_streams_held",
+            "Stream slots held now, by bound (nar: NAR downloads and logs, zstd: compressed NARs, log: logs)",
+            streams_held.clone(),
+        );
         let daemon_pool_in_use = Gauge::default();
         registry.register("hearth_daemon_pool_in_use", "Nix daemon connections in use", daemon_pool_in_use.clone());
         let daemon_pool_size = Gauge::default();
@@ -218,6 +237,8 @@ impl Metrics {
             http_duration,
             nar_bytes_sent,
             nars_in_flight,
+            stream_evictions,
+            streams_held,
             daemon_pool_in_use,
             daemon_pool_size,
             builds,

@@ -47,7 +47,8 @@ fn threads(pid: u32) -> usize {
 fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
     // Four NAR threads, forty stalled clients: with a thread held per stalled stream nothing
     // else could be streamed until they leave.
-    let h = Hearth::start("nar_threads = 4\nmax_nar_streams = 100\nsend_timeout_seconds = 3\n");
+    let h =
+        Hearth::start("nar_threads = 4\nmax_nar_streams = 100\nsend_timeout_seconds = 3\nclient_stream_share = 1.0\n");
     let (path, url) = big_path(&h, 48);
     let stalled: Vec<_> = (0..40).map(|_| stall(&h.addr, &url, 4096)).collect();
     assert!(stalled.iter().all(|(status, _)| *status == 200));
@@ -79,7 +80,7 @@ fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
 
 #[test]
 fn streams_beyond_the_configured_bound_get_503_with_retry_after_at_once() {
-    let h = Hearth::start("max_nar_streams = 5\nsend_timeout_seconds = 600\n");
+    let h = Hearth::start("max_nar_streams = 5\nsend_timeout_seconds = 600\nclient_stream_share = 1.0\n");
     let (path, url) = big_path(&h, 32);
     let held: Vec<_> = (0..5).map(|_| stall(&h.addr, &url, 4096)).collect();
     assert!(held.iter().all(|(status, _)| *status == 200));
@@ -152,7 +153,7 @@ fn a_log_bomb_is_streamed_with_bounded_memory() {
 #[test]
 fn stalled_zstd_streams_at_level_19_have_bounded_memory() {
     let h = Hearth::start(
-        "send_timeout_seconds = 600\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
+        "send_timeout_seconds = 600\nclient_stream_share = 1.0\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
     );
     let (path, _) = big_path(&h, 24);
     let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
@@ -171,4 +172,152 @@ fn stalled_zstd_streams_at_level_19_have_bounded_memory() {
     assert!(peak < before + 12 * 40 * 1024, "peak RSS {peak} KiB (from {before} KiB) for 12 zstd-19 streams");
     drop(held);
     let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
+}
+
+/// Opens a connection from `source` (a loopback address) and sends a GET for `target` without
+/// reading anything back.
+fn stalled_from(addr: &str, source: std::net::Ipv4Addr, target: &str) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from((source, 0)).into()).unwrap();
+    sock.connect(&addr.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s
+}
+
+/// Open descriptors of a process.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// GETs `url` as Nix does: a 503 is retried after its `Retry-After`, up to `tries` times.
+/// Returns the body and how many 503s came first.
+fn get_as_nix_does(h: &Hearth, url: &str, tries: usize) -> (Vec<u8>, usize) {
+    for busy in 0..tries {
+        let r = h.get(url);
+        if r.status == 200 {
+            return (r.body, busy);
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        let pause: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(2);
+        std::thread::sleep(Duration::from_secs(pause));
+    }
+    panic!("{url}: still 503 after {tries} tries");
+}
+
+#[test]
+fn a_normal_client_gets_its_nar_while_thousands_of_sockets_stall_and_hundreds_read_slowly() {
+    let h = Hearth::start("send_timeout_seconds = 600\n");
+    let (path, url) = big_path(&h, 16);
+    let (_, rss_before) = common::memory_kib(h.pid());
+    let fds_before = descriptors(h.pid());
+    // 2,000 connections from 100 addresses that ask for the NAR and never read, and 200 that
+    // read 1 KiB a second: every stream slot (512) is taken, most of them by stalled sockets.
+    let stalled: Vec<TcpStream> = (0..2000)
+        .map(|i| stalled_from(&h.addr, std::net::Ipv4Addr::new(127, 0, 1, (i % 100) as u8 + 1), &url))
+        .collect();
+    let slow: Vec<TcpStream> =
+        (0..200).map(|i| stalled_from(&h.addr, std::net::Ipv4Addr::new(127, 0, 2, (i % 50) as u8 + 1), &url)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut slow = slow;
+            let mut buf = [0u8; 1024];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut slow {
+                    s.set_nonblocking(true).unwrap();
+                    let _ = s.read(&mut buf);
+                }
+                // Pacing the slow readers (1 KiB/s each), not waiting for the server.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    wait_until("every stream slot to be held", WAIT, || h.metric("hearth_nars_in_flight") >= 512.0);
+
+    // The normal client gets the whole NAR, as Nix would fetch it (503s are retried).
+    let (body, busy) = get_as_nix_does(&h, &url, 15);
+    assert_eq!(body.len() as u64, nar_size(&h, &path), "a short NAR");
+    let (peak, _) = common::memory_kib(h.pid());
+    let fds = descriptors(h.pid());
+    eprintln!(
+        "2,000 stalled + 200 slow: NAR after {busy} 503s; RSS {} -> peak {peak} KiB; {fds_before} -> {fds} descriptors; {} evictions",
+        rss_before,
+        h.metric("hearth_stream_evictions_total{bound=\"nar\"}")
+    );
+    assert!(h.metric("hearth_stream_evictions_total{bound=\"nar\"}") >= 1.0);
+    assert!(h.metric("hearth_nars_in_flight") <= 512.0);
+    // Streams stay bounded, so memory does; descriptors are the connections and a few per stream.
+    assert!(peak < rss_before + 200 * 1024, "peak RSS {peak} KiB from {rss_before} KiB");
+    assert!(fds < fds_before + 2200 + 3 * 512, "{fds} descriptors");
+    // And so does a real Nix client.
+    let store = tempfile::tempdir().unwrap();
+    let copy = nix_cmd("nix")
+        .args(["copy", "--no-check-sigs", "--from", &format!("http://{}", h.addr), "--to"])
+        .arg(store.path())
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "nix copy: {}", String::from_utf8_lossy(&copy.stderr));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    drop(stalled);
+    let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
+}
+
+fn nar_size(h: &Hearth, path: &str) -> u64 {
+    let narinfo = h.get(&format!("/{}.narinfo", hash_part(path))).text();
+    narinfo.lines().find_map(|l| l.strip_prefix("NarSize: ")).unwrap().parse().unwrap()
+}
+
+#[test]
+fn sixteen_idle_sockets_do_not_stop_compressed_substitution() {
+    let h = Hearth::start("send_timeout_seconds = 600\n[compression]\nalgorithm = \"zstd\"\nlevel = 3\n");
+    let (path, _) = big_path(&h, 16);
+    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
+    let url = format!("/{}", narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap());
+    // Sixty-four idle requests for a `.nar.zst` from eight addresses: every compressed slot (16).
+    let idle: Vec<TcpStream> =
+        (0..64).map(|i| stalled_from(&h.addr, std::net::Ipv4Addr::new(127, 0, 3, (i % 8) as u8 + 1), &url)).collect();
+    wait_until("every compressed slot to be held", WAIT, || h.metric("hearth_nars_in_flight") >= 16.0);
+    let (body, _) = get_as_nix_does(&h, &url, 15);
+    assert_eq!(zstd::decode_all(&body[..]).unwrap().len() as u64, nar_size(&h, &path));
+    assert!(h.metric("hearth_stream_evictions_total{bound=\"zstd\"}") >= 1.0);
+    drop(idle);
+    let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
+}
+
+#[test]
+fn log_downloads_have_a_bound_and_idle_ones_cannot_hold_it() {
+    // A 64 MiB log, bzip2-compressed, as Nix keeps it.
+    let logs = tempfile::tempdir().unwrap();
+    let base = "39bvdmldxycprsns8aq5n5r1lffhp1mx-loud.drv";
+    let dir = logs.path().join("drvs").join(&base[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let plain = dir.join(&base[2..]);
+    let mut f = std::fs::File::create(&plain).unwrap();
+    for i in 0..(64 << 20) / 64 {
+        writeln!(f, "{i:020} a line of build output, varied enough {}", i % 7).unwrap();
+    }
+    drop(f);
+    let status = std::process::Command::new("bzip2").args(["-1"]).arg(&plain).status().unwrap();
+    assert!(status.success());
+    let h = Hearth::start(&format!("send_timeout_seconds = 600\n[store]\nlog_dir = \"{}\"\n", logs.path().display()));
+    let (_, before) = common::memory_kib(h.pid());
+    // 300 requests for it that never read, from 30 addresses.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|i| stalled_from(&h.addr, std::net::Ipv4Addr::new(127, 0, 4, (i % 30) as u8 + 1), &format!("/log/{base}")))
+        .collect();
+    wait_until("every log slot to be held", WAIT, || h.metric("hearth_streams_held{bound=\"log\"}") >= 32.0);
+    // A NAR is still served whole, and so is the log itself to a client that reads it.
+    let (_, url) = big_path(&h, 8);
+    assert_eq!(h.get(&url).status, 200);
+    let (log, _) = get_as_nix_does(&h, &format!("/log/{base}"), 15);
+    assert!(log.len() > 60 << 20, "{} bytes of log", log.len());
+    let (peak, _) = common::memory_kib(h.pid());
+    eprintln!("300 idle log downloads: peak RSS {peak} KiB from {before} KiB");
+    // 32 log streams at most (each a bzip2 decoder, about 3.5 MiB), not 300.
+    assert!(peak < before + 32 * 5 * 1024, "peak RSS {peak} KiB from {before} KiB");
+    drop(idle);
 }

@@ -169,6 +169,11 @@ fn zstd_variant_is_fetched_by_nix() {
     let size: usize = narinfo.lines().find_map(|l| l.strip_prefix("NarSize: ")).unwrap().parse().unwrap();
     assert_eq!(nar.len(), size);
     assert!(compressed.body.len() < size / 10, "zstd did not compress a repetitive file");
+    // Its length is not known before it is made: neither GET nor HEAD claims one.
+    assert_eq!(compressed.header("content-length"), None);
+    let head = request(&h.addr, "HEAD", &format!("/{url}"), &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), None, "HEAD claims a length GET does not send");
 
     let dest = tempfile::tempdir().unwrap();
     let out = nix_copy(&h, dest.path(), &test_pub(), &path);

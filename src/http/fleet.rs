@@ -124,7 +124,11 @@ fn host_html(repo: &str, host: &str, r: &HostRecord) -> String {
         .last_build
         .as_ref()
         .map(|b| {
-            let commit = b.commit.as_deref().map(|c| format!(" at {}", &c[..c.len().min(12)])).unwrap_or_default();
+            let commit = b
+                .commit
+                .as_deref()
+                .map(|c| format!(" at {}", c.chars().take(12).collect::<String>()))
+                .unwrap_or_default();
             format!("{}{}", crate::utc::minute(b.at), commit)
         })
         .unwrap_or_default();
@@ -231,6 +235,20 @@ mod tests {
         assert!(!page.contains("<script>") && page.contains("&lt;script&gt;"));
         assert!(page.contains("r&amp;d") && page.contains("web&quot;1") && page.contains("generation 2 · &lt;b&gt;"));
         assert!(page.contains("1.0 GiB") && page.contains("FAILED"));
+    }
+
+    #[test]
+    fn a_commit_with_multi_byte_characters_renders() {
+        // A hand-edited or damaged record: the 12th byte is inside a character.
+        let mut hosts = Hosts::new();
+        let commit = format!("{}é{}", "a".repeat(11), "b".repeat(10));
+        let record = HostRecord {
+            last_build: Some(LastBuild { status: "success".into(), at: 0, commit: Some(commit) }),
+            ..HostRecord::default()
+        };
+        hosts.insert(("r".into(), "h".into()), record);
+        let page = render(&hosts, &json!({"store_dir": "/nix/store", "priority": 30, "public_keys": []}));
+        assert!(page.contains(&format!(" at {}é", "a".repeat(11))), "{page}");
     }
 
     #[test]

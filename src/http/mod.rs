@@ -11,6 +11,7 @@ mod fleet;
 mod nar;
 mod narinfo;
 pub mod range;
+pub mod slots;
 
 #[cfg(test)]
 mod tests {
@@ -48,18 +49,83 @@ pub struct CacheSettings {
     pub zstd_level: Option<i32>,
 }
 
-/// How many response streams may run at once.
-#[derive(Debug, Clone, Copy)]
+/// How many response streams may run at once, and how they are shared (see [`slots`]).
+#[derive(Debug, Clone)]
 pub struct StreamLimits {
-    /// NAR downloads (plain or compressed); more get 503 with `Retry-After`.
+    /// NAR downloads (plain or compressed) and build logs together.
     pub max_nar_streams: usize,
-    /// Compressed NAR downloads, each holding an encoder's memory; more get 503.
+    /// Compressed NAR downloads, each holding an encoder's memory.
     pub max_zstd_streams: usize,
+    /// Build log downloads, each holding a decompressor's memory.
+    pub max_log_streams: usize,
+    /// The share of each bound one client address may hold.
+    pub client_share: f64,
+    /// How long a stream's client must have read nothing before the stream may be made to give
+    /// its slot to a new request.
+    pub min_idle: Duration,
+    /// Proxies whose `X-Forwarded-For` names the client (a unix socket's peer always is one).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        Self { max_nar_streams: 512, max_zstd_streams: 16 }
+        Self {
+            max_nar_streams: 512,
+            max_zstd_streams: 16,
+            max_log_streams: 32,
+            client_share: 0.25,
+            min_idle: Duration::from_secs(5),
+            trusted_proxies: vec![std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()],
+        }
+    }
+}
+
+/// The stream bounds every handler shares.
+pub(crate) struct StreamSlots {
+    pub(crate) nar: Arc<slots::Slots>,
+    pub(crate) zstd: Arc<slots::Slots>,
+    pub(crate) log: Arc<slots::Slots>,
+    pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl StreamSlots {
+    fn new(limits: &StreamLimits, metrics: &Metrics) -> Self {
+        let bound = |capacity, name: &str| {
+            let evictions =
+                metrics.stream_evictions.get_or_create(&crate::metrics::Bound { bound: name.into() }).clone();
+            slots::Slots::new(capacity, limits.client_share, limits.min_idle, evictions)
+        };
+        Self {
+            nar: bound(limits.max_nar_streams, "nar"),
+            zstd: bound(limits.max_zstd_streams, "zstd"),
+            log: bound(limits.max_log_streams, "log"),
+            trusted_proxies: limits.trusted_proxies.clone(),
+        }
+    }
+
+    /// Slots in `bounds` (in order) for the client of a request on `conn`; the first refusal
+    /// is a 503 naming `what`.
+    pub(crate) fn acquire(
+        &self,
+        conn: Option<&slots::Conn>,
+        headers: &axum::http::HeaderMap,
+        bounds: &[&Arc<slots::Slots>],
+        what: &'static str,
+    ) -> Result<Vec<slots::Slot>, error::HttpError> {
+        // A request that did not come through `serve` (a router test) is a local client whose
+        // connection cannot be closed.
+        let fallback = slots::Conn::new(None);
+        let conn = conn.unwrap_or(&fallback);
+        let client = conn.client(headers, &self.trusted_proxies);
+        bounds
+            .iter()
+            .map(|b| {
+                b.acquire(client, &conn.close).map_err(|refused| match refused {
+                    slots::Refused::Full => error::HttpError::Busy(what),
+                    slots::Refused::ClientShare => error::HttpError::Busy("too many downloads from one address"),
+                })
+            })
+            .collect()
     }
 }
 
@@ -71,8 +137,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<CacheSettings>,
     pub(crate) narinfos: Arc<narinfo::NarinfoCache>,
-    pub(crate) nar_permits: Arc<tokio::sync::Semaphore>,
-    pub(crate) zstd_permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) streams: Arc<StreamSlots>,
     /// The builder's record, for the fleet page (empty without a builder).
     pub fleet: Arc<crate::fleet::Fleet>,
 }
@@ -87,13 +152,12 @@ impl AppState {
         fleet: Arc<crate::fleet::Fleet>,
     ) -> Self {
         Self {
+            streams: Arc::new(StreamSlots::new(&streams, &metrics)),
             store,
             keys: Arc::new(keys),
             metrics,
             cache: Arc::new(cache),
             narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
-            nar_permits: Arc::new(tokio::sync::Semaphore::new(streams.max_nar_streams)),
-            zstd_permits: Arc::new(tokio::sync::Semaphore::new(streams.max_zstd_streams)),
             fleet,
         }
     }
@@ -132,6 +196,10 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
     let pool = state.store.pool();
     state.metrics.daemon_pool_in_use.set(pool.in_use() as i64);
     state.metrics.daemon_pool_size.set(pool.size() as i64);
+    for (name, bound) in [("nar", &state.streams.nar), ("zstd", &state.streams.zstd), ("log", &state.streams.log)] {
+        let held = state.metrics.streams_held.get_or_create(&crate::metrics::Bound { bound: name.into() });
+        held.set(bound.in_use() as i64);
+    }
     if let Some(cache) = state.store.nar_cache() {
         // One scrape at a time catches the counters up, so none is counted twice.
         static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -243,8 +311,8 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     match listener {
-        Listener::Tcp(l) => serve_on(l, router, limits, cancel).await,
-        Listener::Unix(l) => serve_on(l, router, limits, cancel).await,
+        Listener::Tcp(l) => serve_on(l, |a: &std::net::SocketAddr| Some(a.ip()), router, limits, cancel).await,
+        Listener::Unix(l) => serve_on(l, |_: &tokio::net::unix::SocketAddr| None, router, limits, cancel).await,
     }
 }
 
@@ -261,6 +329,7 @@ where
 
 async fn serve_on<L>(
     mut listener: L,
+    peer_ip: fn(&L::Addr) -> Option<std::net::IpAddr>,
     router: Router,
     limits: ConnLimits,
     cancel: CancellationToken,
@@ -272,11 +341,10 @@ where
     use hyper_util::rt::{TokioIo, TokioTimer};
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let service = hyper_util::service::TowerToHyperService::new(router);
     loop {
         // `Listener::accept` retries (with a pause) on errors such as running out of file
         // descriptors, so it only returns connections.
-        let (io, _addr) = tokio::select! {
+        let (io, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = cancel.cancelled() => break,
         };
@@ -285,6 +353,16 @@ where
             drop(io);
             continue;
         };
+        // Every request on the connection knows its peer, and how to close it.
+        let info = slots::Conn::new(peer_ip(&addr));
+        let close = info.close.clone();
+        let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(info.clone());
+                req
+            },
+        ));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
@@ -292,11 +370,15 @@ where
             // Bounds what hyper buffers per connection (request head, and response bytes it
             // copies instead of queueing): NAR chunks are already bounded by our own budget.
             .max_buf_size(MAX_CONN_BUF)
-            .serve_connection(TokioIo::new(with_send_timeout(io, limits.send_timeout)), service.clone());
+            .serve_connection(TokioIo::new(with_send_timeout(io, limits.send_timeout)), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(err = %e, "connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(err = %e, "connection ended with an error");
+                },
+                // Its stream gave its slot to a new request: dropping the connection closes it.
+                _ = close.cancelled() => tracing::debug!("closed an idle stream's connection for a new request"),
             }
             drop(permit);
         });

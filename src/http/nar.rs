@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
@@ -16,6 +16,7 @@ use http_body::{Frame, SizeHint};
 use super::AppState;
 use super::error::{HttpError, HttpResult};
 use super::range::{RangeDecision, decide};
+use super::slots::{Conn, SlotBody};
 use crate::metrics::Metrics;
 use crate::nix::http_path::{self, NarEncoding};
 use crate::store::nar_stream::{Encoding, NarStream};
@@ -28,6 +29,7 @@ pub(super) struct NarQuery {
 
 pub(super) async fn get(
     State(state): State<AppState>,
+    conn: Option<Extension<Conn>>,
     method: Method,
     Path(file): Path<String>,
     Query(query): Query<NarQuery>,
@@ -49,7 +51,7 @@ pub(super) async fn get(
     // A hot NAR of this very NarHash, in the asked encoding, is served from its file.
     if let Some(cache) = state.store.nar_cache().filter(|c| c.compressed() == level.is_some()) {
         if let Some(entry) = cache.get(store_hash, &info.nar_hash) {
-            return serve_cached(&state, &method, &headers, &entry);
+            return serve_cached(&state, conn.as_deref(), &method, &headers, &entry);
         }
         state.metrics.nar_cache_misses.inc();
         if cache.second_request(store_hash) {
@@ -79,25 +81,32 @@ pub(super) async fn get(
         resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     if method == Method::HEAD {
-        return Ok((status, resp_headers).into_response());
+        // With no length known (zstd made on the fly), send none, as GET does: an empty body of
+        // unknown size, never `Content-Length: 0`.
+        let body = match length {
+            Some(_) => Body::empty(),
+            None => Body::from_stream(futures::stream::empty::<Result<Bytes, std::io::Error>>()),
+        };
+        return Ok((status, resp_headers, body).into_response());
     }
-    // Bounds: streams at once, and compressed streams (each holds an encoder) at once. Beyond
-    // them a client is told to come back shortly, at once, rather than queued.
-    let permit =
-        state.nar_permits.clone().try_acquire_owned().map_err(|_| HttpError::Busy("too many NAR downloads"))?;
-    let zstd_permit = match encoding {
-        Encoding::Zstd { .. } => Some(
-            state
-                .zstd_permits
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| HttpError::Busy("too many compressed downloads"))?,
-        ),
-        Encoding::Plain { .. } => None,
+    // Bounds: streams at once, and compressed streams (each holds an encoder) at once. At a
+    // bound the stream idle longest gives its slot up; only when all are read is a client told
+    // to come back shortly, at once, rather than queued.
+    let streams = &state.streams;
+    let slots = match encoding {
+        Encoding::Zstd { .. } => streams.acquire(
+            conn.as_deref(),
+            &headers,
+            &[&streams.nar, &streams.zstd],
+            "too many compressed downloads",
+        )?,
+        Encoding::Plain { .. } => {
+            streams.acquire(conn.as_deref(), &headers, &[&streams.nar], "too many NAR downloads")?
+        }
     };
     let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
-    let stream = state.store.nar_stream(&info.path, encoding, (root, permit, zstd_permit));
-    let body = NarBody::new(stream, length, state.metrics.clone(), false);
+    let stream = state.store.nar_stream(&info.path, encoding, root);
+    let body = SlotBody::new(NarBody::new(stream, length, state.metrics.clone(), false), slots);
     Ok((status, resp_headers, Body::new(body)).into_response())
 }
 
@@ -122,6 +131,7 @@ fn ranged(headers: &HeaderMap, etag: &str, size: u64, resp: &mut HeaderMap) -> H
 /// Serves a hot-NAR entry's file: exact length, ranges, its own hash as the validator.
 fn serve_cached(
     state: &AppState,
+    conn: Option<&Conn>,
     method: &Method,
     headers: &HeaderMap,
     entry: &crate::store::nar_cache::Entry,
@@ -140,10 +150,9 @@ fn serve_cached(
     if *method == Method::HEAD {
         return Ok((status, resp_headers).into_response());
     }
-    let permit =
-        state.nar_permits.clone().try_acquire_owned().map_err(|_| HttpError::Busy("too many NAR downloads"))?;
-    let stream = state.store.cached_nar_stream(entry, start, end, permit)?;
-    let body = NarBody::new(stream, Some(end - start), state.metrics.clone(), true);
+    let slots = state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?;
+    let stream = state.store.cached_nar_stream(entry, start, end, ())?;
+    let body = SlotBody::new(NarBody::new(stream, Some(end - start), state.metrics.clone(), true), slots);
     Ok((status, resp_headers, Body::new(body)).into_response())
 }
 

@@ -1,0 +1,299 @@
+//! Fair bounds on response streams (NAR downloads, compressed ones, build logs): a bound that
+//! idle sockets cannot turn into an outage.
+//!
+//! Each bound has a capacity and a per-client share. A stream holds a [`Slot`] while it lives and
+//! marks it each time its client takes a chunk. When a request finds the bound (or its client's
+//! share) full, the stream whose client has gone longest without reading, past
+//! [`StreamLimits::min_idle`](super::StreamLimits), gives its slot up: its connection is closed
+//! and the new request takes the slot. Only when every stream is being read does a request get
+//! `503`. A client is its peer address, or for a trusted proxy (loopback and unix sockets by
+//! default) the address the proxy put in `X-Forwarded-For`.
+//!
+//! Knows nothing of NARs or the store: what a slot guards is the caller's.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use tokio_util::sync::CancellationToken;
+
+/// One accepted connection, as every request on it sees it (a request extension).
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// The TCP peer; `None` on a unix socket (a local proxy).
+    pub peer: Option<IpAddr>,
+    /// Cancelled to close the connection (its stream gave its slot up).
+    pub close: CancellationToken,
+}
+
+impl Conn {
+    pub fn new(peer: Option<IpAddr>) -> Self {
+        Self { peer, close: CancellationToken::new() }
+    }
+
+    /// The client this request counts against: the peer, or for a trusted proxy the rightmost
+    /// `X-Forwarded-For` address that is not itself a trusted proxy.
+    pub fn client(&self, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+        let is_trusted = |ip: &IpAddr| trusted.contains(ip);
+        if self.peer.as_ref().is_some_and(|p| !is_trusted(p)) {
+            return self.peer.unwrap_or(LOCAL);
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        forwarded.into_iter().rev().find(|a| !is_trusted(a)).or(self.peer).unwrap_or(LOCAL)
+    }
+}
+
+/// The client of a unix-socket request that names none.
+const LOCAL: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every slot is held by a stream that is being read.
+    Full,
+    /// The client holds its share, and all of its streams are being read.
+    ClientShare,
+}
+
+struct Held {
+    client: IpAddr,
+    last_read: Arc<AtomicU64>,
+    close: CancellationToken,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    held: HashMap<u64, Held>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Inner {
+    fn remove(&mut self, id: u64) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        if let Some(n) = self.per_client.get_mut(&held.client) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&held.client);
+            }
+        }
+        Some(held)
+    }
+}
+
+/// One bound: `capacity` streams, at most `share` of them per client.
+pub struct Slots {
+    capacity: usize,
+    per_client: usize,
+    min_idle: Duration,
+    epoch: Instant,
+    evictions: Counter,
+    inner: Mutex<Inner>,
+}
+
+impl Slots {
+    /// A bound of `capacity` slots, of which one client holds at most `share` (at least one);
+    /// a stream idle for `min_idle` may be made to give its slot up. `evictions` counts that.
+    pub fn new(capacity: usize, share: f64, min_idle: Duration, evictions: Counter) -> Arc<Self> {
+        let capacity = capacity.max(1);
+        let per_client = ((capacity as f64 * share).ceil() as usize).clamp(1, capacity);
+        Arc::new(Self { capacity, per_client, min_idle, epoch: Instant::now(), evictions, inner: Mutex::default() })
+    }
+
+    /// Milliseconds on this bound's clock, which starts far from zero so that "n ms ago" is
+    /// always a time on it.
+    fn now(&self) -> u64 {
+        const START: u64 = 1 << 40;
+        START.saturating_add(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Streams holding a slot now.
+    pub fn in_use(&self) -> usize {
+        self.inner.lock().map(|i| i.held.len()).unwrap_or(0)
+    }
+
+    /// A slot for `client`, whose stream is closed through `close` if it must give the slot up.
+    pub fn acquire(self: &Arc<Self>, client: IpAddr, close: &CancellationToken) -> Result<Slot, Refused> {
+        let now = self.now();
+        let min_idle = u64::try_from(self.min_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // The stream (of `client`, or of anyone) whose client has read nothing the longest.
+        let idlest = |inner: &Inner, only: Option<IpAddr>| {
+            inner
+                .held
+                .iter()
+                .filter(|(_, h)| only.is_none_or(|c| h.client == c))
+                .map(|(id, h)| (*id, now.saturating_sub(h.last_read.load(Ordering::Relaxed))))
+                .filter(|(_, idle)| *idle >= min_idle)
+                .max_by_key(|(_, idle)| *idle)
+                .map(|(id, _)| id)
+        };
+        let victim = if inner.per_client.get(&client).copied().unwrap_or(0) >= self.per_client {
+            Some(idlest(&inner, Some(client)).ok_or(Refused::ClientShare)?)
+        } else if inner.held.len() >= self.capacity {
+            Some(idlest(&inner, None).ok_or(Refused::Full)?)
+        } else {
+            None
+        };
+        if let Some(held) = victim.and_then(|id| inner.remove(id)) {
+            held.close.cancel();
+            self.evictions.inc();
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let last_read = Arc::new(AtomicU64::new(now));
+        inner.held.insert(id, Held { client, last_read: last_read.clone(), close: close.clone() });
+        *inner.per_client.entry(client).or_default() += 1;
+        Ok(Slot { slots: self.clone(), id, last_read })
+    }
+}
+
+/// A held slot; released when dropped.
+pub struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    last_read: Arc<AtomicU64>,
+}
+
+impl Slot {
+    /// The client just took a chunk.
+    fn mark_read(&self) {
+        self.last_read.store(self.slots.now(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.slots.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.remove(self.id);
+    }
+}
+
+/// A response body holding slots, marking them read each time the connection asks for more
+/// (which it does only when the client has taken what was sent).
+pub struct SlotBody<B> {
+    body: B,
+    slots: Vec<Slot>,
+}
+
+impl<B> SlotBody<B> {
+    pub fn new(body: B, slots: Vec<Slot>) -> Self {
+        Self { body, slots }
+    }
+}
+
+impl<B: Body + Unpin> Body for SlotBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        for slot in &self.slots {
+            slot.mark_read();
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn slots(capacity: usize, share: f64, min_idle_ms: u64) -> Arc<Slots> {
+        Slots::new(capacity, share, Duration::from_millis(min_idle_ms), Counter::default())
+    }
+
+    /// Makes `slot` look idle for `ms` milliseconds.
+    fn age(slot: &Slot, ms: u64) {
+        slot.last_read.store(slot.slots.now().saturating_sub(ms), Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_full_bound_takes_the_idlest_slot_and_closes_its_connection() {
+        let s = slots(3, 1.0, 1000);
+        let closes: Vec<CancellationToken> = (0..4).map(|_| CancellationToken::new()).collect();
+        let a = s.acquire(ip("10.0.0.1"), &closes[0]).unwrap();
+        let b = s.acquire(ip("10.0.0.2"), &closes[1]).unwrap();
+        let c = s.acquire(ip("10.0.0.3"), &closes[2]).unwrap();
+        // Nobody idle long enough: a 503.
+        assert_eq!(s.acquire(ip("10.0.0.4"), &closes[3]).err(), Some(Refused::Full));
+        age(&a, 5_000);
+        age(&b, 9_000);
+        age(&c, 500);
+        let d = s.acquire(ip("10.0.0.4"), &closes[3]).unwrap();
+        assert!(closes[1].is_cancelled() && !closes[0].is_cancelled() && !closes[2].is_cancelled());
+        assert_eq!(s.in_use(), 3);
+        assert_eq!(s.evictions.get(), 1);
+        // The evicted stream's slot is gone already; dropping it frees nothing more.
+        drop(b);
+        assert_eq!(s.in_use(), 3);
+        drop((a, c, d));
+        assert_eq!(s.in_use(), 0);
+    }
+
+    #[test]
+    fn a_client_at_its_share_replaces_its_own_idle_stream_and_no_one_else_s() {
+        let s = slots(8, 0.25, 1000);
+        let t = CancellationToken::new();
+        let other = s.acquire(ip("10.0.0.9"), &t).unwrap();
+        age(&other, 60_000);
+        let mine: Vec<Slot> = (0..2).map(|_| s.acquire(ip("10.0.0.1"), &CancellationToken::new()).unwrap()).collect();
+        assert_eq!(s.acquire(ip("10.0.0.1"), &CancellationToken::new()).err(), Some(Refused::ClientShare));
+        age(&mine[0], 2_000);
+        let _third = s.acquire(ip("10.0.0.1"), &CancellationToken::new()).unwrap();
+        assert!(!t.is_cancelled(), "another client's idle stream was taken");
+        assert_eq!(s.in_use(), 3);
+    }
+
+    #[test]
+    fn marking_a_read_protects_a_stream() {
+        let s = slots(1, 1.0, 1000);
+        let t = CancellationToken::new();
+        let a = s.acquire(ip("10.0.0.1"), &t).unwrap();
+        age(&a, 5_000);
+        a.mark_read();
+        assert_eq!(s.acquire(ip("10.0.0.2"), &CancellationToken::new()).err(), Some(Refused::Full));
+    }
+
+    #[test]
+    fn the_client_is_the_peer_or_what_a_trusted_proxy_forwarded() {
+        let trusted = [ip("127.0.0.1")];
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.7, 10.1.1.1".parse().unwrap());
+        // An untrusted peer's header is ignored.
+        assert_eq!(Conn::new(Some(ip("10.9.9.9"))).client(&h, &trusted), ip("10.9.9.9"));
+        // A trusted proxy: the address it appended (the rightmost untrusted one).
+        assert_eq!(Conn::new(Some(ip("127.0.0.1"))).client(&h, &trusted), ip("10.1.1.1"));
+        // A unix socket is a local proxy.
+        assert_eq!(Conn::new(None).client(&h, &trusted), ip("10.1.1.1"));
+        assert_eq!(Conn::new(None).client(&HeaderMap::new(), &trusted), LOCAL);
+        // A proxy without the header, or with garbage in it: the proxy itself.
+        let mut bad = HeaderMap::new();
+        bad.insert("x-forwarded-for", "not an address".parse().unwrap());
+        assert_eq!(Conn::new(Some(ip("127.0.0.1"))).client(&bad, &trusted), ip("127.0.0.1"));
+    }
+}
