@@ -415,7 +415,8 @@ fn a_missing_nkey_seed_file_stops_startup_naming_it() {
     assert!(err.contains("not a valid NKey seed") && !err.contains("SUnotaseed"), "{err}");
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped.
+/// A tmpfs mounted for one test, unmounted when dropped. Root's and not world-writable: Nix 2.30+
+/// refuses a world-writable `build-dir`.
 struct TinyDisk {
     dir: tempfile::TempDir,
 }
@@ -425,7 +426,7 @@ impl TinyDisk {
         let dir = tempfile::tempdir().unwrap();
         run_ok(
             Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=1777"), "tmpfs"])
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
                 .arg(dir.path()),
         );
         TinyDisk { dir }
