@@ -59,6 +59,9 @@ pub struct FileConfig {
     pub client_stream_share: f64,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<String>,
+    /// Seconds a stream's client must have read nothing before the stream gives its slot to a
+    /// new request at a full bound.
+    pub stream_min_idle_seconds: u64,
     /// Blocking threads that read NARs and logs (apart from database and `.ls` work).
     pub nar_threads: usize,
     /// Where hearth keeps its small state (the fleet record).
@@ -87,6 +90,7 @@ impl Default for FileConfig {
             max_log_streams: 32,
             client_stream_share: 0.25,
             trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
+            stream_min_idle_seconds: 5,
             nar_threads: 32,
             state_dir: "/var/lib/hearth".into(),
         }
@@ -271,6 +275,7 @@ impl Config {
         in_range("shutdown_grace_seconds", file.shutdown_grace_seconds, 0..=86_400)?;
         in_range("max_nar_streams", file.max_nar_streams, 1..=100_000)?;
         in_range("max_log_streams", file.max_log_streams, 1..=4096)?;
+        in_range("stream_min_idle_seconds", file.stream_min_idle_seconds, 1..=3600)?;
         if !(file.client_stream_share > 0.0 && file.client_stream_share <= 1.0) {
             return Err(ConfigError::Value {
                 key: "client_stream_share",
@@ -340,7 +345,7 @@ impl Config {
                 max_log_streams: file.max_log_streams,
                 client_share: file.client_stream_share,
                 trusted_proxies,
-                ..crate::http::StreamLimits::default()
+                min_idle: Duration::from_secs(file.stream_min_idle_seconds),
             },
             state_dir: file.state_dir,
         })

@@ -80,7 +80,9 @@ fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
 
 #[test]
 fn streams_beyond_the_configured_bound_get_503_with_retry_after_at_once() {
-    let h = Hearth::start("max_nar_streams = 5\nsend_timeout_seconds = 600\nclient_stream_share = 1.0\n");
+    let h = Hearth::start(
+        "max_nar_streams = 5\nsend_timeout_seconds = 600\nclient_stream_share = 1.0\nstream_min_idle_seconds = 600\n",
+    );
     let (path, url) = big_path(&h, 32);
     let held: Vec<_> = (0..5).map(|_| stall(&h.addr, &url, 4096)).collect();
     assert!(held.iter().all(|(status, _)| *status == 200));
@@ -153,7 +155,7 @@ fn a_log_bomb_is_streamed_with_bounded_memory() {
 #[test]
 fn stalled_zstd_streams_at_level_19_have_bounded_memory() {
     let h = Hearth::start(
-        "send_timeout_seconds = 600\nclient_stream_share = 1.0\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
+        "send_timeout_seconds = 600\nclient_stream_share = 1.0\nstream_min_idle_seconds = 600\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
     );
     let (path, _) = big_path(&h, 24);
     let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
@@ -162,7 +164,8 @@ fn stalled_zstd_streams_at_level_19_have_bounded_memory() {
     let (_, before) = common::memory_kib(h.pid());
     let held: Vec<_> = (0..12).map(|_| stall(&h.addr, &url, 1024)).collect();
     assert!(held.iter().all(|(status, _)| *status == 200));
-    // The thirteenth compressed stream is refused, not queued.
+    // The thirteenth compressed stream is refused, not queued (none has been idle long enough
+    // to give its slot up).
     let r = request(&h.addr, "GET", &url, &[]);
     assert_eq!(r.status, 503);
     assert!(r.header("retry-after").is_some());

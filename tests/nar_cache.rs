@@ -168,3 +168,76 @@ fn eviction_keeps_the_size_bound() {
         let _ = nix_cmd("nix-store").args(["--delete", p]).output();
     }
 }
+
+/// The hot entry file of `path` in `dir`.
+fn entry_file(dir: &std::path::Path, path: &str) -> std::path::PathBuf {
+    let hash = hash_part(path);
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&hash))
+        .unwrap_or_else(|| panic!("no entry for {path}"))
+}
+
+#[test]
+fn damaged_or_planted_entries_are_dropped_and_the_store_serves_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "1GiB", true);
+    let h = Hearth::start(&cfg);
+    type Damage = fn(&std::path::Path);
+    let damages: [(&str, Damage); 5] = [
+        ("truncated", |f| std::fs::OpenOptions::new().write(true).open(f).unwrap().set_len(100).unwrap()),
+        ("deleted", |f| std::fs::remove_file(f).unwrap()),
+        ("fifo", |f| {
+            std::fs::remove_file(f).unwrap();
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                f,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
+            )
+            .unwrap();
+        }),
+        ("symlink", |f| {
+            std::fs::remove_file(f).unwrap();
+            std::os::unix::fs::symlink("/etc/passwd", f).unwrap();
+        }),
+        ("directory", |f| {
+            std::fs::remove_file(f).unwrap();
+            std::fs::create_dir(f).unwrap();
+        }),
+    ];
+    for (n, (what, damage)) in damages.iter().enumerate() {
+        let path = common::add_to_store(&format!("hot-{what}.bin"), &random_bytes(200_000));
+        let url = fill(&h, &path);
+        // (Another path's refill may have been the fill `fill` saw.)
+        wait_until("the entry to be hot", WAIT, || narinfo_field(&h, &path, "FileHash").is_some());
+        damage(&entry_file(dir.path(), &path));
+        // The whole NAR still comes, from the store; the entry is gone and no longer advertised.
+        let r = h.get(&url);
+        assert_eq!(r.status, 200, "{what}");
+        assert!(zstd::decode_all(&r.body[..]).unwrap() == dump(&path), "{what}: wrong bytes served");
+        // What a narinfo advertises is what is served: nothing, or a refilled entry's bytes.
+        if let Some(advertised) = narinfo_field(&h, &path, "FileHash") {
+            let served = h.get(&url).body;
+            let actual = format!("sha256:{}", hearth::nix::nixbase32::encode(&Sha256::digest(&served)));
+            assert_eq!(advertised, actual, "{what}: the narinfo advertises a file that is not served");
+        }
+        h.wait_for_log("dropping a damaged NAR cache entry", n + 1);
+        assert_eq!(h.get("/nix-cache-info").status, 200);
+    }
+    // At startup, anything but a regular file under an entry's name is skipped.
+    let path = common::add_to_store("hot-planted.bin", &random_bytes(200_000));
+    fill(&h, &path);
+    wait_until("the entry to be hot", WAIT, || narinfo_field(&h, &path, "FileHash").is_some());
+    let file = entry_file(dir.path(), &path);
+    drop(h);
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &file).unwrap();
+    let h = Hearth::start(&cfg);
+    assert_eq!(narinfo_field(&h, &path, "FileHash"), None);
+    h.wait_for_log("skipping a NAR cache entry", 1);
+    let url = format!("/{}", narinfo_field(&h, &path, "URL").unwrap());
+    assert!(zstd::decode_all(&h.get(&url).body[..]).unwrap() == dump(&path));
+}

@@ -51,7 +51,10 @@ pub(super) async fn get(
     // A hot NAR of this very NarHash, in the asked encoding, is served from its file.
     if let Some(cache) = state.store.nar_cache().filter(|c| c.compressed() == level.is_some()) {
         if let Some(entry) = cache.get(store_hash, &info.nar_hash) {
-            return serve_cached(&state, conn.as_deref(), &method, &headers, &entry);
+            // `None`: the entry was gone or damaged and is dropped; serve from the store.
+            if let Some(resp) = serve_cached(&state, conn.as_deref(), &method, &headers, store_hash, &entry).await? {
+                return Ok(resp);
+            }
         }
         state.metrics.nar_cache_misses.inc();
         if cache.second_request(store_hash) {
@@ -129,14 +132,14 @@ fn ranged(headers: &HeaderMap, etag: &str, size: u64, resp: &mut HeaderMap) -> H
 }
 
 /// Serves a hot-NAR entry's file: exact length, ranges, its own hash as the validator.
-fn serve_cached(
+async fn serve_cached(
     state: &AppState,
     conn: Option<&Conn>,
     method: &Method,
     headers: &HeaderMap,
+    hash: crate::nix::store_path::StorePathHash,
     entry: &crate::store::nar_cache::Entry,
-) -> HttpResult<Response> {
-    state.metrics.nar_cache_hits.inc();
+) -> HttpResult<Option<Response>> {
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
     resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
@@ -147,13 +150,18 @@ fn serve_cached(
     }
     let (status, start, end) = ranged(headers, &etag, entry.file_size, &mut resp_headers)?;
     resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    let slots = match *method {
+        Method::HEAD => vec![],
+        _ => state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?,
+    };
+    // HEAD opens the file too: it answers only for an entry that GET would serve.
+    let Some(stream) = state.store.cached_nar_stream(hash, entry, start, end, ()).await? else { return Ok(None) };
+    state.metrics.nar_cache_hits.inc();
     if *method == Method::HEAD {
-        return Ok((status, resp_headers).into_response());
+        return Ok(Some((status, resp_headers).into_response()));
     }
-    let slots = state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?;
-    let stream = state.store.cached_nar_stream(entry, start, end, ())?;
     let body = SlotBody::new(NarBody::new(stream, Some(end - start), state.metrics.clone(), true), slots);
-    Ok((status, resp_headers, Body::new(body)).into_response())
+    Ok(Some((status, resp_headers, Body::new(body)).into_response()))
 }
 
 /// A streamed NAR body with an exact size hint where the length is known, counting bytes sent

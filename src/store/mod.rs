@@ -128,7 +128,7 @@ pub struct Store {
     pool: daemon::Pool,
     roots: Arc<temp_roots::TempRoots>,
     nars: Arc<nar_stream::NarPool>,
-    nar_cache: Option<nar_cache::NarCache>,
+    nar_cache: Option<Arc<nar_cache::NarCache>>,
     /// Path info of valid paths, keyed by hash part. Store paths are immutable, so an entry stays
     /// right while the same file is on disk; that is checked (one `lstat`) on every hit. Misses
     /// are never cached: a path built a moment ago is found at once.
@@ -158,7 +158,7 @@ impl Store {
         let roots = Arc::new(temp_roots::TempRoots::new(config.daemon_socket.clone()));
         let nars = Arc::new(nar_stream::NarPool::new(config.nar_threads)?);
         let nar_cache = match &config.nar_cache {
-            Some(c) => Some(nar_cache::NarCache::open(c.clone(), roots.clone())?),
+            Some(c) => Some(Arc::new(nar_cache::NarCache::open(c.clone(), roots.clone())?)),
             None => None,
         };
         let infos = quick_cache::sync::Cache::new(INFO_CACHE_ENTRIES);
@@ -300,7 +300,7 @@ impl Store {
 
     /// The hot-NAR store, if configured.
     pub fn nar_cache(&self) -> Option<&nar_cache::NarCache> {
-        self.nar_cache.as_ref()
+        self.nar_cache.as_deref()
     }
 
     /// Queues `infos` for the hot-NAR store (a host's closure, about to be pulled), in the
@@ -314,18 +314,29 @@ impl Store {
     }
 
     /// The bytes `[start, end)` of a hot-NAR entry's file, streamed on the NAR pool.
-    pub fn cached_nar_stream<G: Send + Sync + 'static>(
+    /// `None` when the entry's file is gone or damaged: it is dropped, and the caller serves
+    /// the NAR from the store instead. The file is opened (and checked) off the async threads.
+    pub async fn cached_nar_stream<G: Send + Sync + 'static>(
         &self,
+        hash: StorePathHash,
         entry: &nar_cache::Entry,
         start: u64,
         end: u64,
         guard: G,
-    ) -> Result<nar_stream::NarStream, StoreError> {
+    ) -> Result<Option<nar_stream::NarStream>, StoreError> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut file = std::fs::File::open(&entry.file)?;
-        file.seek(SeekFrom::Start(start))?;
+        let Some(cache) = self.nar_cache.clone() else { return Ok(None) };
+        let owned = entry.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            let mut file = cache.open_entry(hash, &owned)?;
+            file.seek(SeekFrom::Start(start)).ok()?;
+            Some(file)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("cache open task: {e}")))?;
+        let Some(file) = file else { return Ok(None) };
         let source: nar_stream::Source = Box::new(file.take(end.saturating_sub(start)));
-        Ok(nar_stream::NarStream::from_reader(self.nars.clone(), entry.file.display().to_string(), source, guard))
+        Ok(Some(nar_stream::NarStream::from_reader(self.nars.clone(), entry.file.display().to_string(), source, guard)))
     }
 
     /// The NAR of `path` (held by `guard`, e.g. its temp root, while the stream lives).

@@ -149,7 +149,13 @@ impl NarCache {
                 continue;
             }
             let Some((hash, nar_hash, file_hash)) = parse_name(&name, zstd) else { continue };
-            let meta = e.metadata()?;
+            // Only regular files of ours, never followed: a link, FIFO or directory planted
+            // under an entry's name is skipped.
+            let meta = std::fs::symlink_metadata(e.path())?;
+            if let Err(why) = check_file(&meta, None) {
+                tracing::warn!(file = %e.path().display(), why, "skipping a NAR cache entry");
+                continue;
+            }
             let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
             found.push((mtime.map_or(0, |d| d.as_secs()), hash, e.path(), nar_hash, file_hash, meta.len()));
         }
@@ -181,6 +187,33 @@ impl NarCache {
         let entry = index.entries.get_mut(&hash).filter(|e| e.nar_hash == nar_hash)?;
         entry.last_used = clock;
         Some(entry.clone())
+    }
+
+    /// Opens an entry's file to serve it, checking that it is still what was published: a
+    /// regular file of ours (opened without following a link or blocking on a FIFO) of the
+    /// published size. One that is not is dropped from the index (logged at WARN), so that the
+    /// caller serves from the store and narinfos stop advertising it. Blocking: call it off the
+    /// async threads.
+    pub fn open_entry(&self, hash: StorePathHash, entry: &Entry) -> Option<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&entry.file)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                let meta = f.metadata().map_err(|e| e.to_string())?;
+                check_file(&meta, Some(entry.file_size)).map_err(str::to_owned)?;
+                Ok(f)
+            });
+        match opened {
+            Ok(f) => Some(f),
+            Err(why) => {
+                tracing::warn!(file = %entry.file.display(), why, "dropping a damaged NAR cache entry; serving from the store");
+                self.inner.forget(hash, entry);
+                None
+            }
+        }
     }
 
     /// The entry without marking it used (for narinfos).
@@ -254,6 +287,19 @@ impl Inner {
         self.evict();
     }
 
+    /// Drops `entry` of `hash` from the index if it is still the one published; its file is
+    /// removed if it is a regular file (a planted link is unlinked, never followed).
+    fn forget(&self, hash: StorePathHash, entry: &Entry) {
+        let mut index = self.lock();
+        if index.entries.get(&hash).is_some_and(|e| e.file == entry.file) {
+            if let Some(old) = index.entries.remove(&hash) {
+                index.total -= old.file_size;
+            }
+            drop(index);
+            let _ = std::fs::remove_file(&entry.file);
+        }
+    }
+
     /// Drops least recently used entries until the total fits `max_size`.
     fn evict(&self) {
         let mut index = self.lock();
@@ -294,6 +340,22 @@ impl Inner {
         self.publish(hash, Entry { file, nar_hash: job.info.nar_hash.clone(), file_hash, file_size, last_used: 0 });
         Ok(())
     }
+}
+
+/// Whether `meta` (never of a followed link) is an entry file as hearth writes them: a regular
+/// file owned by this process's user, of `size` bytes where that is known.
+fn check_file(meta: &std::fs::Metadata, size: Option<u64>) -> Result<(), &'static str> {
+    use std::os::unix::fs::MetadataExt;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file");
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err("owned by another user");
+    }
+    if size.is_some_and(|s| s != meta.len()) {
+        return Err("not the size it was written with");
+    }
+    Ok(())
 }
 
 /// The fill thread: one path at a time, at the lowest CPU priority, until the cache is dropped.
