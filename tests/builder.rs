@@ -415,15 +415,16 @@ fn a_missing_nkey_seed_file_stops_startup_naming_it() {
     assert!(err.contains("not a valid NKey seed") && !err.contains("SUnotaseed"), "{err}");
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped. Root's and not world-writable: Nix 2.30+
-/// refuses a world-writable `build-dir`.
+/// A tmpfs mounted for one test, unmounted when dropped. Root's, not world-writable, and under
+/// `/nix/var/nix`: Nix 2.30+ refuses a `build-dir` with a world-writable directory (such as
+/// `/tmp`) on its way.
 struct TinyDisk {
     dir: tempfile::TempDir,
 }
 
 impl TinyDisk {
     fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::Builder::new().prefix("hearth-tiny-disk").tempdir_in("/nix/var/nix").unwrap();
         run_ok(
             Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
