@@ -178,6 +178,9 @@ fn one_host_builds_is_served_at_once_and_keeps_a_gc_root() {
     let (code, replies) = f.cli(&["fleet", "good1"]);
     assert_eq!(code, 0, "{replies:?}");
     assert_eq!(replies.first().unwrap()["status"], "started");
+    // No Nix call of the builder prints a deprecation warning into a reply or the log.
+    assert!(!format!("{replies:?}").contains("deprecated"), "{replies:?}");
+    assert!(!f.hearth.log().contains("deprecated"), "{}", f.hearth.log());
     let last = replies.last().unwrap();
     assert_eq!(last["status"], "completed");
     let out = last["out_path"].as_str().unwrap();

@@ -321,10 +321,15 @@ fn an_unknown_input_is_an_error_and_text_output_reads_once() {
 fn a_dry_run_says_what_it_committed_once() {
     let s = Setup::new();
     set_dep(&s.path("dep"), "v4");
-    let out = without(&s.command(), "--push").output().unwrap();
+    // One named input: `nix flake update dep` on Nix 2.19+, `nix flake lock --update-input dep`
+    // before (the old form warns that it is deprecated on today's Nix).
+    let out = without(&s.command(), "--push").args(["--input", "dep"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let (code, sum) = summary(out);
-    assert_eq!(code, 0, "{sum}");
+    assert_eq!(code, 0, "{sum} {stderr}");
     assert_eq!(sum["status"], "committed");
+    assert_eq!(sum["inputs"][0]["name"], "dep", "{sum}");
+    assert!(!stderr.contains("deprecated"), "{stderr}");
     assert!(!sum["message"].as_str().unwrap().contains("committed"), "{sum}");
 }
 
