@@ -150,18 +150,20 @@ fn a_collected_path_is_404_and_a_rebuilt_one_is_never_served_stale() {
 #[test]
 fn eviction_keeps_the_size_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Hearth::start(&config(dir.path(), "1MiB", false));
+    // Entries of 400 KB (an entry may take an eighth of the cache at most): ten fit in 4 MiB.
+    let h = Hearth::start(&config(dir.path(), "4MiB", false));
     let paths: Vec<String> =
-        (0..4).map(|i| common::add_to_store(&format!("evict{i}.bin"), &random_bytes(400_000))).collect();
+        (0..12).map(|i| common::add_to_store(&format!("evict{i}.bin"), &random_bytes(400_000))).collect();
     for p in &paths {
         fill(&h, p);
     }
-    assert!(h.metric("hearth_nar_cache_bytes") <= (1 << 20) as f64);
+    wait_until("the last fill", WAIT, || h.metric("hearth_nar_cache_fills_total") == 12.0);
+    assert!(h.metric("hearth_nar_cache_bytes") <= (4 << 20) as f64);
     assert!(h.metric("hearth_nar_cache_evictions_total") >= 2.0);
     let on_disk: u64 = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk");
-    // The newest is kept, and every path is still served.
-    assert_eq!(h.metric("hearth_nar_cache_entries"), 2.0);
+    assert!(on_disk <= 4 << 20, "{on_disk} bytes on disk");
+    // The newest are kept, and every path is still served.
+    assert_eq!(h.metric("hearth_nar_cache_entries"), 10.0);
     for p in &paths {
         let url = format!("/{}", narinfo_field(&h, p, "URL").unwrap());
         assert!(h.get(&url).body == dump(p));
@@ -240,4 +242,84 @@ fn damaged_or_planted_entries_are_dropped_and_the_store_serves_instead() {
     h.wait_for_log("skipping a NAR cache entry", 1);
     let url = format!("/{}", narinfo_field(&h, &path, "URL").unwrap());
     assert!(zstd::decode_all(&h.get(&url).body[..]).unwrap() == dump(&path));
+}
+
+/// Fills `path` as `fill` does and waits until it is hot (another path's fill may be the one
+/// `fill` saw).
+fn fill_hot(h: &Hearth, path: &str) -> String {
+    let url = fill(h, path);
+    wait_until("the entry to be hot", WAIT, || narinfo_field(h, path, "FileHash").is_some());
+    url
+}
+
+#[test]
+fn oversized_paths_head_and_range_requests_and_unused_evictions_fill_nothing() {
+    // Entries of at most an eighth of 8 MiB. The fill thread takes one path at a time in
+    // order, so once a later path is hot, every fill queued before it has been made.
+    let dir = tempfile::tempdir().unwrap();
+    let h = Hearth::start(&config(dir.path(), "8MiB", true));
+    let mib = |n: usize, name: &str| common::add_to_store(name, &random_bytes(n));
+    let fills = |h: &Hearth| h.metric("hearth_nar_cache_fills_total");
+
+    // Larger than the cache admits: two whole GETs fill nothing.
+    let big = mib(2 << 20, "too-big.bin");
+    let big_url = format!("/{}", narinfo_field(&h, &big, "URL").unwrap());
+    // HEAD and Range requests are not "a second request".
+    let small = mib(300_000, "small.bin");
+    let small_url = format!("/{}", narinfo_field(&h, &small, "URL").unwrap());
+    for _ in 0..2 {
+        assert_eq!(h.get(&big_url).status, 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(request(&h.addr, "HEAD", &small_url, &[]).status, 200);
+    }
+    assert_eq!(h.get(&small_url).status, 200);
+    let marker = mib(300_000, "marker.bin");
+    fill_hot(&h, &marker);
+    assert_eq!(fills(&h), 1.0, "something else was filled");
+    assert_eq!(narinfo_field(&h, &big, "FileHash"), None);
+    assert_eq!(narinfo_field(&h, &small, "FileHash"), None, "HEADs counted as a request");
+
+    // An entry evicted before it served anyone is not filled again for a while.
+    let unused = mib(900_000, "unused.bin");
+    let unused_url = fill_hot(&h, &unused);
+    for i in 0..9 {
+        fill_hot(&h, &mib(900_000, &format!("filler{i}.bin")));
+    }
+    assert_eq!(narinfo_field(&h, &unused, "FileHash"), None, "not evicted");
+    let before = fills(&h);
+    for _ in 0..2 {
+        assert_eq!(h.get(&unused_url).status, 200);
+    }
+    fill_hot(&h, &mib(300_000, "marker2.bin"));
+    assert_eq!(fills(&h), before + 1.0, "the unused entry was filled again");
+    assert_eq!(narinfo_field(&h, &unused, "FileHash"), None);
+}
+
+#[test]
+fn an_entry_overwritten_in_place_is_never_sent_whole_and_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Hearth::start(&config(dir.path(), "1GiB", true));
+    let path = common::add_to_store("hot-overwritten.bin", &random_bytes(2 << 20));
+    let url = fill_hot(&h, &path);
+    // Same size, other bytes: only a hash can tell.
+    let file = entry_file(dir.path(), &path);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::write(&file, vec![0x5a; len as usize]).unwrap();
+    // The download is cut before its last bytes: a client sees a failed transfer, never a
+    // whole file that does not match the narinfo's FileHash.
+    let mut s = std::net::TcpStream::connect(&h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    std::io::Write::write_all(&mut s, format!("GET {url} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+    assert!(head.contains(&format!("content-length: {len}")), "{head}");
+    assert!(((raw.len() - head_end) as u64) < len, "a damaged entry was sent whole");
+    h.wait_for_log("its bytes do not match its FileHash", 1);
+    // The next request is served from the store, right.
+    let r = h.get(&url);
+    assert!(zstd::decode_all(&r.body[..]).unwrap() == dump(&path));
 }

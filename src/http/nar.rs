@@ -57,7 +57,9 @@ pub(super) async fn get(
             }
         }
         state.metrics.nar_cache_misses.inc();
-        if cache.second_request(store_hash) {
+        // Only a whole GET asks for the NAR: HEAD and Range requests never fill the cache.
+        let whole_get = method == Method::GET && !headers.contains_key(header::RANGE);
+        if whole_get && cache.second_request(store_hash) {
             state.store.cache_nars(std::slice::from_ref(&info));
         }
     }

@@ -327,15 +327,19 @@ impl Store {
         use std::io::{Read, Seek, SeekFrom};
         let Some(cache) = self.nar_cache.clone() else { return Ok(None) };
         let owned = entry.clone();
-        let file = tokio::task::spawn_blocking(move || {
+        let whole = start == 0 && end == entry.file_size;
+        let source = tokio::task::spawn_blocking(move || -> Option<nar_stream::Source> {
             let mut file = cache.open_entry(hash, &owned)?;
+            if whole {
+                // A whole file is checked against its FileHash as it is sent; a range cannot be.
+                return Some(Box::new(cache.verifying(hash, &owned, file)));
+            }
             file.seek(SeekFrom::Start(start)).ok()?;
-            Some(file)
+            Some(Box::new(file.take(end.saturating_sub(start))))
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("cache open task: {e}")))?;
-        let Some(file) = file else { return Ok(None) };
-        let source: nar_stream::Source = Box::new(file.take(end.saturating_sub(start)));
+        let Some(source) = source else { return Ok(None) };
         Ok(Some(nar_stream::NarStream::from_reader(self.nars.clone(), entry.file.display().to_string(), source, guard)))
     }
 

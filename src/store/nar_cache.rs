@@ -66,6 +66,8 @@ pub struct Entry {
     pub file_hash: String,
     pub file_size: u64,
     last_used: u64,
+    /// Served at least once since it was published.
+    served: bool,
 }
 
 #[derive(Default)]
@@ -99,6 +101,8 @@ struct Inner {
     pending: Mutex<std::collections::HashSet<StorePathHash>>,
     roots: Arc<TempRoots>,
     stats: NarCacheStats,
+    /// Paths evicted unused, and when.
+    cooldown: quick_cache::sync::Cache<StorePathHash, Instant>,
 }
 
 /// The hot-NAR store.
@@ -112,6 +116,11 @@ pub struct NarCache {
 
 /// Fills waiting at most; more are dropped (they are asked for again later).
 const QUEUE: usize = 100_000;
+/// An entry may take at most this fraction of `max_size` (NarSize before a fill, the file's size
+/// after): one path larger than the cache would evict everything, itself included.
+const ADMIT_FRACTION: u64 = 8;
+/// How long a path whose entry was evicted before anyone was served from it is not filled again.
+const COOLDOWN: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn ext(zstd: bool) -> &'static str {
     if zstd { "nar.zst" } else { "nar" }
@@ -161,10 +170,16 @@ impl NarCache {
         }
         // Oldest first, so the clock orders them by use as well as it can be known.
         found.sort_by_key(|f| f.0);
-        let inner =
-            Inner { config, index: Mutex::default(), pending: Mutex::default(), roots, stats: Default::default() };
+        let inner = Inner {
+            config,
+            index: Mutex::default(),
+            pending: Mutex::default(),
+            roots,
+            stats: Default::default(),
+            cooldown: quick_cache::sync::Cache::new(10_000),
+        };
         for (_, hash, file, nar_hash, file_hash, file_size) in found {
-            inner.publish(hash, Entry { file, nar_hash, file_hash, file_size, last_used: 0 });
+            inner.publish(hash, Entry { file, nar_hash, file_hash, file_size, last_used: 0, served: true });
         }
         Ok(Self { inner: Arc::new(inner), seen: quick_cache::sync::Cache::new(100_000), worker: OnceLock::new() })
     }
@@ -186,6 +201,7 @@ impl NarCache {
         let clock = index.clock;
         let entry = index.entries.get_mut(&hash).filter(|e| e.nar_hash == nar_hash)?;
         entry.last_used = clock;
+        entry.served = true;
         Some(entry.clone())
     }
 
@@ -216,6 +232,21 @@ impl NarCache {
         }
     }
 
+    /// `file` (opened by [`NarCache::open_entry`]) as a reader of the whole entry that checks
+    /// its FileHash as it goes: the read that would return the last bytes of a file whose hash
+    /// does not match fails instead, so a client never gets a whole damaged file, and the entry
+    /// is dropped (WARN) so that the next request is served from the store.
+    pub fn verifying(self: &Arc<Self>, hash: StorePathHash, entry: &Entry, file: std::fs::File) -> impl Read + Send + use<> {
+        Verifying {
+            file: file.take(entry.file_size),
+            left: entry.file_size,
+            hasher: Sha256::new(),
+            cache: self.clone(),
+            hash,
+            entry: entry.clone(),
+        }
+    }
+
     /// The entry without marking it used (for narinfos).
     pub fn peek(&self, hash: StorePathHash, nar_hash: &str) -> Option<Entry> {
         self.inner.lock().entries.get(&hash).filter(|e| e.nar_hash == nar_hash).cloned()
@@ -241,6 +272,15 @@ impl NarCache {
     pub(super) fn enqueue(&self, info: Arc<PathInfo>, disk: PathBuf, full: String) {
         let hash = info.path.hash();
         if self.peek(hash, &info.nar_hash).is_some() {
+            return;
+        }
+        // One path may not empty the cache, and a fill that was evicted unused is not made
+        // again for a while (each would rewrite it on every request).
+        if info.nar_size > self.inner.config.max_size / ADMIT_FRACTION {
+            return;
+        }
+        let cooling = self.inner.cooldown.get(&hash).is_some_and(|at| at.elapsed() < COOLDOWN);
+        if cooling {
             return;
         }
         if !self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(hash) {
@@ -309,6 +349,9 @@ impl Inner {
                 index.total -= old.file_size;
                 let _ = std::fs::remove_file(&old.file);
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                if !old.served {
+                    self.cooldown.insert(hash, Instant::now());
+                }
             }
         }
     }
@@ -337,8 +380,50 @@ impl Inner {
         tmp.persist(&file).map_err(|e| e.error)?;
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
         self.stats.fill_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.publish(hash, Entry { file, nar_hash: job.info.nar_hash.clone(), file_hash, file_size, last_used: 0 });
+        if file_size > self.config.max_size / ADMIT_FRACTION {
+            return Err(io::Error::other("larger than the cache admits"));
+        }
+        self.publish(
+            hash,
+            Entry { file, nar_hash: job.info.nar_hash.clone(), file_hash, file_size, last_used: 0, served: false },
+        );
         Ok(())
+    }
+}
+
+/// See [`NarCache::verifying`].
+struct Verifying {
+    file: io::Take<std::fs::File>,
+    left: u64,
+    hasher: Sha256,
+    cache: Arc<NarCache>,
+    hash: StorePathHash,
+    entry: Entry,
+}
+
+impl Read for Verifying {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.left = self.left.saturating_sub(n as u64);
+        if n == 0 && self.left > 0 {
+            return Err(self.damaged("shorter than it was written"));
+        }
+        if self.left == 0 && n > 0 {
+            let digest = std::mem::take(&mut self.hasher).finalize();
+            if format!("sha256:{}", nixbase32::encode(&digest)) != self.entry.file_hash {
+                return Err(self.damaged("its bytes do not match its FileHash"));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Verifying {
+    fn damaged(&self, why: &'static str) -> io::Error {
+        tracing::warn!(file = %self.entry.file.display(), why, "dropping a damaged NAR cache entry; serving from the store");
+        self.cache.inner.forget(self.hash, &self.entry);
+        io::Error::new(io::ErrorKind::InvalidData, format!("NAR cache entry damaged: {why}"))
     }
 }
 
