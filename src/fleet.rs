@@ -80,13 +80,15 @@ struct SavedHost {
 pub struct Fleet {
     hosts: RwLock<Hosts>,
     file: Option<PathBuf>,
+    /// Counts changes, so that readers can tell whether what they rendered is still true.
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
     /// The record saved at `file` (if given and readable), or an empty one.
     pub fn load(file: Option<PathBuf>) -> Self {
         let hosts = file.as_deref().map(read).unwrap_or_default();
-        Self { hosts: RwLock::new(hosts), file }
+        Self { hosts: RwLock::new(hosts), file, version: std::sync::atomic::AtomicU64::new(0) }
     }
 
     /// Changes one host's record (creating it) and saves the record.
@@ -94,6 +96,7 @@ impl Fleet {
         let saved = {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
             change(hosts.entry((repo.to_owned(), host.to_owned())).or_default());
+            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
             self.file.as_ref().map(|_| to_json(&hosts))
         };
         if let (Some(file), Some(Ok(json))) = (&self.file, saved)
@@ -106,6 +109,11 @@ impl Fleet {
     /// A copy of the record.
     pub fn snapshot(&self) -> Hosts {
         self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes so far: a copy taken at the same version is still the record.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

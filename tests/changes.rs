@@ -156,6 +156,8 @@ fn a_second_build_reports_what_changed_everywhere_and_matches_diff_closures() {
     let first = s.final_reply();
     let old = first["out_path"].as_str().unwrap().to_owned();
     assert_eq!(first["hosts"][0]["changes"]["first_build"], true, "{first}");
+    // The page (rendered once per change of the record) says generation 1 now...
+    assert!(s.hearth.get("/").text().contains("generation 1"));
 
     // openssl upgraded, newtool added, oldtool removed, bash rebuilt.
     s.commit(&["openssl-3.0.14", "linux-6.6.1", "newtool-2.1"], "b");
@@ -173,7 +175,7 @@ fn a_second_build_reports_what_changed_everywhere_and_matches_diff_closures() {
     assert_eq!(changes["rebuilt"], 2, "{changes}");
     assert_eq!(changes["paths_before"], changes["paths_after"]);
 
-    // The same on the fleet page, fleet.json and in the metrics.
+    // ...and the same on the fleet page (rendered anew), fleet.json and in the metrics.
     let page = s.hearth.get("/").text();
     assert!(
         page.contains("<b>openssl</b> 3.0.13 → 3.0.14") && page.contains("newtool") && page.contains("oldtool"),

@@ -4,6 +4,7 @@
 //! phone, every value escaped), or the same data as JSON (`/fleet.json`, or `/` with
 //! `Accept: application/json`). Nothing secret is shown: no keys, credentials or log lines.
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -37,8 +38,50 @@ fn data(state: &AppState) -> Value {
     })
 }
 
+/// The page and its JSON as rendered for one version of the record: rendered once per change,
+/// on a blocking thread, never on the threads that answer narinfos.
+pub(crate) struct PageCache {
+    rendered: tokio::sync::Mutex<Option<Rendered>>,
+}
+
+#[derive(Clone)]
+struct Rendered {
+    version: u64,
+    html: Bytes,
+    json: Bytes,
+}
+
+impl PageCache {
+    pub(crate) fn new() -> Self {
+        Self { rendered: tokio::sync::Mutex::new(None) }
+    }
+}
+
+/// The current page, rendering it if the record changed since it was last rendered. One
+/// render at a time: concurrent requests wait for it and share it.
+async fn current(state: &AppState) -> Option<Rendered> {
+    let mut slot = state.page.rendered.lock().await;
+    let version = state.fleet.version();
+    if let Some(r) = slot.as_ref().filter(|r| r.version == version) {
+        return Some(r.clone());
+    }
+    let owned = state.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let data = data(&owned);
+        let html = render(&owned.fleet.snapshot(), &data["cache"]);
+        Rendered { version, html: Bytes::from(html), json: Bytes::from(data.to_string()) }
+    })
+    .await
+    .ok()?;
+    *slot = Some(rendered.clone());
+    Some(rendered)
+}
+
 pub(super) async fn json(State(state): State<AppState>) -> Response {
-    ([(header::CACHE_CONTROL, "no-store")], axum::Json(data(&state))).into_response()
+    let Some(page) = current(&state).await else {
+        return super::error::HttpError::Busy("the fleet page could not be rendered").into_response();
+    };
+    ([(header::CACHE_CONTROL, "no-store"), (header::CONTENT_TYPE, "application/json")], page.json).into_response()
 }
 
 pub(super) async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -49,8 +92,10 @@ pub(super) async fn index(State(state): State<AppState>, headers: HeaderMap) -> 
     if wants_json {
         return json(State(state)).await;
     }
-    let page = render(&state.fleet.snapshot(), &data(&state)["cache"]);
-    ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response()
+    let Some(page) = current(&state).await else {
+        return super::error::HttpError::Busy("the fleet page could not be rendered").into_response();
+    };
+    ([(header::CACHE_CONTROL, "no-store")], Html(page.html)).into_response()
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -174,6 +219,10 @@ p{margin:.2rem 0}ul{margin:.2rem 0;padding-left:1.2rem}.ok{color:#17702a}.bad{co
 .muted{color:#666}.add{color:#17702a}.del{color:#b00020}code{font-size:.9em}\
 @media (prefers-color-scheme:dark){body{background:#111;color:#ddd}.muted{color:#999}}";
 
+/// Hosts the HTML page shows at most (the rest are in `/fleet.json`), so that one page stays a
+/// page: about 1 KiB of HTML each.
+const MAX_PAGE_HOSTS: usize = 500;
+
 fn render(hosts: &Hosts, cache: &Value) -> String {
     let mut body = String::new();
     let keys: Vec<&str> = cache["public_keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
@@ -192,12 +241,18 @@ fn render(hosts: &Hosts, cache: &Value) -> String {
         body.push_str("<p>No builds are recorded here: this cache runs no builder, or none has built yet.</p>");
     }
     let mut repo_shown = None;
-    for ((repo, host), record) in hosts {
+    for ((repo, host), record) in hosts.iter().take(MAX_PAGE_HOSTS) {
         if repo_shown != Some(repo) {
             body.push_str(&format!("<h2>{}</h2>", esc(repo)));
             repo_shown = Some(repo);
         }
         body.push_str(&host_html(repo, host, record));
+    }
+    if hosts.len() > MAX_PAGE_HOSTS {
+        body.push_str(&format!(
+            "<p class=muted>{} more hosts are not shown here; <a href=\"/fleet.json\">fleet.json</a> has them all.</p>",
+            hosts.len() - MAX_PAGE_HOSTS
+        ));
     }
     format!(
         "<!doctype html><html lang=en><head><meta charset=utf-8>\
@@ -235,6 +290,22 @@ mod tests {
         assert!(!page.contains("<script>") && page.contains("&lt;script&gt;"));
         assert!(page.contains("r&amp;d") && page.contains("web&quot;1") && page.contains("generation 2 · &lt;b&gt;"));
         assert!(page.contains("1.0 GiB") && page.contains("FAILED"));
+    }
+
+    #[test]
+    fn a_page_shows_a_bounded_number_of_hosts_and_says_so() {
+        let mut hosts = Hosts::new();
+        for i in 0..2000 {
+            let record = HostRecord {
+                last_build: Some(LastBuild { status: "success".into(), at: 0, commit: Some("c".repeat(40)) }),
+                ..HostRecord::default()
+            };
+            hosts.insert(("fleet".into(), format!("host{i:04}")), record);
+        }
+        let page = render(&hosts, &json!({"store_dir": "/nix/store", "priority": 30, "public_keys": []}));
+        assert!(page.contains("host0499") && !page.contains("host0500"));
+        assert!(page.contains("1500 more hosts are not shown here"));
+        assert!(page.len() < MAX_PAGE_HOSTS * 2048, "{} bytes", page.len());
     }
 
     #[test]

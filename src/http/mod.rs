@@ -140,6 +140,8 @@ pub struct AppState {
     pub(crate) streams: Arc<StreamSlots>,
     /// The builder's record, for the fleet page (empty without a builder).
     pub fleet: Arc<crate::fleet::Fleet>,
+    /// The fleet page, rendered once per change of the record.
+    pub(crate) page: Arc<fleet::PageCache>,
 }
 
 impl AppState {
@@ -159,6 +161,7 @@ impl AppState {
             cache: Arc::new(cache),
             narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
             fleet,
+            page: Arc::new(fleet::PageCache::new()),
         }
     }
 }

@@ -236,7 +236,12 @@ impl NarCache {
     /// its FileHash as it goes: the read that would return the last bytes of a file whose hash
     /// does not match fails instead, so a client never gets a whole damaged file, and the entry
     /// is dropped (WARN) so that the next request is served from the store.
-    pub fn verifying(self: &Arc<Self>, hash: StorePathHash, entry: &Entry, file: std::fs::File) -> impl Read + Send + use<> {
+    pub fn verifying(
+        self: &Arc<Self>,
+        hash: StorePathHash,
+        entry: &Entry,
+        file: std::fs::File,
+    ) -> impl Read + Send + use<> {
         Verifying {
             file: file.take(entry.file_size),
             left: entry.file_size,
