@@ -23,6 +23,7 @@ struct Fleet {
     nats: Nats,
     dir: tempfile::TempDir,
     gate: PathBuf,
+    config: String,
 }
 
 impl Fleet {
@@ -95,7 +96,13 @@ branch = "master"
         );
         let hearth = Hearth::start_env(&config, env);
         hearth.wait_for_log("builder listening", 1);
-        Fleet { hearth, nats, dir, gate }
+        Fleet { hearth, nats, dir, gate, config }
+    }
+
+    /// Stops hearth and starts it again with the same configuration.
+    fn restart(&mut self) {
+        self.hearth = Hearth::start(&self.config);
+        self.hearth.wait_for_log("builder listening", 1);
     }
 
     fn release(&self) {
@@ -349,6 +356,52 @@ fn the_timeout_kills_the_build() {
         assert!(std::time::Instant::now() < deadline, "the builder {pid} outlived its timeout");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_build_dies_with_a_killed_hearth() {
+    let mut f = Fleet::start("");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "lab", "slow", "--json", "--nats-url", &f.nats.url(), "--nkey-seed-file"])
+        .arg(f.nats.seed_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = f.gate.join("slow.pid");
+    common::wait_until("the build to run", Duration::from_secs(60), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with('\n'))
+    });
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    // SIGKILL: hearth cannot stop anything itself; its `nix build` must go with it.
+    f.hearth.child.kill().unwrap();
+    f.hearth.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pid_alive(pid) {
+        assert!(std::time::Instant::now() < deadline, "the build {pid} outlived a killed hearth");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = cli.kill();
+    let _ = cli.wait();
+}
+
+#[test]
+fn a_root_of_a_build_that_was_never_reported_is_removed_at_startup() {
+    let mut f = Fleet::start("");
+    let (code, replies) = f.cli(&["fleet", "good1"]);
+    assert_eq!(code, 0, "{replies:?}");
+    // As if hearth died after `nix build` made its out-link and before it recorded anything:
+    // the link points at a system no generation holds.
+    let other = common::add_to_store("unreported-system", b"never reported");
+    let link = f.dir.path().join("gcroots/fleet/good1");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&other, &link).unwrap();
+    f.restart();
+    common::wait_until("the unreported root to go", Duration::from_secs(60), || !link.exists());
+    f.hearth.wait_for_log("removed a GC root of a build that was never reported", 1);
+    // The recorded generation stays rooted and served.
+    let out = replies.last().unwrap()["out_path"].as_str().unwrap();
+    assert_eq!(f.hearth.get(&format!("/{}.narinfo", common::hash_part(out))).status, 200);
 }
 
 #[test]

@@ -79,6 +79,27 @@ async fn stop_group(child: &mut tokio::process::Child, pid: u32) {
     let _ = child.wait().await;
 }
 
+/// Makes `cmd` get SIGTERM when hearth dies, even by SIGKILL (`PR_SET_PDEATHSIG`): `nix` then
+/// stops its builders and exits, instead of finishing a build nobody will report and rooting
+/// it. (The signal follows the thread that spawned it: tokio's worker threads live as long as
+/// the runtime, and the builder stops its commands before the runtime ends.)
+fn die_with_hearth(cmd: &mut Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec; it only makes the prctl(2)
+    // and getppid(2) system calls (async-signal-safe) and allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+            // hearth died between fork and prctl: the signal would never come.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `cmd`, streaming stderr lines to `on_line`, under `timeout` and `cancel`; returns stdout.
 async fn run(
     what: &str,
@@ -88,6 +109,7 @@ async fn run(
     on_line: &mut (dyn FnMut(&str) + Send),
 ) -> Result<String, BuildError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    die_with_hearth(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| BuildError::Spawn(what.to_owned(), e))?;
     let pid = child.id();
     let mut stdout = child.stdout.take();

@@ -83,6 +83,28 @@ impl Generations {
         out
     }
 
+    /// Out-links (`<repo>/<host>`) that point at none of the host's recorded generations: a
+    /// build that finished after hearth died and was never reported. Hosts without
+    /// generations keep theirs (it is adopted as their first generation).
+    pub fn unrecorded_links(&self, repos: &[String]) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for repo in repos {
+            let Ok(entries) = std::fs::read_dir(self.root.join(repo)) else { continue };
+            for e in entries.filter_map(Result::ok) {
+                let host = e.file_name().to_string_lossy().into_owned();
+                if host.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_symlink()) {
+                    continue;
+                }
+                let Ok(target) = std::fs::read_link(e.path()) else { continue };
+                let gens = self.list(repo, &host);
+                if !gens.is_empty() && !gens.iter().any(|g| Path::new(&g.path) == target) {
+                    out.push(e.path());
+                }
+            }
+        }
+        out
+    }
+
     /// The link a new generation gets, and the generations to drop once it is rooted: the plan
     /// for recording `path` as the host's newest. `None` if it already is the newest.
     pub fn plan(&self, repo: &str, host: &str, path: &str, commit: Option<&str>, now: i64) -> Option<Plan> {

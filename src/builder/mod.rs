@@ -465,6 +465,17 @@ impl Worker {
     /// out again from the store.
     async fn recover(self: Arc<Self>) {
         let repos: Vec<String> = self.config.repos.iter().map(|r| r.name.clone()).collect();
+        // A build that ended after hearth was killed was never reported: it is no generation.
+        for link in self.generations.unrecorded_links(&repos) {
+            match std::fs::remove_file(&link) {
+                Ok(()) => {
+                    tracing::warn!(root = %link.display(), "removed a GC root of a build that was never reported")
+                }
+                Err(e) => {
+                    tracing::warn!(root = %link.display(), err = %e, "cannot remove an unreported build's GC root")
+                }
+            }
+        }
         for (repo, host) in self.generations.hosts(&repos) {
             let gens = self.generations.list(&repo, &host);
             let changes = match gens.last() {
