@@ -314,7 +314,10 @@ impl Config {
             None => None,
         };
         let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
-        let builder = file.builder.map(BuilderConfig::from_section).transpose()?;
+        let mut builder = file.builder.map(BuilderConfig::from_section).transpose()?;
+        if let Some(b) = builder.as_mut() {
+            b.git_cache_dir = file.state_dir.join("git");
+        }
         Ok(Self {
             bind: BindAddr::parse("bind", &file.bind)?,
             metrics_bind: file.metrics.bind.as_deref().map(|b| BindAddr::parse("metrics.bind", b)).transpose()?,

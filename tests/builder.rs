@@ -551,6 +551,37 @@ fn the_branch_is_resolved_by_its_full_ref_name_only() {
 }
 
 #[test]
+fn a_rev_is_built_only_on_a_branch_that_has_it() {
+    let f = Fleet::start("");
+    let repo = f.dir.path().join("fleet");
+    let git = |args: &[&str]| common::flake::git(&repo, args);
+    let rev_of = |r: &str| run_ok(Command::new("git").arg("-C").arg(&repo).args(["rev-parse", r])).trim().to_owned();
+    let first = rev_of("master");
+    // A commit on another branch only, and one more on master.
+    git(&["checkout", "-q", "-b", "exp"]);
+    std::fs::write(repo.join("exp.txt"), "exp").unwrap();
+    git(&["add", "exp.txt"]);
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "exp only"]);
+    let exp = rev_of("exp");
+    git(&["checkout", "-q", "master"]);
+    std::fs::write(repo.join("more.txt"), "more").unwrap();
+    git(&["add", "more.txt"]);
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "more"]);
+
+    let (code, replies) = f.cli(&["fleet", "good1", "--rev", &exp]);
+    assert_eq!(code, 1, "{replies:?}");
+    let last = replies.last().unwrap();
+    assert!(last["message"].as_str().unwrap().contains(&format!("commit {exp} is not on branch `master`")), "{last}");
+    assert!(last["hosts"].as_array().is_none_or(|h| h.is_empty()), "a host was built: {last}");
+    // An older commit of master builds, and so does exp's on its own branch.
+    let (code, replies) = f.cli(&["fleet", "good1", "--rev", &first]);
+    assert_eq!(code, 0, "{replies:?}");
+    assert_eq!(replies.last().unwrap()["commit"], first.as_str());
+    let (code, replies) = f.cli(&["fleet", "good1", "--branch", "exp", "--rev", &exp]);
+    assert_eq!(code, 0, "{replies:?}");
+}
+
+#[test]
 fn a_dotted_host_builds_and_an_unknown_host_is_rejected_without_a_metric_series() {
     let f = Fleet::start("");
     let (code, replies) = f.cli(&["fleet", "web-01.home"]);

@@ -143,6 +143,9 @@ pub struct BuilderConfig {
     pub progress_interval: Duration,
     pub keep_generations: usize,
     pub repos: Vec<RepoConfig>,
+    /// Bare mirrors of the repos' branches, to check that a requested `rev` is on its branch
+    /// (`<state_dir>/git`).
+    pub git_cache_dir: PathBuf,
 }
 
 impl BuilderConfig {
@@ -203,6 +206,7 @@ impl BuilderConfig {
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             keep_generations: s.keep_generations,
             repos,
+            git_cache_dir: PathBuf::from("/var/lib/hearth/git"),
         })
     }
 

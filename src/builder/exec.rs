@@ -50,6 +50,8 @@ pub struct Exec {
     pub nix: String,
     pub timeout: Duration,
     pub gcroots_dir: PathBuf,
+    /// Bare mirrors of the repos' branches, one per URL.
+    pub git_cache_dir: PathBuf,
 }
 
 const NIX_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
@@ -239,8 +241,57 @@ impl Exec {
         cmd.args(["ls-remote", "--", git, &full_ref]);
         let out = run("git ls-remote", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await?;
         let head = exact_ref(&out, &full_ref).map_err(|message| BuildError::Failed { message, tail: String::new() })?;
+        if let Some(rev) = rev
+            && rev != head
+        {
+            self.check_on_branch(git, branch, rev, cancel).await?;
+        }
         let commit = rev.unwrap_or(&head).to_owned();
         Ok((flake_ref(url, branch, Some(&commit)), Some(commit)))
+    }
+
+    /// Fails unless `rev` is reachable from `branch` of the repo at `git`: a commit of another
+    /// branch is never built (or recorded) as this one's. The branch is fetched into a bare
+    /// mirror of hearth's own, one per URL, so only what changed is fetched each time.
+    async fn check_on_branch(
+        &self,
+        git: &str,
+        branch: &str,
+        rev: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), BuildError> {
+        use sha2::Digest;
+        let name = hex::encode(&sha2::Sha256::digest(git.as_bytes())[..8]);
+        let mirror = self.git_cache_dir.join(format!("{name}.git"));
+        if !mirror.join("HEAD").exists() {
+            tokio::fs::create_dir_all(&mirror)
+                .await
+                .map_err(|e| BuildError::Spawn(format!("mkdir {}", mirror.display()), e))?;
+            let mut init = Command::new("git");
+            init.args(["init", "--quiet", "--bare"]).arg(&mirror);
+            run("git init", init, Duration::from_secs(60), cancel, &mut |_| {}).await?;
+        }
+        let mut fetch = Command::new("git");
+        fetch.arg("-C").arg(&mirror).args([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--force",
+            "--",
+            git,
+            &format!("+refs/heads/{branch}:refs/heads/{branch}"),
+        ]);
+        run("git fetch", fetch, Duration::from_secs(600), cancel, &mut |_| {}).await?;
+        let mut ancestor = Command::new("git");
+        ancestor.arg("-C").arg(&mirror).args(["merge-base", "--is-ancestor", rev, &format!("refs/heads/{branch}")]);
+        match run("git merge-base", ancestor, Duration::from_secs(60), cancel, &mut |_| {}).await {
+            Ok(_) => Ok(()),
+            Err(BuildError::Failed { .. }) => Err(BuildError::Failed {
+                message: format!("commit {rev} is not on branch `{branch}`"),
+                tail: String::new(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// The names of the flake's `nixosConfigurations`, keeping only valid host names.
