@@ -299,11 +299,18 @@ impl Config {
                 in_range("nar_cache.level", c.level, 1..=19)?;
                 let max_size = crate::store::nar_cache::parse_size(&c.max_size).ok_or_else(|| ConfigError::Value {
                     key: "nar_cache.max_size",
-                    reason: format!("`{}` is not a size like 20GiB or 500MiB", c.max_size),
+                    reason: format!("`{}` is not a size like 20GiB (2^30 bytes) or 500MB (10^6 bytes)", c.max_size),
                 })?;
                 in_range("nar_cache.max_size", max_size, 1 << 20..=1 << 50)?;
                 if !c.dir.is_absolute() {
                     return Err(ConfigError::Value { key: "nar_cache.dir", reason: "must be an absolute path".into() });
+                }
+                // It is made at startup if missing; anything but a directory there is a mistake.
+                if fs::symlink_metadata(&c.dir).is_ok_and(|m| !m.is_dir()) {
+                    return Err(ConfigError::Value {
+                        key: "nar_cache.dir",
+                        reason: format!("{} exists and is not a directory", c.dir.display()),
+                    });
                 }
                 Some(crate::store::nar_cache::NarCacheConfig {
                     dir: c.dir.clone(),
@@ -314,6 +321,9 @@ impl Config {
             None => None,
         };
         let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
+        if !file.state_dir.is_absolute() {
+            return Err(ConfigError::Value { key: "state_dir", reason: "must be an absolute path".into() });
+        }
         let mut builder = file.builder.map(BuilderConfig::from_section).transpose()?;
         if let Some(b) = builder.as_mut() {
             b.git_cache_dir = file.state_dir.join("git");

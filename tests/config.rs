@@ -57,6 +57,12 @@ fn bad_configs_fail_naming_file_key_and_reason() {
             "builder.repos.branch",
         ),
         ("[builder]\nbogus = 1\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n", "bogus"),
+        ("state_dir = \"state\"\n", "state_dir"),
+        ("[builder]\ngcroots_dir = \"roots\"\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n", "builder.gcroots_dir"),
+        ("[nar_cache]\ndir = \"/etc/passwd\"\n", "nar_cache.dir"),
+        ("[nar_cache]\ndir = \"/var/cache/x\"\nmax_size = \"20 gigs\"\n", "nar_cache.max_size"),
+        ("trusted_proxies = [\"nginx\"]\n", "trusted_proxies"),
+        ("client_stream_share = 0.0\n", "client_stream_share"),
     ];
     for (toml, needle) in cases {
         let (code, err) = check(toml);
@@ -78,6 +84,9 @@ fn bad_configs_fail_naming_file_key_and_reason() {
         assert_eq!(code, Some(2), "{toml}: {err}");
         assert!(err.contains(needle) && err.contains("out of range"), "{toml}: {err}");
     }
+    // The documented maximum is accepted.
+    let (code, err) = check("[nar_cache]\ndir = \"/var/cache/hearth-test-nars\"\nmax_size = \"1PiB\"\n");
+    assert_eq!(code, Some(0), "{err}");
     let (code, err) = check("priority = 30\nunknown_key = 1\n");
     assert_eq!(code, Some(2));
     assert!(err.contains("bad.toml"), "the error does not name the file: {err}");

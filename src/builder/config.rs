@@ -192,6 +192,9 @@ impl BuilderConfig {
         in_range("builder.build_timeout_seconds", s.build_timeout_seconds, 1..=7 * 86_400)?;
         in_range("builder.progress_interval_ms", s.progress_interval_ms, 0..=3_600_000)?;
         in_range("builder.keep_generations", s.keep_generations, 1..=1000)?;
+        if !s.gcroots_dir.is_absolute() {
+            return Err(ConfigError::Value { key: "builder.gcroots_dir", reason: "must be an absolute path".into() });
+        }
         if !is_valid_name(&s.queue_group) {
             return Err(ConfigError::Value { key: "builder.queue_group", reason: "must be a plain name".into() });
         }

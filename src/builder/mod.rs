@@ -70,13 +70,12 @@ impl Worker {
             .connect(&config.nats_url)
             .await
             .with_context(|| format!("cannot connect to {}", config.nats_url))?;
-        let exec =
-            Exec {
-                nix: config.nix.clone(),
-                timeout: config.build_timeout,
-                gcroots_dir: config.gcroots_dir.clone(),
-                git_cache_dir: config.git_cache_dir.clone(),
-            };
+        let exec = Exec {
+            nix: config.nix.clone(),
+            timeout: config.build_timeout,
+            gcroots_dir: config.gcroots_dir.clone(),
+            git_cache_dir: config.git_cache_dir.clone(),
+        };
         let queue = Arc::new(Queue::new(config.queue_size));
         let generations = Generations::new(&config.gcroots_dir, config.keep_generations);
         Ok(Self { config: Arc::new(config), client, store, metrics, fleet, generations, exec, queue })

@@ -39,7 +39,8 @@ pub struct NarCacheConfig {
     pub zstd_level: Option<i32>,
 }
 
-/// Parses `20GiB`, `500 MiB`, `1T`, `4096`: bytes.
+/// Parses a size: `4096` bytes; IEC units `KiB`…`PiB` (and Nix's single letters `K`…`P`) are
+/// powers of 1024; SI units `kB`/`KB`…`PB` are powers of 1000, exactly as they say.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -47,10 +48,16 @@ pub fn parse_size(s: &str) -> Option<u64> {
     let n: u64 = num.parse().ok()?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        "t" | "tib" | "tb" => 1 << 40,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "p" | "pib" => 1 << 50,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "pb" => 1_000_000_000_000_000,
         _ => return None,
     };
     n.checked_mul(mult)
@@ -541,5 +548,25 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_mean_what_their_units_say() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("20GiB"), Some(20 << 30));
+        assert_eq!(parse_size("20G"), Some(20 << 30));
+        assert_eq!(parse_size("20GB"), Some(20_000_000_000));
+        assert_eq!(parse_size("500 MiB"), Some(500 << 20));
+        assert_eq!(parse_size("500MB"), Some(500_000_000));
+        assert_eq!(parse_size("1PiB"), Some(1 << 50));
+        assert_eq!(parse_size("1PB"), Some(1_000_000_000_000_000));
+        for bad in ["", "GiB", "1.5GiB", "-1", "20 gigs", "99999999999PiB"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
     }
 }
