@@ -248,3 +248,45 @@ fn invalid_arguments_and_disabled_builds_are_mcp_errors() {
     // Still serving after all that.
     assert_eq!(text(&m.tool("list_repos", json!({})))["repos"][0]["name"], "fleet");
 }
+
+impl Mcp {
+    /// The next message from the server.
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        assert!(self.stdout.read_line(&mut line).unwrap() > 0, "hearth mcp closed stdout");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON-RPC: {line}: {e}"))
+    }
+}
+
+#[test]
+fn malformed_and_oversized_messages_get_json_rpc_errors_and_the_session_goes_on() {
+    let mut m = Mcp::start(&[]);
+    m.stdin.write_all(b"this is not json\n").unwrap();
+    m.stdin.flush().unwrap();
+    let e = m.next();
+    assert_eq!(e["error"]["code"], -32700, "{e}");
+    assert_eq!(e["id"], Value::Null);
+    m.send(&json!({"id": 41, "method": "tools/list"}));
+    let e = m.next();
+    assert_eq!((e["error"]["code"].as_i64(), e["id"].as_i64()), (Some(-32600), Some(41)), "{e}");
+    // 64 MiB in one line: refused with an answer, not held and never left unanswered.
+    let big = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":42,\"method\":\"tools/list\",\"params\":{{\"x\":\"{}\"}}}}\n",
+        "x".repeat(64 << 20)
+    );
+    let writer = {
+        use std::os::fd::AsFd;
+        let mut stdin = std::fs::File::from(m.stdin.as_fd().try_clone_to_owned().unwrap());
+        std::thread::spawn(move || {
+            stdin.write_all(big.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+        })
+    };
+    let e = m.next();
+    assert_eq!(e["error"]["code"], -32600, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("larger than"), "{e}");
+    writer.join().unwrap();
+    // The session is still good.
+    let tools = m.call("tools/list", json!({}));
+    assert!(tools["result"]["tools"].is_array(), "{tools}");
+}

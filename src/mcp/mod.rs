@@ -11,6 +11,7 @@
 //! answering as if nothing were configured.
 
 mod builds;
+mod framing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -357,7 +358,10 @@ pub async fn run(args: McpArgs) -> anyhow::Result<()> {
         None => None,
     };
     let server = HearthMcp::new(&args, config);
-    let service = server.serve(rmcp::transport::stdio()).await?;
+    let (input, output, framing) = framing::frame(tokio::io::stdin(), tokio::io::stdout());
+    let service = server.serve((input, output)).await?;
     service.waiting().await?;
+    // Everything the server said reaches stdout before the process ends.
+    let _ = framing.await;
     Ok(())
 }
