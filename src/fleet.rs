@@ -37,6 +37,14 @@ pub struct LastBuild {
     pub commit: Option<String>,
 }
 
+/// The newest build of a host on a branch other than the deploy branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchBuild {
+    #[serde(flatten)]
+    pub build: LastBuild,
+    pub out_path: Option<String>,
+}
+
 /// What the record says of one host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
@@ -48,6 +56,9 @@ pub struct HostRecord {
     pub closure_paths: Option<usize>,
     /// The newest generation against the one before it.
     pub changes: Option<Changes>,
+    /// Recent builds of other branches, by branch: never the host's state (version 2).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub branches: BTreeMap<String, BranchBuild>,
 }
 
 impl HostRecord {
@@ -106,6 +117,25 @@ impl Fleet {
         }
     }
 
+    /// Drops the hosts of `repo` for which `keep` is false (hosts the flake no longer defines).
+    pub fn retain(&self, repo: &str, keep: impl Fn(&str) -> bool) {
+        let saved = {
+            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+            let before = hosts.len();
+            hosts.retain(|(r, h), _| r != repo || keep(h));
+            if hosts.len() == before {
+                return;
+            }
+            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+            self.file.as_ref().map(|_| to_json(&hosts))
+        };
+        if let (Some(file), Some(Ok(json))) = (&self.file, saved)
+            && let Err(e) = write_atomically(file, &json)
+        {
+            tracing::warn!(file = %file.display(), err = %e, "cannot save the fleet record");
+        }
+    }
+
     /// A copy of the record.
     pub fn snapshot(&self) -> Hosts {
         self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -119,7 +149,8 @@ impl Fleet {
 
 fn to_json(hosts: &Hosts) -> serde_json::Result<Vec<u8>> {
     let saved = Saved {
-        version: 1,
+        // 2: hosts may carry `branches`; a version 1 record reads as one without them.
+        version: 2,
         hosts: hosts
             .iter()
             .map(|((repo, host), record)| SavedHost { repo: repo.clone(), host: host.clone(), record: record.clone() })
@@ -172,5 +203,24 @@ mod tests {
         assert_eq!(again.snapshot(), f.snapshot());
         std::fs::write(&file, "{ not json").unwrap();
         assert!(Fleet::load(Some(file)).snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_record_reads_and_is_saved_as_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet.json");
+        let v1 = r#"{"version":1,"hosts":[{"repo":"fleet","host":"web1","last_build":{"status":"success","at":5,"commit":null},"generations":[],"closure_bytes":42,"closure_paths":3,"changes":null}]}"#;
+        std::fs::write(&file, v1).unwrap();
+        let f = Fleet::load(Some(file.clone()));
+        let hosts = f.snapshot();
+        let web1 = &hosts[&("fleet".to_owned(), "web1".to_owned())];
+        assert_eq!((web1.closure_bytes, web1.branches.len()), (Some(42), 0));
+        f.update("fleet", "web1", |r| {
+            let build = LastBuild { status: "failure".into(), at: 6, commit: None };
+            r.branches.insert("exp".into(), BranchBuild { build, out_path: None });
+        });
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(saved["version"], 2);
+        assert_eq!(Fleet::load(Some(file)).snapshot(), f.snapshot());
     }
 }

@@ -243,6 +243,22 @@ fn all_with_one_failure_reports_each_host() {
     assert_eq!(metric(&m, "homelab_deploy_build_host_total{repo=\"fleet\",host=\"good2\",status=\"success\"}"), 1.0);
     assert!(metric(&m, "homelab_deploy_build_last_timestamp{repo=\"fleet\"}") > 1.7e9);
     assert_eq!(metric(&m, "homelab_deploy_build_last_success_timestamp{repo=\"fleet\"}"), 0.0);
+
+    // A host the flake no longer defines leaves the record (and the page) at the next `all`.
+    let hosts_in_record = |f: &Fleet| -> Vec<String> {
+        let fleet: Value = serde_json::from_slice(&f.hearth.get("/fleet.json").body).unwrap();
+        fleet["hosts"].as_array().unwrap().iter().map(|h| h["host"].as_str().unwrap().to_owned()).collect()
+    };
+    assert!(hosts_in_record(&f).contains(&"bad".to_owned()));
+    let repo = f.dir.path().join("fleet");
+    let text = std::fs::read_to_string(repo.join("flake.nix")).unwrap();
+    let kept: String = text.lines().filter(|l| !l.contains("\"bad\" = mk")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(repo.join("flake.nix"), kept).unwrap();
+    common::flake::git(&repo, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "drop bad"]);
+    let (code, replies) = f.cli(&["fleet", "all"]);
+    assert_eq!(code, 0, "{replies:?}");
+    let left = hosts_in_record(&f);
+    assert!(!left.contains(&"bad".to_owned()) && left.contains(&"good1".to_owned()), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

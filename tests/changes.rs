@@ -245,3 +245,80 @@ fn with_keep_generations_1_only_the_newest_is_rooted() {
     assert!(!deletable(&new), "the newest system is not rooted");
     assert!(deletable(&old), "an old generation beyond keep_generations is still rooted");
 }
+
+impl Setup {
+    /// The final reply of `hearth build fleet web1` with more arguments.
+    fn final_reply_with(&self, extra: &[&str]) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["build", "fleet", "web1", "--json", "--nats-url", &self.nats.url(), "--nkey-seed-file"])
+            .arg(self.nats.seed_path())
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    }
+
+    fn host(&self) -> Value {
+        let fleet: Value = serde_json::from_slice(&self.hearth.get("/fleet.json").body).unwrap();
+        fleet["hosts"][0].clone()
+    }
+}
+
+#[test]
+fn only_the_deploy_branch_makes_generations_and_rebuilds_keep_the_real_changes() {
+    let s = setup(3);
+    let git = |args: &[&str]| common::flake::git(&s.repo, args);
+    let gen1 = s.final_reply()["out_path"].as_str().unwrap().to_owned();
+    s.commit(&["openssl-3.0.14", "linux-6.6.1", "oldtool-1.0"], "a");
+    let gen2 = s.final_reply()["out_path"].as_str().unwrap().to_owned();
+    let changed = s.host()["changes"].clone();
+    assert!(changed.to_string().contains("3.0.14"), "{changed}");
+
+    // An experiment on another branch: recorded under its branch, never as web1's state.
+    git(&["checkout", "-q", "-b", "exp"]);
+    s.commit(&["openssl-3.1.0", "linux-6.6.1", "oldtool-1.0"], "a");
+    git(&["checkout", "-q", "master"]);
+    let exp = s.final_reply_with(&["--branch", "exp"]);
+    assert_eq!(exp["status"], "completed", "{exp}");
+    let host = s.host();
+    let paths: Vec<&str> =
+        host["generations"].as_array().unwrap().iter().map(|g| g["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, [gen1.as_str(), gen2.as_str()], "a branch build became a generation");
+    assert_eq!(host["changes"], changed, "a branch build changed the host's changes");
+    assert_eq!(host["branches"]["exp"]["status"], "success", "{host}");
+    assert_eq!(std::fs::read_link(s.roots.join("fleet/web1")).unwrap().to_str(), Some(gen2.as_str()));
+    assert!(s.roots.join("fleet/.branches/exp/web1").exists(), "the branch build is not rooted");
+    let page = s.hearth.get("/").text();
+    assert!(page.contains("branch <code>exp</code>"), "{page}");
+
+    // A failing branch build does not make the host FAILED.
+    git(&["checkout", "-q", "exp"]);
+    std::fs::write(
+        s.repo.join("flake.nix"),
+        std::fs::read_to_string(s.repo.join("flake.nix")).unwrap().replace("echo ${toString pkgs}", "exit 1; echo"),
+    )
+    .unwrap();
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "break"]);
+    git(&["checkout", "-q", "master"]);
+    assert_eq!(s.final_reply_with(&["--branch", "exp"])["status"], "failed");
+    let host = s.host();
+    assert_eq!(host["last_build"]["status"], "success", "{host}");
+    assert_eq!(host["branches"]["exp"]["status"], "failure", "{host}");
+
+    // Rebuilding unchanged master: no new generation, and the real changes stay.
+    let again = s.final_reply();
+    assert_eq!(again["out_path"].as_str(), Some(gen2.as_str()));
+    let host = s.host();
+    assert_eq!(host["generations"].as_array().unwrap().len(), 2);
+    assert_eq!(host["changes"], changed, "an unchanged rebuild replaced the changes");
+
+    // Going back to generation 1's system: it becomes the newest and holds one slot only.
+    s.commit(&["openssl-3.0.13", "linux-6.6.1", "oldtool-1.0"], "a");
+    assert_eq!(s.final_reply()["out_path"].as_str(), Some(gen1.as_str()));
+    let host = s.host();
+    let paths: Vec<&str> =
+        host["generations"].as_array().unwrap().iter().map(|g| g["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, [gen2.as_str(), gen1.as_str()]);
+    assert!(host["changes"].to_string().contains("3.0.13"), "{host}");
+}

@@ -333,22 +333,24 @@ impl Exec {
         run("nix build (root)", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await.map(|_| ())
     }
 
-    /// Builds one host's toplevel, linking the result at `<gcroots_dir>/<repo>/<host>` (replaced
-    /// only on success); returns its output path.
+    /// Builds one host's toplevel, linking the result at `link` (replaced only on success);
+    /// returns its output path.
     pub async fn build_host(
         &self,
         flake: &str,
-        repo: &str,
         host: &str,
+        link: &std::path::Path,
         cancel: &CancellationToken,
         on_line: &mut (dyn FnMut(&str) + Send),
     ) -> Result<String, BuildError> {
-        let dir = self.gcroots_dir.join(repo);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| BuildError::Spawn(format!("mkdir {}", dir.display()), e))?;
-        let link = dir.join(host);
+        if let Some(dir) = link.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| BuildError::Spawn(format!("mkdir {}", dir.display()), e))?;
+        }
         let mut cmd = self.nix();
         cmd.args(["build", "--json", "--no-write-lock-file", "--print-build-logs", "--out-link"])
-            .arg(&link)
+            .arg(link)
             .arg(format!("{flake}#{}", toplevel_attr(host)));
         let out = run("nix build", cmd, self.timeout, cancel, on_line).await?;
         let parsed: serde_json::Value =

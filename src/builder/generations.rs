@@ -7,12 +7,21 @@
 //! <commit>` are the last `keep` of them, newest included, each an indirect GC root. The names
 //! carry what is known of each generation, so the directory alone is the record: it is read back
 //! at startup, and nothing else needs to survive a restart.
+//!
+//! Only the repo's deploy branch makes generations. A build of another branch is linked at
+//! `<repo>/.branches/<branch>/<host>` and rooted only while recent ([`BRANCH_ROOT_DAYS`]); a
+//! system built again takes no second slot.
 
 use std::path::{Path, PathBuf};
 
 pub use crate::fleet::Generation;
 
 const DIR: &str = ".generations";
+/// Out-links of builds of other branches than the deploy branch: `<repo>/.branches/<branch>/<host>`
+/// (a `/` in the branch name is `%`, which no branch name holds).
+const BRANCHES: &str = ".branches";
+/// How long the newest build of another branch stays rooted.
+pub const BRANCH_ROOT_DAYS: u64 = 7;
 
 /// Parses `<n>-<unix time>-<commit or "unknown">`.
 fn parse_name(name: &str) -> Option<(u64, i64, Option<String>)> {
@@ -42,6 +51,35 @@ impl Generations {
 
     fn dir(&self, repo: &str, host: &str) -> PathBuf {
         self.root.join(repo).join(DIR).join(host)
+    }
+
+    /// Where `nix build` links a host's result: `<repo>/<host>` for the deploy branch (the
+    /// newest good system), `<repo>/.branches/<branch>/<host>` for any other branch.
+    pub fn out_link(&self, repo: &str, host: &str, other_branch: Option<&str>) -> PathBuf {
+        match other_branch {
+            None => self.root.join(repo).join(host),
+            Some(b) => self.root.join(repo).join(BRANCHES).join(b.replace('/', "%")).join(host),
+        }
+    }
+
+    /// Removes the out-links of other branches' builds older than `max_age` (and directories
+    /// left empty): a branch build is rooted only while it is recent.
+    pub fn prune_branch_roots(&self, repos: &[String], max_age: std::time::Duration) {
+        for repo in repos {
+            let Ok(branches) = std::fs::read_dir(self.root.join(repo).join(BRANCHES)) else { continue };
+            for branch in branches.filter_map(Result::ok) {
+                let Ok(links) = std::fs::read_dir(branch.path()) else { continue };
+                for link in links.filter_map(Result::ok) {
+                    let old = std::fs::symlink_metadata(link.path())
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > max_age));
+                    if old && std::fs::remove_file(link.path()).is_ok() {
+                        tracing::info!(root = %link.path().display(), "dropped the root of an old branch build");
+                    }
+                }
+                let _ = std::fs::remove_dir(branch.path());
+            }
+        }
     }
 
     /// The host's newest good toplevel as the out-link says (also before any generation was
@@ -114,9 +152,11 @@ impl Generations {
         }
         let next = existing.last().map_or(1, |g| g.number + 1);
         let new = Generation { number: next, path: path.to_owned(), built_at: now, commit: commit.map(str::to_owned) };
+        // An older generation of the same system becomes the newest: no system holds two slots.
+        let (same, others): (Vec<&Generation>, Vec<&Generation>) = existing.iter().partition(|g| g.path == path);
         let keep_old = self.keep - 1;
-        let drop = existing.len().saturating_sub(keep_old);
-        let obsolete = existing[..drop].iter().map(|g| self.dir(repo, host).join(name_of(g))).collect();
+        let drop = others.len().saturating_sub(keep_old);
+        let obsolete = same.iter().chain(&others[..drop]).map(|g| self.dir(repo, host).join(name_of(g))).collect();
         Some(Plan { link: self.dir(repo, host).join(name_of(&new)), generation: new, obsolete })
     }
 }
@@ -163,6 +203,24 @@ mod tests {
         let one = Generations::new(dir.path(), 1);
         link(&one, "fleet", "web-01.home", "/nix/store/e-5", 2000);
         assert_eq!(one.list("fleet", "web-01.home").len(), 1);
+    }
+
+    #[test]
+    fn a_system_built_again_holds_one_slot_and_is_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Generations::new(dir.path(), 3);
+        for (i, p) in ["/nix/store/a-1", "/nix/store/b-2", "/nix/store/c-3", "/nix/store/b-2"].iter().enumerate() {
+            link(&g, "fleet", "h", p, 1000 + i as i64);
+        }
+        let paths: Vec<String> = g.list("fleet", "h").into_iter().map(|x| x.path).collect();
+        assert_eq!(paths, ["/nix/store/a-1", "/nix/store/c-3", "/nix/store/b-2"]);
+    }
+
+    #[test]
+    fn branch_builds_link_apart_from_the_deploy_branch() {
+        let g = Generations::new(Path::new("/r"), 3);
+        assert_eq!(g.out_link("fleet", "h", None), Path::new("/r/fleet/h"));
+        assert_eq!(g.out_link("fleet", "h", Some("flake-update/x")), Path::new("/r/fleet/.branches/flake-update%x/h"));
     }
 
     #[test]

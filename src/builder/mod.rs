@@ -18,7 +18,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, LastBuild};
+use crate::fleet::{BranchBuild, Fleet, LastBuild};
 use crate::metrics::{Metrics, Repo, RepoHost, RepoHostStatus, RepoStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -274,6 +274,20 @@ impl Worker {
             return self.publish_final(&self.subscribers(), &base(Status::Rejected).message(message), cancel).await;
         };
 
+        // Only the deploy branch's builds are the hosts' state; another branch's are recorded
+        // apart, under their branch.
+        let deploy = job.branch == job.repo.branch;
+        if deploy && job.target == "all" {
+            // Hosts the flake no longer defines leave the record (their roots stay, as
+            // keep_generations says, until they are collected by hand).
+            self.fleet.retain(repo, |host| hosts.iter().any(|h| h == host));
+        }
+        if !deploy {
+            self.generations.prune_branch_roots(
+                std::slice::from_ref(repo),
+                Duration::from_secs(generations::BRANCH_ROOT_DAYS * 86_400),
+            );
+        }
         let mut summaries = Vec::new();
         let mut shutdown = false;
         for host in &hosts {
@@ -312,15 +326,23 @@ impl Worker {
                 .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
                 .inc();
             let (generations, changes) = match &out_path {
-                Some(out) => {
+                Some(out) if deploy => {
                     let (g, c) = self.record_generation(repo, host, out, previous.as_deref(), commit.as_deref()).await;
                     (Some(g), c)
                 }
-                None => (None, None),
+                _ => (None, None),
             };
+            let build = LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() };
             // One update (and one save) of the record per host build.
             self.fleet.update(repo, host, |h| {
-                h.last_build = Some(LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() });
+                if !deploy {
+                    let b = BranchBuild { build, out_path: out_path.clone() };
+                    h.branches.insert(job.branch.clone(), b);
+                    h.branches
+                        .retain(|_, b| now_seconds() - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
+                    return;
+                }
+                h.last_build = Some(build);
                 if let Some(g) = generations {
                     h.generations = g;
                 }
@@ -404,8 +426,15 @@ impl Worker {
             // Built before generations were kept: the old out-link is generation 1.
             self.root_generation(repo, host, prev, None, now_seconds() - 1).await;
         }
-        // Compared with the newest good system before this build (itself, if nothing changed).
-        let before = self.generations.list(repo, host).last().map(|g| g.path.clone());
+        // The same system again: no new generation, and what changed stays what the newest
+        // changed against the one before it (never "no change" against itself).
+        let existing = self.generations.list(repo, host);
+        if existing.last().is_some_and(|g| g.path == out) {
+            let kept = self.fleet.snapshot().get(&(repo.to_owned(), host.to_owned())).and_then(|h| h.changes.clone());
+            return (existing, kept);
+        }
+        // Compared with the newest good system before this build, which is another one.
+        let before = existing.last().map(|g| g.path.clone());
         self.root_generation(repo, host, out, commit, now_seconds()).await;
         let gens = self.generations.list(repo, host);
         let Some(after) = self.closure(out).await else { return (gens, None) };
@@ -556,8 +585,10 @@ impl Worker {
                 self.send_lines(job, host, &mut pending).await;
             }
         };
+        let other_branch = (job.branch != job.repo.branch).then_some(job.branch.as_str());
+        let link = self.generations.out_link(&job.repo.name, host, other_branch);
         let build = async {
-            let r = self.exec.build_host(flake, &job.repo.name, host, cancel, &mut on_line).await;
+            let r = self.exec.build_host(flake, host, &link, cancel, &mut on_line).await;
             drop(on_line);
             r
         };

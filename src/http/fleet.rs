@@ -163,6 +163,7 @@ fn host_html(repo: &str, host: &str, r: &HostRecord) -> String {
     let (status, class) = match r.last_build.as_ref().map(|b| b.status.as_str()) {
         Some("success") => ("built", "ok"),
         Some(_) => ("FAILED", "bad"),
+        None if !r.branches.is_empty() => ("no build of the deploy branch yet", "muted"),
         None => ("no build since start", "muted"),
     };
     let when = r
@@ -207,6 +208,16 @@ fn host_html(repo: &str, host: &str, r: &HostRecord) -> String {
     }
     if let Some(c) = &r.changes {
         out.push_str(&changes_html(c));
+    }
+    // Other branches' builds: shown under their branch, never as the host's state.
+    for (branch, b) in &r.branches {
+        let (word, class) = if b.build.status == "success" { ("built", "ok") } else { ("failed", "bad") };
+        out.push_str(&format!(
+            "<p class=muted>branch <code>{}</code>: <span class=\"{class}\">{word}</span> {}{}</p>",
+            esc(branch),
+            esc(&crate::utc::minute(b.build.at)),
+            b.out_path.as_deref().map(|p| format!(" · {}", esc(short(p)))).unwrap_or_default()
+        ));
     }
     out.push_str("</section>");
     out
@@ -284,12 +295,21 @@ mod tests {
                 }],
                 ..Changes::default()
             }),
+            branches: [(
+                "<exp>".to_owned(),
+                crate::fleet::BranchBuild {
+                    build: LastBuild { status: "failure".into(), at: 0, commit: None },
+                    out_path: Some("/nix/store/y-<i>".into()),
+                },
+            )]
+            .into(),
         };
         hosts.insert(("r&d".into(), "web\"1".into()), record);
         let page = render(&hosts, &json!({"store_dir": "/nix/store", "priority": 30, "public_keys": []}));
         assert!(!page.contains("<script>") && page.contains("&lt;script&gt;"));
         assert!(page.contains("r&amp;d") && page.contains("web&quot;1") && page.contains("generation 2 · &lt;b&gt;"));
         assert!(page.contains("1.0 GiB") && page.contains("FAILED"));
+        assert!(page.contains("branch <code>&lt;exp&gt;</code>") && page.contains("&lt;i&gt;"), "{page}");
     }
 
     #[test]
