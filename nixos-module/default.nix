@@ -69,6 +69,8 @@ let
     builtins.replaceStrings [ "100000000" ] [ (toString cfg.alerts.narBandwidthBytesPerSecond) ]
       (builtins.readFile ./monitoring/rules.yml)
   );
+  # Only where the builder runs: elsewhere its metrics are absent by design.
+  builderRules = pkgs.writeText "hearth-builder-rules.yml" (builtins.readFile ./monitoring/builder-rules.yml);
 
   repoType = lib.types.submodule {
     options = {
@@ -293,7 +295,7 @@ in
       networking.firewall.allowedTCPPorts =
         lib.optionals cfg.openFirewall ([ cfg.port ] ++ lib.optional (cfg.metricsPort != null) cfg.metricsPort);
 
-      services.prometheus.ruleFiles = lib.mkIf cfg.alerts.enable [ rules ];
+      services.prometheus.ruleFiles = lib.mkIf cfg.alerts.enable ([ rules ] ++ lib.optional cfg.builder.enable builderRules);
 
       systemd.sockets.hearth = lib.mkIf cfg.socketActivation {
         wantedBy = [ "sockets.target" ];

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub build_duration: Family<RepoHost, Histogram, fn() -> Histogram>,
     pub build_last: Family<Repo, Gauge>,
     pub build_last_success: Family<Repo, Gauge>,
+    pub host_last_success: Family<RepoHost, Gauge>,
+    pub builder_nats_connected: Gauge,
     pub build_queue: Gauge,
     pub build_in_progress: Gauge,
     pub build_rejected: Family<Repo, Counter>,
@@ -147,8 +149,20 @@ impl Metrics {
         let build_last_success = Family::<Repo, Gauge>::default();
         registry.register(
             "homelab_deploy_build_last_success_timestamp",
-            "Unix time of the last successful build",
+            "Unix time of the last build of the deploy branch in which a host succeeded",
             build_last_success.clone(),
+        );
+        let host_last_success = Family::<RepoHost, Gauge>::default();
+        registry.register(
+            "hearth_host_last_build_success",
+            "1 if the host's last build of its repo's deploy branch succeeded, 0 if it failed (a host broken now)",
+            host_last_success.clone(),
+        );
+        let builder_nats_connected = Gauge::default();
+        registry.register(
+            "hearth_builder_nats_connected",
+            "1 while the builder is connected to NATS, 0 while it is cut off",
+            builder_nats_connected.clone(),
         );
         let build_queue = Gauge::default();
         registry.register("hearth_build_queue_length", "Build requests waiting", build_queue.clone());
@@ -246,6 +260,8 @@ impl Metrics {
             build_duration,
             build_last,
             build_last_success,
+            host_last_success,
+            builder_nats_connected,
             build_queue,
             build_in_progress,
             build_rejected,

@@ -71,6 +71,8 @@ impl Fleet {
         );
         let config = format!(
             r#"
+state_dir = "{state}"
+
 [builder]
 nats_url = "{url}"
 nkey_seed_file = "{seed}"
@@ -91,6 +93,7 @@ branch = "master"
             url = nats.url(),
             seed = nats.builder_seed.display(),
             roots = dir.path().join("gcroots").display(),
+            state = dir.path().join("state").display(),
             fleet = dir.path().join("fleet").display(),
             lab = dir.path().join("lab").display(),
         );
@@ -242,7 +245,23 @@ fn all_with_one_failure_reports_each_host() {
     assert_eq!(metric(&m, "homelab_deploy_build_host_total{repo=\"fleet\",host=\"bad\",status=\"failure\"}"), 1.0);
     assert_eq!(metric(&m, "homelab_deploy_build_host_total{repo=\"fleet\",host=\"good2\",status=\"success\"}"), 1.0);
     assert!(metric(&m, "homelab_deploy_build_last_timestamp{repo=\"fleet\"}") > 1.7e9);
-    assert_eq!(metric(&m, "homelab_deploy_build_last_success_timestamp{repo=\"fleet\"}"), 0.0);
+    // Three hosts built: the repo has had a successful build; the broken one says so itself.
+    let last_success = metric(&m, "homelab_deploy_build_last_success_timestamp{repo=\"fleet\"}");
+    assert!(last_success > 1.7e9);
+    assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"bad\"}"), 0.0);
+    assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"good1\"}"), 1.0);
+    assert_eq!(metric(&m, "hearth_builder_nats_connected"), 1.0);
+
+    // After a restart: every host's series exists at 0 (so the next failure is an increase),
+    // and the times and results come back from the record instead of 0.
+    let mut f = f;
+    f.restart();
+    let m = f.metrics();
+    assert_eq!(metric(&m, "homelab_deploy_build_host_total{repo=\"fleet\",host=\"bad\",status=\"failure\"}"), 0.0);
+    assert!(m.contains("homelab_deploy_build_host_total{repo=\"fleet\",host=\"good1\",status=\"failure\"} 0"), "{m}");
+    assert!(m.contains("homelab_deploy_builds_total{repo=\"lab\",status=\"success\"} 0"), "{m}");
+    assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"bad\"}"), 0.0);
+    assert!(metric(&m, "homelab_deploy_build_last_success_timestamp{repo=\"fleet\"}") >= last_success - 1.0);
 
     // A host the flake no longer defines leaves the record (and the page) at the next `all`.
     let hosts_in_record = |f: &Fleet| -> Vec<String> {

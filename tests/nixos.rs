@@ -72,8 +72,30 @@ fn promtool(args: &[&str], dir: &Path) -> String {
 #[test]
 fn alert_rules_pass_promtool_checks_and_unit_tests() {
     let dir = root().join("nixos-module/monitoring");
-    assert!(promtool(&["check", "rules", "rules.yml"], &dir).contains("5 rules found"));
+    assert!(promtool(&["check", "rules", "rules.yml"], &dir).contains("2 rules found"));
+    assert!(promtool(&["check", "rules", "builder-rules.yml"], &dir).contains("5 rules found"));
     assert!(promtool(&["test", "rules", "rules.test.yml"], &dir).contains("SUCCESS"));
+}
+
+#[test]
+fn the_builder_rules_are_installed_only_where_the_builder_runs() {
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["ruleFiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().split_once('-').unwrap().1.to_owned())
+            .collect()
+    };
+    let cache_only =
+        eval_module(&format!(r#"{{ services.hearth = {{ enable = true; {PACKAGE} alerts.enable = true; }}; }}"#))
+            .unwrap();
+    assert_eq!(names(&cache_only), ["hearth-rules.yml"]);
+    let build_host = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE} alerts.enable = true; {FULL_BUILDER} }}; }}"#
+    ))
+    .unwrap();
+    assert_eq!(names(&build_host), ["hearth-rules.yml", "hearth-builder-rules.yml"]);
 }
 
 fn live_metrics() -> String {

@@ -65,11 +65,31 @@ impl Worker {
             .name("hearth-builder")
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .event_callback(|event| async move { tracing::info!(%event, "nats") });
+            .event_callback({
+                let metrics = metrics.clone();
+                move |event| {
+                    let metrics = metrics.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => {
+                                metrics.builder_nats_connected.set(1);
+                            }
+                            async_nats::Event::Disconnected => {
+                                metrics.builder_nats_connected.set(0);
+                            }
+                            _ => {}
+                        }
+                        tracing::info!(%event, "nats");
+                    }
+                }
+            });
         let client = options
             .connect(&config.nats_url)
             .await
             .with_context(|| format!("cannot connect to {}", config.nats_url))?;
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        metrics.builder_nats_connected.set(i64::from(connected));
+        seed_metrics(&config, &metrics, &fleet);
         let exec = Exec {
             nix: config.nix.clone(),
             timeout: config.build_timeout,
@@ -278,9 +298,19 @@ impl Worker {
         // apart, under their branch.
         let deploy = job.branch == job.repo.branch;
         if deploy && job.target == "all" {
-            // Hosts the flake no longer defines leave the record (their roots stay, as
-            // keep_generations says, until they are collected by hand).
+            // Hosts the flake no longer defines leave the record and the gauges (their roots
+            // stay, as keep_generations says).
+            for ((r, host), _) in self.fleet.snapshot() {
+                if r == *repo && !hosts.contains(&host) {
+                    self.metrics.host_last_success.remove(&RepoHost { repo: r.clone(), host });
+                }
+            }
             self.fleet.retain(repo, |host| hosts.iter().any(|h| h == host));
+        }
+        if deploy {
+            for host in &hosts {
+                self.seed_host_series(repo, host);
+            }
         }
         if !deploy {
             self.generations.prune_branch_roots(
@@ -321,16 +351,34 @@ impl Worker {
                 }
             };
             let label = if status == HostStatus::Success { "success" } else { "failure" };
-            self.metrics
-                .build_hosts
-                .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
-                .inc();
+            // Only the deploy branch's builds are the host's state.
+            if deploy {
+                self.metrics
+                    .build_hosts
+                    .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
+                    .inc();
+                let ok = i64::from(status == HostStatus::Success);
+                self.metrics
+                    .host_last_success
+                    .get_or_create(&RepoHost { repo: repo.clone(), host: host.clone() })
+                    .set(ok);
+            }
             let (generations, changes) = match &out_path {
                 Some(out) if deploy => {
                     let (g, c) = self.record_generation(repo, host, out, previous.as_deref(), commit.as_deref()).await;
                     (Some(g), c)
                 }
-                _ => (None, None),
+                // Another branch: what it would change against the host's newest deploy system,
+                // for the reply (flake-update's commit message) only.
+                Some(out) => {
+                    let newest = self.generations.list(repo, host).last().map(|g| g.path.clone());
+                    let changes = match self.closure(out).await {
+                        Some(after) => self.diff(newest.as_deref(), &after).await,
+                        None => None,
+                    };
+                    (None, changes)
+                }
+                None => (None, None),
             };
             let build = LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() };
             // One update (and one save) of the record per host build.
@@ -366,6 +414,7 @@ impl Worker {
         }
 
         let ok = summaries.iter().all(|s| s.status == HostStatus::Success);
+        let any_host_ok = deploy && summaries.iter().any(|s| s.status == HostStatus::Success);
         let built = summaries.len();
         let failed: Vec<String> =
             summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.clone()).collect();
@@ -383,7 +432,7 @@ impl Worker {
         }
         r.hosts = Some(summaries);
         r.duration_seconds = Some(started.elapsed().as_secs_f64());
-        self.record(repo, ok);
+        self.record(repo, ok, any_host_ok);
         let duration = format!("{:.1}s", started.elapsed().as_secs_f64());
         let commit = r.commit.as_deref().unwrap_or("-");
         if ok {
@@ -396,7 +445,7 @@ impl Worker {
 
     async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {
         reply.duration_seconds = Some(started.elapsed().as_secs_f64());
-        self.record(&job.repo.name, false);
+        self.record(&job.repo.name, false, false);
         tracing::warn!(
             repo = %job.repo.name,
             target = %job.target,
@@ -471,6 +520,18 @@ impl Worker {
         before: Option<&str>,
         after: &[Arc<crate::store::PathInfo>],
     ) -> Option<Changes> {
+        let changes = self.diff(before, after).await?;
+        let label = RepoHost { repo: repo.to_owned(), host: host.to_owned() };
+        self.metrics
+            .host_closure_bytes
+            .get_or_create(&label)
+            .set(i64::try_from(changes.bytes_after).unwrap_or(i64::MAX));
+        self.metrics.host_closure_paths.get_or_create(&label).set(changes.paths_after as i64);
+        Some(changes)
+    }
+
+    /// What `after` (a closure) changes against the system `before`.
+    async fn diff(&self, before: Option<&str>, after: &[Arc<crate::store::PathInfo>]) -> Option<Changes> {
         let sizes = |infos: &[Arc<crate::store::PathInfo>]| {
             infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>()
         };
@@ -485,12 +546,6 @@ impl Worker {
                 c
             }
         };
-        let label = RepoHost { repo: repo.to_owned(), host: host.to_owned() };
-        self.metrics
-            .host_closure_bytes
-            .get_or_create(&label)
-            .set(i64::try_from(changes.bytes_after).unwrap_or(i64::MAX));
-        self.metrics.host_closure_paths.get_or_create(&label).set(changes.paths_after as i64);
         Some(changes)
     }
 
@@ -530,13 +585,23 @@ impl Worker {
         }
     }
 
-    fn record(&self, repo: &str, ok: bool) {
+    /// Counts a finished build; `any_host_ok`: a host of the deploy branch built (a repo with one
+    /// broken host still builds the others, and HearthHostBroken names the broken one).
+    fn record(&self, repo: &str, ok: bool, any_host_ok: bool) {
         let status = if ok { "success" } else { "failure" };
         self.metrics.builds.get_or_create(&RepoStatus { repo: repo.to_owned(), status: status.into() }).inc();
         let label = Repo { repo: repo.to_owned() };
         self.metrics.build_last.get_or_create(&label).set(now_seconds());
-        if ok {
+        if any_host_ok {
             self.metrics.build_last_success.get_or_create(&label).set(now_seconds());
+        }
+    }
+
+    /// Makes every host's series exist (at 0) so that its first failure shows as an increase.
+    fn seed_host_series(&self, repo: &str, host: &str) {
+        for status in ["success", "failure"] {
+            let labels = RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: status.into() };
+            let _ = self.metrics.build_hosts.get_or_create(&labels);
         }
     }
 
@@ -632,6 +697,36 @@ impl Worker {
                 tracing::error!("final reply not delivered before shutdown");
                 return;
             }
+        }
+    }
+}
+
+/// At startup: every configured repo's build series exist at 0, and what the record knows is
+/// in the gauges (last build and last success times, each host's last result), so that a
+/// restart neither hides a failure nor resets a time to 0.
+fn seed_metrics(config: &BuilderConfig, metrics: &Metrics, fleet: &Fleet) {
+    for repo in &config.repos {
+        for status in ["success", "failure"] {
+            let _ = metrics.builds.get_or_create(&RepoStatus { repo: repo.name.clone(), status: status.into() });
+        }
+    }
+    for ((repo, host), record) in fleet.snapshot() {
+        if config.repo(&repo).is_none() {
+            continue;
+        }
+        let Some(last) = &record.last_build else { continue };
+        for status in ["success", "failure"] {
+            let labels = RepoHostStatus { repo: repo.clone(), host: host.clone(), status: status.into() };
+            let _ = metrics.build_hosts.get_or_create(&labels);
+        }
+        let ok = last.status == "success";
+        metrics.host_last_success.get_or_create(&RepoHost { repo: repo.clone(), host }).set(i64::from(ok));
+        let label = Repo { repo };
+        let at = metrics.build_last.get_or_create(&label).get().max(last.at);
+        metrics.build_last.get_or_create(&label).set(at);
+        if ok {
+            let at = metrics.build_last_success.get_or_create(&label).get().max(last.at);
+            metrics.build_last_success.get_or_create(&label).set(at);
         }
     }
 }

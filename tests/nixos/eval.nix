@@ -140,6 +140,7 @@ in
   timers = lib.mapAttrs (render "Timer" (u: section u.timerConfig)) config.systemd.timers;
   wantedBy = lib.mapAttrs (_: u: u.wantedBy) (config.systemd.services // lib.mapAttrs' (n: v: lib.nameValuePair "${n}.socket" v) config.systemd.sockets // lib.mapAttrs' (n: v: lib.nameValuePair "${n}.timer" v) config.systemd.timers);
   tmpfiles = config.systemd.tmpfiles.rules;
+  ruleFiles = map (f: baseNameOf (toString f)) config.services.prometheus.ruleFiles;
   firewall = config.networking.firewall.allowedTCPPorts;
   allowedUsers = config.nix.settings.allowed-users;
   users = builtins.attrNames config.users.users;
