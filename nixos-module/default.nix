@@ -320,6 +320,9 @@ in
           ExecStart = "${cfg.package}/bin/hearth serve --config ${configFile}";
           Restart = "on-failure";
           RestartSec = 5;
+          # After SIGTERM a running build gets shutdown_grace_seconds, then up to 25 s to be
+          # stopped and reported interrupted: systemd must not kill hearth before that.
+          TimeoutStopSec = (settings.shutdown_grace_seconds or 30) + 40;
           User = "hearth";
           Group = "hearth";
           LoadCredential =

@@ -145,9 +145,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             http::serve(l, http::metrics_router(state.clone()), config.limits, cancel.clone()),
         ));
     }
+    let has_builder = config.builder.is_some();
     if let Some(builder) = config.builder {
         let worker = crate::builder::Worker::connect(builder, store.clone(), metrics.clone(), fleet.clone()).await?;
-        tracker.spawn(worker.run(cancel.clone()));
+        tracker.spawn(worker.run(cancel.clone(), config.shutdown_grace));
     }
     tracker.close();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -155,7 +156,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     signalled.await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
-    if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
+    // The running build gets the grace; stopping it and saying so may take a little longer.
+    let wait = config.shutdown_grace
+        + if has_builder { crate::builder::SHUTDOWN_STOP_TIME } else { std::time::Duration::ZERO };
+    if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
         tracing::warn!(
             grace_seconds = config.shutdown_grace.as_secs(),
             "tasks still running after the grace period; exiting"

@@ -36,6 +36,15 @@ impl Fleet {
     }
 
     fn start_full(nats: Nats, extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(nats, "", extra, env)
+    }
+
+    /// `top` goes at the top of the config, `extra` into `[builder]`.
+    fn start_top(top: &str, extra: &str) -> Self {
+        Self::start_inner(Nats::start(), top, extra, &[])
+    }
+
+    fn start_inner(nats: Nats, top: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Builders run as nixbld users: they must reach the gate directory.
         set_mode(dir.path(), 0o755);
@@ -72,6 +81,7 @@ impl Fleet {
         let config = format!(
             r#"
 state_dir = "{state}"
+{top}
 
 [builder]
 nats_url = "{url}"
@@ -126,6 +136,31 @@ branch = "master"
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
             .collect();
         (out.status.code().unwrap_or(-1), replies)
+    }
+
+    /// `hearth build` in the background; its JSON replies collect as they come.
+    fn cli_spawn(&self, args: &[&str]) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .arg("build")
+            .args(args)
+            .args(["--json", "--nats-url", &self.nats.url(), "--nkey-seed-file"])
+            .arg(self.nats.seed_path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let replies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = replies.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        (child, replies)
     }
 
     fn metrics(&self) -> String {
@@ -326,7 +361,7 @@ async fn bad_requests_are_rejected_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_queue_join_and_overflow() {
-    let f = Fleet::start("");
+    let f = Fleet::start_top("shutdown_grace_seconds = 1", "");
     let client = f.nats.deployer().await;
     let req =
         |target: &str, id: &str| format!(r#"{{"repo":"lab","target":"{target}","reply_to":"build.responses.{id}"}}"#);
@@ -365,11 +400,46 @@ async fn requests_queue_join_and_overflow() {
     let done_c = until_status(&mut c, "completed").await;
     assert!(done_c["out_path"].as_str().unwrap().ends_with("-gate2"));
     // `all` includes `slow`, which never finishes in time here: it is the default 4 h timeout's
-    // job, so cancel by shutting hearth down and expect "shutdown".
+    // job, so cut it by shutting hearth down (a 1 s grace) and expect "interrupted".
     until_status(&mut d, "started").await;
     drop(f);
-    let last = until_status(&mut d, "failed").await;
-    assert!(last["message"].as_str().unwrap().contains("shutdown"), "{last}");
+    let last = until_status(&mut d, "interrupted").await;
+    assert!(last["message"].as_str().unwrap().contains("interrupted by shutdown"), "{last}");
+}
+
+#[test]
+fn a_running_build_gets_the_shutdown_grace_and_a_cut_one_is_interrupted_not_failed() {
+    // A generous grace: SIGTERM while `gate` builds, then the gate opens: it completes.
+    let mut f = Fleet::start_top("shutdown_grace_seconds = 120", "");
+    let (mut cli, replies) = f.cli_spawn(&["lab", "gate"]);
+    common::wait_until("the build to start", Duration::from_secs(60), || {
+        replies.lock().unwrap().iter().any(|r: &Value| r["status"] == "started")
+    });
+    let pid = f.hearth.pid().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    f.hearth.wait_for_log("taking no new builds", 1);
+    f.release();
+    assert!(cli.wait().unwrap().success(), "{:?}", replies.lock().unwrap());
+    assert_eq!(replies.lock().unwrap().last().unwrap()["status"], "completed");
+    f.hearth.child.wait().unwrap();
+
+    // A short grace: the slow build is cut and reported interrupted; the host is not FAILED.
+    let mut f = Fleet::start_top("shutdown_grace_seconds = 1", "");
+    let (mut cli, replies) = f.cli_spawn(&["lab", "slow"]);
+    let pid_file = f.gate.join("slow.pid");
+    common::wait_until("the build to run", Duration::from_secs(60), || pid_file.exists());
+    let pid = f.hearth.pid().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    assert_eq!(cli.wait().unwrap().code(), Some(3), "{:?}", replies.lock().unwrap());
+    let last = replies.lock().unwrap().last().unwrap().clone();
+    assert_eq!(last["status"], "interrupted", "{last}");
+    assert_eq!(last["hosts"][0]["status"], "interrupted", "{last}");
+    f.hearth.child.wait().unwrap();
+    f.restart();
+    let m = f.metrics();
+    assert!(!m.contains("host=\"slow\",status=\"failure\"} 1"), "an interrupted build counted as a failure:\n{m}");
+    let fleet: Value = serde_json::from_slice(&f.hearth.get("/fleet.json").body).unwrap();
+    assert!(fleet["hosts"].as_array().unwrap().iter().all(|h| h["host"] != "slow"), "{fleet}");
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -418,6 +488,19 @@ fn a_build_dies_with_a_killed_hearth() {
     }
     let _ = cli.kill();
     let _ = cli.wait();
+}
+
+#[test]
+fn credentials_that_may_not_publish_requests_are_refused_at_once() {
+    let f = Fleet::start("");
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "good1", "--timeout", "5m", "--nats-url", &f.nats.url(), "--nkey-seed-file"])
+        .arg(&f.nats.watcher_seed)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("may not publish to build.fleet.good1"), "{stderr}");
 }
 
 #[test]
@@ -581,7 +664,8 @@ fn the_branch_is_resolved_by_its_full_ref_name_only() {
     assert_eq!(code, 0, "{replies:?}");
     assert_eq!(replies.last().unwrap()["commit"], master.as_str());
     let (code, replies) = f.cli(&["fleet", "good1", "--branch", "nosuch"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "an unknown branch is refused like an unknown host: {replies:?}");
+    assert_eq!(replies.last().unwrap()["status"], "rejected");
     assert!(replies.last().unwrap()["message"].as_str().unwrap().contains("branch `nosuch` not found"));
 }
 
@@ -604,7 +688,8 @@ fn a_rev_is_built_only_on_a_branch_that_has_it() {
     git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "more"]);
 
     let (code, replies) = f.cli(&["fleet", "good1", "--rev", &exp]);
-    assert_eq!(code, 1, "{replies:?}");
+    assert_eq!(code, 2, "{replies:?}");
+    assert_eq!(replies.last().unwrap()["status"], "rejected");
     let last = replies.last().unwrap();
     assert!(last["message"].as_str().unwrap().contains(&format!("commit {exp} is not on branch `master`")), "{last}");
     assert!(last["hosts"].as_array().is_none_or(|h| h.is_empty()), "a host was built: {last}");

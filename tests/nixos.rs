@@ -262,6 +262,8 @@ fn the_documented_build_host_renders_credentials_gc_roots_and_a_hardened_schedul
     assert!(unit.contains("LoadCredential=builder-nkey:/run/secrets/hearth-builder.nkey\n"), "{unit}");
     // The GC-root directory: optional in the sandbox, created before the start on a first switch.
     assert!(unit.contains("ReadWritePaths=-/nix/var/nix/gcroots/hearth\n"), "{unit}");
+    // The running build's shutdown grace (30 s) and its stop fit before systemd kills hearth.
+    assert!(unit.contains("TimeoutStopSec=70\n"), "{unit}");
     assert!(unit.contains("ExecStartPre=+/nix/store/00000000000000000000000000000000-coreutils/bin/install -d -m 0755 -o hearth -g hearth /nix/var/nix/gcroots/hearth\n"), "{unit}");
     assert_eq!(v["tmpfiles"], serde_json::json!(["d /nix/var/nix/gcroots/hearth 0755 hearth hearth -"]));
     let scheduler = service(&v, "hearth-scheduled-build");

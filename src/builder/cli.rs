@@ -89,18 +89,33 @@ pub struct NatsArgs {
     pub creds_file: Option<PathBuf>,
 }
 
+/// A deployer's NATS connection, and the errors the server reported on it (a permissions
+/// violation arrives as an asynchronous error, never as a reply).
+pub struct Deployer {
+    pub client: async_nats::Client,
+    errors: tokio::sync::watch::Receiver<Option<String>>,
+}
+
 impl NatsArgs {
     /// Connects as a deployer; errors carry the exit code to use.
-    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, (u8, String)> {
+    pub async fn connect(&self, name: &str) -> Result<Deployer, (u8, String)> {
         let auth = NatsAuth::load(self.nkey_seed_file.as_deref(), self.creds_file.clone())
             .map_err(|e| (EXIT_REFUSED, e.to_string()))?;
         let options = auth.options().await.map_err(|e| (EXIT_REFUSED, format!("NATS credentials: {e}")))?;
-        options
+        let (tx, errors) = tokio::sync::watch::channel(None);
+        let client = options
             .name(name)
             .connection_timeout(Duration::from_secs(10))
+            .event_callback(move |event| {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(Some(e.to_string()));
+                }
+                async {}
+            })
             .connect(&self.nats_url)
             .await
-            .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", self.nats_url)))
+            .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", self.nats_url)))?;
+        Ok(Deployer { client, errors })
     }
 }
 
@@ -129,7 +144,7 @@ fn validate_rev(rev: Option<&str>) -> Result<(), (u8, String)> {
 /// Publishes a build request and follows it to its final reply, calling `on_reply` for every
 /// reply (with its raw JSON). Errors carry the exit code: refused (2) or no result (3).
 pub async fn request_build(
-    client: &async_nats::Client,
+    client: &Deployer,
     repo: &str,
     target: &str,
     branch: Option<&str>,
@@ -152,7 +167,7 @@ pub async fn request_build(
 
 /// Asks whether a builder serves `repo`, without building anything: its reply carries the
 /// repo's URL (without credentials) and default branch.
-pub async fn check_repo(client: &async_nats::Client, repo: &str) -> Result<Reply, (u8, String)> {
+pub async fn check_repo(client: &Deployer, repo: &str) -> Result<Reply, (u8, String)> {
     validate(repo, "all", None)?;
     let request = BuildRequest {
         repo: repo.to_owned(),
@@ -167,11 +182,13 @@ pub async fn check_repo(client: &async_nats::Client, repo: &str) -> Result<Reply
 
 /// Publishes `request` with a fresh reply subject and reads replies until a final one.
 async fn exchange(
-    client: &async_nats::Client,
+    deployer: &Deployer,
     mut request: BuildRequest,
     timeout: Duration,
     mut on_reply: impl FnMut(&Reply, &[u8]),
 ) -> Result<Reply, (u8, String)> {
+    let client = &deployer.client;
+    let mut errors = deployer.errors.clone();
     let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
     let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
     request.reply_to = Some(reply_to.clone());
@@ -185,7 +202,25 @@ async fn exchange(
     client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, sub.next()) => next,
+            Ok(()) = errors.changed() => {
+                let error = errors.borrow_and_update().clone().unwrap_or_default();
+                if error.to_ascii_lowercase().contains("permissions violation") {
+                    return Err((
+                        EXIT_REFUSED,
+                        format!(
+                            "NATS refused this request ({error}): these credentials may not publish to build.{repo}.{} or subscribe to {}>",
+                            request.target,
+                            job::RESPONSE_PREFIX
+                        ),
+                    ));
+                }
+                tracing::warn!(%error, "NATS server error");
+                continue;
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => return Err((EXIT_NO_RESULT, "the NATS subscription ended".into())),
             Err(_) => return Err((EXIT_NO_RESULT, format!("no final reply within {timeout:?}"))),
@@ -209,6 +244,8 @@ pub fn exit_code(reply: &Reply) -> u8 {
     match reply.status {
         Status::Completed => 0,
         Status::Rejected => EXIT_REFUSED,
+        // No result: the builder stopped; the same request may be sent again.
+        Status::Interrupted => EXIT_NO_RESULT,
         _ => EXIT_FAILED,
     }
 }
@@ -278,6 +315,7 @@ pub fn headline(reply: &Reply) -> String {
         Status::Completed => "completed",
         Status::Failed => "FAILED",
         Status::Rejected => "rejected",
+        Status::Interrupted => "interrupted",
     };
     let what = match (&reply.host, reply.status) {
         // Final replies name the request, not one host.

@@ -32,6 +32,9 @@ pub enum BuildError {
     Shutdown,
     #[error("unexpected output from {0}: {1}")]
     Output(String, String),
+    /// The request names something the repo does not have (a branch, a commit on it).
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl BuildError {
@@ -240,7 +243,7 @@ impl Exec {
         let mut cmd = Command::new("git");
         cmd.args(["ls-remote", "--", git, &full_ref]);
         let out = run("git ls-remote", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await?;
-        let head = exact_ref(&out, &full_ref).map_err(|message| BuildError::Failed { message, tail: String::new() })?;
+        let head = exact_ref(&out, &full_ref).map_err(BuildError::Rejected)?;
         if let Some(rev) = rev
             && rev != head
         {
@@ -286,10 +289,9 @@ impl Exec {
         ancestor.arg("-C").arg(&mirror).args(["merge-base", "--is-ancestor", rev, &format!("refs/heads/{branch}")]);
         match run("git merge-base", ancestor, Duration::from_secs(60), cancel, &mut |_| {}).await {
             Ok(_) => Ok(()),
-            Err(BuildError::Failed { .. }) => Err(BuildError::Failed {
-                message: format!("commit {rev} is not on branch `{branch}`"),
-                tail: String::new(),
-            }),
+            Err(BuildError::Failed { .. }) => {
+                Err(BuildError::Rejected(format!("commit {rev} is not on branch `{branch}`")))
+            }
             Err(e) => Err(e),
         }
     }

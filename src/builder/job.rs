@@ -37,12 +37,15 @@ pub enum Status {
     Completed,
     Failed,
     Rejected,
+    /// Cut short by the builder's shutdown (after its grace): no result, not a failure. Send the
+    /// request again.
+    Interrupted,
 }
 
 impl Status {
     /// Final replies end a request.
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Completed | Status::Failed | Status::Rejected)
+        matches!(self, Status::Completed | Status::Failed | Status::Rejected | Status::Interrupted)
     }
 }
 
@@ -51,6 +54,8 @@ impl Status {
 pub enum HostStatus {
     Success,
     Failure,
+    /// Its build was cut short by shutdown: the host's state is unchanged.
+    Interrupted,
 }
 
 /// One host's result in a final reply.

@@ -31,6 +31,9 @@ use queue::{Enqueued, Job, Queue};
 
 /// How long a final reply is retried while NATS is unreachable, after shutdown began.
 const FINAL_REPLY_GRACE: Duration = Duration::from_secs(10);
+/// What stopping a build cut by shutdown may take past the grace: its process group's
+/// SIGTERM-to-SIGKILL time, then the final replies.
+pub const SHUTDOWN_STOP_TIME: Duration = Duration::from_secs(25);
 
 /// The build worker, connected (or connecting) to NATS.
 pub struct Worker {
@@ -101,8 +104,11 @@ impl Worker {
         Ok(Self { config: Arc::new(config), client, store, metrics, fleet, generations, exec, queue })
     }
 
-    /// Takes requests until `cancel`, then fails the running and waiting builds with "shutdown".
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Takes requests until `stop`. Then the running build gets `grace` to finish before it is
+    /// stopped ([`SHUTDOWN_STOP_TIME`] at most) and reported `interrupted`, as are the builds
+    /// still waiting.
+    pub async fn run(self, stop: CancellationToken, grace: Duration) {
+        let cancel = CancellationToken::new();
         let mut subs = Vec::new();
         for repo in &self.config.repos {
             // `>`: a host name may hold dots, which NATS reads as more subject tokens.
@@ -117,13 +123,13 @@ impl Worker {
             r = self.client.flush() => if let Err(e) = r {
                 tracing::warn!(err = %e, "cannot reach NATS yet; requests are taken once it is back");
             },
-            _ = cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
         }
         tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
         let worker = Arc::new(self);
         // The record of generations comes back from the GC roots; closures from the store.
         tokio::spawn(worker.clone().recover());
-        let builds = tokio::spawn(worker.clone().build_loop(cancel.clone()));
+        let mut builds = tokio::spawn(worker.clone().build_loop(stop.clone(), cancel.clone()));
         let mut incoming = futures::stream::select_all(subs);
         loop {
             tokio::select! {
@@ -131,7 +137,7 @@ impl Worker {
                     Some(msg) => worker.receive(msg).await,
                     None => break,
                 },
-                _ = cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
             }
         }
         // Stop taking requests; messages already delivered stay unanswered by us and go to
@@ -139,7 +145,20 @@ impl Worker {
         for sub in incoming.iter_mut() {
             let _ = sub.unsubscribe().await;
         }
-        let _ = builds.await;
+        if !builds.is_finished() {
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "taking no new builds; the running build gets the shutdown grace"
+            );
+        }
+        tokio::select! {
+            _ = &mut builds => {}
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(grace_seconds = grace.as_secs(), "stopping the running build: the shutdown grace is over");
+                cancel.cancel();
+                let _ = builds.await;
+            }
+        }
         let _ = worker.client.flush().await;
     }
 
@@ -218,11 +237,11 @@ impl Worker {
         }
     }
 
-    async fn build_loop(self: Arc<Self>, cancel: CancellationToken) {
+    async fn build_loop(self: Arc<Self>, stop: CancellationToken, cancel: CancellationToken) {
         loop {
             let job = tokio::select! {
                 job = self.queue.next() => job,
-                _ = cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
             };
             self.metrics.build_queue.set(self.queue.waiting() as i64);
             self.metrics.build_in_progress.set(1);
@@ -231,7 +250,8 @@ impl Worker {
             self.metrics.build_in_progress.set(0);
         }
         for job in self.queue.drain() {
-            let mut r = Reply::new(Status::Failed, &job.repo.name, &job.target).message("shutdown");
+            let mut r = Reply::new(Status::Interrupted, &job.repo.name, &job.target)
+                .message("interrupted: hearth stopped before this build started; send it again");
             r.branch = Some(job.branch.clone());
             self.publish_final(&job.reply_to, &r, &cancel).await;
         }
@@ -260,6 +280,12 @@ impl Worker {
 
         let resolved = match self.exec.resolve(&job.repo.url, &job.branch, job.rev.as_deref(), cancel).await {
             Ok(r) => r,
+            Err(BuildError::Shutdown) => return self.finish_interrupted(job, base(Status::Interrupted), cancel).await,
+            Err(BuildError::Rejected(why)) => {
+                self.metrics.build_rejected.get_or_create(&Repo { repo: repo.clone() }).inc();
+                tracing::warn!(%repo, target = %job.target, branch = %job.branch, reason = %why, "build rejected");
+                return self.publish_final(&self.subscribers(), &base(Status::Rejected).message(why), cancel).await;
+            }
             Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
         };
         let (flake, commit) = resolved;
@@ -276,6 +302,7 @@ impl Worker {
                 return self.finish_failed(job, r, started, cancel).await;
             }
             Ok(h) => h,
+            Err(BuildError::Shutdown) => return self.finish_interrupted(job, base(Status::Interrupted), cancel).await,
             Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
         };
         let hosts = if job.target == "all" {
@@ -324,9 +351,9 @@ impl Worker {
             if shutdown {
                 summaries.push(HostSummary {
                     host: host.clone(),
-                    status: HostStatus::Failure,
+                    status: HostStatus::Interrupted,
                     out_path: None,
-                    error: Some("shutdown".into()),
+                    error: Some("interrupted by shutdown".into()),
                     duration_seconds: 0.0,
                     changes: None,
                 });
@@ -345,11 +372,27 @@ impl Worker {
                 .observe(duration);
             let (status, out_path, error) = match result {
                 Ok(out) => (HostStatus::Success, Some(out), None),
-                Err(e) => {
-                    shutdown = matches!(e, BuildError::Shutdown);
-                    (HostStatus::Failure, None, Some(e.detail()))
+                Err(BuildError::Shutdown) => {
+                    shutdown = true;
+                    (HostStatus::Interrupted, None, Some("interrupted by shutdown".to_owned()))
                 }
+                Err(e) => (HostStatus::Failure, None, Some(e.detail())),
             };
+            if status == HostStatus::Interrupted {
+                // Not a result: the host's state, counters and record stay as they were.
+                let mut r = base(Status::Progress).message(format!("{host}: interrupted"));
+                r.host = Some(host.clone());
+                self.publish(&self.subscribers(), &r).await;
+                summaries.push(HostSummary {
+                    host: host.clone(),
+                    status,
+                    out_path: None,
+                    error,
+                    duration_seconds: duration,
+                    changes: None,
+                });
+                continue;
+            }
             let label = if status == HostStatus::Success { "success" } else { "failure" };
             // Only the deploy branch's builds are the host's state.
             if deploy {
@@ -418,11 +461,17 @@ impl Worker {
         let built = summaries.len();
         let failed: Vec<String> =
             summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.clone()).collect();
-        let mut r = base(if ok { Status::Completed } else { Status::Failed });
+        let status = match (ok, shutdown) {
+            (true, _) => Status::Completed,
+            (false, true) => Status::Interrupted,
+            (false, false) => Status::Failed,
+        };
+        let mut r = base(status);
         r.message = Some(if ok {
             format!("{} host(s) built", summaries.len())
         } else if shutdown {
-            "shutdown".to_owned()
+            let done = summaries.iter().filter(|s| s.status != HostStatus::Interrupted).count();
+            format!("interrupted by shutdown after {done} of {} host(s); send it again", summaries.len())
         } else {
             format!("{} of {} host(s) failed: {}", failed.len(), summaries.len(), failed.join(", "))
         });
@@ -432,15 +481,30 @@ impl Worker {
         }
         r.hosts = Some(summaries);
         r.duration_seconds = Some(started.elapsed().as_secs_f64());
-        self.record(repo, ok, any_host_ok);
+        if shutdown {
+            // No result: counted nowhere.
+            if any_host_ok {
+                self.metrics.build_last_success.get_or_create(&Repo { repo: repo.clone() }).set(now_seconds());
+            }
+        } else {
+            self.record(repo, ok, any_host_ok);
+        }
         let duration = format!("{:.1}s", started.elapsed().as_secs_f64());
         let commit = r.commit.as_deref().unwrap_or("-");
-        if ok {
+        if shutdown {
+            tracing::warn!(%repo, target = %job.target, branch = %job.branch, %commit, %duration, "build interrupted by shutdown");
+        } else if ok {
             tracing::info!(%repo, target = %job.target, branch = %job.branch, %commit, hosts = built, %duration, "build succeeded");
         } else {
             tracing::warn!(%repo, target = %job.target, branch = %job.branch, %commit, failed = %failed.join(","), %duration, reason = r.message.as_deref().unwrap_or(""), "build failed");
         }
         self.publish_final(&self.subscribers(), &r, cancel).await;
+    }
+
+    async fn finish_interrupted(&self, job: &Job, reply: Reply, cancel: &CancellationToken) {
+        tracing::warn!(repo = %job.repo.name, target = %job.target, branch = %job.branch, "build interrupted by shutdown");
+        let reply = reply.message("interrupted by shutdown before any host was built; send it again");
+        self.publish_final(&self.subscribers(), &reply, cancel).await;
     }
 
     async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {

@@ -82,6 +82,7 @@ impl Builds {
             e.state = match reply.status {
                 Status::Completed => "completed",
                 Status::Rejected => "rejected",
+                Status::Interrupted => "interrupted",
                 _ => "failed",
             };
             e.result = serde_json::to_value(reply).ok();

@@ -12,8 +12,11 @@ pub struct Nats {
     pub dir: tempfile::TempDir,
     pub builder_seed: PathBuf,
     pub deployer_seed: PathBuf,
+    /// A user that may only read replies: it may not publish build requests.
+    pub watcher_seed: PathBuf,
     builder_pub: String,
     deployer_pub: String,
+    watcher_pub: String,
     /// Extra server settings (e.g. `max_payload: 32768`).
     extra: String,
 }
@@ -34,6 +37,9 @@ impl Nats {
         let dir = tempfile::tempdir().expect("tempdir");
         let builder = nkeys::KeyPair::new_user();
         let deployer = nkeys::KeyPair::new_user();
+        let watcher = nkeys::KeyPair::new_user();
+        let watcher_seed = dir.path().join("watcher.seed");
+        std::fs::write(&watcher_seed, watcher.seed().expect("seed")).expect("write seed");
         let builder_seed = dir.path().join("builder.seed");
         let deployer_seed = dir.path().join("deployer.seed");
         std::fs::write(&builder_seed, builder.seed().expect("seed")).expect("write seed");
@@ -44,8 +50,10 @@ impl Nats {
             dir,
             builder_seed,
             deployer_seed,
+            watcher_seed,
             builder_pub: builder.public_key(),
             deployer_pub: deployer.public_key(),
+            watcher_pub: watcher.public_key(),
             extra: extra.to_owned(),
         };
         n.write_config(true);
@@ -59,7 +67,10 @@ impl Nats {
 
     /// Writes the server config; without `with_builder` the builder's user cannot log in.
     pub fn write_config(&self, with_builder: bool) {
-        let mut users = vec![user(&self.deployer_pub, "build.>", "build.responses.>")];
+        let mut users = vec![
+            user(&self.deployer_pub, "build.>", "build.responses.>"),
+            user(&self.watcher_pub, "build.responses.>", "build.responses.>"),
+        ];
         if with_builder {
             users.push(user(&self.builder_pub, "build.responses.>", "build.>"));
         }
