@@ -4,7 +4,6 @@
 //! Errors name the file, the key and the reason; key material is never printed.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -370,8 +369,6 @@ pub fn load_key(path: &Path) -> Result<SecretKey, ConfigError> {
     let text = crate::regular_file::read_to_string(path, 4096)
         .map_err(|e| file_err(path, format!("cannot read signing key: {e}")))?;
     let key = SecretKey::parse(&text).map_err(|e| file_err(path, format!("not a Nix secret key: {e}")))?;
-    if fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-        tracing::warn!(file = %path.display(), "signing key file is readable by other users; chmod 600 it");
-    }
+    crate::regular_file::warn_if_readable_by_others(path, "signing key");
     Ok(key)
 }

@@ -18,9 +18,38 @@ fn init_logging(command: &Command) {
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
+        let format = tracing_subscriber::fmt::format().without_time();
+        builder.event_format(Journald(format)).init();
     } else {
         builder.init();
+    }
+}
+
+/// Under journald: each line starts with its syslog priority (`<3>` error, `<4>` warning, `<6>`
+/// info, `<7>` debug), which journald reads, so `journalctl -p warning` finds the warnings.
+/// journald stamps the time itself.
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Opening files hearth is told about (keys, seeds, build logs) safely: regular files only.
+//! Opening files hearth is told about (keys, seeds, build logs) safely: regular files only, and
+//! a word when a secret one is readable by others.
 //!
 //! A FIFO, a device or a directory at such a path is refused at once instead of blocking or
 //! being read without end, and what is read into memory is capped.
@@ -16,6 +17,15 @@ pub fn open(path: &Path) -> io::Result<File> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
     Ok(f)
+}
+
+/// Warns (naming the file, never its contents) when a secret `what` at `path` can be read by
+/// other users than its owner.
+pub fn warn_if_readable_by_others(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        tracing::warn!(file = %path.display(), "{what} file is readable by other users; chmod 600 it");
+    }
 }
 
 /// Reads a small regular text file whole: at most `limit` bytes.

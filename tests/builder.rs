@@ -268,11 +268,19 @@ fn all_with_one_failure_reports_each_host() {
     assert!(replies.iter().any(|r| r["status"] == "progress" && r["host"] == "bad"));
     // The operator's log says who failed, at which commit, and why, in words.
     let log = f.hearth.log();
-    let line = log.lines().find(|l| l.contains("build failed")).unwrap_or_else(|| panic!("{log}"));
+    let line = log.lines().find(|l| l.contains(": build failed ")).unwrap_or_else(|| panic!("{log}"));
     for needle in ["WARN", "repo=fleet", "target=all", "failed=bad", "commit=", "duration=", "1 of 4 host(s) failed"] {
         assert!(line.contains(needle), "no `{needle}` in {line}");
     }
     assert!(!line.contains("Some(") && !line.contains("None"), "{line}");
+    // Each host's result has a line of its own, and so has who asked.
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains("host failed to build") && l.contains("host=bad")),
+        "{log}"
+    );
+    assert!(log.lines().any(|l| l.contains("host built") && l.contains("host=good1")), "{log}");
+    let asked = log.lines().find(|l| l.contains("build request accepted")).unwrap_or_else(|| panic!("{log}"));
+    assert!(asked.contains("requested_by=hearth-build-cli "), "{asked}");
 
     let m = f.metrics();
     assert_eq!(metric(&m, "homelab_deploy_builds_total{repo=\"fleet\",status=\"failure\"}"), 1.0);

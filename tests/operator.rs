@@ -54,10 +54,18 @@ fn logs_under_systemd_have_no_colour_and_no_timestamps_and_name_the_keys() {
     assert!(plain.contains("compression=none"), "{plain}");
     assert!(!plain.contains("None") && !plain.contains("Some("), "Debug values in the log:\n{plain}");
 
-    // Under systemd, journald stamps lines itself.
+    // Under systemd, journald stamps lines itself, and reads each line's priority from its
+    // `<N>` prefix (so that `journalctl -p warning` finds the warnings).
     let journal = startup_log(&config, &[("JOURNAL_STREAM", "8:12345")]);
-    assert!(journal.lines().all(|l| !l.starts_with("20")), "timestamps under journald:\n{journal}");
-    assert!(journal.lines().all(|l| ["INFO", "WARN"].iter().any(|p| l.trim_start().starts_with(p))), "{journal}");
+    // No timestamp: the priority is followed by the level at once.
+    assert!(
+        journal.lines().all(|l| [("<6>", "INFO"), ("<4>", "WARN")]
+            .iter()
+            .any(|(prio, level)| l.strip_prefix(prio).is_some_and(|rest| rest.trim_start().starts_with(level)))),
+        "{journal}"
+    );
+    let unsigned = startup_log("", &[("JOURNAL_STREAM", "8:12345")]);
+    assert!(unsigned.lines().any(|l| l.starts_with("<4>") && l.contains("no signing key")), "{unsigned}");
 }
 
 #[test]

@@ -94,6 +94,8 @@ pub struct NatsArgs {
 pub struct Deployer {
     pub client: async_nats::Client,
     errors: tokio::sync::watch::Receiver<Option<String>>,
+    /// Who asks: the client's name and the local `user@host`, for the builder's log.
+    requested_by: String,
 }
 
 impl NatsArgs {
@@ -115,7 +117,9 @@ impl NatsArgs {
             .connect(&self.nats_url)
             .await
             .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", self.nats_url)))?;
-        Ok(Deployer { client, errors })
+        let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        Ok(Deployer { client, errors, requested_by: format!("{name} {user}@{host}") })
     }
 }
 
@@ -195,8 +199,10 @@ async fn exchange(
     let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
     let repo = &request.repo;
     // The reply subject lets the server answer "no responders" when no builder serves the repo.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(job::REQUESTED_BY_HEADER, deployer.requested_by.as_str());
     client
-        .publish_with_reply(format!("build.{repo}.{}", request.target), reply_to, payload.into())
+        .publish_with_reply_and_headers(format!("build.{repo}.{}", request.target), reply_to, headers, payload.into())
         .await
         .map_err(|e| (EXIT_NO_RESULT, format!("publish: {e}")))?;
     client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;

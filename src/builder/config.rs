@@ -99,6 +99,7 @@ impl NatsAuth {
                 let seed = seed.trim().to_owned();
                 nkeys::KeyPair::from_seed(&seed)
                     .map_err(|_| ConfigError::File { file, reason: "not a valid NKey seed".into() })?;
+                crate::regular_file::warn_if_readable_by_others(p, "NKey seed");
                 Ok(NatsAuth::NKey(seed))
             }
             (None, Some(c)) => {

@@ -49,6 +49,10 @@ impl Status {
     }
 }
 
+/// The NATS header in which a client says who asked for a build (`user@host`, `flake-update`,
+/// `mcp`), for the builder's log. Optional; never trusted for anything else.
+pub const REQUESTED_BY_HEADER: &str = "Hearth-Requested-By";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HostStatus {

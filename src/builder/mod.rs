@@ -208,10 +208,18 @@ impl Worker {
         };
         let outcome = self.queue.push(job);
         self.metrics.build_queue.set(self.queue.waiting() as i64);
+        // Who asked, as their client says (`Hearth-Requested-By`): untrusted, so escaped.
+        let requested_by = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(job::REQUESTED_BY_HEADER))
+            .map(|v| v.as_str().chars().take(200).collect::<String>())
+            .unwrap_or_else(|| "(not said)".to_owned());
         tracing::info!(
             repo = %req.repo,
-            target = %req.target,
+            target = %req.target.escape_debug(),
             rev = req.rev.as_deref().unwrap_or("(head)"),
+            requested_by = %requested_by.escape_debug(),
             %outcome,
             "build request accepted"
         );
@@ -441,6 +449,15 @@ impl Worker {
                     h.set_changes(c);
                 }
             });
+            let duration_text = format!("{duration:.1}s");
+            match &error {
+                None => {
+                    tracing::info!(%repo, %host, branch = %job.branch, out = out_path.as_deref().unwrap_or("-"), duration = %duration_text, "host built")
+                }
+                Some(e) => {
+                    tracing::warn!(%repo, %host, branch = %job.branch, duration = %duration_text, error = %e.lines().next().unwrap_or(""), "host failed to build")
+                }
+            }
             let mut r = base(Status::Progress).message(format!("{host}: {label}"));
             r.host = Some(host.clone());
             r.out_path = out_path.clone();
