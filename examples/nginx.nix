@@ -1,10 +1,24 @@
 # nginx in front of hearth for nix-cache.<domain>: TLS, large bodies streamed (not buffered),
 # narinfos cached briefly, NARs passed through. Import it on the build host next to the module.
+#
+# What is public is a choice made here: the binary cache (nix-cache-info, narinfos, `.ls`
+# listings, NARs) is for every client; the operator's pages (the fleet page `/` and
+# `/fleet.json`, `/metrics`, build logs under `/log/`) only for `operators`. They hold nothing
+# secret, but they tell anyone what every host runs and where builds fail.
 { config, ... }:
 
 let
   domain = "home.2rjus.net";
   upstream = "http://127.0.0.1:${toString config.services.hearth.port}";
+  # Who may see the operator's pages: add your admin network (e.g. "10.0.0.0/24").
+  operators = [ "127.0.0.1" "::1" ];
+  operatorsOnly = builtins.concatStringsSep "" (map (a: "allow ${a};\n") operators) + "deny all;\n";
+  proxied = ''
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    # hearth shares its stream bounds out by client address (its trusted_proxies).
+    proxy_set_header X-Forwarded-For $remote_addr;
+  '';
 in
 {
   services.nginx = {
@@ -19,23 +33,40 @@ in
       forceSSL = true;
       enableACME = true;
 
+      # The cache's own small files: public.
+      locations."= /nix-cache-info" = {
+        proxyPass = upstream;
+        extraConfig = proxied;
+      };
+      # `.ls` listings and anything else at the top: public (hearth answers 404 for the rest).
       locations."/" = {
         proxyPass = upstream;
-        extraConfig = ''
-          proxy_http_version 1.1;
-          proxy_set_header Connection "";
-          # hearth shares its stream bounds out by client address (trusted_proxies).
-          proxy_set_header X-Forwarded-For $remote_addr;
-        '';
+        extraConfig = proxied;
+      };
+      # The operator's pages.
+      locations."= /" = {
+        proxyPass = upstream;
+        extraConfig = proxied + operatorsOnly;
+      };
+      locations."= /fleet.json" = {
+        proxyPass = upstream;
+        extraConfig = proxied + operatorsOnly;
+      };
+      locations."= /metrics" = {
+        proxyPass = upstream;
+        extraConfig = proxied + operatorsOnly;
+      };
+      locations."/log/" = {
+        proxyPass = upstream;
+        extraConfig = proxied + operatorsOnly;
       };
 
       # narinfos: small and hot during a fleet upgrade. Cache hits only (hearth sends
       # Cache-Control: no-store on a 404, so a path built a moment later is never hidden).
-      locations."~ ^/[0-9a-df-np-sv-z]{32}\\.narinfo$" = {
+      # Quoted: nginx reads an unquoted `{` in a regex as the start of the block.
+      locations."~ \"^/[0-9a-df-np-sv-z]{32}\\.narinfo$\"" = {
         proxyPass = upstream;
-        extraConfig = ''
-          proxy_http_version 1.1;
-          proxy_set_header Connection "";
+        extraConfig = proxied + ''
           proxy_cache hearth_narinfo;
           proxy_cache_valid 200 10m;
           proxy_cache_lock on;
@@ -45,10 +76,7 @@ in
       # NARs: stream straight through, whatever their size; keep Range working for resumes.
       locations."/nar/" = {
         proxyPass = upstream;
-        extraConfig = ''
-          proxy_http_version 1.1;
-          proxy_set_header Connection "";
-          proxy_set_header X-Forwarded-For $remote_addr;
+        extraConfig = proxied + ''
           proxy_buffering off;
           proxy_request_buffering off;
           proxy_max_temp_file_size 0;

@@ -370,3 +370,72 @@ fn mistakes_fail_evaluation_with_a_reason() {
     let err = eval_module("{ services.hearth.enable = true; }").unwrap_err();
     assert!(err.contains("services.hearth.package has no value") && err.contains("nixosModules.default"), "{err}");
 }
+
+/// A GET from a chosen loopback source address (127.0.0.2 stands for a host that is not an
+/// operator's); returns the status.
+fn get_from(source: [u8; 4], addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from((source, 0)).into()).unwrap();
+    sock.connect(&addr.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+#[test]
+fn the_example_nginx_loads_serves_the_cache_and_keeps_the_operator_pages_to_operators() {
+    common::ensure_store();
+    let h = common::Hearth::start("");
+    let hearth_port: u16 = h.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    common::set_mode(dir.path(), 0o755);
+    for sub in ["body", "proxy", "cache"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+        common::set_mode(&dir.path().join(sub), 0o777);
+    }
+    let lib = root().join("../shared/nixpkgs-lib/lib");
+    let expr = format!(
+        "import {harness} {{ lib = import {lib}; hearthPort = {hearth_port}; listen = \"127.0.0.1:{port}\"; prefix = \"{prefix}\"; }}",
+        harness = root().join("tests/nixos/nginx.nix").display(),
+        lib = lib.display(),
+        prefix = dir.path().display(),
+    );
+    let out = Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "--expr", &expr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf: String = serde_json::from_slice(&out.stdout).unwrap();
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, &conf).unwrap();
+    // nginx itself accepts the configuration as NixOS renders it.
+    let test =
+        Command::new("nginx").arg("-t").arg("-c").arg(&conf_path).output().expect("nginx (scripts/test installs it)");
+    assert!(test.status.success(), "nginx -t:\n{}\n{conf}", String::from_utf8_lossy(&test.stderr));
+
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            // SIGTERM: the master stops its workers (SIGKILL would leave them behind).
+            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+            let _ = self.0.wait();
+        }
+    }
+    let _nginx = Running(Command::new("nginx").arg("-c").arg(&conf_path).spawn().unwrap());
+    let addr = format!("127.0.0.1:{port}");
+    common::wait_until("nginx to listen", std::time::Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    // The cache is public; the operator's pages only for operators (loopback in the example).
+    let other = [127, 0, 0, 2];
+    assert_eq!(get_from(other, &addr, "/nix-cache-info"), 200);
+    assert_eq!(get_from(other, &addr, "/sah6ys5p5a453b5xrprp9mrssbc61147.narinfo"), 200);
+    assert_eq!(get_from(other, &addr, "/00000000000000000000000000000000.narinfo"), 404);
+    for private in ["/", "/fleet.json", "/metrics", "/log/39bvdmldxycprsns8aq5n5r1lffhp1mx-withrefs.drv"] {
+        assert_eq!(get_from(other, &addr, private), 403, "{private} is public");
+    }
+    assert_eq!(get_from([127, 0, 0, 1], &addr, "/"), 200);
+    assert_eq!(get_from([127, 0, 0, 1], &addr, "/metrics"), 200);
+}
