@@ -146,7 +146,19 @@ in
     metricsPort = lib.mkOption {
       type = lib.types.nullOr lib.types.port;
       default = 9973;
-      description = "A separate `/metrics` listener on `listenAddress`, or null for none.";
+      description = "A separate `/metrics` listener on `metricsListenAddress`, or null for none.";
+    };
+
+    metricsListenAddress = lib.mkOption {
+      type = lib.types.str;
+      default = cfg.listenAddress;
+      defaultText = lib.literalExpression "config.services.hearth.listenAddress";
+      example = "0.0.0.0";
+      description = ''
+        Address of the separate `/metrics` listener. A Prometheus on another host needs an
+        address it can reach (and `openFirewall`, or a firewall rule of your own for
+        `metricsPort`), while the cache itself stays on loopback behind nginx.
+      '';
     };
 
     addToNixAllowedUsers = lib.mkOption {
@@ -193,8 +205,8 @@ in
           };
           metrics.bind = lib.mkOption {
             type = lib.types.nullOr lib.types.str;
-            default = if cfg.metricsPort == null then null else hostPort cfg.listenAddress cfg.metricsPort;
-            defaultText = lib.literalMD "`listenAddress:metricsPort` (`[addr]:port` for IPv6)";
+            default = if cfg.metricsPort == null then null else hostPort cfg.metricsListenAddress cfg.metricsPort;
+            defaultText = lib.literalMD "`metricsListenAddress:metricsPort` (`[addr]:port` for IPv6)";
             description = "Separate metrics listener.";
           };
         };
@@ -211,6 +223,17 @@ in
       nkeySeedFile = lib.mkOption {
         type = secretPath;
         description = "The builder's NKey seed (an absolute path string outside the store), handed over with `LoadCredential`.";
+      };
+      sshKeyFile = lib.mkOption {
+        type = lib.types.nullOr secretPath;
+        default = null;
+        example = "/run/secrets/hearth-deploy-key";
+        description = ''
+          A private SSH key (a deploy key with read access) for `git+ssh://` repos, as an
+          absolute path string outside the store, handed over with `LoadCredential`. The `nix`
+          and `git` commands hearth runs as its own user fetch the repos (not the daemon), with
+          this key and `StrictHostKeyChecking=accept-new` against `/var/lib/hearth/.ssh/known_hosts`.
+        '';
       };
       repos = lib.mkOption {
         type = lib.types.listOf repoType;
@@ -309,7 +332,8 @@ in
         after = [ "network-online.target" "nix-daemon.socket" ];
         wants = [ "network-online.target" ];
         requires = lib.optional cfg.socketActivation "hearth.socket";
-        path = [ config.nix.package pkgs.git ];
+        # git+ssh:// repos are fetched by these commands, as hearth.
+        path = [ config.nix.package pkgs.git pkgs.openssh ];
         environment.HEARTH_LOG = "info";
         serviceConfig = sandbox // {
           Type = "notify";
@@ -327,13 +351,16 @@ in
           Group = "hearth";
           LoadCredential =
             map (c: "${c.name}:${c.path}") signKeyCreds
-            ++ lib.optional cfg.builder.enable "builder-nkey:${cfg.builder.nkeySeedFile}";
+            ++ lib.optional cfg.builder.enable "builder-nkey:${cfg.builder.nkeySeedFile}"
+            ++ lib.optional (cfg.builder.enable && cfg.builder.sshKeyFile != null) "builder-ssh-key:${cfg.builder.sshKeyFile}";
           # Builds run in the daemon; hearth itself reads the store and writes only its GC roots.
           ProtectSystem = "strict";
           ReadWritePaths = lib.optional cfg.builder.enable "-${gcrootsDir}";
           StateDirectory = "hearth";
           CacheDirectory = "hearth";
-          Environment = [ "HOME=/var/lib/hearth" "XDG_CACHE_HOME=/var/cache/hearth" ];
+          Environment = [ "HOME=/var/lib/hearth" "XDG_CACHE_HOME=/var/cache/hearth" ]
+            ++ lib.optional (cfg.builder.enable && cfg.builder.sshKeyFile != null)
+              "GIT_SSH_COMMAND=ssh -i %d/builder-ssh-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/var/lib/hearth/.ssh/known_hosts";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
           LimitNOFILE = 65536;
         };

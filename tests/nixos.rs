@@ -439,3 +439,30 @@ fn the_example_nginx_loads_serves_the_cache_and_keeps_the_operator_pages_to_oper
     assert_eq!(get_from([127, 0, 0, 1], &addr, "/"), 200);
     assert_eq!(get_from([127, 0, 0, 1], &addr, "/metrics"), 200);
 }
+
+#[test]
+fn metrics_can_listen_apart_and_git_ssh_repos_get_a_deploy_key() {
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE} metricsListenAddress = "0.0.0.0";
+            builder = {{ enable = true; natsUrl = "nats://nats:4222"; nkeySeedFile = "/run/secrets/hearth-builder.nkey";
+              sshKeyFile = "/run/secrets/hearth-deploy-key";
+              repos = [ {{ name = "fleet"; url = "git+ssh://git@git.example.org/fleet.git"; }} ]; }}; }}; }}"#
+    ))
+    .unwrap();
+    let toml = v["toml"].as_str().unwrap();
+    // The cache stays on loopback; Prometheus elsewhere can reach the metrics.
+    assert!(toml.contains("bind = \"127.0.0.1:5000\"") && toml.contains("bind = \"0.0.0.0:9973\""), "{toml}");
+    let unit = service(&v, "hearth");
+    assert!(unit.contains("LoadCredential=builder-ssh-key:/run/secrets/hearth-deploy-key\n"), "{unit}");
+    assert!(unit.contains("GIT_SSH_COMMAND=ssh -i %d/builder-ssh-key"), "{unit}");
+    assert!(unit.contains("-openssh/bin"), "no ssh on the unit's PATH:\n{unit}");
+    check_rendered_toml(toml);
+    // A key given as a path literal would be copied into the store: refused.
+    let err = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE}
+            builder = {{ enable = true; natsUrl = "nats://n:4222"; nkeySeedFile = "/run/secrets/k"; sshKeyFile = ./deploy-key;
+              repos = [ {{ name = "r"; url = "git+ssh://h/r"; }} ]; }}; }}; }}"#
+    ))
+    .unwrap_err();
+    assert!(err.contains("sshKeyFile") || err.contains("outside the store"), "{err}");
+}

@@ -52,6 +52,7 @@ let
     };
     writeText = name: text: builtins.toFile name text;
     git = fakePkg "git";
+    openssh = fakePkg "openssh";
     coreutils = fakePkg "coreutils";
     stdenv.hostPlatform.system = "x86_64-linux";
   };
