@@ -35,6 +35,42 @@ pub struct LastBuild {
     /// When it ended (unix seconds).
     pub at: i64,
     pub commit: Option<String>,
+    /// A failure's error with the end of its log (bounded), for the page and MCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The derivation that failed, where the log names it (its log is `/log/<drv>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_drv: Option<String>,
+}
+
+impl LastBuild {
+    pub fn new(status: &str, at: i64, commit: Option<String>) -> Self {
+        Self { status: status.to_owned(), at, commit, error: None, failed_drv: None }
+    }
+
+    /// A failure with its error text: its last [`ERROR_LINES`] lines are kept, and the
+    /// derivation Nix names as failed.
+    pub fn failed(at: i64, commit: Option<String>, error: &str) -> Self {
+        let lines: Vec<&str> = error.lines().collect();
+        let tail = lines[lines.len().saturating_sub(ERROR_LINES)..].join("\n");
+        let tail: String = tail.chars().rev().take(ERROR_CHARS).collect::<Vec<_>>().into_iter().rev().collect();
+        Self { status: "failure".into(), at, commit, error: Some(tail), failed_drv: failed_drv(error) }
+    }
+}
+
+/// Lines and characters of a failure's error the record keeps.
+pub const ERROR_LINES: usize = 20;
+const ERROR_CHARS: usize = 4000;
+
+/// The derivation a Nix error says failed: `builder for '/nix/store/…drv' failed` (Nix 2.8) or
+/// `Cannot build '/nix/store/…drv'` (newer Nix); the last one named.
+fn failed_drv(error: &str) -> Option<String> {
+    error
+        .split(['\'', '`', '"', ' '])
+        .filter(|w| w.starts_with("/nix/store/") && w.ends_with(".drv"))
+        .filter(|w| w.bytes().all(|b| b.is_ascii_alphanumeric() || b"/+-._?=".contains(&b)))
+        .last()
+        .map(str::to_owned)
 }
 
 /// The newest build of a host on a branch other than the deploy branch.
@@ -196,13 +232,28 @@ mod tests {
         let file = dir.path().join("state/fleet.json");
         let f = Fleet::load(Some(file.clone()));
         f.update("fleet", "web1", |r| {
-            r.last_build = Some(LastBuild { status: "success".into(), at: 5, commit: None });
+            r.last_build = Some(LastBuild::new("success", 5, None));
             r.closure_bytes = Some(42);
         });
         let again = Fleet::load(Some(file.clone()));
         assert_eq!(again.snapshot(), f.snapshot());
         std::fs::write(&file, "{ not json").unwrap();
         assert!(Fleet::load(Some(file)).snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_failure_keeps_its_tail_and_the_derivation_that_failed() {
+        let error = (0..50).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n")
+            + "\nerror: builder for '/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-bad.drv' failed with exit code 1";
+        let b = LastBuild::failed(1, None, &error);
+        let kept = b.error.unwrap();
+        assert_eq!(kept.lines().count(), ERROR_LINES);
+        assert!(kept.starts_with("line 31") && kept.contains("exit code 1"), "{kept}");
+        assert_eq!(b.failed_drv.as_deref(), Some("/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-bad.drv"));
+        let newer =
+            LastBuild::failed(1, None, "error: Cannot build '/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-bad.drv'.\n");
+        assert_eq!(newer.failed_drv.as_deref(), Some("/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-bad.drv"));
+        assert_eq!(LastBuild::failed(1, None, "no drv here").failed_drv, None);
     }
 
     #[test]
@@ -216,7 +267,7 @@ mod tests {
         let web1 = &hosts[&("fleet".to_owned(), "web1".to_owned())];
         assert_eq!((web1.closure_bytes, web1.branches.len()), (Some(42), 0));
         f.update("fleet", "web1", |r| {
-            let build = LastBuild { status: "failure".into(), at: 6, commit: None };
+            let build = LastBuild::new("failure", 6, None);
             r.branches.insert("exp".into(), BranchBuild { build, out_path: None });
         });
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();

@@ -189,7 +189,7 @@ fn lists_tools_and_repos_builds_and_checks_the_cache() {
     let tools = m.call("tools/list", json!({}));
     let names: Vec<&str> =
         tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    for t in ["list_repos", "build", "cache_status"] {
+    for t in ["list_repos", "build", "build_status", "cache_status", "fleet", "build_log"] {
         assert!(names.contains(&t), "{names:?}");
     }
 
@@ -217,14 +217,37 @@ fn lists_tools_and_repos_builds_and_checks_the_cache() {
     let failed = m.tool("build", json!({"repo": "fleet", "target": "broken"}));
     assert_eq!(failed["result"]["isError"], true, "{failed}");
     assert!(text(&failed)["hosts"][0]["error"].as_str().unwrap().contains("it broke"));
+
+    // Why it failed, and the fleet as the page shows it.
+    let why = text(&m.tool("build_log", json!({"repo": "fleet", "host": "broken"})));
+    assert_eq!(why["status"], "failure", "{why}");
+    assert!(why["error"].as_str().unwrap().contains("it broke"), "{why}");
+    let fleet = text(&m.tool("fleet", json!({})));
+    let hosts: Vec<&str> = fleet["hosts"].as_array().unwrap().iter().map(|h| h["host"].as_str().unwrap()).collect();
+    assert!(hosts.contains(&"web1") && hosts.contains(&"broken"), "{fleet}");
+    // Never built: an answer that says so (with the failure), not a protocol error.
+    let never = m.tool("cache_status", json!({"repo": "fleet", "host": "broken"}));
+    assert!(never["error"].is_null(), "{never}");
+    let never = text(&never);
+    assert_eq!(
+        (never["cached"].as_bool(), never["last_build"]["status"].as_str()),
+        (Some(false), Some("failure")),
+        "{never}"
+    );
+    // Some clients send booleans as strings.
+    let queued = text(&m.tool("build", json!({"repo": "fleet", "target": "web1", "wait": "false"})));
+    assert_eq!(queued["state"], "running", "{queued}");
 }
 
 #[test]
 fn invalid_arguments_and_disabled_builds_are_mcp_errors() {
     let s = setup();
     let mut m = s.mcp(&[]);
+    // Without --enable-builds, `build` is not offered, and calling it anyway is an error.
+    let tools = m.call("tools/list", json!({}));
+    assert!(tools["result"]["tools"].as_array().unwrap().iter().all(|t| t["name"] != "build"), "{tools}");
     let disabled = m.tool("build", json!({"repo": "fleet", "target": "web1"}));
-    assert!(disabled["error"]["message"].as_str().unwrap().contains("--enable-builds"), "{disabled}");
+    assert!(!disabled["error"].is_null() || disabled["result"]["isError"] == true, "{disabled}");
 
     let mut m = s.mcp(&["--enable-builds"]);
     for (tool, args, needle) in [
@@ -234,7 +257,7 @@ fn invalid_arguments_and_disabled_builds_are_mcp_errors() {
         ("build", json!({"target": "web1"}), "repo"),
         ("cache_status", json!({"store_path": "../../etc/passwd"}), "store path"),
         ("cache_status", json!({}), "either"),
-        ("cache_status", json!({"repo": "fleet", "host": "never-built"}), "no successful build"),
+        ("build", json!({"repo": "fleet", "target": "web1", "wait": "perhaps"}), "wait"),
     ] {
         let r = m.tool(tool, args.clone());
         // A JSON-RPC error, or (for arguments that do not fit the schema, as rmcp reports them)

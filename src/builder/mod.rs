@@ -431,7 +431,10 @@ impl Worker {
                 }
                 None => (None, None),
             };
-            let build = LastBuild { status: label.into(), at: now_seconds(), commit: commit.clone() };
+            let build = match &error {
+                Some(e) => LastBuild::failed(now_seconds(), commit.clone(), e),
+                None => LastBuild::new(label, now_seconds(), commit.clone()),
+            };
             // One update (and one save) of the record per host build.
             self.fleet.update(repo, host, |h| {
                 if !deploy {

@@ -282,7 +282,7 @@ mod tests {
     fn everything_shown_is_escaped() {
         let mut hosts = Hosts::new();
         let record = HostRecord {
-            last_build: Some(LastBuild { status: "failure".into(), at: 0, commit: Some("a".repeat(40)) }),
+            last_build: Some(LastBuild::new("failure", 0, Some("a".repeat(40)))),
             generations: vec![Generation { number: 2, path: "/nix/store/x-<b>".into(), built_at: 0, commit: None }],
             closure_bytes: Some(1 << 30),
             closure_paths: Some(3),
@@ -298,7 +298,7 @@ mod tests {
             branches: [(
                 "<exp>".to_owned(),
                 crate::fleet::BranchBuild {
-                    build: LastBuild { status: "failure".into(), at: 0, commit: None },
+                    build: LastBuild::new("failure", 0, None),
                     out_path: Some("/nix/store/y-<i>".into()),
                 },
             )]
@@ -317,7 +317,7 @@ mod tests {
         let mut hosts = Hosts::new();
         for i in 0..2000 {
             let record = HostRecord {
-                last_build: Some(LastBuild { status: "success".into(), at: 0, commit: Some("c".repeat(40)) }),
+                last_build: Some(LastBuild::new("success", 0, Some("c".repeat(40)))),
                 ..HostRecord::default()
             };
             hosts.insert(("fleet".into(), format!("host{i:04}")), record);
@@ -333,10 +333,8 @@ mod tests {
         // A hand-edited or damaged record: the 12th byte is inside a character.
         let mut hosts = Hosts::new();
         let commit = format!("{}é{}", "a".repeat(11), "b".repeat(10));
-        let record = HostRecord {
-            last_build: Some(LastBuild { status: "success".into(), at: 0, commit: Some(commit) }),
-            ..HostRecord::default()
-        };
+        let record =
+            HostRecord { last_build: Some(LastBuild::new("success", 0, Some(commit))), ..HostRecord::default() };
         hosts.insert(("r".into(), "h".into()), record);
         let page = render(&hosts, &json!({"store_dir": "/nix/store", "priority": 30, "public_keys": []}));
         assert!(page.contains(&format!(" at {}é", "a".repeat(11))), "{page}");

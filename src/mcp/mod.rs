@@ -65,8 +65,36 @@ pub struct BuildParams {
     pub rev: Option<String>,
     /// `true` (default): wait for the result, with progress notifications. `false`: return a
     /// `build_id` at once and ask `build_status` later (for builds longer than the client waits).
-    #[serde(default)]
+    /// The strings `"true"` and `"false"` are taken too (some clients send only strings).
+    #[serde(default, deserialize_with = "lenient_bool")]
     pub wait: Option<bool>,
+}
+
+/// A boolean, or the strings `true`/`false` (the MCP Inspector CLI's `--tool-arg wait=false`).
+fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Bool(bool),
+        Text(String),
+    }
+    match Option::<Lenient>::deserialize(d)? {
+        None => Ok(None),
+        Some(Lenient::Bool(b)) => Ok(Some(b)),
+        Some(Lenient::Text(t)) => match t.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "1" => Ok(Some(true)),
+            "false" | "no" | "0" => Ok(Some(false)),
+            other => Err(serde::de::Error::custom(format!("`wait` must be true or false, not `{other}`"))),
+        },
+    }
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct HostParams {
+    /// A repo the builder serves (see `list_repos`).
+    pub repo: String,
+    /// A host of the repo's flake.
+    pub host: String,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -140,8 +168,32 @@ impl HearthMcp {
             nats: args.nats.clone(),
             build_timeout: args.build_timeout,
             builds: Arc::new(builds::Builds::default()),
-            tool_router: Self::tool_router(),
+            tool_router: {
+                let mut router = Self::tool_router();
+                // A tool the session cannot use is not offered.
+                if !args.enable_builds {
+                    router.remove_route("build");
+                }
+                router
+            },
         }
+    }
+
+    /// The cache's fleet record (`/fleet.json`), as the page shows it.
+    async fn fleet_record(&self) -> Result<serde_json::Value, ErrorData> {
+        let url = format!("{}/fleet.json", self.cache_url);
+        let (status, body) =
+            http_get(&url).await.map_err(|e| ErrorData::internal_error(format!("{url}: {e}"), None))?;
+        if status != 200 {
+            return Err(ErrorData::internal_error(format!("the cache answered {status} for {url}"), None));
+        }
+        serde_json::from_str(&body).map_err(|e| ErrorData::internal_error(format!("{url}: {e}"), None))
+    }
+
+    /// One host's entry in the fleet record, if it has one.
+    async fn host_record(&self, repo: &str, host: &str) -> Result<Option<serde_json::Value>, ErrorData> {
+        let record = self.fleet_record().await?;
+        Ok(record["hosts"].as_array().into_iter().flatten().find(|h| h["repo"] == repo && h["host"] == host).cloned())
     }
 
     /// Why the builder's repos and GC roots are unknown here, if they are.
@@ -262,12 +314,17 @@ impl HearthMcp {
         Ok(json_result(&value, reply.status == Status::Completed))
     }
 
-    #[tool(description = "The state of a build started with `build`: `running`, `completed`, `failed`, `rejected` \
-        or `error`, its commit, the last progress lines, and the final result once it ended. Results are kept \
-        for 24 hours (the last 100 builds).")]
+    #[tool(description = "The state of a build started with `build` in this session: `running`, `completed`, \
+        `failed`, `rejected`, `interrupted` or `error`, its commit, the last progress lines, and the final result \
+        once it ended. Build ids live in this hearth mcp process only (the last 100, for 24 hours): they are gone \
+        when it restarts; the builds' results stay in the fleet record (the `fleet` tool).")]
     async fn build_status(&self, Parameters(p): Parameters<BuildStatusParams>) -> Result<CallToolResult, ErrorData> {
         let value = self.builds.status(&p.build_id).ok_or_else(|| {
-            invalid(format!("no build `{}` is known to this hearth mcp session (ids are kept for 24 h)", p.build_id))
+            invalid(format!(
+                "no build `{}` is known to this hearth mcp process (ids live only in it, for 24 h); the fleet tool \
+                 shows every host's last build",
+                p.build_id
+            ))
         })?;
         Ok(json_result(&value, true))
     }
@@ -276,6 +333,8 @@ impl HearthMcp {
         description = "Is a store path in the binary cache? Give `store_path` (a /nix/store path or its hash), or `repo` and `host` to check that host's last successful build."
     )]
     async fn cache_status(&self, Parameters(p): Parameters<CacheStatusParams>) -> Result<CallToolResult, ErrorData> {
+        // The host's newest build failed: what is cached is an older system, and it says so.
+        let mut failed_since: Option<serde_json::Value> = None;
         let (hash, path) = match (&p.store_path, &p.repo, &p.host) {
             (Some(sp), None, None) => {
                 let parsed = StorePath::from_absolute(&self.store_dir, sp).or_else(|| StorePath::from_basename(sp));
@@ -291,11 +350,24 @@ impl HearthMcp {
                 if let Some(why) = self.missing_config() {
                     return Err(invalid(format!("cannot tell where {host}'s builds are recorded: {why}")));
                 }
+                let record = self.host_record(repo, host).await?;
+                let last = record.as_ref().map(|r| r["last_build"].clone()).unwrap_or_default();
                 let link = self.gcroots_dir.join(repo).join(host);
-                let target = std::fs::read_link(&link).map_err(|_| {
-                    invalid(format!("no successful build of {host} in {repo} is recorded on this machine"))
-                })?;
+                let Ok(target) = std::fs::read_link(&link) else {
+                    // Never built here: an answer, not an error.
+                    let value = serde_json::json!({
+                        "cached": false,
+                        "repo": repo,
+                        "host": host,
+                        "last_build": last,
+                        "note": format!("no successful build of {host} in {repo} is recorded on this machine"),
+                    });
+                    return Ok(json_result(&value, true));
+                };
                 let target = target.to_string_lossy().into_owned();
+                if last["status"] == "failure" {
+                    failed_since = Some(last);
+                }
                 let path = StorePath::from_absolute(&self.store_dir, &target)
                     .ok_or_else(|| ErrorData::internal_error("the GC root points outside the store", None))?;
                 (path.hash(), Some(target))
@@ -305,7 +377,7 @@ impl HearthMcp {
         let url = format!("{}/{hash}.narinfo", self.cache_url);
         let (status, body) =
             http_get(&url).await.map_err(|e| ErrorData::internal_error(format!("{url}: {e}"), None))?;
-        let value = match status {
+        let mut value = match status {
             200 => {
                 let info = crate::nix::narinfo::NarInfo::parse(&body);
                 serde_json::json!({
@@ -319,6 +391,55 @@ impl HearthMcp {
             404 => serde_json::json!({"cached": false, "store_path": path, "narinfo_url": url}),
             other => return Err(ErrorData::internal_error(format!("the cache answered {other} for {url}"), None)),
         };
+        if let Some(last) = failed_since {
+            value["newest_build_failed"] = true.into();
+            value["last_build"] = last;
+            value["note"] =
+                "the host's newest build failed: this is its last good system, not what its flake says now".into();
+        }
+        Ok(json_result(&value, true))
+    }
+
+    #[tool(description = "The fleet as the cache's page shows it: per repo and host the last build (status, time, \
+        commit, a failure's error tail), the generations kept for rollback (store paths), the newest system's \
+        closure size and what changed against the one before, and recent builds of other branches.")]
+    async fn fleet(&self) -> Result<CallToolResult, ErrorData> {
+        let mut record = self.fleet_record().await?;
+        if let Some(why) = self.missing_config() {
+            record["note"] = why.into();
+        }
+        Ok(json_result(&record, true))
+    }
+
+    #[tool(description = "Why a host's last build failed: the error with the end of its log, as the builder \
+        recorded it, and the end of the failed derivation's own build log when the cache has it.")]
+    async fn build_log(&self, Parameters(p): Parameters<HostParams>) -> Result<CallToolResult, ErrorData> {
+        validate(&p.repo, &p.host, None).map_err(|(_, m)| invalid(m))?;
+        let Some(record) = self.host_record(&p.repo, &p.host).await? else {
+            let value =
+                serde_json::json!({"repo": p.repo, "host": p.host, "note": "no build of this host is recorded"});
+            return Ok(json_result(&value, true));
+        };
+        let last = &record["last_build"];
+        let mut value = serde_json::json!({
+            "repo": p.repo,
+            "host": p.host,
+            "status": last["status"],
+            "commit": last["commit"],
+            "error": last["error"],
+            "failed_drv": last["failed_drv"],
+        });
+        if last["status"] != "failure" {
+            value["note"] = "the host's last build succeeded".into();
+        }
+        if let Some(drv) = last["failed_drv"].as_str().and_then(|d| d.rsplit('/').next()) {
+            let url = format!("{}/log/{drv}", self.cache_url);
+            if let Ok((200, text)) = http_get(&url).await {
+                let lines: Vec<&str> = text.lines().collect();
+                value["log_tail"] = lines[lines.len().saturating_sub(100)..].join("\n").into();
+                value["log_url"] = url.into();
+            }
+        }
         Ok(json_result(&value, true))
     }
 }
@@ -330,7 +451,8 @@ impl ServerHandler for HearthMcp {
             .with_server_info(Implementation::new("hearth", env!("CARGO_PKG_VERSION")))
             .with_instructions(
                 "hearth: the fleet's Nix binary cache and NixOS build host. list_repos shows what can be built; \
-                 cache_status checks whether a path or a host's last build is in the cache; build (when enabled) \
+                 fleet shows every host's last build, generations and changes; build_log says why a host's \
+                 build failed; cache_status checks whether a path or a host's last build is in the cache; build (when enabled) \
                  builds hosts before they are deployed: builds take minutes to hours, so use wait: false and \
                  build_status when your client's request timeout is shorter.",
             )
@@ -347,7 +469,9 @@ async fn http_get(url: &str) -> Result<(u16, String), String> {
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    // A build log may be large: at most 16 MiB is read.
+    let body =
+        http_body_util::Limited::new(resp.into_body(), 16 << 20).collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
