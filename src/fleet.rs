@@ -66,10 +66,9 @@ const ERROR_CHARS: usize = 4000;
 /// `Cannot build '/nix/store/…drv'` (newer Nix); the last one named.
 fn failed_drv(error: &str) -> Option<String> {
     error
-        .split(['\'', '`', '"', ' '])
+        .rsplit(['\'', '`', '"', ' '])
         .filter(|w| w.starts_with("/nix/store/") && w.ends_with(".drv"))
-        .filter(|w| w.bytes().all(|b| b.is_ascii_alphanumeric() || b"/+-._?=".contains(&b)))
-        .last()
+        .find(|w| w.bytes().all(|b| b.is_ascii_alphanumeric() || b"/+-._?=".contains(&b)))
         .map(str::to_owned)
 }
 
