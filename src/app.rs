@@ -178,9 +178,19 @@ async fn log_errors(what: &'static str, fut: impl Future<Output = std::io::Resul
 /// never overwrites an existing file.
 pub fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
         anyhow::bail!("a key name must be non-empty, without `:` or spaces");
+    }
+    // The quick start's /var/lib/hearth may not exist yet: make the key's directory (private).
+    for file in [secret, public] {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;

@@ -201,6 +201,61 @@ pub struct Config {
     pub state_dir: PathBuf,
 }
 
+impl Config {
+    /// What `check-config` checked, a line each: keys (by name), listeners, store, limits,
+    /// builder repos. Nothing secret: keys by name, repo URLs without credentials.
+    pub fn describe(&self) -> Vec<String> {
+        let bind = |b: &BindAddr| match b {
+            BindAddr::Tcp(a) => a.clone(),
+            BindAddr::Unix(p) => format!("unix:{}", p.display()),
+        };
+        let mut out = vec![format!("cache listens on {}", bind(&self.bind))];
+        match &self.metrics_bind {
+            Some(m) => out.push(format!("metrics listen on {} (and /metrics on the cache)", bind(m))),
+            None => out.push("metrics: /metrics on the cache only".into()),
+        }
+        if self.keys.is_empty() {
+            out.push("signing keys: none (narinfos are unsigned)".into());
+        }
+        for key in &self.keys {
+            out.push(format!("signing key {} (trusted-public-keys = {})", key.name(), key.public_key()));
+        }
+        out.push(format!(
+            "store {} (backend {}), compression {}, priority {}",
+            self.store.store_dir,
+            format!("{:?}", self.store.backend).to_lowercase(),
+            self.zstd_level.map_or("none".to_owned(), |l| format!("zstd level {l}")),
+            self.priority
+        ));
+        if let Some(c) = &self.store.nar_cache {
+            out.push(format!("hot NARs in {} (at most {} bytes)", c.dir.display(), c.max_size));
+        }
+        out.push(format!(
+            "limits: {} connections, {} NAR and {} log streams, {} compressed, {} per client",
+            self.limits.max_connections,
+            self.streams.max_nar_streams,
+            self.streams.max_log_streams,
+            self.streams.max_zstd_streams,
+            self.streams.client_share
+        ));
+        match &self.builder {
+            None => out.push("builder: off".into()),
+            Some(b) => {
+                out.push(format!("builder: NATS {}, GC roots in {}", b.nats_url, b.gcroots_dir.display()));
+                for r in &b.repos {
+                    out.push(format!(
+                        "repo {}: {} (deploy branch {})",
+                        r.name,
+                        crate::builder::job::without_credentials(&r.url),
+                        r.branch
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Checks that a number lies in `range`.
 pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(
     key: &'static str,

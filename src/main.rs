@@ -94,7 +94,10 @@ fn main() -> ExitCode {
             report(runtime.block_on(hearth::app::run(cfg)))
         }
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(_) => {
+            Ok(cfg) => {
+                for line in cfg.describe() {
+                    println!("{line}");
+                }
                 println!("configuration OK");
                 ExitCode::SUCCESS
             }

@@ -701,8 +701,9 @@ fn a_rev_is_built_only_on_a_branch_that_has_it() {
     let last = replies.last().unwrap();
     assert!(last["message"].as_str().unwrap().contains(&format!("commit {exp} is not on branch `master`")), "{last}");
     assert!(last["hosts"].as_array().is_none_or(|h| h.is_empty()), "a host was built: {last}");
-    // An older commit of master builds, and so does exp's on its own branch.
-    let (code, replies) = f.cli(&["fleet", "good1", "--rev", &first]);
+    // An older commit of master builds (named by a unique abbreviation), and so does exp's on
+    // its own branch.
+    let (code, replies) = f.cli(&["fleet", "good1", "--rev", &first[..10]]);
     assert_eq!(code, 0, "{replies:?}");
     assert_eq!(replies.last().unwrap()["commit"], first.as_str());
     let (code, replies) = f.cli(&["fleet", "good1", "--branch", "exp", "--rev", &exp]);

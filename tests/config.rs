@@ -39,6 +39,50 @@ fn an_empty_config_is_valid() {
 }
 
 #[test]
+fn check_config_says_what_it_checked_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hearth.toml");
+    let key = common::nix_wire().join("keys/test.sec");
+    std::fs::write(
+        &path,
+        format!(
+            "sign_key_paths = [\"{}\"]\n[metrics]\nbind = \"0.0.0.0:9973\"\n[builder]\nnats_url = \"nats://127.0.0.1:4222\"\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+https://bot:hunter2@example.org/fleet.git\"\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let out = hearth(&["check-config", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for needle in [
+        "cache listens on 127.0.0.1:5000",
+        "metrics listen on 0.0.0.0:9973",
+        "signing key test-cache-1 (trusted-public-keys = test-cache-1:",
+        "repo fleet: git+https://example.org/fleet.git (deploy branch master)",
+        "configuration OK",
+    ] {
+        assert!(text.contains(needle), "no `{needle}` in\n{text}");
+    }
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[test]
+fn keygen_makes_the_directory_the_quick_start_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let sec = dir.path().join("var/lib/hearth/secret.key");
+    let out = hearth(
+        &["keygen", "c-1", "--secret-key-file", sec.to_str().unwrap(), "--public-key-file"]
+            .iter()
+            .copied()
+            .chain([dir.path().join("var/lib/hearth/public.key").to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(sec.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+}
+
+#[test]
 fn bad_configs_fail_naming_file_key_and_reason() {
     let cases = [
         ("colour = \"blue\"\n", "colour"),

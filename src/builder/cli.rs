@@ -15,6 +15,9 @@ use super::config::NatsAuth;
 use super::job::{self, BuildRequest, HostStatus, Reply, Status};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Exit codes: 0 every host built; 1 a host failed; 2 refused (bad arguments, rejected, \
+credentials that may not publish, no builder serves the repo); 3 no result (interrupted, timeout, NATS \
+unreachable); 130 interrupted here with Ctrl-C (the build goes on).")]
 pub struct BuildArgs {
     /// The repo, as configured on the builder.
     pub repo: String,
@@ -23,7 +26,8 @@ pub struct BuildArgs {
     /// The branch to build (default: the repo's configured branch).
     #[arg(long)]
     pub branch: Option<String>,
-    /// Build exactly this commit (40 hex digits) instead of the branch's current one.
+    /// Build exactly this commit (its id, or an abbreviation of 7+ hex digits that is unique)
+    /// instead of the branch's current one.
     #[arg(long)]
     pub rev: Option<String>,
     #[command(flatten)]
@@ -140,7 +144,9 @@ pub fn validate(repo: &str, target: &str, branch: Option<&str>) -> Result<(), (u
 /// Checks a commit id as the builder will.
 fn validate_rev(rev: Option<&str>) -> Result<(), (u8, String)> {
     match rev {
-        Some(r) if !job::is_valid_rev(r) => Err((EXIT_REFUSED, format!("invalid rev `{r}`: give a full commit id"))),
+        Some(r) if !job::is_valid_rev_request(r) => {
+            Err((EXIT_REFUSED, format!("invalid rev `{r}`: give a commit id (7 to 40 lowercase hex digits)")))
+        }
         _ => Ok(()),
     }
 }

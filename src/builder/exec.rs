@@ -244,25 +244,25 @@ impl Exec {
         cmd.args(["ls-remote", "--", git, &full_ref]);
         let out = run("git ls-remote", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await?;
         let head = exact_ref(&out, &full_ref).map_err(BuildError::Rejected)?;
-        if let Some(rev) = rev
-            && rev != head
-        {
-            self.check_on_branch(git, branch, rev, cancel).await?;
-        }
-        let commit = rev.unwrap_or(&head).to_owned();
+        let commit = match rev {
+            Some(rev) if rev == head || (rev.len() >= 7 && head.starts_with(rev)) => head,
+            Some(rev) => self.check_on_branch(git, branch, rev, cancel).await?,
+            None => head,
+        };
         Ok((flake_ref(url, branch, Some(&commit)), Some(commit)))
     }
 
-    /// Fails unless `rev` is reachable from `branch` of the repo at `git`: a commit of another
-    /// branch is never built (or recorded) as this one's. The branch is fetched into a bare
-    /// mirror of hearth's own, one per URL, so only what changed is fetched each time.
+    /// The full commit id of `rev` (full or a unique abbreviation), if it is reachable from
+    /// `branch` of the repo at `git`: a commit of another branch is never built (or recorded) as
+    /// this one's. The branch is fetched into a bare mirror of hearth's own, one per URL, so only
+    /// what changed is fetched each time.
     async fn check_on_branch(
         &self,
         git: &str,
         branch: &str,
         rev: &str,
         cancel: &CancellationToken,
-    ) -> Result<(), BuildError> {
+    ) -> Result<String, BuildError> {
         use sha2::Digest;
         let name = hex::encode(&sha2::Sha256::digest(git.as_bytes())[..8]);
         let mirror = self.git_cache_dir.join(format!("{name}.git"));
@@ -285,10 +285,25 @@ impl Exec {
             &format!("+refs/heads/{branch}:refs/heads/{branch}"),
         ]);
         run("git fetch", fetch, Duration::from_secs(600), cancel, &mut |_| {}).await?;
+        let mut parse = Command::new("git");
+        parse
+            .arg("-C")
+            .arg(&mirror)
+            .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
+            .arg(format!("{rev}^{{commit}}"));
+        let full = match run("git rev-parse", parse, Duration::from_secs(60), cancel, &mut |_| {}).await {
+            Ok(out) if super::job::is_valid_rev(out.trim()) => out.trim().to_owned(),
+            Ok(_) | Err(BuildError::Failed { .. }) => {
+                return Err(BuildError::Rejected(format!(
+                    "commit {rev} is not on branch `{branch}` (or the abbreviation is not unique)"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         let mut ancestor = Command::new("git");
-        ancestor.arg("-C").arg(&mirror).args(["merge-base", "--is-ancestor", rev, &format!("refs/heads/{branch}")]);
+        ancestor.arg("-C").arg(&mirror).args(["merge-base", "--is-ancestor", &full, &format!("refs/heads/{branch}")]);
         match run("git merge-base", ancestor, Duration::from_secs(60), cancel, &mut |_| {}).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(full),
             Err(BuildError::Failed { .. }) => {
                 Err(BuildError::Rejected(format!("commit {rev} is not on branch `{branch}`")))
             }

@@ -258,7 +258,17 @@ pub fn is_valid_branch(s: &str) -> bool {
 
 /// A full git commit id: 40 lowercase hex digits.
 pub fn is_valid_rev(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    s.len() == 40 && is_lower_hex(s)
+}
+
+/// A commit id as a request may give it: full, or abbreviated to 7 digits or more (resolved
+/// by the builder, which refuses one that is not unique).
+pub fn is_valid_rev_request(s: &str) -> bool {
+    (7..=40).contains(&s.len()) && is_lower_hex(s)
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 /// A NATS subject we may publish a reply to.
@@ -282,7 +292,7 @@ pub enum Rejection {
     BadTarget,
     #[error("invalid branch name")]
     BadBranch,
-    #[error("invalid rev: must be a full commit id (40 lowercase hex digits)")]
+    #[error("invalid rev: must be a commit id (7 to 40 lowercase hex digits)")]
     BadRev,
     #[error("reply_to must be a subject under build.responses.")]
     BadReplyTo,
@@ -318,7 +328,7 @@ pub fn parse_request(
     if req.branch.as_deref().is_some_and(|b| !is_valid_branch(b)) {
         return fail(Rejection::BadBranch);
     }
-    if req.rev.as_deref().is_some_and(|r| !is_valid_rev(r)) {
+    if req.rev.as_deref().is_some_and(|r| !is_valid_rev_request(r)) {
         return fail(Rejection::BadRev);
     }
     let expected = format!("build.{}.{}", req.repo, req.target);

@@ -60,7 +60,8 @@ pub struct BuildParams {
     /// A branch to build instead of the repo's default branch.
     #[serde(default)]
     pub branch: Option<String>,
-    /// A full commit id (40 hex digits) to build instead of the branch's current commit.
+    /// A commit id (or a unique abbreviation of 7+ hex digits) to build instead of the branch's
+    /// current commit.
     #[serde(default)]
     pub rev: Option<String>,
     /// `true` (default): wait for the result, with progress notifications. `false`: return a
@@ -241,8 +242,8 @@ impl HearthMcp {
             return Err(ErrorData::invalid_request("builds are disabled: start `hearth mcp --enable-builds`", None));
         }
         validate(&p.repo, &p.target, p.branch.as_deref()).map_err(|(_, m)| invalid(m))?;
-        if p.rev.as_deref().is_some_and(|r| !crate::builder::job::is_valid_rev(r)) {
-            return Err(invalid("`rev` must be a full commit id (40 lowercase hex digits)"));
+        if p.rev.as_deref().is_some_and(|r| !crate::builder::job::is_valid_rev_request(r)) {
+            return Err(invalid("`rev` must be a commit id (7 to 40 lowercase hex digits)"));
         }
         if !self.repos.is_empty() && !self.repos.iter().any(|r| r.name == p.repo) {
             return Err(invalid(format!("unknown repo `{}` (see list_repos)", p.repo)));
