@@ -122,19 +122,42 @@ struct SavedHost {
     record: HostRecord,
 }
 
+/// One build the builder is running or has queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActiveBuild {
+    pub repo: String,
+    pub target: String,
+    pub branch: String,
+}
+
+/// What the builder is doing now (not saved: it is gone with the process).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Activity {
+    pub running: Option<ActiveBuild>,
+    /// When the running build started (unix seconds).
+    pub since: Option<i64>,
+    pub queued: Vec<ActiveBuild>,
+}
+
 /// The record, shared by `Arc`.
 pub struct Fleet {
     hosts: RwLock<Hosts>,
     file: Option<PathBuf>,
     /// Counts changes, so that readers can tell whether what they rendered is still true.
     version: std::sync::atomic::AtomicU64,
+    activity: RwLock<Activity>,
 }
 
 impl Fleet {
     /// The record saved at `file` (if given and readable), or an empty one.
     pub fn load(file: Option<PathBuf>) -> Self {
         let hosts = file.as_deref().map(read).unwrap_or_default();
-        Self { hosts: RwLock::new(hosts), file, version: std::sync::atomic::AtomicU64::new(0) }
+        Self {
+            hosts: RwLock::new(hosts),
+            file,
+            version: std::sync::atomic::AtomicU64::new(0),
+            activity: RwLock::new(Activity::default()),
+        }
     }
 
     /// Changes one host's record (creating it) and saves the record.
@@ -174,6 +197,25 @@ impl Fleet {
     /// A copy of the record.
     pub fn snapshot(&self) -> Hosts {
         self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether a builder keeps this record (it is kept only where one runs).
+    pub fn has_builder(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// What the builder is doing now.
+    pub fn activity(&self) -> Activity {
+        self.activity.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Says what the builder is doing now (a change like any other for readers).
+    pub fn set_activity(&self, activity: Activity) {
+        let mut now = self.activity.write().unwrap_or_else(|e| e.into_inner());
+        if *now != activity {
+            *now = activity;
+            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Changes so far: a copy taken at the same version is still the record.

@@ -208,6 +208,7 @@ impl Worker {
         };
         let outcome = self.queue.push(job);
         self.metrics.build_queue.set(self.queue.waiting() as i64);
+        self.show_activity(None);
         // Who asked, as their client says (`Hearth-Requested-By`): untrusted, so escaped.
         let requested_by = msg
             .headers
@@ -253,8 +254,10 @@ impl Worker {
             };
             self.metrics.build_queue.set(self.queue.waiting() as i64);
             self.metrics.build_in_progress.set(1);
+            self.show_activity(Some(now_seconds()));
             self.run_job(&job, &cancel).await;
             self.queue.finish();
+            self.show_activity(None);
             self.metrics.build_in_progress.set(0);
         }
         for job in self.queue.drain() {
@@ -264,6 +267,19 @@ impl Worker {
             self.publish_final(&job.reply_to, &r, &cancel).await;
         }
         self.metrics.build_queue.set(0);
+    }
+
+    /// Tells the fleet record (the page) what is running and queued; `since`: when the running
+    /// build started, if one just did (else the time already recorded stays).
+    fn show_activity(&self, since: Option<i64>) {
+        let (running, queued) = self.queue.snapshot();
+        let build = |n: queue::Named| crate::fleet::ActiveBuild { repo: n.repo, target: n.target, branch: n.branch };
+        let since = if running.is_some() { since.or(self.fleet.activity().since) } else { None };
+        self.fleet.set_activity(crate::fleet::Activity {
+            running: running.map(build),
+            since,
+            queued: queued.into_iter().map(build).collect(),
+        });
     }
 
     /// Subjects to reply to for the running job: its own and those of requests that joined it.

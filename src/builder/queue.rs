@@ -79,6 +79,13 @@ fn join(target: &mut Job, job: Job) -> Enqueued {
     Enqueued::Joined
 }
 
+/// A job by name: repo, target and branch.
+pub(super) struct Named {
+    pub(super) repo: String,
+    pub(super) target: String,
+    pub(super) branch: String,
+}
+
 pub(super) struct Queue {
     state: Mutex<State>,
     capacity: usize,
@@ -153,6 +160,13 @@ impl Queue {
     }
 
     /// Takes every waiting job (at shutdown).
+    /// The running job and the waiting ones, for the fleet page.
+    pub(super) fn snapshot(&self) -> (Option<Named>, Vec<Named>) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let name = |j: &Job| Named { repo: j.repo.name.clone(), target: j.target.clone(), branch: j.branch.clone() };
+        (state.running.as_ref().map(name), state.waiting.iter().map(name).collect())
+    }
+
     pub(super) fn drain(&self) -> Vec<Job> {
         self.lock().waiting.drain(..).collect()
     }
