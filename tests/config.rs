@@ -234,3 +234,18 @@ fn keygen_writes_a_private_nix_format_pair_and_never_overwrites() {
     let fingerprint = common::vectors()["paths"][0]["fingerprint"].as_str().unwrap().to_owned();
     assert!(sigs.iter().any(|s| pk.verify(&fingerprint, s)), "no signature by our key in {sigs:?}");
 }
+
+#[test]
+fn a_world_readable_nkey_seed_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("builder.nkey");
+    std::fs::write(&seed, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    common::set_mode(&seed, 0o644);
+    let (code, err) = check(&format!(
+        "[builder]\nnats_url = \"nats://127.0.0.1:4222\"\nnkey_seed_file = \"{}\"\n[[builder.repos]]\nname = \"r\"\nurl = \"git+file:///r\"\n",
+        seed.display()
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("NKey seed file is readable by other users"), "{err}");
+    assert!(!err.contains("SU"), "the seed itself was logged: {err}");
+}
