@@ -13,6 +13,11 @@ let
   # Who may see the operator's pages: add your admin network (e.g. "10.0.0.0/24").
   operators = [ "127.0.0.1" "::1" ];
   operatorsOnly = builtins.concatStringsSep "" (map (a: "allow ${a};\n") operators) + "deny all;\n";
+  # The operator's pages: the fleet page, its JSON, the metrics and build logs.
+  operatorPages = builtins.listToAttrs (map (path: {
+    name = path;
+    value = { proxyPass = upstream; extraConfig = proxied + operatorsOnly; };
+  }) [ "= /" "= /fleet.json" "= /metrics" "/log/" ]);
   proxied = ''
     proxy_http_version 1.1;
     proxy_set_header Connection "";
@@ -33,58 +38,37 @@ in
       forceSSL = true;
       enableACME = true;
 
-      # The cache's own small files: public.
-      locations."= /nix-cache-info" = {
-        proxyPass = upstream;
-        extraConfig = proxied;
-      };
-      # `.ls` listings and anything else at the top: public (hearth answers 404 for the rest).
-      locations."/" = {
-        proxyPass = upstream;
-        extraConfig = proxied;
-      };
-      # The operator's pages.
-      locations."= /" = {
-        proxyPass = upstream;
-        extraConfig = proxied + operatorsOnly;
-      };
-      locations."= /fleet.json" = {
-        proxyPass = upstream;
-        extraConfig = proxied + operatorsOnly;
-      };
-      locations."= /metrics" = {
-        proxyPass = upstream;
-        extraConfig = proxied + operatorsOnly;
-      };
-      locations."/log/" = {
-        proxyPass = upstream;
-        extraConfig = proxied + operatorsOnly;
-      };
+      locations = operatorPages // {
+        # The cache's own small files, `.ls` listings and the rest at the top: public (hearth
+        # answers 404 for anything else).
+        "= /nix-cache-info" = { proxyPass = upstream; extraConfig = proxied; };
+        "/" = { proxyPass = upstream; extraConfig = proxied; };
 
-      # narinfos: small and hot during a fleet upgrade. Cache hits only (hearth sends
-      # Cache-Control: no-store on a 404, so a path built a moment later is never hidden).
-      # Quoted: nginx reads an unquoted `{` in a regex as the start of the block.
-      locations."~ \"^/[0-9a-df-np-sv-z]{32}\\.narinfo$\"" = {
-        proxyPass = upstream;
-        extraConfig = proxied + ''
-          proxy_cache hearth_narinfo;
-          proxy_cache_valid 200 10m;
-          proxy_cache_lock on;
-        '';
-      };
+        # narinfos: small and hot during a fleet upgrade. Cache hits only (hearth sends
+        # Cache-Control: no-store on a 404, so a path built a moment later is never hidden).
+        # Quoted: nginx reads an unquoted `{` in a regex as the start of the block.
+        "~ \"^/[0-9a-df-np-sv-z]{32}\\.narinfo$\"" = {
+          proxyPass = upstream;
+          extraConfig = proxied + ''
+            proxy_cache hearth_narinfo;
+            proxy_cache_valid 200 10m;
+            proxy_cache_lock on;
+          '';
+        };
 
-      # NARs: stream straight through, whatever their size; keep Range working for resumes.
-      locations."/nar/" = {
-        proxyPass = upstream;
-        extraConfig = proxied + ''
-          proxy_buffering off;
-          proxy_request_buffering off;
-          proxy_max_temp_file_size 0;
-          proxy_read_timeout 1h;
-          proxy_send_timeout 1h;
-          client_max_body_size 0;
-          gzip off;
-        '';
+        # NARs: stream straight through, whatever their size; keep Range working for resumes.
+        "/nar/" = {
+          proxyPass = upstream;
+          extraConfig = proxied + ''
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_max_temp_file_size 0;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+            client_max_body_size 0;
+            gzip off;
+          '';
+        };
       };
     };
   };
