@@ -139,7 +139,7 @@ branch = "master"
     }
 
     /// `hearth build` in the background; its JSON replies collect as they come.
-    fn cli_spawn(&self, args: &[&str]) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    fn cli_spawn(&self, args: &[&str]) -> (Cli, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
             .arg("build")
             .args(args)
@@ -152,7 +152,7 @@ branch = "master"
         let replies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let sink = replies.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
@@ -160,7 +160,7 @@ branch = "master"
                 }
             }
         });
-        (child, replies)
+        (Cli { child, reader: Some(reader) }, replies)
     }
 
     fn metrics(&self) -> String {
@@ -595,6 +595,23 @@ fn a_missing_nkey_seed_file_stops_startup_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a valid NKey seed") && !err.contains("SUnotaseed"), "{err}");
+}
+
+/// `hearth build` running in the background (see `Fleet::cli_spawn`).
+struct Cli {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Cli {
+    /// Waits for it to exit and for every reply it printed to be collected.
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let status = self.child.wait()?;
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        Ok(status)
+    }
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped. Root's, not world-writable, and under
