@@ -168,11 +168,7 @@ impl Fleet {
             self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
             self.file.as_ref().map(|_| to_json(&hosts))
         };
-        if let (Some(file), Some(Ok(json))) = (&self.file, saved)
-            && let Err(e) = write_atomically(file, &json)
-        {
-            tracing::warn!(file = %file.display(), err = %e, "cannot save the fleet record");
-        }
+        self.save(saved);
     }
 
     /// Drops the hosts of `repo` for which `keep` is false (hosts the flake no longer defines).
@@ -187,6 +183,11 @@ impl Fleet {
             self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
             self.file.as_ref().map(|_| to_json(&hosts))
         };
+        self.save(saved);
+    }
+
+    /// Writes the record's JSON (made under the lock) to its file, if it has one.
+    fn save(&self, saved: Option<serde_json::Result<Vec<u8>>>) {
         if let (Some(file), Some(Ok(json))) = (&self.file, saved)
             && let Err(e) = write_atomically(file, &json)
         {
