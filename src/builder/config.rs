@@ -42,6 +42,8 @@ pub struct BuilderSection {
     pub progress_interval_ms: u64,
     /// Good systems kept per host as GC roots (the newest included).
     pub keep_generations: usize,
+    /// Nix evaluator processes at once (default: half the cores, at least 1).
+    pub eval_workers: Option<usize>,
     pub repos: Vec<RepoSection>,
 }
 
@@ -58,6 +60,7 @@ impl Default for BuilderSection {
             nix: "nix".into(),
             progress_interval_ms: 1000,
             keep_generations: 3,
+            eval_workers: None,
             repos: Vec::new(),
         }
     }
@@ -125,6 +128,11 @@ impl NatsAuth {
     }
 }
 
+/// Half the cores, at least 1: each NixOS evaluation is one core and 1–2 GiB.
+pub fn default_eval_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 #[derive(Debug, Clone)]
 pub struct RepoConfig {
     pub name: String,
@@ -143,6 +151,8 @@ pub struct BuilderConfig {
     pub nix: String,
     pub progress_interval: Duration,
     pub keep_generations: usize,
+    /// Nix evaluator processes at once.
+    pub eval_workers: usize,
     pub repos: Vec<RepoConfig>,
     /// Bare mirrors of the repos' branches, to check that a requested `rev` is on its branch
     /// (`<state_dir>/git`).
@@ -193,6 +203,8 @@ impl BuilderConfig {
         in_range("builder.build_timeout_seconds", s.build_timeout_seconds, 1..=7 * 86_400)?;
         in_range("builder.progress_interval_ms", s.progress_interval_ms, 0..=3_600_000)?;
         in_range("builder.keep_generations", s.keep_generations, 1..=1000)?;
+        let eval_workers = s.eval_workers.unwrap_or_else(default_eval_workers);
+        in_range("builder.eval_workers", eval_workers, 1..=256)?;
         if !s.gcroots_dir.is_absolute() {
             return Err(ConfigError::Value { key: "builder.gcroots_dir", reason: "must be an absolute path".into() });
         }
@@ -209,6 +221,7 @@ impl BuilderConfig {
             nix: s.nix,
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             keep_generations: s.keep_generations,
+            eval_workers,
             repos,
             git_cache_dir: PathBuf::from("/var/lib/hearth/git"),
         })

@@ -1,5 +1,5 @@
-//! Runs `git` and `nix` for one build: resolve a branch to a commit, list a flake's hosts, build a
-//! host's toplevel under a timeout, and keep a GC root to its last good result.
+//! Runs `git` and `nix` for one build: resolve a branch to a commit, list a flake's hosts,
+//! evaluate a host, realise a set of derivations, read a build log, and keep a GC root.
 //!
 //! Every command gets an argument vector (no shell); request fields arrive here validated. A
 //! command runs in its own process group, and the whole group is killed on timeout or shutdown.
@@ -13,7 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::eval::{Evaluated, parse_dry_run};
 use super::job::is_valid_name;
+use crate::nix::version::NixVersion;
 
 /// Log lines kept for a failure reply.
 const TAIL_LINES: usize = 40;
@@ -55,6 +57,8 @@ pub struct Exec {
     pub gcroots_dir: PathBuf,
     /// Bare mirrors of the repos' branches, one per URL.
     pub git_cache_dir: PathBuf,
+    /// The Nix in use, once asked.
+    pub version: std::sync::Arc<tokio::sync::OnceCell<NixVersion>>,
 }
 
 const NIX_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
@@ -350,35 +354,62 @@ impl Exec {
         run("nix build (root)", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await.map(|_| ())
     }
 
-    /// Builds one host's toplevel, linking the result at `link` (replaced only on success);
-    /// returns its output path.
-    pub async fn build_host(
+    /// The Nix in use (`nix --version`, asked once).
+    pub async fn nix_version(&self, cancel: &CancellationToken) -> Result<NixVersion, BuildError> {
+        self.version
+            .get_or_try_init(|| async {
+                let mut cmd = Command::new(&self.nix);
+                cmd.arg("--version");
+                let out = run("nix --version", cmd, Duration::from_secs(60), cancel, &mut |_| {}).await?;
+                NixVersion::parse(&out).ok_or_else(|| BuildError::Output("nix --version".into(), out.trim().to_owned()))
+            })
+            .await
+            .copied()
+    }
+
+    /// Evaluates one host's toplevel without building it: its derivation, output and what of
+    /// its closure is to build.
+    pub async fn evaluate(&self, flake: &str, host: &str, cancel: &CancellationToken) -> Result<Evaluated, BuildError> {
+        let mut cmd = self.nix();
+        cmd.args(["build", "--dry-run", "--json", "--no-link", "--no-write-lock-file"])
+            .arg(format!("{flake}#{}", toplevel_attr(host)));
+        let mut listed = Vec::new();
+        let mut on_line = |line: &str| {
+            if line.ends_with(".drv") {
+                listed.push(line.to_owned());
+            }
+        };
+        let out = match run("nix build --dry-run", cmd, self.timeout, cancel, &mut on_line).await {
+            Ok(out) => out,
+            Err(BuildError::Failed { tail, .. }) => {
+                return Err(BuildError::Failed { message: format!("evaluation of {host} failed"), tail });
+            }
+            Err(e) => return Err(e),
+        };
+        parse_dry_run(&out, &listed).map_err(|e| BuildError::Output("nix build --dry-run".into(), e))
+    }
+
+    /// Builds `installables` (derivation outputs) in one `nix build --keep-going`, its
+    /// structured log line by line to `on_line`. Nothing is linked: the caller roots what it keeps.
+    pub async fn realise(
         &self,
-        flake: &str,
-        host: &str,
-        link: &std::path::Path,
+        installables: &[String],
         cancel: &CancellationToken,
         on_line: &mut (dyn FnMut(&str) + Send),
-    ) -> Result<String, BuildError> {
-        if let Some(dir) = link.parent() {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| BuildError::Spawn(format!("mkdir {}", dir.display()), e))?;
-        }
+    ) -> Result<(), BuildError> {
         let mut cmd = self.nix();
-        cmd.args(["build", "--json", "--no-write-lock-file", "--print-build-logs", "--out-link"])
-            .arg(link)
-            .arg(format!("{flake}#{}", toplevel_attr(host)));
-        let out = run("nix build", cmd, self.timeout, cancel, on_line).await?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| BuildError::Output("nix build".into(), e.to_string()))?;
-        parsed
-            .get(0)
-            .and_then(|r| r.get("outputs"))
-            .and_then(|o| o.get("out"))
-            .and_then(|p| p.as_str())
-            .map(str::to_owned)
-            .ok_or_else(|| BuildError::Output("nix build".into(), "no `out` output".into()))
+        cmd.args(["build", "--keep-going", "--no-link", "--log-format", "internal-json"]).args(installables);
+        run("nix build", cmd, self.timeout, cancel, on_line).await.map(|_| ())
+    }
+
+    /// The last lines of the build log Nix keeps of `drv` (`nix log`), if it has one.
+    pub async fn log_tail(&self, drv: &str, cancel: &CancellationToken) -> Option<String> {
+        let mut cmd = self.nix();
+        cmd.args(["log", drv]);
+        let out = run("nix log", cmd, Duration::from_secs(60), cancel, &mut |_| {}).await.ok()?;
+        let lines: Vec<&str> = out.lines().collect();
+        let from = lines.len().saturating_sub(TAIL_LINES);
+        Some(lines[from..].join("\n"))
     }
 }
 

@@ -60,6 +60,52 @@ pub enum HostStatus {
     Failure,
     /// Its build was cut short by shutdown: the host's state is unchanged.
     Interrupted,
+    /// Its system is already its newest good generation: nothing was built, no generation
+    /// made. Counts as a success.
+    Unchanged,
+}
+
+impl HostStatus {
+    /// The host has a good system for the request: built now, or already its newest.
+    pub fn is_ok(self) -> bool {
+        matches!(self, HostStatus::Success | HostStatus::Unchanged)
+    }
+}
+
+/// Where one host of a running build is, on `progress` replies (`progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Its system is being evaluated.
+    Evaluating,
+    /// Evaluated; the build of the whole fleet has not started yet.
+    Evaluated,
+    /// In the build, none of its derivations running now.
+    Waiting,
+    /// One or more of its derivations are being built.
+    Building,
+    /// Everything it needs is built.
+    Done,
+    /// Its evaluation or a derivation it needs failed.
+    Failed,
+    /// Already its newest good generation: nothing to build.
+    Unchanged,
+}
+
+/// One host's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProgress {
+    pub host: String,
+    pub phase: Phase,
+    /// Derivations of its closure built so far in this build, of `to_build`.
+    #[serde(default)]
+    pub built: usize,
+    /// Derivations of its closure that this build has to build (0 until evaluated).
+    #[serde(default)]
+    pub to_build: usize,
+    /// Names of its derivations being built now (a few).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub building: Vec<String>,
 }
 
 /// One host's result in a final reply.
@@ -106,6 +152,9 @@ pub struct Reply {
     /// The repo's flake URL without credentials, on the reply to a `check` request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo_url: Option<String>,
+    /// Every host's progress, on `progress` replies of a running build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Vec<HostProgress>>,
 }
 
 impl Reply {
@@ -124,6 +173,7 @@ impl Reply {
             queue_position: None,
             hosts: None,
             repo_url: None,
+            progress: None,
         }
     }
 

@@ -6,28 +6,36 @@
 
 pub mod cli;
 pub mod config;
+pub mod eval;
 pub mod exec;
 pub mod generations;
+pub mod graph;
 pub mod job;
+pub mod nixlog;
 mod queue;
+pub mod record;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{BranchBuild, Fleet, LastBuild};
+use crate::fleet::Fleet;
 use crate::metrics::{Metrics, Repo, RepoHost, RepoHostStatus, RepoStatus};
-use crate::nix::closure_diff::{self, Changes};
-use crate::nix::store_path::StorePath;
 use crate::store::Store;
 use config::BuilderConfig;
+use eval::Evaluated;
 use exec::{BuildError, Exec};
 use generations::Generations;
-use job::{HostStatus, HostSummary, Reply, Status};
+use job::{HostProgress, HostStatus, HostSummary, Phase, Reply, Status};
 use queue::{Enqueued, Job, Queue};
+use record::{Outcome, Recorder, now_seconds};
+
+/// Build log lines a progress reply carries at most (the newest).
+const PROGRESS_LINES: usize = 20;
 
 /// How long a final reply is retried while NATS is unreachable, after shutdown began.
 const FINAL_REPLY_GRACE: Duration = Duration::from_secs(10);
@@ -39,16 +47,12 @@ pub const SHUTDOWN_STOP_TIME: Duration = Duration::from_secs(25);
 pub struct Worker {
     config: Arc<BuilderConfig>,
     client: async_nats::Client,
-    store: Arc<Store>,
     metrics: Arc<Metrics>,
     fleet: Arc<Fleet>,
     generations: Generations,
     exec: Exec,
     queue: Arc<Queue>,
-}
-
-fn now_seconds() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    recorder: Recorder,
 }
 
 impl Worker {
@@ -98,10 +102,18 @@ impl Worker {
             timeout: config.build_timeout,
             gcroots_dir: config.gcroots_dir.clone(),
             git_cache_dir: config.git_cache_dir.clone(),
+            version: Default::default(),
         };
         let queue = Arc::new(Queue::new(config.queue_size));
         let generations = Generations::new(&config.gcroots_dir, config.keep_generations);
-        Ok(Self { config: Arc::new(config), client, store, metrics, fleet, generations, exec, queue })
+        let recorder = Recorder {
+            store,
+            metrics: metrics.clone(),
+            fleet: fleet.clone(),
+            generations: generations.clone(),
+            exec: exec.clone(),
+        };
+        Ok(Self { config: Arc::new(config), client, metrics, fleet, generations, exec, queue, recorder })
     }
 
     /// Takes requests until `stop`. Then the running build gets `grace` to finish before it is
@@ -128,7 +140,13 @@ impl Worker {
         tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
         let worker = Arc::new(self);
         // The record of generations comes back from the GC roots; closures from the store.
-        tokio::spawn(worker.clone().recover());
+        tokio::spawn({
+            let worker = worker.clone();
+            async move {
+                let repos: Vec<String> = worker.config.repos.iter().map(|r| r.name.clone()).collect();
+                worker.recorder.recover(&repos).await;
+            }
+        });
         let mut builds = tokio::spawn(worker.clone().build_loop(stop.clone(), cancel.clone()));
         let mut incoming = futures::stream::select_all(subs);
         loop {
@@ -360,7 +378,7 @@ impl Worker {
         }
         if deploy {
             for host in &hosts {
-                self.seed_host_series(repo, host);
+                self.recorder.seed_host_series(repo, host);
             }
         }
         if !deploy {
@@ -369,131 +387,11 @@ impl Worker {
                 Duration::from_secs(generations::BRANCH_ROOT_DAYS * 86_400),
             );
         }
-        let mut summaries = Vec::new();
-        let mut shutdown = false;
-        for host in &hosts {
-            if shutdown {
-                summaries.push(HostSummary {
-                    host: host.clone(),
-                    status: HostStatus::Interrupted,
-                    out_path: None,
-                    error: Some("interrupted by shutdown".into()),
-                    duration_seconds: 0.0,
-                    changes: None,
-                });
-                continue;
-            }
-            let mut r = base(Status::Progress).message(format!("building {host}"));
-            r.host = Some(host.clone());
-            self.publish(&self.subscribers(), &r).await;
-            let host_start = Instant::now();
-            let previous = self.generations.newest_link(repo, host);
-            let result = self.build_with_progress(&flake, job, host, cancel).await;
-            let duration = host_start.elapsed().as_secs_f64();
-            self.metrics
-                .build_duration
-                .get_or_create(&RepoHost { repo: repo.clone(), host: host.clone() })
-                .observe(duration);
-            let (status, out_path, error) = match result {
-                Ok(out) => (HostStatus::Success, Some(out), None),
-                Err(BuildError::Shutdown) => {
-                    shutdown = true;
-                    (HostStatus::Interrupted, None, Some("interrupted by shutdown".to_owned()))
-                }
-                Err(e) => (HostStatus::Failure, None, Some(e.detail())),
-            };
-            if status == HostStatus::Interrupted {
-                // Not a result: the host's state, counters and record stay as they were.
-                let mut r = base(Status::Progress).message(format!("{host}: interrupted"));
-                r.host = Some(host.clone());
-                self.publish(&self.subscribers(), &r).await;
-                summaries.push(HostSummary {
-                    host: host.clone(),
-                    status,
-                    out_path: None,
-                    error,
-                    duration_seconds: duration,
-                    changes: None,
-                });
-                continue;
-            }
-            let label = if status == HostStatus::Success { "success" } else { "failure" };
-            // Only the deploy branch's builds are the host's state.
-            if deploy {
-                self.metrics
-                    .build_hosts
-                    .get_or_create(&RepoHostStatus { repo: repo.clone(), host: host.clone(), status: label.into() })
-                    .inc();
-                let ok = i64::from(status == HostStatus::Success);
-                self.metrics
-                    .host_last_success
-                    .get_or_create(&RepoHost { repo: repo.clone(), host: host.clone() })
-                    .set(ok);
-            }
-            let (generations, changes) = match &out_path {
-                Some(out) if deploy => {
-                    let (g, c) = self.record_generation(repo, host, out, previous.as_deref(), commit.as_deref()).await;
-                    (Some(g), c)
-                }
-                // Another branch: what it would change against the host's newest deploy system,
-                // for the reply (flake-update's commit message) only.
-                Some(out) => {
-                    let newest = self.generations.list(repo, host).last().map(|g| g.path.clone());
-                    let changes = match self.closure(out).await {
-                        Some(after) => self.diff(newest.as_deref(), &after).await,
-                        None => None,
-                    };
-                    (None, changes)
-                }
-                None => (None, None),
-            };
-            let build = match &error {
-                Some(e) => LastBuild::failed(now_seconds(), commit.clone(), e),
-                None => LastBuild::new(label, now_seconds(), commit.clone()),
-            };
-            // One update (and one save) of the record per host build.
-            self.fleet.update(repo, host, |h| {
-                if !deploy {
-                    let b = BranchBuild { build, out_path: out_path.clone() };
-                    h.branches.insert(job.branch.clone(), b);
-                    h.branches
-                        .retain(|_, b| now_seconds() - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
-                    return;
-                }
-                h.last_build = Some(build);
-                if let Some(g) = generations {
-                    h.generations = g;
-                }
-                if let Some(c) = &changes {
-                    h.set_changes(c);
-                }
-            });
-            let duration_text = format!("{duration:.1}s");
-            match &error {
-                None => {
-                    tracing::info!(%repo, %host, branch = %job.branch, out = out_path.as_deref().unwrap_or("-"), duration = %duration_text, "host built")
-                }
-                Some(e) => {
-                    tracing::warn!(%repo, %host, branch = %job.branch, duration = %duration_text, error = %e.lines().next().unwrap_or(""), "host failed to build")
-                }
-            }
-            let mut r = base(Status::Progress).message(format!("{host}: {label}"));
-            r.host = Some(host.clone());
-            r.out_path = out_path.clone();
-            r.duration_seconds = Some(duration);
-            self.publish(&self.subscribers(), &r).await;
-            summaries.push(HostSummary {
-                host: host.clone(),
-                status,
-                out_path,
-                error,
-                duration_seconds: duration,
-                changes,
-            });
-        }
+        let cx = record::Context { repo, branch: &job.branch, deploy, commit: commit.as_deref() };
+        let (summaries, shutdown) = self.build_hosts(job, &flake, &hosts, &cx, &base, cancel).await;
 
-        let ok = summaries.iter().all(|s| s.status == HostStatus::Success);
-        let any_host_ok = deploy && summaries.iter().any(|s| s.status == HostStatus::Success);
+        let ok = summaries.iter().all(|s| s.status.is_ok());
+        let any_host_ok = deploy && summaries.iter().any(|s| s.status.is_ok());
         let built = summaries.len();
         let failed: Vec<String> =
             summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.clone()).collect();
@@ -523,7 +421,7 @@ impl Worker {
                 self.metrics.build_last_success.get_or_create(&Repo { repo: repo.clone() }).set(now_seconds());
             }
         } else {
-            self.record(repo, ok, any_host_ok);
+            self.count_build(repo, ok, any_host_ok);
         }
         let duration = format!("{:.1}s", started.elapsed().as_secs_f64());
         let commit = r.commit.as_deref().unwrap_or("-");
@@ -537,6 +435,228 @@ impl Worker {
         self.publish_final(&self.subscribers(), &r, cancel).await;
     }
 
+    /// Builds `hosts` of `flake`: evaluates them on up to `eval_workers` cores, reports the
+    /// unchanged ones at once, realises the others in one build graph, and records each host's
+    /// outcome. Returns the summaries in `hosts` order, and whether shutdown cut the build.
+    async fn build_hosts(
+        &self,
+        job: &Job,
+        flake: &str,
+        hosts: &[String],
+        cx: &record::Context<'_>,
+        base: &(dyn Fn(Status) -> Reply + Sync),
+        cancel: &CancellationToken,
+    ) -> (Vec<HostSummary>, bool) {
+        let started = Instant::now();
+        let mut board = Board::new(hosts);
+        let mut evaluated: Vec<(String, Evaluated, f64)> = Vec::new();
+        let mut outcomes: HashMap<String, (Outcome, f64)> = HashMap::new();
+        let mut shutdown = false;
+
+        // Evaluation, on every core the config gives it.
+        let interval = self.config.progress_interval;
+        let mut last_sent: Option<Instant> = None;
+        let mut results = eval::evaluate_all(&self.exec, flake, hosts, self.config.eval_workers, cancel);
+        while let Some((host, result)) = results.next().await {
+            let took = started.elapsed().as_secs_f64();
+            match result {
+                Ok(e) => {
+                    let unchanged = cx.deploy && self.recorder.is_newest(cx.repo, host, &e.out).await;
+                    if unchanged {
+                        board.set(host, Phase::Unchanged, e.to_build.len());
+                        outcomes.insert(host.to_owned(), (Outcome::Unchanged { out: e.out.clone() }, took));
+                    } else {
+                        board.set(host, Phase::Evaluated, e.to_build.len());
+                        evaluated.push((host.to_owned(), e, took));
+                    }
+                }
+                // The others end as soon, each without a result.
+                Err(BuildError::Shutdown) => shutdown = true,
+                Err(e) => {
+                    board.set(host, Phase::Failed, 0);
+                    tracing::warn!(repo = %cx.repo, %host, error = %e.to_string().lines().next().unwrap_or(""), "host failed to evaluate");
+                    outcomes.insert(host.to_owned(), (Outcome::Failed { error: e.detail() }, took));
+                }
+            }
+            if last_sent.is_none_or(|t| t.elapsed() >= interval) {
+                let done = board.0.iter().filter(|p| p.phase != Phase::Evaluating).count();
+                let mut r = base(Status::Progress).message(format!("evaluated {done} of {} host(s)", hosts.len()));
+                r.progress = Some(board.0.clone());
+                self.publish(&self.subscribers(), &r).await;
+                last_sent = Some(Instant::now());
+            }
+        }
+        drop(results);
+
+        // One build graph for every evaluated host.
+        let mut finished = graph::Finished::default();
+        let mut tracker = graph::Tracker::new(evaluated.iter().map(|(h, e, _)| (h.as_str(), e)));
+        let mut graph_error = None;
+        if !shutdown && !evaluated.is_empty() {
+            let mut r = match evaluated.as_slice() {
+                [(only, _, _)] => {
+                    let mut r = base(Status::Progress).message(format!("building {only}"));
+                    r.host = Some(only.clone());
+                    r
+                }
+                many => base(Status::Progress).message(format!("building {} host(s)", many.len())),
+            };
+            r.progress = Some(board.merged(&tracker));
+            self.publish(&self.subscribers(), &r).await;
+            let drvs = graph::nodes(evaluated.iter().map(|(_, e, _)| e));
+            let (result, t, f) = self.realise_with_progress(&drvs, tracker, &board, base, cancel).await;
+            (tracker, finished) = (t, f);
+            match result {
+                Ok(()) => {}
+                Err(BuildError::Shutdown) => shutdown = true,
+                Err(e) => graph_error = Some(e),
+            }
+        }
+        let graph_start = started;
+        for (host, e, eval_took) in evaluated {
+            let took = finished.at(&host).map_or(started.elapsed().as_secs_f64(), |t| (t - graph_start).as_secs_f64());
+            let took = took.max(eval_took);
+            let outcome = if self.recorder.is_valid(&e.out).await {
+                Outcome::Built { out: e.out }
+            } else if shutdown {
+                continue;
+            } else {
+                Outcome::Failed { error: self.why_failed(&host, &tracker, graph_error.as_ref(), cancel).await }
+            };
+            outcomes.insert(host, (outcome, took));
+        }
+
+        // Each host's outcome into the record, in the request's order.
+        let mut summaries = Vec::new();
+        for host in hosts {
+            let Some((outcome, took)) = outcomes.remove(host) else {
+                // Cut by shutdown: not a result; the host's state, counters and record stay.
+                summaries.push(HostSummary {
+                    host: host.clone(),
+                    status: HostStatus::Interrupted,
+                    out_path: None,
+                    error: Some("interrupted by shutdown".into()),
+                    duration_seconds: started.elapsed().as_secs_f64(),
+                    changes: None,
+                });
+                continue;
+            };
+            let summary = self.recorder.host(cx, host, outcome, took).await;
+            let label = match summary.status {
+                HostStatus::Success => "success",
+                HostStatus::Unchanged => "unchanged",
+                HostStatus::Failure => "failure",
+                HostStatus::Interrupted => "interrupted",
+            };
+            let mut r = base(Status::Progress).message(format!("{host}: {label}"));
+            r.host = Some(host.clone());
+            r.out_path = summary.out_path.clone();
+            r.duration_seconds = Some(summary.duration_seconds);
+            self.publish(&self.subscribers(), &r).await;
+            summaries.push(summary);
+        }
+        let _ = job;
+        (summaries, shutdown)
+    }
+
+    /// Runs the build graph, sending every host's progress (and the newest build log lines) at
+    /// most every `progress_interval`.
+    async fn realise_with_progress(
+        &self,
+        drvs: &[String],
+        tracker: graph::Tracker,
+        board: &Board,
+        base: &(dyn Fn(Status) -> Reply + Sync),
+        cancel: &CancellationToken,
+    ) -> (Result<(), BuildError>, graph::Tracker, graph::Finished) {
+        struct Live {
+            tracker: graph::Tracker,
+            lines: VecDeque<String>,
+            changed: bool,
+        }
+        let live = std::sync::Mutex::new(Live { tracker, lines: VecDeque::new(), changed: false });
+        let done = tokio::sync::Notify::new();
+        let mut finished = graph::Finished::default();
+        let realise = async {
+            let mut on_event = |event: nixlog::Event| {
+                let Ok(mut l) = live.lock() else { return };
+                l.tracker.observe(&event);
+                if let nixlog::Event::BuildLine { drv, line } = &event {
+                    if l.lines.len() == PROGRESS_LINES {
+                        l.lines.pop_front();
+                    }
+                    l.lines.push_back(format!("{}> {line}", nixlog::drv_name(drv)));
+                }
+                l.changed = true;
+            };
+            let r = graph::realise(&self.exec, drvs, cancel, &mut on_event).await;
+            done.notify_one();
+            r
+        };
+        let forward = async {
+            let every = self.config.progress_interval.max(Duration::from_millis(50));
+            loop {
+                let last = tokio::select! {
+                    _ = tokio::time::sleep(every) => false,
+                    _ = done.notified() => true,
+                };
+                let update = live.lock().ok().filter(|l| l.changed).map(|mut l| {
+                    l.changed = false;
+                    let lines: Vec<String> = l.lines.drain(..).collect();
+                    (board.merged(&l.tracker), lines)
+                });
+                if let Some((progress, lines)) = update {
+                    finished.note(&progress);
+                    let built = progress.iter().filter(|p| matches!(p.phase, Phase::Done | Phase::Unchanged)).count();
+                    let mut r = base(Status::Progress);
+                    r.message = Some(if lines.is_empty() {
+                        format!("{built} of {} host(s) built", progress.len())
+                    } else {
+                        lines.join("\n")
+                    });
+                    r.progress = Some(progress);
+                    self.publish(&self.subscribers(), &r).await;
+                }
+                if last {
+                    break;
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(realise, forward);
+        let tracker = match live.into_inner() {
+            Ok(l) => l.tracker,
+            Err(poisoned) => poisoned.into_inner().tracker,
+        };
+        (result, tracker, finished)
+    }
+
+    /// Why `host`'s system is not in the store after the graph: the derivation of its closure
+    /// that failed, with the tail of its own build log (`nix log`), else what the graph said.
+    async fn why_failed(
+        &self,
+        host: &str,
+        tracker: &graph::Tracker,
+        graph_error: Option<&BuildError>,
+        cancel: &CancellationToken,
+    ) -> String {
+        let failed = tracker.failed_for(host);
+        if let Some(drv) = failed.first() {
+            let more = match failed.len() {
+                1 => String::new(),
+                n => format!(" (and {} more of its derivations)", n - 1),
+            };
+            let tail = self.exec.log_tail(drv, cancel).await.unwrap_or_default();
+            return format!("building {drv} failed{more}\n{tail}").trim_end().to_owned();
+        }
+        let said: Vec<&str> = tracker.errors().iter().rev().take(5).map(String::as_str).collect();
+        let said: Vec<&str> = said.into_iter().rev().collect();
+        match graph_error {
+            Some(BuildError::Failed { .. }) | None if !said.is_empty() => said.join("\n"),
+            Some(e) => e.to_string(),
+            None => "the build ended without this host's system".to_owned(),
+        }
+    }
+
     async fn finish_interrupted(&self, job: &Job, reply: Reply, cancel: &CancellationToken) {
         tracing::warn!(repo = %job.repo.name, target = %job.target, branch = %job.branch, "build interrupted by shutdown");
         let reply = reply.message("interrupted by shutdown before any host was built; send it again");
@@ -545,7 +665,7 @@ impl Worker {
 
     async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {
         reply.duration_seconds = Some(started.elapsed().as_secs_f64());
-        self.record(&job.repo.name, false, false);
+        self.count_build(&job.repo.name, false, false);
         tracing::warn!(
             repo = %job.repo.name,
             target = %job.target,
@@ -557,137 +677,9 @@ impl Worker {
         self.publish_final(&self.subscribers(), &reply, cancel).await;
     }
 
-    /// Roots `out` as the host's newest generation (adopting the link of an earlier good build
-    /// when there is no record yet), drops generations beyond `keep_generations`, and works out
-    /// what changed against the previous one; returns the generations kept and the changes.
-    /// Problems are logged: the build itself succeeded.
-    async fn record_generation(
-        &self,
-        repo: &str,
-        host: &str,
-        out: &str,
-        previous_link: Option<&str>,
-        commit: Option<&str>,
-    ) -> (Vec<crate::fleet::Generation>, Option<Changes>) {
-        if self.generations.list(repo, host).is_empty()
-            && let Some(prev) = previous_link.filter(|p| *p != out)
-        {
-            // Built before generations were kept: the old out-link is generation 1.
-            self.root_generation(repo, host, prev, None, now_seconds() - 1).await;
-        }
-        // The same system again: no new generation, and what changed stays what the newest
-        // changed against the one before it (never "no change" against itself).
-        let existing = self.generations.list(repo, host);
-        if existing.last().is_some_and(|g| g.path == out) {
-            let kept = self.fleet.snapshot().get(&(repo.to_owned(), host.to_owned())).and_then(|h| h.changes.clone());
-            return (existing, kept);
-        }
-        // Compared with the newest good system before this build, which is another one.
-        let before = existing.last().map(|g| g.path.clone());
-        self.root_generation(repo, host, out, commit, now_seconds()).await;
-        let gens = self.generations.list(repo, host);
-        let Some(after) = self.closure(out).await else { return (gens, None) };
-        // The host is about to pull its closure: have it compressed once, in the background.
-        self.store.cache_nars(&after);
-        (gens, self.describe(repo, host, before.as_deref(), &after).await)
-    }
-
-    /// The closure of the store path `path`, from the store's path info.
-    async fn closure(&self, path: &str) -> Option<Vec<Arc<crate::store::PathInfo>>> {
-        let path = StorePath::from_absolute(self.store.store_dir(), path)?;
-        self.store.closure(&path).await.ok()?
-    }
-
-    async fn root_generation(&self, repo: &str, host: &str, path: &str, commit: Option<&str>, at: i64) {
-        let Some(plan) = self.generations.plan(repo, host, path, commit, at) else { return };
-        if let Err(e) = self.exec.add_root(path, &plan.link, &CancellationToken::new()).await {
-            tracing::warn!(%repo, %host, err = %e.detail(), "cannot root a generation; older ones are kept");
-            return;
-        }
-        for old in plan.obsolete {
-            if let Err(e) = std::fs::remove_file(&old) {
-                tracing::warn!(link = %old.display(), err = %e, "cannot drop an old generation");
-            }
-        }
-    }
-
-    /// The newest generation's changes against the one before it (the store path `before`),
-    /// from the store's path info; its closure's size goes to the metrics.
-    async fn describe(
-        &self,
-        repo: &str,
-        host: &str,
-        before: Option<&str>,
-        after: &[Arc<crate::store::PathInfo>],
-    ) -> Option<Changes> {
-        let changes = self.diff(before, after).await?;
-        let label = RepoHost { repo: repo.to_owned(), host: host.to_owned() };
-        self.metrics
-            .host_closure_bytes
-            .get_or_create(&label)
-            .set(i64::try_from(changes.bytes_after).unwrap_or(i64::MAX));
-        self.metrics.host_closure_paths.get_or_create(&label).set(changes.paths_after as i64);
-        Some(changes)
-    }
-
-    /// What `after` (a closure) changes against the system `before`.
-    async fn diff(&self, before: Option<&str>, after: &[Arc<crate::store::PathInfo>]) -> Option<Changes> {
-        let sizes = |infos: &[Arc<crate::store::PathInfo>]| {
-            infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>()
-        };
-        let after = sizes(after);
-        let changes = match before {
-            Some(before) => closure_diff::diff(&sizes(&self.closure(before).await?), &after),
-            None => {
-                let mut c = closure_diff::diff(&[], &[]);
-                c.first_build = true;
-                c.paths_after = after.len();
-                c.bytes_after = after.iter().map(|(_, s)| s).sum();
-                c
-            }
-        };
-        Some(changes)
-    }
-
-    /// At startup: the generations on disk are the record; closure sizes and changes are worked
-    /// out again from the store.
-    async fn recover(self: Arc<Self>) {
-        let repos: Vec<String> = self.config.repos.iter().map(|r| r.name.clone()).collect();
-        // A build that ended after hearth was killed was never reported: it is no generation.
-        for link in self.generations.unrecorded_links(&repos) {
-            match std::fs::remove_file(&link) {
-                Ok(()) => {
-                    tracing::warn!(root = %link.display(), "removed a GC root of a build that was never reported")
-                }
-                Err(e) => {
-                    tracing::warn!(root = %link.display(), err = %e, "cannot remove an unreported build's GC root")
-                }
-            }
-        }
-        for (repo, host) in self.generations.hosts(&repos) {
-            let gens = self.generations.list(&repo, &host);
-            let changes = match gens.last() {
-                Some(newest) => {
-                    let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
-                    match self.closure(&newest.path).await {
-                        Some(after) => self.describe(&repo, &host, before, &after).await,
-                        None => None,
-                    }
-                }
-                None => None,
-            };
-            self.fleet.update(&repo, &host, |h| {
-                h.generations = gens;
-                if let Some(c) = &changes {
-                    h.set_changes(c);
-                }
-            });
-        }
-    }
-
     /// Counts a finished build; `any_host_ok`: a host of the deploy branch built (a repo with one
     /// broken host still builds the others, and HearthHostBroken names the broken one).
-    fn record(&self, repo: &str, ok: bool, any_host_ok: bool) {
+    fn count_build(&self, repo: &str, ok: bool, any_host_ok: bool) {
         let status = if ok { "success" } else { "failure" };
         self.metrics.builds.get_or_create(&RepoStatus { repo: repo.to_owned(), status: status.into() }).inc();
         let label = Repo { repo: repo.to_owned() };
@@ -697,77 +689,6 @@ impl Worker {
         }
     }
 
-    /// Makes every host's series exist (at 0) so that its first failure shows as an increase.
-    fn seed_host_series(&self, repo: &str, host: &str) {
-        for status in ["success", "failure"] {
-            let labels = RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: status.into() };
-            let _ = self.metrics.build_hosts.get_or_create(&labels);
-        }
-    }
-
-    /// Builds one host, forwarding log lines as rate-limited `progress` replies.
-    async fn build_with_progress(
-        &self,
-        flake: &str,
-        job: &Job,
-        host: &str,
-        cancel: &CancellationToken,
-    ) -> Result<String, BuildError> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
-        let mut on_line = move |line: &str| {
-            // A full channel drops lines: progress is a sample, the failure tail is kept apart.
-            let _ = tx.try_send(line.to_owned());
-        };
-        let interval = self.config.progress_interval;
-        let forward = async {
-            let mut pending: Vec<String> = Vec::new();
-            let mut last = Instant::now() - interval;
-            loop {
-                let wait = interval.saturating_sub(last.elapsed());
-                let line = if pending.is_empty() {
-                    rx.recv().await
-                } else {
-                    match tokio::time::timeout(wait, rx.recv()).await {
-                        Ok(l) => l,
-                        Err(_) => {
-                            self.send_lines(job, host, &mut pending).await;
-                            last = Instant::now();
-                            continue;
-                        }
-                    }
-                };
-                let Some(line) = line else { break };
-                pending.push(line);
-                if pending.len() > 20 {
-                    pending.remove(0);
-                }
-                if last.elapsed() >= interval {
-                    self.send_lines(job, host, &mut pending).await;
-                    last = Instant::now();
-                }
-            }
-            if !pending.is_empty() {
-                self.send_lines(job, host, &mut pending).await;
-            }
-        };
-        let other_branch = (job.branch != job.repo.branch).then_some(job.branch.as_str());
-        let link = self.generations.out_link(&job.repo.name, host, other_branch);
-        let build = async {
-            let r = self.exec.build_host(flake, host, &link, cancel, &mut on_line).await;
-            drop(on_line);
-            r
-        };
-        let (result, ()) = tokio::join!(build, forward);
-        result
-    }
-
-    async fn send_lines(&self, job: &Job, host: &str, lines: &mut Vec<String>) {
-        let mut r = Reply::new(Status::Progress, &job.repo.name, &job.target);
-        r.host = Some(host.to_owned());
-        r.message = Some(lines.join("\n"));
-        lines.clear();
-        self.publish(&self.subscribers(), &r).await;
-    }
 
     async fn publish(&self, to: &[String], reply: &Reply) {
         // Replies over the server's max payload would be refused: cut log tails to fit.
@@ -798,6 +719,46 @@ impl Worker {
                 return;
             }
         }
+    }
+}
+
+/// Every host's progress outside the build graph: evaluating, evaluated, failed in
+/// evaluation, unchanged.
+struct Board(Vec<HostProgress>);
+
+impl Board {
+    fn new(hosts: &[String]) -> Self {
+        Board(
+            hosts
+                .iter()
+                .map(|h| HostProgress {
+                    host: h.clone(),
+                    phase: Phase::Evaluating,
+                    built: 0,
+                    to_build: 0,
+                    building: Vec::new(),
+                })
+                .collect(),
+        )
+    }
+
+    fn set(&mut self, host: &str, phase: Phase, to_build: usize) {
+        if let Some(p) = self.0.iter_mut().find(|p| p.host == host) {
+            p.phase = phase;
+            p.to_build = to_build;
+        }
+    }
+
+    /// The board with the graph's hosts as the tracker has them.
+    fn merged(&self, tracker: &graph::Tracker) -> Vec<HostProgress> {
+        let live = tracker.progress();
+        self.0
+            .iter()
+            .map(|p| match (p.phase, live.iter().find(|l| l.host == p.host)) {
+                (Phase::Evaluated, Some(l)) => l.clone(),
+                _ => p.clone(),
+            })
+            .collect()
     }
 }
 

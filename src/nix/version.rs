@@ -41,6 +41,12 @@ impl NixVersion {
     pub fn has_flake_update_inputs(&self) -> bool {
         self.lix || self.at_least(2, 19)
     }
+
+    /// How a derivation's outputs are named as an installable: `<drv>^*` (Nix 2.13, Lix), or the
+    /// bare `<drv>` that older Nix builds (and newer Nix reads differently, with a warning).
+    pub fn drv_outputs(&self, drv: &str) -> String {
+        if self.lix || self.at_least(2, 13) { format!("{drv}^*") } else { drv.to_owned() }
+    }
 }
 
 impl fmt::Display for NixVersion {
@@ -66,6 +72,14 @@ mod tests {
         for bad in ["", "nix", "nix (Nix) two", "nix (Nix) 2"] {
             assert_eq!(NixVersion::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn derivation_outputs_are_named_as_that_nix_reads_them() {
+        let v = |s| NixVersion::parse(s).unwrap();
+        assert_eq!(v("nix (Nix) 2.8.0").drv_outputs("/nix/store/a.drv"), "/nix/store/a.drv");
+        assert_eq!(v("nix (Nix) 2.13.0").drv_outputs("/nix/store/a.drv"), "/nix/store/a.drv^*");
+        assert_eq!(v("nix (Lix, like Nix) 2.91.1").drv_outputs("/nix/store/a.drv"), "/nix/store/a.drv^*");
     }
 
     #[test]

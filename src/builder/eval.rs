@@ -1,0 +1,89 @@
+//! Evaluation of the hosts' systems, in up to `eval_workers` Nix evaluator processes at once:
+//! each host's toplevel derivation, its output path, and the derivations of its closure that are
+//! not built yet (`nix build --dry-run --json`, which uses Nix's evaluation cache, so an
+//! unchanged commit costs almost nothing).
+//!
+//! A host whose evaluation fails has its error; the others go on. Each evaluator is a command
+//! of [`Exec`]: its own process group, stopped on timeout or shutdown.
+
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::exec::{BuildError, Exec};
+
+/// One host's evaluated system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluated {
+    /// The toplevel's derivation path.
+    pub drv: String,
+    /// Its `out` path.
+    pub out: String,
+    /// Derivations of its closure that have to be built (not valid, not substitutable).
+    pub to_build: Vec<String>,
+}
+
+/// Reads `nix build --dry-run --json`: stdout's one derivation, stderr's list of what will be
+/// built (the `.drv` paths it lists; what will be fetched is output paths, not derivations).
+pub fn parse_dry_run(stdout: &str, stderr_lines: &[String]) -> Result<Evaluated, String> {
+    let parsed: serde_json::Value = serde_json::from_str(stdout).map_err(|e| format!("not JSON: {e}"))?;
+    let first = parsed.get(0).ok_or("no derivation")?;
+    let drv = first.get("drvPath").and_then(|d| d.as_str()).ok_or("no drvPath")?;
+    let out = first.get("outputs").and_then(|o| o.get("out")).and_then(|p| p.as_str()).ok_or("no `out` output")?;
+    let mut to_build: Vec<String> = stderr_lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| l.starts_with('/') && l.ends_with(".drv") && !l.contains(char::is_whitespace))
+        .map(str::to_owned)
+        .collect();
+    to_build.sort();
+    to_build.dedup();
+    Ok(Evaluated { drv: drv.to_owned(), out: out.to_owned(), to_build })
+}
+
+/// Evaluates `hosts` of `flake`, `workers` at a time; each result comes as it is ready (in
+/// the order they finish). After `cancel`, no evaluator starts: the rest come as `Shutdown`.
+pub fn evaluate_all<'a>(
+    exec: &'a Exec,
+    flake: &'a str,
+    hosts: &'a [String],
+    workers: usize,
+    cancel: &'a CancellationToken,
+) -> impl Stream<Item = (&'a str, Result<Evaluated, BuildError>)> + 'a {
+    futures::stream::iter(hosts.iter())
+        .map(move |host| async move {
+            if cancel.is_cancelled() {
+                return (host.as_str(), Err(BuildError::Shutdown));
+            }
+            (host.as_str(), exec.evaluate(flake, host, cancel).await)
+        })
+        .buffer_unordered(workers.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_run_says_what_is_to_build() {
+        let stdout = r#"[{"drvPath":"/nix/store/0q-a.drv","outputs":{"out":"/nix/store/pn-a"}}]"#;
+        let stderr: Vec<String> = [
+            "these 2 derivations will be built:",
+            "  /nix/store/9k-dep.drv",
+            "  /nix/store/0q-a.drv",
+            "these 1 paths will be fetched (0.01 MiB download, 0.02 MiB unpacked):",
+            "  /nix/store/zz-fetched",
+            "warning: something about /nix/store/xx-y.drv",
+        ]
+        .map(String::from)
+        .to_vec();
+        let e = parse_dry_run(stdout, &stderr).unwrap();
+        assert_eq!(e.drv, "/nix/store/0q-a.drv");
+        assert_eq!(e.out, "/nix/store/pn-a");
+        assert_eq!(e.to_build, ["/nix/store/0q-a.drv", "/nix/store/9k-dep.drv"]);
+        // Already built: nothing listed.
+        assert!(parse_dry_run(stdout, &[]).unwrap().to_build.is_empty());
+        for bad in ["", "[]", "{}", r#"[{"drvPath":"/nix/store/a.drv","outputs":{}}]"#] {
+            assert!(parse_dry_run(bad, &[]).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! What a host's result does to the record: its GC roots (the out-link and the generations),
+//! its closure and what changed, the fleet record, and its metrics. The worker hands each
+//! host's outcome here once; at startup this room reads the record back from the roots.
+//!
+//! Architecture invariant: only the deploy branch's results are a host's state (generations,
+//! `last_build`, per-host metrics); another branch's are recorded apart, under its branch.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use super::exec::Exec;
+use super::generations::{self, Generations};
+use super::job::{HostStatus, HostSummary};
+use crate::fleet::{BranchBuild, Fleet, LastBuild};
+use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
+use crate::nix::closure_diff::{self, Changes};
+use crate::nix::store_path::StorePath;
+use crate::store::{PathInfo, Store};
+
+pub fn now_seconds() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// How one host's part of a build ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Its system `out` is built (and valid in the store).
+    Built { out: String },
+    /// Its system `out` is already its newest good generation.
+    Unchanged { out: String },
+    /// Evaluation or a derivation it needs failed: the error, with a log tail.
+    Failed { error: String },
+}
+
+/// The request a host's outcome belongs to.
+pub struct Context<'a> {
+    pub repo: &'a str,
+    pub branch: &'a str,
+    /// The branch is the repo's deploy branch: the result is the host's state.
+    pub deploy: bool,
+    pub commit: Option<&'a str>,
+}
+
+/// Writes results into the record.
+pub struct Recorder {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub fleet: Arc<Fleet>,
+    pub generations: Generations,
+    pub exec: Exec,
+}
+
+impl Recorder {
+    /// Whether `out` is `host`'s newest good generation and still in the store.
+    pub async fn is_newest(&self, repo: &str, host: &str, out: &str) -> bool {
+        self.generations.list(repo, host).last().is_some_and(|g| g.path == out) && self.is_valid(out).await
+    }
+
+    /// Whether the store holds the path `path`.
+    pub async fn is_valid(&self, path: &str) -> bool {
+        match StorePath::from_absolute(self.store.store_dir(), path) {
+            Some(p) => matches!(self.store.path_info(p.hash()).await, Ok(Some(_))),
+            None => false,
+        }
+    }
+
+    /// Records one host's outcome (roots, generations, changes, fleet record, metrics, a log
+    /// line) and returns its summary for the final reply.
+    pub async fn host(&self, cx: &Context<'_>, host: &str, outcome: Outcome, duration: f64) -> HostSummary {
+        let repo = cx.repo;
+        let (mut status, mut out_path, mut error) = match outcome {
+            Outcome::Built { out } => (HostStatus::Success, Some(out), None),
+            Outcome::Unchanged { out } => (HostStatus::Unchanged, Some(out), None),
+            Outcome::Failed { error } => (HostStatus::Failure, None, Some(error)),
+        };
+        // The out-link is the root of the newest result; made before anything else, so the
+        // system cannot be collected while it is recorded.
+        if status == HostStatus::Success
+            && let Some(out) = &out_path
+        {
+            let other = (!cx.deploy).then_some(cx.branch);
+            let previous = self.generations.newest_link(repo, host);
+            let link = self.generations.out_link(repo, host, other);
+            if let Err(e) = self.exec.add_root(out, &link, &CancellationToken::new()).await {
+                (status, error) = (HostStatus::Failure, Some(format!("cannot root the system: {}", e.detail())));
+                out_path = None;
+            } else if cx.deploy {
+                self.adopt_unrecorded(repo, host, out, previous.as_deref()).await;
+            }
+        }
+        self.metrics.build_duration.get_or_create(&label(repo, host)).observe(duration);
+        let ok = status.is_ok();
+        if cx.deploy {
+            let result = if ok { "success" } else { "failure" };
+            let series = RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: result.into() };
+            self.metrics.build_hosts.get_or_create(&series).inc();
+            self.metrics.host_last_success.get_or_create(&label(repo, host)).set(i64::from(ok));
+        }
+        let (generations, changes) = match (&out_path, status) {
+            (Some(out), HostStatus::Success) if cx.deploy => {
+                let (g, c) = self.record_generation(repo, host, out, cx.commit).await;
+                (Some(g), c)
+            }
+            // Nothing built: nothing changed.
+            (Some(out), HostStatus::Unchanged) => (None, self.unchanged(out).await),
+            // Another branch: what it would change against the host's newest deploy system,
+            // for the reply (flake-update's commit message) only.
+            (Some(out), _) => {
+                let newest = self.generations.list(repo, host).last().map(|g| g.path.clone());
+                let changes = match self.closure(out).await {
+                    Some(after) => self.diff(newest.as_deref(), &after).await,
+                    None => None,
+                };
+                (None, changes)
+            }
+            (None, _) => (None, None),
+        };
+        let at = now_seconds();
+        let build = match &error {
+            Some(e) => LastBuild::failed(at, cx.commit.map(str::to_owned), e),
+            None => LastBuild::new("success", at, cx.commit.map(str::to_owned)),
+        };
+        // One update (and one save) of the record per host.
+        let (deploy, branch) = (cx.deploy, cx.branch);
+        self.fleet.update(repo, host, |h| {
+            if !deploy {
+                h.branches.insert(branch.to_owned(), BranchBuild { build, out_path: out_path.clone() });
+                h.branches.retain(|_, b| at - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
+                return;
+            }
+            h.last_build = Some(build);
+            if let Some(g) = generations {
+                h.generations = g;
+            }
+            // An unchanged system keeps what its generation changed.
+            if status == HostStatus::Success
+                && let Some(c) = &changes
+            {
+                h.set_changes(c);
+            }
+        });
+        let duration_text = format!("{duration:.1}s");
+        match &error {
+            None => {
+                tracing::info!(%repo, %host, branch = %cx.branch, out = out_path.as_deref().unwrap_or("-"), unchanged = status == HostStatus::Unchanged, duration = %duration_text, "host built")
+            }
+            Some(e) => {
+                tracing::warn!(%repo, %host, branch = %cx.branch, duration = %duration_text, error = %e.lines().next().unwrap_or(""), "host failed to build")
+            }
+        }
+        HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes }
+    }
+
+    /// A host built before generations were kept: its old out-link becomes generation 1.
+    async fn adopt_unrecorded(&self, repo: &str, host: &str, out: &str, previous_link: Option<&str>) {
+        if self.generations.list(repo, host).is_empty()
+            && let Some(prev) = previous_link.filter(|p| *p != out)
+        {
+            self.root_generation(repo, host, prev, None, now_seconds() - 1).await;
+        }
+    }
+
+    /// Roots `out` as the host's newest generation, drops generations beyond
+    /// `keep_generations`, and works out what changed against the previous one; returns the
+    /// generations kept and the changes. Problems are logged: the build itself succeeded.
+    async fn record_generation(
+        &self,
+        repo: &str,
+        host: &str,
+        out: &str,
+        commit: Option<&str>,
+    ) -> (Vec<crate::fleet::Generation>, Option<Changes>) {
+        // The same system again: no new generation, and what changed stays what the newest
+        // changed against the one before it (never "no change" against itself).
+        let existing = self.generations.list(repo, host);
+        if existing.last().is_some_and(|g| g.path == out) {
+            let kept = self.fleet.snapshot().get(&(repo.to_owned(), host.to_owned())).and_then(|h| h.changes.clone());
+            return (existing, kept);
+        }
+        // Compared with the newest good system before this build, which is another one.
+        let before = existing.last().map(|g| g.path.clone());
+        self.root_generation(repo, host, out, commit, now_seconds()).await;
+        let gens = self.generations.list(repo, host);
+        let Some(after) = self.closure(out).await else { return (gens, None) };
+        // The host is about to pull its closure: have it compressed once, in the background.
+        self.store.cache_nars(&after);
+        (gens, self.describe(repo, host, before.as_deref(), &after).await)
+    }
+
+    /// An unchanged system's changes: none, against its own closure.
+    async fn unchanged(&self, out: &str) -> Option<Changes> {
+        let after = self.closure(out).await?;
+        let sizes: Vec<(String, u64)> = after.iter().map(|i| (i.path.to_string(), i.nar_size)).collect();
+        Some(closure_diff::diff(&sizes, &sizes))
+    }
+
+    /// The closure of the store path `path`, from the store's path info.
+    async fn closure(&self, path: &str) -> Option<Vec<Arc<PathInfo>>> {
+        let path = StorePath::from_absolute(self.store.store_dir(), path)?;
+        self.store.closure(&path).await.ok()?
+    }
+
+    async fn root_generation(&self, repo: &str, host: &str, path: &str, commit: Option<&str>, at: i64) {
+        let Some(plan) = self.generations.plan(repo, host, path, commit, at) else { return };
+        if let Err(e) = self.exec.add_root(path, &plan.link, &CancellationToken::new()).await {
+            tracing::warn!(%repo, %host, err = %e.detail(), "cannot root a generation; older ones are kept");
+            return;
+        }
+        for old in plan.obsolete {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!(link = %old.display(), err = %e, "cannot drop an old generation");
+            }
+        }
+    }
+
+    /// The newest generation's changes against the one before it (the store path `before`),
+    /// from the store's path info; its closure's size goes to the metrics.
+    async fn describe(&self, repo: &str, host: &str, before: Option<&str>, after: &[Arc<PathInfo>]) -> Option<Changes> {
+        let changes = self.diff(before, after).await?;
+        let label = label(repo, host);
+        self.metrics
+            .host_closure_bytes
+            .get_or_create(&label)
+            .set(i64::try_from(changes.bytes_after).unwrap_or(i64::MAX));
+        self.metrics.host_closure_paths.get_or_create(&label).set(changes.paths_after as i64);
+        Some(changes)
+    }
+
+    /// What `after` (a closure) changes against the system `before`.
+    async fn diff(&self, before: Option<&str>, after: &[Arc<PathInfo>]) -> Option<Changes> {
+        let sizes = |infos: &[Arc<PathInfo>]| infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>();
+        let after = sizes(after);
+        let changes = match before {
+            Some(before) => closure_diff::diff(&sizes(&self.closure(before).await?), &after),
+            None => {
+                let mut c = closure_diff::diff(&[], &[]);
+                c.first_build = true;
+                c.paths_after = after.len();
+                c.bytes_after = after.iter().map(|(_, s)| s).sum();
+                c
+            }
+        };
+        Some(changes)
+    }
+
+    /// At startup: the generations on disk are the record; closure sizes and changes are worked
+    /// out again from the store.
+    pub async fn recover(&self, repos: &[String]) {
+        // A build that ended after hearth was killed was never reported: it is no generation.
+        for link in self.generations.unrecorded_links(repos) {
+            match std::fs::remove_file(&link) {
+                Ok(()) => {
+                    tracing::warn!(root = %link.display(), "removed a GC root of a build that was never reported")
+                }
+                Err(e) => {
+                    tracing::warn!(root = %link.display(), err = %e, "cannot remove an unreported build's GC root")
+                }
+            }
+        }
+        for (repo, host) in self.generations.hosts(repos) {
+            let gens = self.generations.list(&repo, &host);
+            let changes = match gens.last() {
+                Some(newest) => {
+                    let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
+                    match self.closure(&newest.path).await {
+                        Some(after) => self.describe(&repo, &host, before, &after).await,
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            self.fleet.update(&repo, &host, |h| {
+                h.generations = gens;
+                if let Some(c) = &changes {
+                    h.set_changes(c);
+                }
+            });
+        }
+    }
+
+    /// Makes every host's series exist (at 0) so that its first failure shows as an increase.
+    pub fn seed_host_series(&self, repo: &str, host: &str) {
+        for status in ["success", "failure"] {
+            let labels = RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: status.into() };
+            let _ = self.metrics.build_hosts.get_or_create(&labels);
+        }
+    }
+}
+
+fn label(repo: &str, host: &str) -> RepoHost {
+    RepoHost { repo: repo.to_owned(), host: host.to_owned() }
+}
