@@ -55,6 +55,7 @@ let
         nkey_seed_file = "${credDir}/builder-nkey";
         build_timeout_seconds = cfg.builder.timeoutSeconds;
         keep_generations = cfg.builder.keepGenerations;
+        eval_workers = cfg.builder.evalWorkers;
         gcroots_dir = gcrootsDir;
         nix = "${config.nix.package}/bin/nix";
         repos = map (r: { inherit (r) name url branch; }) cfg.builder.repos;
@@ -243,12 +244,23 @@ in
       timeoutSeconds = lib.mkOption {
         type = lib.types.ints.positive;
         default = 14400;
-        description = "Timeout of one host's build.";
+        description = "Timeout of one host's evaluation, and of the build of all hosts of one request.";
       };
       keepGenerations = lib.mkOption {
         type = lib.types.ints.between 1 1000;
         default = 3;
         description = "Good systems kept per host as GC roots (the newest included), so rollbacks are served from the cache.";
+      };
+      evalWorkers = lib.mkOption {
+        type = lib.types.nullOr (lib.types.ints.between 1 256);
+        default = null;
+        example = 4;
+        description = ''
+          Nix evaluator processes at once when a request builds several hosts. Unset: half the
+          cores (at least 2 where there are 2). A NixOS evaluation takes one core and 1–2 GiB, so
+          the build host needs about evalWorkers × 2 GiB free while a fleet evaluates; 1 keeps the
+          footprint of one host at a time.
+        '';
       };
     };
 

@@ -793,3 +793,89 @@ async fn untrusted_fields_cannot_forge_log_lines() {
     assert!(!log.lines().any(|l| l.starts_with("2026-01-01")), "a request forged a log line:\n{log}");
     assert!(log.contains("\\n2026-01-01"), "the field is not in the log, escaped:\n{log}");
 }
+
+/// Four hosts that share a derivation: two good, one whose own dependency fails to build, one
+/// whose evaluation fails. Built as one graph by two evaluators.
+const GRAPH_FLAKE: &str = r#"{
+  outputs = { self }:
+    let
+      drv = name: script: deps: derivation {
+        inherit name deps;
+        system = "SYSTEM";
+        builder = "/bin/sh";
+        args = [ "-c" script ];
+      };
+      shared = drv "shared-SALT" "echo shared > $out" [ ];
+      broken = drv "broken-SALT" "echo the broken dependency fails on purpose; exit 1" [ ];
+      host = name: deps: { config.system.build.toplevel = drv name "echo ${name} $deps > $out" deps; };
+    in {
+      nixosConfigurations = {
+        one = host "one" [ shared ];
+        two = host "two" [ shared ];
+        buildbad = host "buildbad" [ shared broken ];
+        evalbad = { config.system.build.toplevel = throw "evalbad is broken on purpose"; };
+      };
+    };
+}
+"#;
+
+#[test]
+fn one_graph_gives_each_host_its_own_outcome_and_unchanged_hosts_build_nothing() {
+    let f = Fleet::start("eval_workers = 2");
+    assert!(f.hearth.log().contains("eval_workers=2"), "{}", f.hearth.log());
+    let repo = f.dir.path().join("fleet");
+    let text = GRAPH_FLAKE.replace("SYSTEM", &common::flake::system()).replace("SALT", &common::flake::salt());
+    std::fs::write(repo.join("flake.nix"), text).unwrap();
+    common::flake::git(&repo, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "graph"]);
+
+    let (code, replies) = f.cli(&["fleet", "all"]);
+    assert_eq!(code, 1, "{replies:?}");
+    let last = replies.last().unwrap();
+    let hosts = last["hosts"].as_array().unwrap();
+    let host = |h: &str| hosts.iter().find(|x| x["host"] == h).unwrap_or_else(|| panic!("{h} missing in {last}"));
+    assert_eq!(host("one")["status"], "success", "{last}");
+    assert_eq!(host("two")["status"], "success", "{last}");
+    assert_eq!(host("buildbad")["status"], "failure", "{last}");
+    assert_eq!(host("evalbad")["status"], "failure", "{last}");
+    // Each failure says its own cause: the derivation that failed with its own log, and the
+    // evaluation error.
+    let build_error = host("buildbad")["error"].as_str().unwrap();
+    assert!(build_error.contains("-broken-") && build_error.contains("fails on purpose"), "{build_error}");
+    assert!(!build_error.contains("evalbad"), "{build_error}");
+    let eval_error = host("evalbad")["error"].as_str().unwrap();
+    assert!(eval_error.contains("evalbad is broken on purpose"), "{eval_error}");
+    assert!(last["message"].as_str().unwrap().contains("2 of 4 host(s) failed"), "{last}");
+
+    // Progress replies carried every host's phase and counts; the last one saw the outcome.
+    let progress: Vec<&Value> = replies.iter().filter(|r| r["progress"].is_array()).collect();
+    assert!(!progress.is_empty(), "{replies:?}");
+    assert!(progress.iter().any(|r| r["progress"].as_array().unwrap().iter().any(|p| p["phase"] == "evaluating")));
+    let final_progress = progress.last().unwrap()["progress"].as_array().unwrap();
+    let phase = |h: &str| final_progress.iter().find(|p| p["host"] == h).unwrap().clone();
+    assert_eq!(phase("one")["phase"], "done", "{final_progress:?}");
+    assert_eq!((phase("one")["built"].as_u64(), phase("one")["to_build"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(phase("buildbad")["phase"], "failed", "{final_progress:?}");
+    assert_eq!(phase("evalbad")["phase"], "failed", "{final_progress:?}");
+    let log = f.hearth.log();
+    assert!(log.contains("host failed to evaluate") && log.contains("host=evalbad"), "{log}");
+
+    // The same commit again: the good hosts are unchanged at once (no generation, no changes),
+    // counted as successes; the broken ones fail again.
+    let (code, replies) = f.cli(&["fleet", "all"]);
+    assert_eq!(code, 1, "{replies:?}");
+    let last = replies.last().unwrap();
+    let hosts = last["hosts"].as_array().unwrap();
+    let host = |h: &str| hosts.iter().find(|x| x["host"] == h).unwrap().clone();
+    assert_eq!(host("one")["status"], "unchanged", "{last}");
+    assert_eq!(host("two")["status"], "unchanged", "{last}");
+    assert_eq!(host("buildbad")["status"], "failure", "{last}");
+    let changes = &host("one")["changes"];
+    assert_eq!(changes["changed"].as_array().map(Vec::len), Some(0), "{changes}");
+    assert_eq!(changes["added"].as_array().map(Vec::len), Some(0), "{changes}");
+    let generations = std::fs::read_dir(f.dir.path().join("gcroots/fleet/.generations/one")).unwrap().count();
+    assert_eq!(generations, 1);
+    let m = f.metrics();
+    assert_eq!(metric(&m, "homelab_deploy_build_host_total{repo=\"fleet\",host=\"one\",status=\"success\"}"), 2.0);
+    assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"one\"}"), 1.0);
+    assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"evalbad\"}"), 0.0);
+}

@@ -4,6 +4,7 @@
 //! rejected, or no builder serves the repo); 3 no final reply (timeout or NATS unreachable).
 //! Success is judged from the final reply only.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::config::NatsAuth;
-use super::job::{self, BuildRequest, HostStatus, Reply, Status};
+use super::job::{self, BuildRequest, HostProgress, HostStatus, Phase, Reply, Status};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Exit codes: 0 every host built; 1 a host failed; 2 refused (bad arguments, rejected, \
@@ -291,21 +292,78 @@ async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
     }
 }
 
-/// Renders replies: JSON lines, plain lines, or a live status line on a terminal.
+/// Renders replies: JSON lines, plain lines, or a live status block on a terminal.
 pub struct Display {
     json: bool,
     tty: bool,
-    /// A status line is on screen (to be cleared before the next line).
-    status_shown: bool,
+    /// Lines of the status block on screen (to be redrawn or cleared before the next line).
+    status_lines: usize,
+    /// Each host's phase as last printed (plain output prints changes only).
+    phases: HashMap<String, Phase>,
 }
 
-/// The terminal's width in columns, read on every update so a resize takes effect at once.
-fn terminal_width() -> usize {
+/// The terminal's size (columns, rows), read on every update so a resize takes effect at once.
+fn terminal_size() -> (usize, usize) {
     rustix::termios::tcgetwinsize(std::io::stdout())
-        .map(|w| usize::from(w.ws_col))
+        .map(|w| (usize::from(w.ws_col), usize::from(w.ws_row)))
         .ok()
-        .filter(|&w| w > 0)
-        .unwrap_or(80)
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .unwrap_or((80, 24))
+}
+
+fn terminal_width() -> usize {
+    terminal_size().0
+}
+
+/// One host's progress in words: `building 3 of 7: dep-a, nginx`.
+pub fn progress_line(p: &HostProgress) -> String {
+    match p.phase {
+        Phase::Evaluating => "evaluating".to_owned(),
+        Phase::Evaluated => format!("evaluated, {} to build", p.to_build),
+        Phase::Waiting => format!("waiting, {} of {} built", p.built, p.to_build),
+        Phase::Building => format!("building {} of {}: {}", p.built + 1, p.to_build, p.building.join(", ")),
+        Phase::Done => format!("done, {} built", p.to_build),
+        Phase::Failed => "FAILED".to_owned(),
+        Phase::Unchanged => "unchanged".to_owned(),
+    }
+}
+
+/// The whole build in one line: `12 of 16 hosts done · 2 building · 1 failed`.
+pub fn progress_summary(progress: &[HostProgress]) -> String {
+    let count = |phases: &[Phase]| progress.iter().filter(|p| phases.contains(&p.phase)).count();
+    let done = count(&[Phase::Done, Phase::Unchanged]);
+    let mut parts = vec![format!("{done} of {} host(s) done", progress.len())];
+    for (n, what) in [
+        (count(&[Phase::Evaluating]), "evaluating"),
+        (count(&[Phase::Building]), "building"),
+        (count(&[Phase::Waiting, Phase::Evaluated]), "waiting"),
+        (count(&[Phase::Failed]), "failed"),
+        (count(&[Phase::Unchanged]), "unchanged"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    parts.join(" · ")
+}
+
+/// The hosts to show in `rows` lines: the ones at work and the failed ones first.
+fn shown(progress: &[HostProgress], rows: usize) -> (Vec<&HostProgress>, usize) {
+    let rank = |p: &HostProgress| match p.phase {
+        Phase::Building => 0,
+        Phase::Failed => 1,
+        Phase::Evaluating => 2,
+        Phase::Waiting | Phase::Evaluated => 3,
+        Phase::Done | Phase::Unchanged => 4,
+    };
+    let mut order: Vec<&HostProgress> = progress.iter().collect();
+    if order.len() > rows {
+        order.sort_by_key(|p| rank(p));
+        let hidden = order.len() - rows.saturating_sub(1);
+        order.truncate(rows.saturating_sub(1));
+        return (order, hidden);
+    }
+    (order, 0)
 }
 
 /// `text` cut to `width` columns (characters), never wrapping.
@@ -342,7 +400,7 @@ pub fn headline(reply: &Reply) -> String {
 
 impl Display {
     pub fn new(json: bool) -> Self {
-        Self { json, tty: std::io::stdout().is_terminal(), status_shown: false }
+        Self { json, tty: std::io::stdout().is_terminal(), status_lines: 0, phases: HashMap::new() }
     }
 
     /// Whether a reply carries build log lines (rather than an event).
@@ -363,13 +421,18 @@ impl Display {
             return;
         }
         let host = reply.host.as_deref().unwrap_or("");
+        if let (Some(progress), Status::Progress) = (&reply.progress, reply.status) {
+            self.show_progress(&mut out, reply, progress);
+            return;
+        }
         if Self::is_log(reply) {
             if self.tty {
                 // On a terminal, log lines replace each other on one status line.
                 let last = reply.message.as_deref().unwrap_or("").lines().last().unwrap_or("");
+                self.clear(&mut out);
                 let _ =
                     write!(out, "\r\x1b[2K{}", fit(&format!("[{host}] {last}"), terminal_width().saturating_sub(1)));
-                self.status_shown = true;
+                self.status_lines = 1;
             } else {
                 for line in reply.message.as_deref().unwrap_or("").lines() {
                     let _ = writeln!(out, "[{host}] {line}");
@@ -378,14 +441,16 @@ impl Display {
             let _ = out.flush();
             return;
         }
-        if self.status_shown {
-            let _ = write!(out, "\r\x1b[2K");
-            self.status_shown = false;
-        }
+        self.clear(&mut out);
         let _ = writeln!(out, "{}", headline(reply));
         if let Some(hosts) = &reply.hosts {
             for h in hosts {
-                let mark = if h.status == HostStatus::Success { "ok  " } else { "FAIL" };
+                let mark = match h.status {
+                    HostStatus::Success => "ok  ",
+                    HostStatus::Unchanged => "same",
+                    HostStatus::Failure => "FAIL",
+                    HostStatus::Interrupted => "cut ",
+                };
                 let _ = writeln!(
                     out,
                     "  {mark} {} ({:.0}s) {}",
@@ -406,6 +471,56 @@ impl Display {
                 }
             }
         }
+        let _ = out.flush();
+    }
+
+    /// Removes the status block (or line) from the screen, the cursor at its first line.
+    fn clear(&mut self, out: &mut impl Write) {
+        match self.status_lines {
+            0 => {}
+            1 => {
+                let _ = write!(out, "\r\x1b[2K");
+            }
+            n => {
+                let _ = write!(out, "\r\x1b[{}A\x1b[J", n - 1);
+            }
+        }
+        self.status_lines = 0;
+    }
+
+    /// A progress reply: on a terminal, a block redrawn in place (one line a host, then the
+    /// summary and the newest log line); otherwise a line each time a host's phase changes.
+    fn show_progress(&mut self, out: &mut impl Write, reply: &Reply, progress: &[HostProgress]) {
+        if !self.tty {
+            for p in progress {
+                if self.phases.get(&p.host) != Some(&p.phase) {
+                    self.phases.insert(p.host.clone(), p.phase);
+                    let _ = writeln!(out, "[{}] {}", p.host, progress_line(p));
+                }
+            }
+            // Build log lines, each after its derivation's name (`name> line`).
+            for line in reply.message.as_deref().unwrap_or("").lines().filter(|l| l.contains("> ")) {
+                let _ = writeln!(out, "{line}");
+            }
+            let _ = out.flush();
+            return;
+        }
+        let (width, rows) = terminal_size();
+        let width = width.saturating_sub(1);
+        let name_width = progress.iter().map(|p| p.host.chars().count()).max().unwrap_or(0).min(width / 3);
+        let (hosts, hidden) = shown(progress, rows.saturating_sub(3).max(2));
+        let mut lines: Vec<String> =
+            hosts.iter().map(|p| fit(&format!("  {:name_width$}  {}", p.host, progress_line(p)), width)).collect();
+        if hidden > 0 {
+            lines.push(format!("  … and {hidden} more"));
+        }
+        lines.push(fit(&progress_summary(progress), width));
+        if let Some(last) = reply.message.as_deref().and_then(|m| m.lines().last()).filter(|l| l.contains("> ")) {
+            lines.push(fit(last, width));
+        }
+        self.clear(out);
+        let _ = write!(out, "{}", lines.join("\n"));
+        self.status_lines = lines.len();
         let _ = out.flush();
     }
 
@@ -434,6 +549,32 @@ mod tests {
         assert_eq!(headline(&r), "[web1] success");
         let started = Reply::new(Status::Started, "fleet", "all").message("building all of fleet at master");
         assert_eq!(headline(&started), "started: building all of fleet at master");
+    }
+
+    #[test]
+    fn progress_reads_in_one_line_a_host() {
+        let p = |host: &str, phase, built, to_build, building: &[&str]| HostProgress {
+            host: host.into(),
+            phase,
+            built,
+            to_build,
+            building: building.iter().map(|s| s.to_string()).collect(),
+        };
+        let all = vec![
+            p("web1", Phase::Building, 2, 7, &["nginx-1.27", "dep-a"]),
+            p("web2", Phase::Done, 3, 3, &[]),
+            p("db1", Phase::Failed, 0, 4, &[]),
+            p("ns1", Phase::Unchanged, 0, 0, &[]),
+            p("ns2", Phase::Evaluating, 0, 0, &[]),
+        ];
+        assert_eq!(progress_line(&all[0]), "building 3 of 7: nginx-1.27, dep-a");
+        assert_eq!(progress_line(&all[1]), "done, 3 built");
+        assert_eq!(progress_summary(&all), "2 of 5 host(s) done · 1 evaluating · 1 building · 1 failed · 1 unchanged");
+        // Fewer rows than hosts: the busy and failed ones stay, the rest are counted.
+        let (hosts, hidden) = shown(&all, 3);
+        assert_eq!(hosts.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(), ["web1", "db1"]);
+        assert_eq!(hidden, 3);
+        assert_eq!(shown(&all, 10).1, 0);
     }
 
     #[test]

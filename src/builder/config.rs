@@ -128,9 +128,11 @@ impl NatsAuth {
     }
 }
 
-/// Half the cores, at least 1: each NixOS evaluation is one core and 1–2 GiB.
+/// Half the cores, and at least 2 where there are 2 (evaluation ends before the build graph
+/// starts, so it never takes a core from a build); each NixOS evaluation is one core and 1–2 GiB.
 pub fn default_eval_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).max(cores.min(2))
 }
 
 #[derive(Debug, Clone)]

@@ -89,7 +89,8 @@ impl Tracker {
         self.hosts
             .iter()
             .map(|h| {
-                let built = h.to_build.iter().filter(|d| self.stopped.contains(*d) && !self.failed.contains(*d)).count();
+                let built =
+                    h.to_build.iter().filter(|d| self.stopped.contains(*d) && !self.failed.contains(*d)).count();
                 let mut building: Vec<String> = h
                     .to_build
                     .iter()

@@ -137,7 +137,12 @@ impl Worker {
             },
             _ = stop.cancelled() => return,
         }
-        tracing::info!(repos = self.config.repos.len(), group = %self.config.queue_group, "builder listening");
+        tracing::info!(
+            repos = self.config.repos.len(),
+            group = %self.config.queue_group,
+            eval_workers = self.config.eval_workers,
+            "builder listening"
+        );
         let worker = Arc::new(self);
         // The record of generations comes back from the GC roots; closures from the store.
         tokio::spawn({
@@ -688,7 +693,6 @@ impl Worker {
             self.metrics.build_last_success.get_or_create(&label).set(now_seconds());
         }
     }
-
 
     async fn publish(&self, to: &[String], reply: &Reply) {
         // Replies over the server's max payload would be refused: cut log tails to fit.

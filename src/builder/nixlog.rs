@@ -140,9 +140,7 @@ fn drv_paths(text: &str) -> Vec<String> {
     let mut rest = text;
     while let Some(at) = rest.find("/nix/store/") {
         let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || "/+-._?=".contains(c)))
-            .unwrap_or(tail.len());
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || "/+-._?=".contains(c))).unwrap_or(tail.len());
         let path = tail[..end].trim_end_matches('.');
         if let Some(drv) = path.strip_suffix(".drv").map(|p| format!("{p}.drv"))
             && !found.contains(&drv)
@@ -172,7 +170,10 @@ mod tests {
         let start = r#"@nix {"action":"start","fields":["/nix/store/aaaa-bad.drv","",1,1],"id":7,"level":3,"parent":0,"text":"building","type":105}"#;
         assert_eq!(p.feed(start), Some(Event::BuildStarted { drv: "/nix/store/aaaa-bad.drv".into() }));
         let line = r#"@nix {"action":"result","fields":["fail\u001b[31ming"],"id":7,"type":101}"#;
-        assert_eq!(p.feed(line), Some(Event::BuildLine { drv: "/nix/store/aaaa-bad.drv".into(), line: "failing".into() }));
+        assert_eq!(
+            p.feed(line),
+            Some(Event::BuildLine { drv: "/nix/store/aaaa-bad.drv".into(), line: "failing".into() })
+        );
         let err = r#"@nix {"action":"msg","level":0,"msg":"\u001b[31;1merror:\u001b[0m builder for '\u001b[35;1m/nix/store/aaaa-bad.drv\u001b[0m' failed"}"#;
         assert_eq!(
             p.feed(err),
@@ -181,7 +182,10 @@ mod tests {
                 drvs: vec!["/nix/store/aaaa-bad.drv".into()]
             })
         );
-        assert_eq!(p.feed(r#"@nix {"action":"stop","id":7}"#), Some(Event::BuildStopped { drv: "/nix/store/aaaa-bad.drv".into() }));
+        assert_eq!(
+            p.feed(r#"@nix {"action":"stop","id":7}"#),
+            Some(Event::BuildStopped { drv: "/nix/store/aaaa-bad.drv".into() })
+        );
         // Stopped once: a second stop of the same activity is nothing.
         assert_eq!(p.feed(r#"@nix {"action":"stop","id":7}"#), None);
     }

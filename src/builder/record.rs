@@ -83,8 +83,8 @@ impl Recorder {
             let other = (!cx.deploy).then_some(cx.branch);
             let previous = self.generations.newest_link(repo, host);
             let link = self.generations.out_link(repo, host, other);
-            if let Err(e) = self.exec.add_root(out, &link, &CancellationToken::new()).await {
-                (status, error) = (HostStatus::Failure, Some(format!("cannot root the system: {}", e.detail())));
+            if let Err(e) = self.root(out, &link).await {
+                (status, error) = (HostStatus::Failure, Some(format!("cannot root the system: {e}")));
                 out_path = None;
             } else if cx.deploy {
                 self.adopt_unrecorded(repo, host, out, previous.as_deref()).await;
@@ -153,6 +153,24 @@ impl Recorder {
         HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes }
     }
 
+    /// Makes `link` an indirect GC root of the store path `path`: through the daemon
+    /// (`AddIndirectRoot`, no process), else through `nix build --out-link`. The path is held by
+    /// a temporary root meanwhile, and must still be in the store.
+    async fn root(&self, path: &str, link: &std::path::Path) -> Result<(), String> {
+        let store_path = StorePath::from_absolute(self.store.store_dir(), path).ok_or("not a store path")?;
+        let held = self.store.hold(&store_path).await.map_err(|e| e.to_string())?;
+        if held.is_none() {
+            return Err(format!("{path} is not in the store"));
+        }
+        match self.store.add_indirect_root(&store_path, link).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(err = %e, "the daemon did not add the root; asking nix");
+                self.exec.add_root(path, link, &CancellationToken::new()).await.map_err(|e| e.detail())
+            }
+        }
+    }
+
     /// A host built before generations were kept: its old out-link becomes generation 1.
     async fn adopt_unrecorded(&self, repo: &str, host: &str, out: &str, previous_link: Option<&str>) {
         if self.generations.list(repo, host).is_empty()
@@ -204,8 +222,8 @@ impl Recorder {
 
     async fn root_generation(&self, repo: &str, host: &str, path: &str, commit: Option<&str>, at: i64) {
         let Some(plan) = self.generations.plan(repo, host, path, commit, at) else { return };
-        if let Err(e) = self.exec.add_root(path, &plan.link, &CancellationToken::new()).await {
-            tracing::warn!(%repo, %host, err = %e.detail(), "cannot root a generation; older ones are kept");
+        if let Err(e) = self.root(path, &plan.link).await {
+            tracing::warn!(%repo, %host, err = %e, "cannot root a generation; older ones are kept");
             return;
         }
         for old in plan.obsolete {
@@ -230,7 +248,8 @@ impl Recorder {
 
     /// What `after` (a closure) changes against the system `before`.
     async fn diff(&self, before: Option<&str>, after: &[Arc<PathInfo>]) -> Option<Changes> {
-        let sizes = |infos: &[Arc<PathInfo>]| infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>();
+        let sizes =
+            |infos: &[Arc<PathInfo>]| infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>();
         let after = sizes(after);
         let changes = match before {
             Some(before) => closure_diff::diff(&sizes(&self.closure(before).await?), &after),

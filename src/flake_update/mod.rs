@@ -131,7 +131,7 @@ fn built_exactly(reply: &crate::builder::job::Reply, commit: &str) -> bool {
     reply.status == Status::Completed
         && reply.commit.as_deref() == Some(commit)
         && !hosts.is_empty()
-        && hosts.iter().all(|h| h.status == HostStatus::Success && h.out_path.is_some())
+        && hosts.iter().all(|h| h.status.is_ok() && h.out_path.is_some())
 }
 
 /// What each host's system changed, as commit message text.

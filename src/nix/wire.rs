@@ -33,6 +33,7 @@ pub const MAX_LIST_LEN: u64 = 1 << 20;
 pub enum Op {
     IsValidPath = 1,
     AddTempRoot = 11,
+    AddIndirectRoot = 12,
     QueryPathInfo = 26,
     QueryPathFromHashPart = 29,
 }

@@ -271,6 +271,16 @@ impl Connection {
         Ok(self.u64().await? != 0)
     }
 
+    /// `AddIndirectRoot`: the symlink `link` (outside the store) becomes a GC root of the store
+    /// path it points to, for as long as it exists.
+    pub async fn add_indirect_root(&mut self, link: &str) -> Result<(), DaemonError> {
+        let mut req = Request::op(Op::AddIndirectRoot);
+        req.str(link);
+        self.send(req).await?;
+        self.u64().await?;
+        Ok(())
+    }
+
     /// `AddTempRoot`: the path cannot be garbage-collected while this connection lives.
     pub async fn add_temp_root(&mut self, path: &str) -> Result<(), DaemonError> {
         let mut req = Request::op(Op::AddTempRoot);

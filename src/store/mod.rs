@@ -265,6 +265,37 @@ impl Store {
         .map(Some)
     }
 
+    /// Points the symlink `link` at the store path `target` (replacing what it pointed to, in one
+    /// rename) and registers it with the daemon as an indirect GC root, so it holds wherever
+    /// `link` lives. `target` must be valid; the caller holds it meanwhile.
+    pub async fn add_indirect_root(&self, target: &StorePath, link: &std::path::Path) -> Result<(), StoreError> {
+        let full = target.to_absolute(&self.config.store_dir);
+        let link = link.to_owned();
+        let link_for_fs = link.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let link = link_for_fs;
+            if let Some(dir) = link.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let tmp = link.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&full, &tmp)?;
+            std::fs::rename(&tmp, &link)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        let link =
+            link.to_str().ok_or_else(|| StoreError::Corrupt("a GC root path that is not UTF-8".into()))?.to_owned();
+        self.pool
+            .run(move |conn| {
+                let link = link.clone();
+                Box::pin(async move { conn.add_indirect_root(&link).await })
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Protects `path` from garbage collection until the returned guard is dropped, then checks
     /// that it is still on disk (it may have been collected before the root was added).
     pub async fn hold(&self, path: &StorePath) -> Result<Option<TempRoot>, StoreError> {
