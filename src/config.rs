@@ -12,14 +12,8 @@ use serde::Deserialize;
 use crate::builder::config::{BuilderConfig, BuilderSection};
 use crate::nix::signing::SecretKey;
 use crate::store::{Backend, StoreConfig};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: {reason}")]
-    File { file: String, reason: String },
-    #[error("{key}: {reason}")]
-    Value { key: &'static str, reason: String },
-}
+pub use crate::validate::ConfigError;
+use crate::validate::in_range;
 
 fn file_err(path: &Path, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::File { file: path.display().to_string(), reason: reason.to_string() }
@@ -253,22 +247,6 @@ impl Config {
             }
         }
         out
-    }
-}
-
-/// Checks that a number lies in `range`.
-pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(
-    key: &'static str,
-    value: T,
-    range: std::ops::RangeInclusive<T>,
-) -> Result<T, ConfigError> {
-    if range.contains(&value) {
-        Ok(value)
-    } else {
-        Err(ConfigError::Value {
-            key,
-            reason: format!("{value} is out of range: {} to {}", range.start(), range.end()),
-        })
     }
 }
 

@@ -3,9 +3,12 @@
 //!
 //! Written by the builder, read by the cache's fleet page (`GET /`): like the metrics registry,
 //! a place both sides touch, never a call from one into the other. It holds nothing secret (no
-//! keys, credentials or log lines). It is saved as a small JSON file under the state directory;
-//! a missing or corrupt file starts an empty record, which the builder fills again from the GC
-//! roots and the store.
+//! keys, credentials or log lines).
+//!
+//! Where it is kept is one seam, [`Storage`]: a small JSON file under the state directory (one
+//! builder; a missing or corrupt file starts an empty record, which the builder fills again from
+//! the GC roots and the store), or a JetStream key-value bucket that every builder of the fleet
+//! writes and watches (one key per host), so each hearth shows the whole fleet.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +28,9 @@ pub struct Generation {
     /// When it was built (unix seconds).
     pub built_at: i64,
     pub commit: Option<String>,
+    /// The builder that built it (its `[builder] name`), where several share the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
 }
 
 /// The last build of a host.
@@ -139,10 +145,26 @@ pub struct Activity {
     pub queued: Vec<ActiveBuild>,
 }
 
+/// Where the record is kept.
+enum Storage {
+    /// Nowhere: no builder runs here.
+    None,
+    /// One JSON file, written whole on every change.
+    File(PathBuf),
+    /// A key-value bucket: each change goes to a writer task as one host's key and value (none:
+    /// deleted).
+    Bucket(tokio::sync::mpsc::UnboundedSender<(String, Option<Vec<u8>>)>),
+}
+
+/// The bucket key of a host: `<repo>/<host>` (neither name holds a `/`).
+fn bucket_key(repo: &str, host: &str) -> String {
+    format!("{repo}/{host}")
+}
+
 /// The record, shared by `Arc`.
 pub struct Fleet {
     hosts: RwLock<Hosts>,
-    file: Option<PathBuf>,
+    storage: RwLock<Storage>,
     /// Counts changes, so that readers can tell whether what they rendered is still true.
     version: std::sync::atomic::AtomicU64,
     activity: RwLock<Activity>,
@@ -154,7 +176,7 @@ impl Fleet {
         let hosts = file.as_deref().map(read).unwrap_or_default();
         Self {
             hosts: RwLock::new(hosts),
-            file,
+            storage: RwLock::new(file.map_or(Storage::None, Storage::File)),
             version: std::sync::atomic::AtomicU64::new(0),
             activity: RwLock::new(Activity::default()),
         }
@@ -162,36 +184,127 @@ impl Fleet {
 
     /// Changes one host's record (creating it) and saves the record.
     pub fn update(&self, repo: &str, host: &str, change: impl FnOnce(&mut HostRecord)) {
-        let saved = {
-            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
-            change(hosts.entry((repo.to_owned(), host.to_owned())).or_default());
-            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-            self.file.as_ref().map(|_| to_json(&hosts))
-        };
-        self.save(saved);
+        let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+        let record = hosts.entry((repo.to_owned(), host.to_owned())).or_default();
+        change(record);
+        let record = record.clone();
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.save(&hosts, &[(repo, host, Some(&record))]);
     }
 
     /// Drops the hosts of `repo` for which `keep` is false (hosts the flake no longer defines).
     pub fn retain(&self, repo: &str, keep: impl Fn(&str) -> bool) {
-        let saved = {
-            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
-            let before = hosts.len();
-            hosts.retain(|(r, h), _| r != repo || keep(h));
-            if hosts.len() == before {
-                return;
-            }
-            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-            self.file.as_ref().map(|_| to_json(&hosts))
-        };
-        self.save(saved);
+        let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<(String, String)> = hosts.keys().filter(|(r, h)| r == repo && !keep(h)).cloned().collect();
+        if gone.is_empty() {
+            return;
+        }
+        for key in &gone {
+            hosts.remove(key);
+        }
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        let changed: Vec<(&str, &str, Option<&HostRecord>)> =
+            gone.iter().map(|(r, h)| (r.as_str(), h.as_str(), None)).collect();
+        self.save(&hosts, &changed);
     }
 
-    /// Writes the record's JSON (made under the lock) to its file, if it has one.
-    fn save(&self, saved: Option<serde_json::Result<Vec<u8>>>) {
-        if let (Some(file), Some(Ok(json))) = (&self.file, saved)
-            && let Err(e) = write_atomically(file, &json)
+    /// Keeps the record after a change (under the hosts' lock, so saves stay in order): the
+    /// file written whole, or the changed hosts sent to the bucket.
+    fn save(&self, hosts: &Hosts, changed: &[(&str, &str, Option<&HostRecord>)]) {
+        match &*self.storage.read().unwrap_or_else(|e| e.into_inner()) {
+            Storage::None => {}
+            Storage::File(file) => {
+                if let Err(e) = to_json(hosts).map_err(std::io::Error::other).and_then(|j| write_atomically(file, &j)) {
+                    tracing::warn!(file = %file.display(), err = %e, "cannot save the fleet record");
+                }
+            }
+            Storage::Bucket(tx) => {
+                for (repo, host, record) in changed {
+                    let value = record.map(|r| {
+                        let saved = SavedHost { repo: (*repo).to_owned(), host: (*host).to_owned(), record: r.clone() };
+                        serde_json::to_vec(&saved).unwrap_or_default()
+                    });
+                    let _ = tx.send((bucket_key(repo, host), value));
+                }
+            }
+        }
+    }
+
+    /// Keeps the record in `bucket` from now on, shared with every builder that uses it: what
+    /// is there replaces the local record, every change there shows here, and this record's
+    /// changes go there. Runs until the process ends.
+    pub async fn share(self: &std::sync::Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
         {
-            tracing::warn!(file = %file.display(), err = %e, "cannot save the fleet record");
+            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+            hosts.clear();
+            *self.storage.write().unwrap_or_else(|e| e.into_inner()) = Storage::Bucket(tx);
+            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        let writer = bucket.clone();
+        tokio::spawn(async move {
+            while let Some((key, value)) = rx.recv().await {
+                // Retried while NATS is away; a newer write of the same key wins anyway.
+                for attempt in 0..30u64 {
+                    let result = match &value {
+                        Some(v) => {
+                            writer.put(&key, bytes::Bytes::from(v.clone())).await.map(|_| ()).map_err(|e| e.to_string())
+                        }
+                        None => writer.delete(&key).await.map_err(|e| e.to_string()),
+                    };
+                    match result {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(%key, err = %e, "cannot write the shared fleet record yet");
+                            tokio::time::sleep(std::time::Duration::from_secs(1 + attempt.min(9))).await;
+                        }
+                    }
+                }
+            }
+        });
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            loop {
+                let mut watch = match bucket.watch_with_history(">").await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(err = %e, "cannot watch the shared fleet record; trying again");
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        continue;
+                    }
+                };
+                while let Some(entry) = watch.next().await {
+                    let Ok(entry) = entry else { break };
+                    let Some((repo, host)) = entry.key.split_once('/') else { continue };
+                    let record = match entry.operation {
+                        async_nats::jetstream::kv::Operation::Put => {
+                            match serde_json::from_slice::<SavedHost>(&entry.value) {
+                                Ok(saved) => Some(saved.record),
+                                Err(e) => {
+                                    tracing::warn!(key = %entry.key, err = %e, "a shared fleet record entry is not one; ignored");
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    fleet.apply(repo, host, record);
+                }
+            }
+        });
+    }
+
+    /// A change that another builder made (or this one, echoed): shown, not saved again.
+    fn apply(&self, repo: &str, host: &str, record: Option<HostRecord>) {
+        let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+        let key = (repo.to_owned(), host.to_owned());
+        let changed = match record {
+            Some(r) => hosts.insert(key, r.clone()).is_none_or(|old| old != r),
+            None => hosts.remove(&key).is_some(),
+        };
+        if changed {
+            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -202,7 +315,7 @@ impl Fleet {
 
     /// Whether a builder keeps this record (it is kept only where one runs).
     pub fn has_builder(&self) -> bool {
-        self.file.is_some()
+        !matches!(*self.storage.read().unwrap_or_else(|e| e.into_inner()), Storage::None)
     }
 
     /// What the builder is doing now.

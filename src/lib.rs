@@ -16,3 +16,4 @@ pub mod nix;
 pub mod regular_file;
 pub mod store;
 pub mod utc;
+pub mod validate;

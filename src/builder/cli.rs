@@ -92,6 +92,11 @@ pub struct NatsArgs {
     pub nkey_seed_file: Option<PathBuf>,
     #[arg(long, env = "HEARTH_CREDS_FILE")]
     pub creds_file: Option<PathBuf>,
+    /// How long the builder may say nothing before it is taken for gone, e.g. `2m` (a running
+    /// build says something at least every 20 s). With a JetStream queue the request is not
+    /// lost: it is only said to be waiting, and the wait goes on.
+    #[arg(long, env = "HEARTH_SILENCE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub silence_timeout: Duration,
 }
 
 /// A deployer's NATS connection, and the errors the server reported on it (a permissions
@@ -101,6 +106,7 @@ pub struct Deployer {
     errors: tokio::sync::watch::Receiver<Option<String>>,
     /// Who asks: the client's name and the local `user@host`, for the builder's log.
     requested_by: String,
+    silence: Duration,
 }
 
 impl NatsArgs {
@@ -124,7 +130,7 @@ impl NatsArgs {
             .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", self.nats_url)))?;
         let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
         let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-        Ok(Deployer { client, errors, requested_by: format!("{name} {user}@{host}") })
+        Ok(Deployer { client, errors, requested_by: format!("{name} {user}@{host}"), silence: self.silence_timeout })
     }
 }
 
@@ -200,23 +206,33 @@ async fn exchange(
 ) -> Result<Reply, (u8, String)> {
     let client = &deployer.client;
     let mut errors = deployer.errors.clone();
-    let reply_to = format!("{}{}", job::RESPONSE_PREFIX, random_id());
+    let id = random_id();
+    let reply_to = format!("{}{id}", job::RESPONSE_PREFIX);
     let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
     request.reply_to = Some(reply_to.clone());
     let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
     let repo = &request.repo;
-    // The reply subject lets the server answer "no responders" when no builder serves the repo.
+    // The reply subject lets the server answer "no responders" when no builder serves the repo,
+    // and a JetStream stream that captures the request answer with its place in the stream.
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(job::REQUESTED_BY_HEADER, deployer.requested_by.as_str());
+    // A publish retried (by the client library, or a flake-update run again) is one request.
+    headers.insert("Nats-Msg-Id", id.as_str());
     client
         .publish_with_reply_and_headers(format!("build.{repo}.{}", request.target), reply_to, headers, payload.into())
         .await
         .map_err(|e| (EXIT_NO_RESULT, format!("publish: {e}")))?;
     client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let silence = deployer.silence.max(Duration::from_secs(1));
+    // Where JetStream keeps the request: it outlives any builder.
+    let mut durable: Option<(String, u64)> = None;
+    let mut heard = tokio::time::Instant::now();
+    let mut said_waiting = false;
     loop {
+        let quiet_until = (heard + silence).min(deadline);
         let next = tokio::select! {
-            next = tokio::time::timeout_at(deadline, sub.next()) => next,
+            next = tokio::time::timeout_at(quiet_until, sub.next()) => next,
             Ok(()) = errors.changed() => {
                 let error = errors.borrow_and_update().clone().unwrap_or_default();
                 if error.to_ascii_lowercase().contains("permissions violation") {
@@ -236,20 +252,79 @@ async fn exchange(
         let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => return Err((EXIT_NO_RESULT, "the NATS subscription ended".into())),
-            Err(_) => return Err((EXIT_NO_RESULT, format!("no final reply within {timeout:?}"))),
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err((EXIT_NO_RESULT, format!("no final reply within {timeout:?}")));
+            }
+            Err(_) => match &durable {
+                None => {
+                    return Err((
+                        EXIT_NO_RESULT,
+                        format!(
+                            "the builder went silent: no reply for {}s (it may have stopped or lost NATS); the request is gone with it: send it again",
+                            silence.as_secs()
+                        ),
+                    ));
+                }
+                Some((stream, seq)) => {
+                    // Not lost: the stream keeps it until a builder has answered it.
+                    heard = tokio::time::Instant::now();
+                    if !said_waiting {
+                        let note = Reply::new(Status::Progress, repo, &request.target).message(format!(
+                            "no reply for {}s: the request waits in JetStream stream {stream} (#{seq}); a free builder takes it, or it is delivered again if its builder stopped",
+                            silence.as_secs()
+                        ));
+                        let raw = serde_json::to_vec(&note).unwrap_or_default();
+                        on_reply(&note, &raw);
+                        said_waiting = true;
+                    }
+                    continue;
+                }
+            },
         };
+        heard = tokio::time::Instant::now();
         if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
             return Err((EXIT_REFUSED, format!("no builder serves repo `{repo}`")));
+        }
+        if let Ok(ack) = serde_json::from_slice::<StreamAck>(&msg.payload) {
+            match (ack.stream, ack.seq, ack.error) {
+                (_, _, Some(e)) => {
+                    return Err((
+                        EXIT_NO_RESULT,
+                        format!("the JetStream queue refused the request: {}", e.description),
+                    ));
+                }
+                (Some(stream), Some(seq), None) => {
+                    durable = Some((stream, seq));
+                    continue;
+                }
+                _ => {}
+            }
         }
         let Ok(reply) = serde_json::from_slice::<Reply>(&msg.payload) else {
             tracing::warn!("ignoring a reply that is not a build reply");
             continue;
         };
+        said_waiting = false;
         on_reply(&reply, &msg.payload);
         if reply.status.is_final() {
             return Ok(reply);
         }
     }
+}
+
+/// What a JetStream stream answers a publish it captured: its name and the message's place, or
+/// why it refused it (the stream is full, say).
+#[derive(serde::Deserialize)]
+struct StreamAck {
+    stream: Option<String>,
+    seq: Option<u64>,
+    error: Option<StreamAckError>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamAckError {
+    #[serde(default)]
+    description: String,
 }
 
 /// The exit code for a final reply.

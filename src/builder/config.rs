@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::job::{is_valid_branch, is_valid_name};
-use crate::config::{ConfigError, in_range};
+use crate::validate::{ConfigError, in_range};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,7 +44,58 @@ pub struct BuilderSection {
     pub keep_generations: usize,
     /// Nix evaluator processes at once (default: half the cores, at least 1).
     pub eval_workers: Option<usize>,
+    /// Where requests come from: `core` (a queue-group subscription) or `jetstream` (a durable
+    /// work queue shared by every builder, and the fleet record in a key-value bucket).
+    pub queue: QueueKind,
+    /// This builder's name in the shared record (default: the host name).
+    pub name: Option<String>,
+    /// A running build (and each waiting request) is told about at least this often.
+    pub heartbeat_seconds: u64,
+    pub jetstream: JetStreamSection,
     pub repos: Vec<RepoSection>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    Core,
+    JetStream,
+}
+
+/// `[builder.jetstream]`: the stream, consumer and bucket of `queue = "jetstream"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamSection {
+    pub stream: String,
+    pub consumer: String,
+    /// A request older than this is dropped from the stream unbuilt.
+    pub max_age_seconds: u64,
+    /// The stream's size bound; a publish beyond it is refused (so a client hears of it).
+    pub max_bytes: u64,
+    /// How long a delivered request may go without an acknowledgement before it is delivered
+    /// again; a running build says "still working" every third of it.
+    pub ack_wait_seconds: u64,
+    /// Deliveries of one request before it is answered `failed` and removed.
+    pub max_deliver: i64,
+    /// The key-value bucket of the fleet record.
+    pub bucket: String,
+    /// Copies of the stream and bucket in a NATS cluster (1 on a single server).
+    pub replicas: usize,
+}
+
+impl Default for JetStreamSection {
+    fn default() -> Self {
+        Self {
+            stream: "HEARTH_BUILDS".into(),
+            consumer: "hearth-builders".into(),
+            max_age_seconds: 86_400,
+            max_bytes: 64 << 20,
+            ack_wait_seconds: 60,
+            max_deliver: 3,
+            bucket: "hearth_fleet".into(),
+            replicas: 1,
+        }
+    }
 }
 
 impl Default for BuilderSection {
@@ -61,6 +112,10 @@ impl Default for BuilderSection {
             progress_interval_ms: 1000,
             keep_generations: 3,
             eval_workers: None,
+            queue: QueueKind::Core,
+            name: None,
+            heartbeat_seconds: 20,
+            jetstream: JetStreamSection::default(),
             repos: Vec::new(),
         }
     }
@@ -155,6 +210,11 @@ pub struct BuilderConfig {
     pub keep_generations: usize,
     /// Nix evaluator processes at once.
     pub eval_workers: usize,
+    pub queue: QueueKind,
+    /// This builder's name, as the shared record shows it.
+    pub name: String,
+    pub heartbeat: Duration,
+    pub jetstream: JetStreamSection,
     pub repos: Vec<RepoConfig>,
     /// Bare mirrors of the repos' branches, to check that a requested `rev` is on its branch
     /// (`<state_dir>/git`).
@@ -207,6 +267,28 @@ impl BuilderConfig {
         in_range("builder.keep_generations", s.keep_generations, 1..=1000)?;
         let eval_workers = s.eval_workers.unwrap_or_else(default_eval_workers);
         in_range("builder.eval_workers", eval_workers, 1..=256)?;
+        let js = &s.jetstream;
+        for (key, name) in [("builder.jetstream.stream", &js.stream), ("builder.jetstream.consumer", &js.consumer)] {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(ConfigError::Value { key, reason: format!("`{name}`: letters, digits, `_` and `-` only") });
+            }
+        }
+        if js.bucket.is_empty() || !js.bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(ConfigError::Value {
+                key: "builder.jetstream.bucket",
+                reason: format!("`{}`: letters, digits, `_` and `-` only", js.bucket),
+            });
+        }
+        in_range("builder.jetstream.max_age_seconds", js.max_age_seconds, 60..=365 * 86_400)?;
+        in_range("builder.jetstream.max_bytes", js.max_bytes, 1 << 20..=1 << 40)?;
+        in_range("builder.jetstream.ack_wait_seconds", js.ack_wait_seconds, 3..=3600)?;
+        in_range("builder.jetstream.max_deliver", js.max_deliver, 1..=100)?;
+        in_range("builder.jetstream.replicas", js.replicas, 1..=5)?;
+        in_range("builder.heartbeat_seconds", s.heartbeat_seconds, 1..=30)?;
+        let name = s.name.unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned());
+        if !is_valid_name(&name) {
+            return Err(ConfigError::Value { key: "builder.name", reason: format!("`{name}` must be a plain name") });
+        }
         if !s.gcroots_dir.is_absolute() {
             return Err(ConfigError::Value { key: "builder.gcroots_dir", reason: "must be an absolute path".into() });
         }
@@ -224,6 +306,10 @@ impl BuilderConfig {
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             keep_generations: s.keep_generations,
             eval_workers,
+            queue: s.queue,
+            name,
+            heartbeat: Duration::from_secs(s.heartbeat_seconds),
+            jetstream: s.jetstream,
             repos,
             git_cache_dir: PathBuf::from("/var/lib/hearth/git"),
         })

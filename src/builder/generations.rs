@@ -98,7 +98,7 @@ impl Generations {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let (number, built_at, commit) = parse_name(&name)?;
                 let path = std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
-                Some(Generation { number, path, built_at, commit })
+                Some(Generation { number, path, built_at, commit, builder: None })
             })
             .collect();
         out.sort_by_key(|g| g.number);
@@ -151,7 +151,13 @@ impl Generations {
             return None;
         }
         let next = existing.last().map_or(1, |g| g.number + 1);
-        let new = Generation { number: next, path: path.to_owned(), built_at: now, commit: commit.map(str::to_owned) };
+        let new = Generation {
+            number: next,
+            path: path.to_owned(),
+            built_at: now,
+            commit: commit.map(str::to_owned),
+            builder: None,
+        };
         // An older generation of the same system becomes the newest: no system holds two slots.
         let (same, others): (Vec<&Generation>, Vec<&Generation>) = existing.iter().partition(|g| g.path == path);
         let keep_old = self.keep - 1;

@@ -14,6 +14,7 @@ pub mod job;
 pub mod nixlog;
 mod queue;
 pub mod record;
+pub mod transport;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,13 +27,14 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, Repo, RepoHost, RepoHostStatus, RepoStatus};
 use crate::store::Store;
-use config::BuilderConfig;
+use config::{BuilderConfig, QueueKind};
 use eval::Evaluated;
 use exec::{BuildError, Exec};
 use generations::Generations;
 use job::{HostProgress, HostStatus, HostSummary, Phase, Reply, Status};
 use queue::{Enqueued, Job, Queue};
 use record::{Outcome, Recorder, now_seconds};
+use transport::{Delivery, Transport};
 
 /// Build log lines a progress reply carries at most (the newest).
 const PROGRESS_LINES: usize = 20;
@@ -53,6 +55,8 @@ pub struct Worker {
     exec: Exec,
     queue: Arc<Queue>,
     recorder: Recorder,
+    /// When a reply last went out (the heartbeat's clock).
+    last_reply: std::sync::Mutex<Instant>,
 }
 
 impl Worker {
@@ -112,8 +116,20 @@ impl Worker {
             fleet: fleet.clone(),
             generations: generations.clone(),
             exec: exec.clone(),
+            name: config.name.clone(),
+            keep_generations: config.keep_generations,
         };
-        Ok(Self { config: Arc::new(config), client, metrics, fleet, generations, exec, queue, recorder })
+        Ok(Self {
+            config: Arc::new(config),
+            client,
+            metrics,
+            fleet,
+            generations,
+            exec,
+            queue,
+            recorder,
+            last_reply: std::sync::Mutex::new(Instant::now()),
+        })
     }
 
     /// Takes requests until `stop`. Then the running build gets `grace` to finish before it is
@@ -121,15 +137,10 @@ impl Worker {
     /// still waiting.
     pub async fn run(self, stop: CancellationToken, grace: Duration) {
         let cancel = CancellationToken::new();
-        let mut subs = Vec::new();
-        for repo in &self.config.repos {
-            // `>`: a host name may hold dots, which NATS reads as more subject tokens.
-            let subject = format!("build.{}.>", repo.name);
-            match self.client.queue_subscribe(subject.clone(), self.config.queue_group.clone()).await {
-                Ok(s) => subs.push(s),
-                Err(e) => tracing::error!(%subject, err = %e, "cannot subscribe"),
-            }
+        if self.config.queue == QueueKind::JetStream && !self.share_record(&stop).await {
+            return;
         }
+        let mut transport = Transport::open(&self.client, &self.config).await;
         // A round trip makes sure the server has our subscriptions before we say we listen.
         tokio::select! {
             r = self.client.flush() => if let Err(e) = r {
@@ -139,7 +150,8 @@ impl Worker {
         }
         tracing::info!(
             repos = self.config.repos.len(),
-            group = %self.config.queue_group,
+            from = %transport.describe(),
+            builder = %self.config.name,
             eval_workers = self.config.eval_workers,
             "builder listening"
         );
@@ -152,22 +164,22 @@ impl Worker {
                 worker.recorder.recover(&repos).await;
             }
         });
+        let ended = CancellationToken::new();
+        tokio::spawn(worker.clone().keepalive(ended.clone()));
+        let _ended = ended.drop_guard();
         let mut builds = tokio::spawn(worker.clone().build_loop(stop.clone(), cancel.clone()));
-        let mut incoming = futures::stream::select_all(subs);
         loop {
             tokio::select! {
-                msg = incoming.next() => match msg {
-                    Some(msg) => worker.receive(msg).await,
+                delivery = transport.next(&worker.queue) => match delivery {
+                    Some(d) => worker.receive(d).await,
                     None => break,
                 },
                 _ = stop.cancelled() => break,
             }
         }
-        // Stop taking requests; messages already delivered stay unanswered by us and go to
-        // another builder in the group only if they are re-sent.
-        for sub in incoming.iter_mut() {
-            let _ = sub.unsubscribe().await;
-        }
+        // Stop taking requests. Core: messages already delivered stay unanswered by us and go to
+        // another builder only if they are re-sent; JetStream: what we hold is delivered again.
+        transport.close().await;
         if !builds.is_finished() {
             tracing::info!(
                 grace_seconds = grace.as_secs(),
@@ -185,7 +197,51 @@ impl Worker {
         let _ = worker.client.flush().await;
     }
 
-    async fn receive(&self, msg: async_nats::Message) {
+    /// Moves the fleet record into the shared bucket (made if missing), trying until NATS
+    /// answers; false if hearth stops first.
+    async fn share_record(&self, stop: &CancellationToken) -> bool {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let s = &self.config.jetstream;
+        loop {
+            // The bucket's stream as a key-value bucket has it, made directly: the client's own
+            // `create_key_value` asks for account details older servers (2.9) answer otherwise.
+            let made = js
+                .create_or_update_stream(async_nats::jetstream::stream::Config {
+                    name: format!("KV_{}", s.bucket),
+                    description: Some("hearth fleet record: one key per <repo>/<host>".into()),
+                    subjects: vec![format!("$KV.{}.>", s.bucket)],
+                    max_messages_per_subject: 1,
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    num_replicas: s.replicas,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    discard: async_nats::jetstream::stream::DiscardPolicy::New,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string());
+            let bucket = match made {
+                Ok(_) => js.get_key_value(&s.bucket).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match bucket {
+                Ok(b) => {
+                    self.fleet.share(b).await;
+                    tracing::info!(bucket = %s.bucket, "the fleet record is shared in JetStream");
+                    return true;
+                }
+                Err(e) => tracing::warn!(bucket = %s.bucket, err = %e, "cannot open the shared fleet record yet"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.cancelled() => return false,
+            }
+        }
+    }
+
+    async fn receive(&self, msg: Delivery) {
+        let ack = msg.ack.clone();
         let parsed = job::parse_request(&msg.subject, &msg.payload, |r| self.config.repo(r).is_some());
         let req = match parsed {
             Ok(req) => req,
@@ -205,11 +261,32 @@ impl Worker {
                 if let Some(to) = reply_to {
                     self.publish(&[to], &Reply::new(Status::Rejected, repo, target).message(why.to_string())).await;
                 }
+                if let Some(ack) = ack {
+                    ack.term().await;
+                }
                 return;
             }
         };
         let reply_to = req.reply_to.clone().or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
         let Some(repo) = self.config.repo(&req.repo) else { return };
+        if let Some(a) = ack.as_ref().filter(|a| a.delivered > self.config.jetstream.max_deliver) {
+            // Builders died building it, time after time: answered, never tried again.
+            let why = format!(
+                "delivered {} times without a result (the builders taking it stopped before it ended); not tried again",
+                a.delivered - 1
+            );
+            tracing::warn!(repo = %req.repo, target = %req.target.escape_debug(), seq = a.sequence, "build request dropped after its last delivery");
+            if let Some(to) = &reply_to {
+                self.publish(
+                    std::slice::from_ref(to),
+                    &Reply::new(Status::Failed, &req.repo, &req.target).message(why),
+                )
+                .await;
+                let _ = self.client.flush().await;
+            }
+            a.term().await;
+            return;
+        }
         if req.check {
             // A question, not a build: answered at once, counted nowhere.
             if let Some(to) = reply_to {
@@ -218,6 +295,9 @@ impl Worker {
                 r.branch = Some(repo.branch.clone());
                 r.repo_url = Some(job::without_credentials(&repo.url));
                 self.publish(&[to], &r).await;
+            }
+            if let Some(ack) = ack {
+                ack.done().await;
             }
             return;
         }
@@ -228,6 +308,7 @@ impl Worker {
             branch,
             rev: req.rev.clone(),
             reply_to: reply_to.iter().cloned().collect(),
+            acks: ack.iter().cloned().collect(),
         };
         let outcome = self.queue.push(job);
         self.metrics.build_queue.set(self.queue.waiting() as i64);
@@ -245,6 +326,7 @@ impl Worker {
             rev = req.rev.as_deref().unwrap_or("(head)"),
             requested_by = %requested_by.escape_debug(),
             %outcome,
+            delivery = ack.as_ref().map_or(1, |a| a.delivered),
             "build request accepted"
         );
         let Some(to) = reply_to else { return };
@@ -265,6 +347,9 @@ impl Worker {
                 self.metrics.build_rejected.get_or_create(&Repo { repo: req.repo.clone() }).inc();
                 tracing::warn!(repo = %req.repo, target = %req.target, reason = %why, "build request rejected");
                 self.publish(&[to], &reply(Status::Rejected).message(why.to_string())).await;
+                if let Some(ack) = ack {
+                    ack.term().await;
+                }
             }
         }
     }
@@ -284,6 +369,13 @@ impl Worker {
             self.metrics.build_in_progress.set(0);
         }
         for job in self.queue.drain() {
+            if !job.acks.is_empty() {
+                // Durable: another builder (or this one, restarted) takes it.
+                for ack in &job.acks {
+                    ack.give_back().await;
+                }
+                continue;
+            }
             let mut r = Reply::new(Status::Interrupted, &job.repo.name, &job.target)
                 .message("interrupted: hearth stopped before this build started; send it again");
             r.branch = Some(job.branch.clone());
@@ -331,7 +423,7 @@ impl Worker {
             Err(BuildError::Rejected(why)) => {
                 self.metrics.build_rejected.get_or_create(&Repo { repo: repo.clone() }).inc();
                 tracing::warn!(%repo, target = %job.target, branch = %job.branch, reason = %why, "build rejected");
-                return self.publish_final(&self.subscribers(), &base(Status::Rejected).message(why), cancel).await;
+                return self.conclude(base(Status::Rejected).message(why), cancel).await;
             }
             Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
         };
@@ -365,7 +457,7 @@ impl Worker {
             let message = format!("unknown host `{}` in {repo}; {hint}", job.target);
             self.metrics.build_rejected.get_or_create(&Repo { repo: repo.clone() }).inc();
             tracing::warn!(%repo, target = %job.target, commit = commit.as_deref().unwrap_or("-"), "build rejected: unknown host");
-            return self.publish_final(&self.subscribers(), &base(Status::Rejected).message(message), cancel).await;
+            return self.conclude(base(Status::Rejected).message(message), cancel).await;
         };
 
         // Only the deploy branch's builds are the hosts' state; another branch's are recorded
@@ -437,7 +529,7 @@ impl Worker {
         } else {
             tracing::warn!(%repo, target = %job.target, branch = %job.branch, %commit, failed = %failed.join(","), %duration, reason = r.message.as_deref().unwrap_or(""), "build failed");
         }
-        self.publish_final(&self.subscribers(), &r, cancel).await;
+        self.conclude(r, cancel).await;
     }
 
     /// Builds `hosts` of `flake`: evaluates them on up to `eval_workers` cores, reports the
@@ -665,7 +757,7 @@ impl Worker {
     async fn finish_interrupted(&self, job: &Job, reply: Reply, cancel: &CancellationToken) {
         tracing::warn!(repo = %job.repo.name, target = %job.target, branch = %job.branch, "build interrupted by shutdown");
         let reply = reply.message("interrupted by shutdown before any host was built; send it again");
-        self.publish_final(&self.subscribers(), &reply, cancel).await;
+        self.conclude(reply, cancel).await;
     }
 
     async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {
@@ -679,7 +771,79 @@ impl Worker {
             reason = %reply.message.as_deref().unwrap_or("").lines().next().unwrap_or(""),
             "build failed"
         );
+        self.conclude(reply, cancel).await;
+    }
+
+    /// Ends the running job with `reply`: its final reply, then (JetStream) its requests leave
+    /// the stream. A build cut by shutdown is no result: with JetStream its requests go back to
+    /// the stream (another builder, or this one restarted, builds them) and their clients are
+    /// told so instead of getting a final reply.
+    async fn conclude(&self, reply: Reply, cancel: &CancellationToken) {
+        let acks = self.queue.running_acks();
+        if reply.status == Status::Interrupted && !acks.is_empty() {
+            let mut r = reply.clone();
+            r.status = Status::Progress;
+            r.message = Some("this builder stopped before the build ended; the request goes back to the JetStream queue and is built again".into());
+            self.publish_final(&self.subscribers(), &r, cancel).await;
+            for ack in acks {
+                tracing::warn!(
+                    seq = ack.sequence,
+                    "build cut by shutdown: the request goes back to the JetStream queue"
+                );
+                ack.give_back().await;
+            }
+            return;
+        }
         self.publish_final(&self.subscribers(), &reply, cancel).await;
+        for ack in acks {
+            ack.done().await;
+        }
+    }
+
+    /// Keeps every waiting client informed and every durable request held: a running build
+    /// says at least every `heartbeat_seconds` that it goes on, waiting requests their place, and
+    /// (JetStream) the running request is marked in progress every third of the ack wait.
+    async fn keepalive(self: Arc<Self>, ended: CancellationToken) {
+        let ack_every = Duration::from_secs(self.config.jetstream.ack_wait_seconds) / 3;
+        let heartbeat = self.config.heartbeat;
+        let tick = ack_every.min(Duration::from_secs(5)).min(heartbeat / 2);
+        let mut last_ack = Instant::now();
+        let mut last_queue_note = Instant::now();
+        let mut record_seen = self.fleet.version();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = ended.cancelled() => return,
+            }
+            // A record shared with other builders changes under us: the gauges follow it.
+            if self.config.queue == QueueKind::JetStream && self.fleet.version() != record_seen {
+                record_seen = self.fleet.version();
+                seed_metrics(&self.config, &self.metrics, &self.fleet);
+            }
+            if last_ack.elapsed() >= ack_every {
+                for ack in self.queue.running_acks() {
+                    ack.working().await;
+                }
+                last_ack = Instant::now();
+            }
+            let subscribers = self.subscribers();
+            let silent = self.last_reply.lock().map(|t| t.elapsed()).unwrap_or_default();
+            if !subscribers.is_empty() && silent >= heartbeat {
+                let running = self.fleet.activity();
+                let (repo, target) = running.running.map(|b| (b.repo, b.target)).unwrap_or_default();
+                let since = running.since.map(|s| now_seconds() - s).unwrap_or(0);
+                let r = Reply::new(Status::Progress, &repo, &target).message(format!("still building ({since}s)"));
+                self.publish(&subscribers, &r).await;
+            }
+            if last_queue_note.elapsed() >= heartbeat {
+                for (position, to) in self.queue.waiting_subscribers() {
+                    let mut r = Reply::new(Status::Progress, "", "").message(format!("queued at position {position}"));
+                    r.queue_position = Some(position);
+                    self.send(&to, &r).await;
+                }
+                last_queue_note = Instant::now();
+            }
+        }
     }
 
     /// Counts a finished build; `any_host_ok`: a host of the deploy branch built (a repo with one
@@ -694,7 +858,15 @@ impl Worker {
         }
     }
 
+    /// Publishes `reply` to `to`; the running build's replies restart the heartbeat's clock.
     async fn publish(&self, to: &[String], reply: &Reply) {
+        if let Ok(mut t) = self.last_reply.lock() {
+            *t = Instant::now();
+        }
+        self.send(to, reply).await;
+    }
+
+    async fn send(&self, to: &[String], reply: &Reply) {
         // Replies over the server's max payload would be refused: cut log tails to fit.
         let max = self.client.server_info().max_payload;
         let max = if max == 0 { 1 << 20 } else { max };
@@ -785,7 +957,12 @@ fn seed_metrics(config: &BuilderConfig, metrics: &Metrics, fleet: &Fleet) {
             let _ = metrics.build_hosts.get_or_create(&labels);
         }
         let ok = last.status == "success";
-        metrics.host_last_success.get_or_create(&RepoHost { repo: repo.clone(), host }).set(i64::from(ok));
+        let label = RepoHost { repo: repo.clone(), host };
+        metrics.host_last_success.get_or_create(&label).set(i64::from(ok));
+        if let (Some(bytes), Some(paths)) = (record.closure_bytes, record.closure_paths) {
+            metrics.host_closure_bytes.get_or_create(&label).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            metrics.host_closure_paths.get_or_create(&label).set(i64::try_from(paths).unwrap_or(i64::MAX));
+        }
         let label = Repo { repo };
         let at = metrics.build_last.get_or_create(&label).get().max(last.at);
         metrics.build_last.get_or_create(&label).set(at);

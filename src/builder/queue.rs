@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 use super::config::RepoConfig;
+use super::transport::Ack;
 
 /// A build to run and the subjects its replies go to.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub(super) struct Job {
     /// The commit asked for, if any.
     pub rev: Option<String>,
     pub reply_to: Vec<String>,
+    /// The durable requests it answers (JetStream), acknowledged after its final reply.
+    pub acks: Vec<Ack>,
 }
 
 /// Requests one build answers at most (its own and those that joined it).
@@ -76,6 +79,7 @@ fn join(target: &mut Job, job: Job) -> Enqueued {
         return Enqueued::TooManyJoiners;
     }
     target.reply_to.extend(job.reply_to);
+    target.acks.extend(job.acks);
     Enqueued::Joined
 }
 
@@ -90,11 +94,13 @@ pub(super) struct Queue {
     state: Mutex<State>,
     capacity: usize,
     notify: Notify,
+    /// Told when the running job finishes.
+    finished: Notify,
 }
 
 impl Queue {
     pub(super) fn new(capacity: usize) -> Self {
-        Self { state: Mutex::default(), capacity, notify: Notify::new() }
+        Self { state: Mutex::default(), capacity, notify: Notify::new(), finished: Notify::new() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -149,6 +155,34 @@ impl Queue {
         let mut s = self.lock();
         s.running = None;
         s.running_commit = None;
+        drop(s);
+        self.finished.notify_waiters();
+    }
+
+    /// Waits until nothing runs or waits.
+    pub(super) async fn idle(&self) {
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            {
+                let s = self.lock();
+                if s.running.is_none() && s.waiting.is_empty() {
+                    return;
+                }
+            }
+            finished.await;
+        }
+    }
+
+    /// The running job's durable requests.
+    pub(super) fn running_acks(&self) -> Vec<Ack> {
+        self.lock().running.as_ref().map(|r| r.acks.clone()).unwrap_or_default()
+    }
+
+    /// Each waiting job's place (1 = next) and reply subjects.
+    pub(super) fn waiting_subscribers(&self) -> Vec<(usize, Vec<String>)> {
+        self.lock().waiting.iter().enumerate().map(|(i, j)| (i + 1, j.reply_to.clone())).collect()
     }
 
     pub(super) fn running_subscribers(&self) -> Vec<String> {
@@ -195,6 +229,7 @@ mod tests {
             branch: "master".into(),
             rev: None,
             reply_to: vec![reply.into()],
+            acks: Vec::new(),
         }
     }
 

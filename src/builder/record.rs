@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::exec::Exec;
 use super::generations::{self, Generations};
 use super::job::{HostStatus, HostSummary};
-use crate::fleet::{BranchBuild, Fleet, LastBuild};
+use crate::fleet::{BranchBuild, Fleet, Generation, LastBuild};
 use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -50,12 +50,38 @@ pub struct Recorder {
     pub fleet: Arc<Fleet>,
     pub generations: Generations,
     pub exec: Exec,
+    /// This builder's name, on the generations it roots.
+    pub name: String,
+    pub keep_generations: usize,
+}
+
+/// A host's generations as the record shows them: this builder's own (from its roots, named
+/// with it) and, where several builders share the record, the others' newest (as they recorded
+/// them), one entry per system, oldest first, at most `keep`.
+fn merge(shared: &[Generation], local: Vec<Generation>, me: &str, keep: usize) -> Vec<Generation> {
+    let mut all: Vec<Generation> = local
+        .into_iter()
+        .map(|mut g| {
+            g.builder = Some(me.to_owned());
+            g
+        })
+        .collect();
+    for g in shared.iter().filter(|g| g.builder.as_deref().is_some_and(|b| b != me)) {
+        if !all.iter().any(|a| a.path == g.path) {
+            all.push(g.clone());
+        }
+    }
+    all.sort_by_key(|g| (g.built_at, g.number));
+    let from = all.len().saturating_sub(keep.max(1));
+    all.split_off(from)
 }
 
 impl Recorder {
     /// Whether `out` is `host`'s newest good generation and still in the store.
     pub async fn is_newest(&self, repo: &str, host: &str, out: &str) -> bool {
-        self.generations.list(repo, host).last().is_some_and(|g| g.path == out) && self.is_valid(out).await
+        let record = self.fleet.snapshot().remove(&(repo.to_owned(), host.to_owned()));
+        let newest = record.and_then(|r| r.generations.last().map(|g| g.path.clone()));
+        newest.as_deref() == Some(out) && self.is_valid(out).await
     }
 
     /// Whether the store holds the path `path`.
@@ -123,7 +149,7 @@ impl Recorder {
             None => LastBuild::new("success", at, cx.commit.map(str::to_owned)),
         };
         // One update (and one save) of the record per host.
-        let (deploy, branch) = (cx.deploy, cx.branch);
+        let (deploy, branch, me, keep) = (cx.deploy, cx.branch, self.name.as_str(), self.keep_generations);
         self.fleet.update(repo, host, |h| {
             if !deploy {
                 h.branches.insert(branch.to_owned(), BranchBuild { build, out_path: out_path.clone() });
@@ -132,7 +158,7 @@ impl Recorder {
             }
             h.last_build = Some(build);
             if let Some(g) = generations {
-                h.generations = g;
+                h.generations = merge(&h.generations, g, me, keep);
             }
             // An unchanged system keeps what its generation changed.
             if status == HostStatus::Success
@@ -290,8 +316,9 @@ impl Recorder {
                 }
                 None => None,
             };
+            let (me, keep) = (self.name.as_str(), self.keep_generations);
             self.fleet.update(&repo, &host, |h| {
-                h.generations = gens;
+                h.generations = merge(&h.generations, gens, me, keep);
                 if let Some(c) = &changes {
                     h.set_changes(c);
                 }
@@ -310,4 +337,35 @@ impl Recorder {
 
 fn label(repo: &str, host: &str) -> RepoHost {
     RepoHost { repo: repo.to_owned(), host: host.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(n: u64, path: &str, at: i64, builder: Option<&str>) -> Generation {
+        Generation { number: n, path: path.into(), built_at: at, commit: None, builder: builder.map(str::to_owned) }
+    }
+
+    #[test]
+    fn generations_of_several_builders_merge_newest_last() {
+        let shared = [
+            generation(1, "/nix/store/a", 10, Some("b1")),
+            generation(7, "/nix/store/x", 20, Some("b2")),
+            generation(2, "/nix/store/b", 30, Some("b1")),
+        ];
+        let local = vec![
+            generation(1, "/nix/store/a", 10, None),
+            generation(2, "/nix/store/b", 30, None),
+            generation(3, "/nix/store/c", 40, None),
+        ];
+        let merged = merge(&shared, local, "b1", 3);
+        let paths: Vec<&str> = merged.iter().map(|g| g.path.as_str()).collect();
+        assert_eq!(paths, ["/nix/store/x", "/nix/store/b", "/nix/store/c"]);
+        assert_eq!(merged[0].builder.as_deref(), Some("b2"));
+        assert_eq!(merged[2].builder.as_deref(), Some("b1"));
+        // One builder: its own roots are the record.
+        let alone = merge(&[], vec![generation(1, "/nix/store/a", 10, None)], "b1", 3);
+        assert_eq!(alone.len(), 1);
+    }
 }

@@ -248,9 +248,10 @@ fn host_html(repo: &str, host: &str, r: &HostRecord, now: i64, building: bool) -
     }
     if let Some(g) = r.generations.last() {
         out.push_str(&format!(
-            "<p>generation {} · built {}{}</p>",
+            "<p>generation {} · built {}{}{}</p>",
             g.number,
             when(now, g.built_at),
+            g.builder.as_deref().map(|b| format!(" by {}", esc(b))).unwrap_or_default(),
             r.closure_bytes
                 .map(|b| format!(
                     " · closure {} in {} paths",
@@ -263,10 +264,11 @@ fn host_html(repo: &str, host: &str, r: &HostRecord, now: i64, building: bool) -
         out.push_str("<ul class=gens>");
         for g in r.generations.iter().rev() {
             out.push_str(&format!(
-                "<li>{} <code>{}</code> <span class=muted>{}</span></li>",
+                "<li>{} <code>{}</code> <span class=muted>{}{}</span></li>",
                 g.number,
                 esc(&g.path),
-                when(now, g.built_at)
+                when(now, g.built_at),
+                g.builder.as_deref().map(|b| format!(" on {}", esc(b))).unwrap_or_default()
             ));
         }
         out.push_str("</ul>");
@@ -437,8 +439,20 @@ mod tests {
         let ok = HostRecord {
             last_build: Some(LastBuild::new("success", 9_000, None)),
             generations: vec![
-                Generation { number: 1, path: "/nix/store/a-web1-old".into(), built_at: 1_000, commit: None },
-                Generation { number: 2, path: "/nix/store/b-web1-new".into(), built_at: 9_000, commit: None },
+                Generation {
+                    number: 1,
+                    path: "/nix/store/a-web1-old".into(),
+                    built_at: 1_000,
+                    commit: None,
+                    builder: None,
+                },
+                Generation {
+                    number: 2,
+                    path: "/nix/store/b-web1-new".into(),
+                    built_at: 9_000,
+                    commit: None,
+                    builder: Some("build<1>".into()),
+                },
             ],
             ..HostRecord::default()
         };
@@ -470,6 +484,8 @@ mod tests {
         // The summary first, then the failure (sorted after web1 by name, shown before it).
         assert!(at("1 built") < at("Failing") && at("Failing") < at("zz-db1") && at("zz-db1") < at("<h3>web1"));
         assert!(page.contains("1 failed") && page.contains("1 building") && page.contains("1 queued"), "{page}");
+        // Which builder built a generation, escaped.
+        assert!(page.contains("by build&lt;1&gt;") && page.contains("on build&lt;1&gt;"), "{page}");
         assert!(
             page.contains("&lt;oops&gt;") && page.contains("href=\"/log/4924di507lk0s315v70am3a9rf7nb5mq-db1.drv\"")
         );
@@ -502,7 +518,13 @@ mod tests {
         let mut hosts = Hosts::new();
         let record = HostRecord {
             last_build: Some(LastBuild::new("failure", 0, Some("a".repeat(40)))),
-            generations: vec![Generation { number: 2, path: "/nix/store/x-<b>".into(), built_at: 0, commit: None }],
+            generations: vec![Generation {
+                number: 2,
+                path: "/nix/store/x-<b>".into(),
+                built_at: 0,
+                commit: None,
+                builder: None,
+            }],
             closure_bytes: Some(1 << 30),
             closure_paths: Some(3),
             changes: Some(Changes {

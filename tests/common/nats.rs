@@ -19,21 +19,47 @@ pub struct Nats {
     watcher_pub: String,
     /// Extra server settings (e.g. `max_payload: 32768`).
     extra: String,
+    /// JetStream on, and the builder allowed its API (docs/protocol.md's permissions).
+    jetstream: bool,
 }
 
 fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
+    users(nkey, &[publish], &[subscribe])
+}
+
+fn users(nkey: &str, publish: &[&str], subscribe: &[&str]) -> String {
+    let list = |s: &[&str]| s.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ");
     format!(
-        "{{ nkey: {nkey}, permissions: {{ publish: {{ allow: [\"{publish}\"] }}, subscribe: {{ allow: [\"{subscribe}\"] }} }} }}"
+        "{{ nkey: {nkey}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
+        list(publish),
+        list(subscribe)
     )
 }
+
+/// What a builder with `queue = "jetstream"` may publish: its replies, the JetStream API (stream,
+/// consumer and bucket management, fetching), acknowledgements of the build stream, and the
+/// fleet bucket's keys; and subscribe: its inboxes (fetched requests, API answers, the bucket's
+/// watch).
+pub const JETSTREAM_BUILDER_PUBLISH: [&str; 4] =
+    ["build.responses.>", "$JS.API.>", "$JS.ACK.HEARTH_BUILDS.>", "$KV.hearth_fleet.>"];
+pub const JETSTREAM_BUILDER_SUBSCRIBE: [&str; 2] = ["build.>", "_INBOX.>"];
 
 impl Nats {
     pub fn start() -> Self {
         Self::start_with("")
     }
 
+    /// Starts a server with JetStream (its store in the test's directory, kept over restarts).
+    pub fn start_jetstream() -> Self {
+        Self::start_inner("", true)
+    }
+
     /// Starts a server with `extra` lines in its config.
     pub fn start_with(extra: &str) -> Self {
+        Self::start_inner(extra, false)
+    }
+
+    fn start_inner(extra: &str, jetstream: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let builder = nkeys::KeyPair::new_user();
         let deployer = nkeys::KeyPair::new_user();
@@ -55,6 +81,7 @@ impl Nats {
             deployer_pub: deployer.public_key(),
             watcher_pub: watcher.public_key(),
             extra: extra.to_owned(),
+            jetstream,
         };
         n.write_config(true);
         n.spawn();
@@ -71,12 +98,22 @@ impl Nats {
             user(&self.deployer_pub, "build.>", "build.responses.>"),
             user(&self.watcher_pub, "build.responses.>", "build.responses.>"),
         ];
-        if with_builder {
+        if with_builder && self.jetstream {
+            users.push(super::nats::users(&self.builder_pub, &JETSTREAM_BUILDER_PUBLISH, &JETSTREAM_BUILDER_SUBSCRIBE));
+        } else if with_builder {
             users.push(user(&self.builder_pub, "build.responses.>", "build.>"));
         }
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
+        let (server_js, account_js) = if self.jetstream {
+            (
+                format!("jetstream {{ store_dir: \"{}\" }}\n", self.dir.path().join("js").display()),
+                "    jetstream: enabled\n",
+            )
+        } else {
+            (String::new(), "")
+        };
         let conf = format!(
-            "host: 127.0.0.1\nport: {port}\npid_file: \"{}\"\n{}\naccounts: {{\n  DEPLOY: {{\n    users: [\n      {}\n    ]\n  }}\n}}\n",
+            "host: 127.0.0.1\nport: {port}\npid_file: \"{}\"\n{}\n{server_js}accounts: {{\n  DEPLOY: {{\n{account_js}    users: [\n      {}\n    ]\n  }}\n}}\n",
             self.dir.path().join("nats.pid").display(),
             self.extra,
             users.join(",\n      ")

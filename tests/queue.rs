@@ -1,0 +1,320 @@
+//! Durable build requests and several builders as one: hearths with `queue = "jetstream"` on a
+//! real nats-server with JetStream (started here, with the permissions docs/protocol.md lists),
+//! the real Nix, and the real `hearth build`; and, in `core` mode, a client that notices a
+//! builder that went silent.
+//!
+//! Hosts wait for a file the test creates (the gate), so the test decides when a build ends.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::flake::{flake, make_repo, salt};
+use common::nats::Nats;
+use common::{Hearth, wait_until};
+use futures::StreamExt;
+use serde_json::Value;
+
+/// A flake repo of gated hosts, and the gate.
+struct Repo {
+    dir: tempfile::TempDir,
+    gate: PathBuf,
+}
+
+impl Repo {
+    fn new(hosts: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("gate");
+        std::fs::create_dir_all(&gate).unwrap();
+        common::set_mode(&gate, 0o777);
+        let salt = salt();
+        let g = gate.display();
+        let hosts: Vec<(&str, String)> = hosts
+            .iter()
+            .map(|h| (*h, format!("while [ ! -e {g}/release ]; do /bin/sleep 0.05; done; echo {h} {salt} > $out")))
+            .collect();
+        make_repo(&dir.path().join("fleet"), &flake(&hosts));
+        Repo { dir, gate }
+    }
+
+    fn url(&self) -> String {
+        format!("git+file://{}", self.dir.path().join("fleet").display())
+    }
+
+    fn release(&self) {
+        std::fs::write(self.gate.join("release"), "").unwrap();
+    }
+}
+
+/// A hearth whose builder takes requests from `queue` ("jetstream" or "core") as `name`.
+fn builder(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str) -> Hearth {
+    builder_with(nats, repo, queue, name, extra, "")
+}
+
+/// The same, with `jetstream` lines in `[builder.jetstream]`.
+fn builder_with(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str, jetstream: &str) -> Hearth {
+    let roots = repo.dir.path().join(format!("gcroots-{name}"));
+    let config = format!(
+        r#"
+shutdown_grace_seconds = 1
+
+[builder]
+nats_url = "{url}"
+nkey_seed_file = "{seed}"
+gcroots_dir = "{roots}"
+progress_interval_ms = 50
+queue = "{queue}"
+name = "{name}"
+{extra}
+
+[builder.jetstream]
+ack_wait_seconds = 3
+{jetstream}
+
+[[builder.repos]]
+name = "fleet"
+url = "{repo}"
+"#,
+        url = nats.url(),
+        seed = nats.builder_seed.display(),
+        roots = roots.display(),
+        repo = repo.url(),
+    );
+    let h = Hearth::start(&config);
+    h.wait_for_log("builder listening", 1);
+    h
+}
+
+/// Publishes a build request for `host` as a deployer, with replies to `build.responses.<id>`.
+async fn request(client: &async_nats::Client, host: &str, id: &str) -> async_nats::Subscriber {
+    let reply_to = format!("build.responses.{id}");
+    let sub = client.subscribe(reply_to.clone()).await.unwrap();
+    let body = format!(r#"{{"repo":"fleet","target":"{host}","reply_to":"{reply_to}"}}"#);
+    // With a reply subject the stream answers with the request's place in it.
+    client.publish_with_reply(format!("build.fleet.{host}"), reply_to, body.into()).await.unwrap();
+    client.flush().await.unwrap();
+    sub
+}
+
+/// Every reply on `sub` until the final one (the stream's own answer left out).
+async fn until_final(sub: &mut async_nats::Subscriber) -> Vec<Value> {
+    let mut replies = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), sub.next()).await.expect("a reply").unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if v.get("stream").is_some() {
+            continue;
+        }
+        let done = matches!(v["status"].as_str(), Some("completed" | "failed" | "rejected" | "interrupted"));
+        replies.push(v);
+        if done {
+            return replies;
+        }
+    }
+}
+
+/// Waits until the stream holds no request, delivered or not: nothing more will be built.
+async fn until_queue_empty(nats: &Nats) {
+    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
+    let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut stream = js.get_stream("HEARTH_BUILDS").await.unwrap();
+        let info = stream.info().await.unwrap();
+        if info.state.messages == 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stream still holds {} request(s)", info.state.messages);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn started(h: &Hearth) -> usize {
+    h.log().matches("build started").count()
+}
+
+fn hosts_on(h: &Hearth) -> Vec<String> {
+    let fleet: Value = serde_json::from_slice(&h.get("/fleet.json").body).unwrap();
+    let mut hosts: Vec<String> =
+        fleet["hosts"].as_array().unwrap().iter().map(|h| h["host"].as_str().unwrap().to_owned()).collect();
+    hosts.sort();
+    hosts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_builders_share_the_queue_and_the_record_and_build_each_request_once() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1", "g2", "g3", "g4"]);
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    let client = nats.deployer().await;
+    let mut subs = Vec::new();
+    for (i, host) in ["g1", "g2", "g3", "g4"].iter().enumerate() {
+        subs.push(request(&client, host, &format!("share{i}")).await);
+    }
+    // Each builder takes one request while the others wait in the stream.
+    wait_until("both builders build", Duration::from_secs(60), || started(&a) == 1 && started(&b) == 1);
+    repo.release();
+    for sub in &mut subs {
+        let replies = until_final(sub).await;
+        assert_eq!(replies.last().unwrap()["status"], "completed", "{replies:?}");
+    }
+    until_queue_empty(&nats).await;
+    assert_eq!(started(&a) + started(&b), 4, "a request was built twice:\n{}\n{}", a.log(), b.log());
+    assert!(started(&a) >= 1 && started(&b) >= 1);
+
+    // One record: each hearth shows every host, whoever built it, and says who did.
+    let all = vec!["g1".to_owned(), "g2".into(), "g3".into(), "g4".into()];
+    wait_until("the record is shared", Duration::from_secs(30), || hosts_on(&a) == all && hosts_on(&b) == all);
+    let fleet: Value = serde_json::from_slice(&b.get("/fleet.json").body).unwrap();
+    let builders: Vec<&str> = fleet["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["generations"][0]["builder"].as_str().unwrap_or("none"))
+        .collect();
+    assert!(builders.contains(&"builder-a") && builders.contains(&"builder-b"), "{builders:?}");
+    let page = b.get("/").text();
+    assert!(page.contains("by builder-a") && page.contains("by builder-b"), "{page}");
+    // The gauges of a host built elsewhere follow the shared record here too.
+    let gauges_of_all = |h: &Hearth| {
+        let m = h.get("/metrics").text();
+        all.iter()
+            .all(|host| m.contains(&format!("hearth_host_last_build_success{{repo=\"fleet\",host=\"{host}\"}} 1")))
+    };
+    wait_until("the gauges follow the shared record", Duration::from_secs(30), || {
+        gauges_of_all(&a) && gauges_of_all(&b)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_builders_request_is_built_by_the_other_and_answered_once() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    let mut a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let mut b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    // The real client, waiting for its final reply.
+    let cli = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "g1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+        .arg(nats.seed_path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("a builder takes it", Duration::from_secs(60), || started(&a) + started(&b) == 1);
+    let (dead, alive) = if started(&a) == 1 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    // Redelivered after the ack wait to the other builder, which builds it.
+    alive.wait_for_log("build started", 1);
+    assert!(alive.log().contains("delivery=2"), "{}", alive.log());
+    repo.release();
+    let out = cli.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let finals: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| matches!(r["status"].as_str(), Some("completed" | "failed" | "interrupted" | "rejected")))
+        .collect();
+    assert_eq!(finals.len(), 1, "{stdout}");
+    assert_eq!(finals[0]["status"], "completed");
+    until_queue_empty(&nats).await;
+    assert_eq!(started(alive), 1, "built twice after its final reply:\n{}", alive.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_in_the_stream_for_a_builder_and_none_is_lost_or_doubled_over_a_restart() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1", "g2", "g3"]);
+    // The stream is made by the first builder; then no builder runs.
+    let mut a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    a.wait_for_log("taking build requests from JetStream", 1);
+    a.terminate();
+    let client = nats.deployer().await;
+    let mut subs = Vec::new();
+    for (i, host) in ["g1", "g2", "g3"].iter().enumerate() {
+        subs.push(request(&client, host, &format!("wait{i}")).await);
+    }
+    // A builder starts: it builds the first; the others wait in the stream. It stops mid-build
+    // (its running request goes back to the stream), and starts again.
+    let mut a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    a.wait_for_log("build started", 1);
+    a.terminate();
+    assert!(a.log().contains("the request goes back to the JetStream queue"), "{}", a.log());
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    repo.release();
+    for sub in &mut subs {
+        let replies = until_final(sub).await;
+        let last = replies.last().unwrap();
+        assert_eq!(last["status"], "completed", "{replies:?}");
+        let finals = replies.iter().filter(|r| r["status"] != "progress" && r["status"] != "started").count();
+        assert_eq!(finals, 1, "{replies:?}");
+    }
+    until_queue_empty(&nats).await;
+    assert_eq!(started(&a), 3, "{}", a.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_delivered_more_than_max_deliver_times_is_answered_failed_and_removed() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    let mut a = builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
+    let client = nats.deployer().await;
+    let mut sub = request(&client, "g1", "often").await;
+    a.wait_for_log("build started", 1);
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // Its one delivery is used up: the next builder answers instead of building.
+    let b = builder_with(&nats, &repo, "jetstream", "builder-b", "", "max_deliver = 1");
+    let replies = until_final(&mut sub).await;
+    let last = replies.last().unwrap();
+    assert_eq!(last["status"], "failed", "{replies:?}");
+    assert!(last["message"].as_str().unwrap().contains("delivered 1 times without a result"), "{last}");
+    until_queue_empty(&nats).await;
+    assert_eq!(started(&b), 0, "{}", b.log());
+}
+
+#[test]
+fn in_core_mode_a_builder_that_dies_is_noticed_within_the_silence_timeout() {
+    let nats = Nats::start();
+    let repo = Repo::new(&["g1"]);
+    let mut h = builder(&nats, &repo, "core", "builder-a", "heartbeat_seconds = 1");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "g1", "--json", "--silence-timeout", "4s", "--nats-url", &nats.url()])
+        .arg("--nkey-seed-file")
+        .arg(nats.seed_path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    h.wait_for_log("build started", 1);
+    // While the builder lives, its heartbeats keep the client waiting past its silence timeout.
+    let stdout = cli.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let heartbeats = || lines.lock().unwrap().iter().filter(|l| l.contains("still building")).count();
+    wait_until("heartbeats for longer than the silence timeout", Duration::from_secs(30), || heartbeats() >= 6);
+    assert!(cli.try_wait().unwrap().is_none(), "the client gave up on a live builder");
+    h.child.kill().unwrap();
+    h.child.wait().unwrap();
+    let status = cli.wait().unwrap();
+    reader.join().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut cli.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("the builder went silent: no reply for 4s"), "{stderr}");
+}
