@@ -56,6 +56,7 @@ let
         build_timeout_seconds = cfg.builder.timeoutSeconds;
         keep_generations = cfg.builder.keepGenerations;
         eval_workers = cfg.builder.evalWorkers;
+        queue = cfg.builder.queue;
         gcroots_dir = gcrootsDir;
         nix = "${config.nix.package}/bin/nix";
         repos = map (r: { inherit (r) name url branch; }) cfg.builder.repos;
@@ -250,6 +251,16 @@ in
         type = lib.types.ints.between 1 1000;
         default = 3;
         description = "Good systems kept per host as GC roots (the newest included), so rollbacks are served from the cache.";
+      };
+      queue = lib.mkOption {
+        type = lib.types.enum [ "core" "jetstream" ];
+        default = "core";
+        description = ''
+          Where build requests come from: "core" (a NATS queue group; a request lives in one
+          builder's memory) or "jetstream" (a durable work queue that every builder shares and
+          that survives a crash, and one fleet record for all builders in a key-value bucket).
+          The builder's NATS user then needs the JetStream API (see docs/protocol.md).
+        '';
       };
       evalWorkers = lib.mkOption {
         type = lib.types.nullOr (lib.types.ints.between 1 256);

@@ -123,10 +123,29 @@ fn bad_configs_fail_naming_file_key_and_reason() {
         ("[compression]\nmax_streams = 0\n", "compression.max_streams"),
         ("shutdown_grace_seconds = 99999999\n", "shutdown_grace_seconds"),
         ("[builder]\nqueue_size = 99999999\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n", "builder.queue_size"),
+        ("[builder]\neval_workers = 0\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n", "builder.eval_workers"),
+        (
+            "[builder]\nheartbeat_seconds = 60\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n",
+            "builder.heartbeat_seconds",
+        ),
+        (
+            "[builder]\nqueue = \"jetstream\"\n[builder.jetstream]\nack_wait_seconds = 1\n[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n",
+            "builder.jetstream.ack_wait_seconds",
+        ),
     ] {
         let (code, err) = check(toml);
         assert_eq!(code, Some(2), "{toml}: {err}");
         assert!(err.contains(needle) && err.contains("out of range"), "{toml}: {err}");
+    }
+    // A stream, consumer or bucket name that NATS would refuse is refused here, by its key.
+    for (toml, needle) in [
+        ("[builder.jetstream]\nstream = \"a.b\"\n", "builder.jetstream.stream"),
+        ("[builder.jetstream]\nbucket = \"x y\"\n", "builder.jetstream.bucket"),
+        ("queue = \"kafka\"\n", "queue"),
+    ] {
+        let (code, err) = check(&format!("[builder]\n{toml}[[builder.repos]]\nname = \"r\"\nurl = \"u\"\n"));
+        assert_eq!(code, Some(2), "{toml}: {err}");
+        assert!(err.contains(needle), "{toml}: {err}");
     }
     // The documented maximum is accepted.
     let (code, err) = check("[nar_cache]\ndir = \"/var/cache/hearth-test-nars\"\nmax_size = \"1PiB\"\n");
