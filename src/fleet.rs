@@ -234,10 +234,23 @@ impl Fleet {
     /// is there replaces the local record, every change there shows here, and this record's
     /// changes go there. Runs until the process ends.
     pub async fn share(self: &std::sync::Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
+        // What the bucket holds is read first, whole: nothing is written to it before, so a
+        // builder that starts never overwrites another's hosts with its own partial view.
+        let mut loaded = Hosts::new();
+        if let Ok(mut keys) = bucket.keys().await {
+            use futures::StreamExt;
+            while let Some(Ok(key)) = keys.next().await {
+                if let Ok(Some(value)) = bucket.get(&key).await
+                    && let Ok(saved) = serde_json::from_slice::<SavedHost>(&value)
+                {
+                    loaded.insert((saved.repo, saved.host), saved.record);
+                }
+            }
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
-            hosts.clear();
+            *hosts = loaded;
             *self.storage.write().unwrap_or_else(|e| e.into_inner()) = Storage::Bucket(tx);
             self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
         }

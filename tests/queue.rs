@@ -190,6 +190,30 @@ async fn two_builders_share_the_queue_and_the_record_and_build_each_request_once
     wait_until("the gauges follow the shared record", Duration::from_secs(30), || {
         gauges_of_all(&a) && gauges_of_all(&b)
     });
+
+    // A builder that starts again reads the shared record before it writes its own roots into
+    // it: the hosts the other built keep their record.
+    let built_by = |h: &Hearth| -> Vec<String> {
+        let fleet: Value = serde_json::from_slice(&h.get("/fleet.json").body).unwrap();
+        let mut v: Vec<String> = fleet["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                let builder = h["generations"][0]["builder"].as_str().unwrap_or("-");
+                format!("{}={builder} {}", h["host"].as_str().unwrap(), h["last_build"]["status"])
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = built_by(&a);
+    let mut b = b;
+    b.terminate();
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    b.wait_for_log("the fleet record is shared", 1);
+    wait_until("the record survives a restart", Duration::from_secs(30), || built_by(&b) == before);
+    assert_eq!(built_by(&a), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
