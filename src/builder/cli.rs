@@ -500,6 +500,19 @@ impl Display {
             self.show_progress(&mut out, reply, progress);
             return;
         }
+        // A heartbeat ("still building (40s)"): on a terminal it only replaces a status line,
+        // never scrolls the screen, and leaves a progress block as it is.
+        let heartbeat = reply.status == Status::Progress
+            && reply.host.is_none()
+            && reply.message.as_deref().is_some_and(|m| m.starts_with("still building"));
+        if heartbeat && self.tty {
+            if self.status_lines <= 1 {
+                let _ = write!(out, "\r\x1b[2K{}", fit(&headline(reply), terminal_width().saturating_sub(1)));
+                self.status_lines = 1;
+            }
+            let _ = out.flush();
+            return;
+        }
         if Self::is_log(reply) {
             if self.tty {
                 // On a terminal, log lines replace each other on one status line.
