@@ -95,6 +95,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The fleet record is kept only where a builder fills it.
     let fleet_file = config.builder.as_ref().map(|_| config.state_dir.join("fleet.json"));
     let fleet = Arc::new(crate::fleet::Fleet::load(fleet_file));
+    let uploader = config.bucket.as_ref().map(|b| -> anyhow::Result<_> {
+        let bucket = crate::bucket::Bucket::open(b).context("cannot set up the S3 bucket")?;
+        let uploader = crate::bucket::upload::Uploader::new(
+            bucket,
+            store.clone(),
+            config.keys.clone(),
+            b.zstd_level,
+            metrics.clone(),
+            config.state_dir.join("uploads"),
+        );
+        Ok((uploader, b.upload_concurrency))
+    });
+    let uploader = uploader.transpose()?;
     let state = AppState::new(
         store.clone(),
         config.keys,
@@ -147,7 +160,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let has_builder = config.builder.is_some();
     if let Some(builder) = config.builder {
-        let worker = crate::builder::Worker::connect(builder, store.clone(), metrics.clone(), fleet.clone()).await?;
+        if let Some((u, workers)) = &uploader {
+            u.start(*workers);
+        }
+        let uploader = uploader.as_ref().map(|(u, workers)| (u.clone(), *workers));
+        let worker =
+            crate::builder::Worker::connect(builder, store.clone(), metrics.clone(), fleet.clone(), uploader).await?;
         tracker.spawn(worker.run(cancel.clone(), config.shutdown_grace));
     }
     tracker.close();

@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub store: StoreSection,
     pub metrics: MetricsSection,
     pub builder: Option<BuilderSection>,
+    /// `[bucket]`: push what the builder built to an S3 bucket in Nix's layout.
+    pub bucket: Option<crate::bucket::BucketSection>,
     /// The hot-NAR store (absent: none).
     pub nar_cache: Option<NarCacheSection>,
     /// Seconds that in-flight requests and builds get after SIGTERM.
@@ -74,6 +76,7 @@ impl Default for FileConfig {
             store: StoreSection::default(),
             metrics: MetricsSection::default(),
             builder: None,
+            bucket: None,
             nar_cache: None,
             shutdown_grace_seconds: 30,
             max_connections: 4096,
@@ -189,6 +192,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub zstd_level: Option<i32>,
     pub builder: Option<BuilderConfig>,
+    pub bucket: Option<crate::bucket::BucketConfig>,
     pub shutdown_grace: Duration,
     pub limits: crate::http::ConnLimits,
     pub streams: crate::http::StreamLimits,
@@ -232,6 +236,12 @@ impl Config {
             self.streams.max_zstd_streams,
             self.streams.client_share
         ));
+        if let Some(b) = &self.bucket {
+            out.push(format!(
+                "bucket: s3://{} at {} ({}), zstd level {}",
+                b.bucket, b.endpoint, b.region, b.zstd_level
+            ));
+        }
         match &self.builder {
             None => out.push("builder: off".into()),
             Some(b) => {
@@ -357,6 +367,13 @@ impl Config {
             return Err(ConfigError::Value { key: "state_dir", reason: "must be an absolute path".into() });
         }
         let mut builder = file.builder.map(BuilderConfig::from_section).transpose()?;
+        let bucket = file.bucket.map(crate::bucket::BucketConfig::from_section).transpose()?;
+        if bucket.is_some() && (builder.is_none() || keys.is_empty()) {
+            return Err(ConfigError::Value {
+                key: "bucket",
+                reason: "pushing to a bucket needs a [builder] (what it builds is pushed) and a signing key".into(),
+            });
+        }
         if let Some(b) = builder.as_mut() {
             b.git_cache_dir = file.state_dir.join("git");
         }
@@ -378,6 +395,7 @@ impl Config {
             },
             zstd_level,
             builder,
+            bucket,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds),
             limits: crate::http::ConnLimits {
                 max_connections: file.max_connections,

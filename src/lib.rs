@@ -4,6 +4,7 @@
 //! formats every layer uses. See ARCHITECTURE.md.
 
 pub mod app;
+pub mod bucket;
 pub mod builder;
 pub mod cli;
 pub mod config;

@@ -94,6 +94,10 @@ pub struct Metrics {
     pub nar_cache_fill_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub host_closure_bytes: Family<RepoHost, Gauge>,
     pub host_closure_paths: Family<RepoHost, Gauge>,
+    pub bucket_upload_bytes: Counter,
+    pub bucket_upload_objects: Counter,
+    pub bucket_upload_failures: Counter,
+    pub bucket_upload_queue: Gauge,
     pub start_time: Gauge,
 }
 
@@ -224,6 +228,30 @@ impl Metrics {
             "NAR bytes of the closure of each host's newest good system",
             host_closure_bytes.clone(),
         );
+        let bucket_upload_bytes = Counter::default();
+        registry.register(
+            "hearth_bucket_upload_bytes",
+            "Bytes of compressed NARs uploaded to the bucket",
+            bucket_upload_bytes.clone(),
+        );
+        let bucket_upload_objects = Counter::default();
+        registry.register(
+            "hearth_bucket_upload_objects",
+            "Objects (NARs and narinfos) uploaded to the bucket",
+            bucket_upload_objects.clone(),
+        );
+        let bucket_upload_failures = Counter::default();
+        registry.register(
+            "hearth_bucket_upload_failures",
+            "Store paths whose upload failed after every retry (pushed again by a later build)",
+            bucket_upload_failures.clone(),
+        );
+        let bucket_upload_queue = Gauge::default();
+        registry.register(
+            "hearth_bucket_upload_queue_length",
+            "Store paths waiting for upload",
+            bucket_upload_queue.clone(),
+        );
         let host_closure_paths = Family::<RepoHost, Gauge>::default();
         registry.register(
             "hearth_host_closure_paths",
@@ -276,6 +304,10 @@ impl Metrics {
             nar_cache_fill_seconds,
             host_closure_bytes,
             host_closure_paths,
+            bucket_upload_bytes,
+            bucket_upload_objects,
+            bucket_upload_failures,
+            bucket_upload_queue,
             start_time,
         }
     }

@@ -546,6 +546,13 @@ impl Display {
                     h.duration_seconds,
                     h.out_path.as_deref().unwrap_or("")
                 );
+                if let Some(u) = &h.uploaded {
+                    let _ = writeln!(
+                        out,
+                        "       bucket: {} of {} paths there, {} queued for upload",
+                        u.present, u.total, u.queued
+                    );
+                }
                 if let Some(err) = &h.error {
                     for line in err.lines() {
                         let _ = writeln!(out, "       {line}");

@@ -122,6 +122,10 @@ pub struct HostSummary {
     /// What changed against the host's previous good system (on success).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<crate::nix::closure_diff::Changes>,
+    /// With a `[bucket]`: how much of its closure the bucket held when the build ended, and how
+    /// many paths were queued for upload then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded: Option<crate::bucket::upload::Pushed>,
 }
 
 /// A reply on the request's `reply_to` subject.
@@ -444,6 +448,7 @@ mod tests {
                     error: Some(format!("nix build failed\n{}\nthe last line {i}", "log line\n".repeat(10_000))),
                     duration_seconds: 1.0,
                     changes: None,
+                    uploaded: None,
                 })
                 .collect(),
         );

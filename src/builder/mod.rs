@@ -67,6 +67,7 @@ impl Worker {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         fleet: Arc<Fleet>,
+        uploader: Option<(Arc<crate::bucket::upload::Uploader>, usize)>,
     ) -> anyhow::Result<Self> {
         let options = config
             .auth
@@ -118,6 +119,7 @@ impl Worker {
             exec: exec.clone(),
             name: config.name.clone(),
             keep_generations: config.keep_generations,
+            uploader,
         };
         Ok(Self {
             config: Arc::new(config),
@@ -635,6 +637,7 @@ impl Worker {
                     error: Some("interrupted by shutdown".into()),
                     duration_seconds: started.elapsed().as_secs_f64(),
                     changes: None,
+                    uploaded: None,
                 });
                 continue;
             };

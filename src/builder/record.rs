@@ -53,6 +53,8 @@ pub struct Recorder {
     /// This builder's name, on the generations it roots.
     pub name: String,
     pub keep_generations: usize,
+    /// Pushes each good system's closure to the bucket, with its HEAD concurrency.
+    pub uploader: Option<(Arc<crate::bucket::upload::Uploader>, usize)>,
 }
 
 /// A host's generations as the record shows them: this builder's own (from its roots, named
@@ -176,7 +178,19 @@ impl Recorder {
                 tracing::warn!(%repo, %host, branch = %cx.branch, duration = %duration_text, error = %e.lines().next().unwrap_or(""), "host failed to build")
             }
         }
-        HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes }
+        // A good system of the deploy branch goes to the bucket, if there is one.
+        let uploaded = match (&self.uploader, &out_path) {
+            (Some((uploader, concurrency)), Some(out)) if cx.deploy => match self.closure(out).await {
+                Some(closure) => {
+                    let pushed = uploader.push(&closure, *concurrency).await;
+                    tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
+                    Some(pushed)
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes, uploaded }
     }
 
     /// Makes `link` an indirect GC root of the store path `path`: through the daemon
@@ -310,7 +324,13 @@ impl Recorder {
                 Some(newest) => {
                     let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
                     match self.closure(&newest.path).await {
-                        Some(after) => self.describe(&repo, &host, before, &after).await,
+                        Some(after) => {
+                            // An upload cut short by a stop goes on: what the bucket lacks is queued.
+                            if let Some((uploader, concurrency)) = &self.uploader {
+                                uploader.push(&after, *concurrency).await;
+                            }
+                            self.describe(&repo, &host, before, &after).await
+                        }
                         None => None,
                     }
                 }

@@ -83,24 +83,11 @@ pub(crate) fn render(state: &AppState, info: &PathInfo) -> NarInfo {
     let store_dir = state.store.store_dir();
     let nar_nix32 = info.nar_hash.strip_prefix("sha256:").unwrap_or(&info.nar_hash);
     let hash = info.path.hash();
-    let (url, compression, file_hash, file_size) = match state.cache.zstd_level {
-        Some(_) => (format!("nar/{nar_nix32}.nar.zst?hash={hash}"), "zstd", None, None),
-        None => (format!("nar/{nar_nix32}.nar?hash={hash}"), "none", Some(info.nar_hash.clone()), Some(info.nar_size)),
+    let (url, compression, file) = match state.cache.zstd_level {
+        Some(_) => (format!("nar/{nar_nix32}.nar.zst?hash={hash}"), "zstd", None),
+        None => (format!("nar/{nar_nix32}.nar?hash={hash}"), "none", Some((info.nar_hash.clone(), info.nar_size))),
     };
-    let mut narinfo = NarInfo {
-        store_path: info.path.to_absolute(store_dir),
-        url,
-        compression: compression.to_owned(),
-        file_hash,
-        file_size,
-        nar_hash: info.nar_hash.clone(),
-        nar_size: info.nar_size,
-        references: info.references.clone(),
-        deriver: info.deriver.clone(),
-        system: None,
-        sigs: Vec::new(),
-        ca: info.ca.clone(),
-    };
+    let mut narinfo = info.narinfo(store_dir, url, compression, file);
     let fingerprint = narinfo.fingerprint(store_dir);
     // Our keys' signatures replace any the store holds under the same key names.
     let ours: Vec<String> = state.keys.iter().map(|k| k.sign(&fingerprint)).collect();

@@ -33,7 +33,9 @@ fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
     Ok((name, bytes))
 }
 
-/// A named ed25519 secret key as `nix-store --generate-binary-cache-key` writes it.
+/// A named ed25519 secret key as `nix-store --generate-binary-cache-key` writes it. Cloned only
+/// to sign in a second place (the bucket's uploader); it has no `Debug`, so it is never printed.
+#[derive(Clone)]
 pub struct SecretKey {
     name: String,
     key: SigningKey,

@@ -61,6 +61,34 @@ pub struct PathInfo {
     pub ca: Option<String>,
 }
 
+impl PathInfo {
+    /// This path's narinfo for a file at `url` (`compression`, with its hash and size where
+    /// known), unsigned.
+    pub fn narinfo(
+        &self,
+        store_dir: &str,
+        url: String,
+        compression: &str,
+        file: Option<(String, u64)>,
+    ) -> crate::nix::narinfo::NarInfo {
+        let (file_hash, file_size) = file.map_or((None, None), |(h, s)| (Some(h), Some(s)));
+        crate::nix::narinfo::NarInfo {
+            store_path: self.path.to_absolute(store_dir),
+            url,
+            compression: compression.to_owned(),
+            file_hash,
+            file_size,
+            nar_hash: self.nar_hash.clone(),
+            nar_size: self.nar_size,
+            references: self.references.clone(),
+            deriver: self.deriver.clone(),
+            system: None,
+            sigs: Vec::new(),
+            ca: self.ca.clone(),
+        }
+    }
+}
+
 /// Where path info is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

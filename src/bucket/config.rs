@@ -1,0 +1,128 @@
+//! The `[bucket]` section: an S3 bucket in Nix's own URL form, credentials from files (never in
+//! the TOML, never logged), the zstd level and upload concurrency.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::validate::{ConfigError, in_range};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketSection {
+    /// `s3://<bucket>?endpoint=<url>&region=<region>`, as a client's `substituters` holds it.
+    pub url: String,
+    pub access_key_id_file: PathBuf,
+    pub secret_access_key_file: PathBuf,
+    #[serde(default = "default_level")]
+    pub zstd_level: i32,
+    #[serde(default = "default_concurrency")]
+    pub upload_concurrency: usize,
+}
+
+fn default_level() -> i32 {
+    3
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+/// The bucket, validated, its credentials read.
+#[derive(Clone)]
+pub struct BucketConfig {
+    pub bucket: String,
+    /// `http(s)://host:port`.
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub zstd_level: i32,
+    pub upload_concurrency: usize,
+}
+
+impl std::fmt::Debug for BucketConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketConfig")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("credentials", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The parts of `s3://bucket?endpoint=…&region=…&scheme=…` (Nix's form: `endpoint` may be a
+/// bare `host:port`, with `scheme` saying http or https).
+pub fn parse_url(url: &str) -> Result<(String, String, String), String> {
+    let rest = url.strip_prefix("s3://").ok_or("must start with s3://")?;
+    let (bucket, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+        return Err(format!("`{bucket}` is not an S3 bucket name"));
+    }
+    let (mut endpoint, mut region, mut scheme) = (None, "us-east-1".to_owned(), "https".to_owned());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "endpoint" => endpoint = Some(v.to_owned()),
+            "region" => region = v.to_owned(),
+            "scheme" => scheme = v.to_owned(),
+            // Nix's own knobs (profile, compression, …) mean nothing to the uploader.
+            _ => {}
+        }
+    }
+    let endpoint = endpoint.ok_or("needs `endpoint=`: hearth does not guess an S3 host")?;
+    let endpoint = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        endpoint
+    } else if scheme == "http" || scheme == "https" {
+        format!("{scheme}://{endpoint}")
+    } else {
+        return Err(format!("scheme `{scheme}` is neither http nor https"));
+    };
+    Ok((bucket.to_owned(), endpoint.trim_end_matches('/').to_owned(), region))
+}
+
+impl BucketConfig {
+    pub fn from_section(s: BucketSection) -> Result<Self, ConfigError> {
+        let (bucket, endpoint, region) =
+            parse_url(&s.url).map_err(|reason| ConfigError::Value { key: "bucket.url", reason })?;
+        let read = |p: &std::path::Path| -> Result<String, ConfigError> {
+            let text = crate::regular_file::read_to_string(p, 4096).map_err(|e| ConfigError::File {
+                file: p.display().to_string(),
+                reason: format!("cannot read an S3 credential: {e}"),
+            })?;
+            crate::regular_file::warn_if_readable_by_others(p, "S3 credential");
+            Ok(text.trim().to_owned())
+        };
+        let access_key_id = read(&s.access_key_id_file)?;
+        let secret_access_key = read(&s.secret_access_key_file)?;
+        in_range("bucket.zstd_level", s.zstd_level, 1..=19)?;
+        in_range("bucket.upload_concurrency", s.upload_concurrency, 1..=64)?;
+        Ok(Self {
+            bucket,
+            endpoint,
+            region,
+            access_key_id,
+            secret_access_key,
+            zstd_level: s.zstd_level,
+            upload_concurrency: s.upload_concurrency,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_s3_urls_are_read_as_nix_reads_them() {
+        let (b, e, r) = parse_url("s3://hearth?endpoint=http://127.0.0.1:3900&region=garage").unwrap();
+        assert_eq!((b.as_str(), e.as_str(), r.as_str()), ("hearth", "http://127.0.0.1:3900", "garage"));
+        let (_, e, r) = parse_url("s3://nix-cache?endpoint=s3.example.org:9000&scheme=http").unwrap();
+        assert_eq!((e.as_str(), r.as_str()), ("http://s3.example.org:9000", "us-east-1"));
+        for bad in ["http://x", "s3://", "s3://UP?endpoint=h", "s3://ok-name", "s3://abc?endpoint=h&scheme=ftp"] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+}

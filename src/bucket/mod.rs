@@ -1,0 +1,118 @@
+//! The S3 bucket the builder pushes what it built to, in Nix's own binary-cache layout
+//! (`nix-cache-info`, `<hash>.narinfo`, `nar/<FileHash>.nar.zst`), so that any Nix client can
+//! substitute from it directly (Garage's website endpoint, a CDN) and the cache outlives the build
+//! host.
+//!
+//! The S3 client is `object_store` (Apache Arrow's, well kept, async, with SigV4 and multipart
+//! uploads; lighter than the AWS SDK): no signing is written here. Architecture invariant: a
+//! narinfo is only ever written after the NAR it points to is complete in the bucket.
+
+pub mod config;
+pub mod upload;
+
+use std::sync::Arc;
+
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path};
+
+pub use config::{BucketConfig, BucketSection};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("S3: {0}")]
+    S3(#[from] object_store::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Store(String),
+}
+
+/// A bucket and its client.
+#[derive(Clone)]
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    pub name: String,
+}
+
+/// Parts of a multipart upload: S3's minimum is 5 MiB.
+const PART: usize = 8 << 20;
+
+impl Bucket {
+    pub fn open(config: &BucketConfig) -> Result<Self, BucketError> {
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&config.bucket)
+            .with_endpoint(&config.endpoint)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(&config.secret_access_key)
+            .with_allow_http(config.endpoint.starts_with("http://"))
+            // Path style: `<endpoint>/<bucket>/<key>`, which every S3 server answers.
+            .with_virtual_hosted_style_request(false)
+            .build()?;
+        Ok(Self { store: Arc::new(store), name: config.bucket.clone() })
+    }
+
+    /// Whether `key` is in the bucket.
+    pub async fn exists(&self, key: &str) -> Result<bool, BucketError> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The object `key`, if there is one.
+    pub async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, BucketError> {
+        match self.store.get(&Path::from(key)).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn put(&self, key: &str, bytes: bytes::Bytes) -> Result<(), BucketError> {
+        self.store.put(&Path::from(key), PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// Uploads the file at `file` as `key`: in one request when small, else in parts (so memory
+    /// stays at a part or two whatever the NAR's size).
+    pub async fn put_file(&self, key: &str, file: &std::path::Path) -> Result<u64, BucketError> {
+        use tokio::io::AsyncReadExt;
+        let size = tokio::fs::metadata(file).await?.len();
+        if size <= PART as u64 {
+            let bytes = tokio::fs::read(file).await?;
+            self.put(key, bytes.into()).await?;
+            return Ok(size);
+        }
+        let upload = self.store.put_multipart(&Path::from(key)).await?;
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut f = tokio::fs::File::open(file).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            // Bounded: at most a few parts in flight.
+            writer.wait_for_capacity(2).await?;
+            writer.write(&buf[..n]);
+        }
+        writer.finish().await?;
+        Ok(size)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), BucketError> {
+        self.store.delete(&Path::from(key)).await?;
+        Ok(())
+    }
+}
+
+/// The narinfo key of a store path hash.
+pub fn narinfo_key(hash: &str) -> String {
+    format!("{hash}.narinfo")
+}
+
+/// The key of a compressed NAR, named by its file hash (`sha256:<nix32>`) as Nix names it.
+pub fn nar_key(file_hash: &str) -> String {
+    format!("nar/{}.nar.zst", file_hash.strip_prefix("sha256:").unwrap_or(file_hash))
+}

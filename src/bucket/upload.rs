@@ -1,0 +1,243 @@
+//! Pushing store paths to the bucket, in the background: a bounded queue, `upload_concurrency`
+//! workers, one path at a time each. A path already in the bucket costs one request (its
+//! narinfo's HEAD); otherwise its NAR is compressed once (or taken from the hot NAR cache when
+//! that holds it compressed), uploaded under its FileHash, and only then is its signed narinfo
+//! written. Failures are retried with backoff and counted; they never fail a build.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use sha2::Digest;
+use tokio::io::AsyncWriteExt;
+
+use super::{Bucket, BucketError, nar_key, narinfo_key};
+use crate::metrics::Metrics;
+use crate::nix::narinfo::NarInfo;
+use crate::nix::signing::SecretKey;
+use crate::store::nar_stream::Encoding;
+use crate::store::{PathInfo, Store};
+
+/// Paths waiting at most; a closure beyond it is pushed again by the next build.
+const QUEUE: usize = 100_000;
+/// Attempts per path before it counts as failed.
+const ATTEMPTS: u32 = 5;
+
+/// The uploader, shared by `Arc`.
+pub struct Uploader {
+    bucket: Bucket,
+    store: Arc<Store>,
+    keys: Vec<SecretKey>,
+    level: i32,
+    metrics: Arc<Metrics>,
+    tx: tokio::sync::mpsc::Sender<Arc<PathInfo>>,
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Arc<PathInfo>>>,
+    /// Paths queued or being uploaded, so a path is in the queue once.
+    pending: Mutex<HashSet<String>>,
+    tmp_dir: std::path::PathBuf,
+}
+
+/// How much of a closure the bucket holds, when the push was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pushed {
+    /// Paths already in the bucket.
+    pub present: usize,
+    /// Paths of the closure.
+    pub total: usize,
+    /// Paths queued for upload now.
+    pub queued: usize,
+}
+
+impl Uploader {
+    pub fn new(
+        bucket: Bucket,
+        store: Arc<Store>,
+        keys: Vec<SecretKey>,
+        level: i32,
+        metrics: Arc<Metrics>,
+        tmp_dir: std::path::PathBuf,
+    ) -> Arc<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        Arc::new(Self {
+            bucket,
+            store,
+            keys,
+            level,
+            metrics,
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+            pending: Mutex::new(HashSet::new()),
+            tmp_dir,
+        })
+    }
+
+    /// Starts `workers` upload tasks (and writes `nix-cache-info` if the bucket lacks it).
+    pub fn start(self: &Arc<Self>, workers: usize) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            for attempt in 0..ATTEMPTS {
+                match me.cache_info().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(bucket = %me.bucket.name, err = %e, "cannot write nix-cache-info yet");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                }
+            }
+        });
+        for _ in 0..workers.max(1) {
+            let me = self.clone();
+            tokio::spawn(async move { me.work().await });
+        }
+    }
+
+    async fn cache_info(&self) -> Result<(), BucketError> {
+        if self.bucket.exists("nix-cache-info").await? {
+            return Ok(());
+        }
+        let text = format!("StoreDir: {}\nWantMassQuery: 1\nPriority: 50\n", self.store.store_dir());
+        self.bucket.put("nix-cache-info", text.into()).await
+    }
+
+    /// Queues the paths of `closure` that the bucket lacks (one HEAD each, `concurrency` at a
+    /// time), and says how much of it the bucket holds.
+    pub async fn push(&self, closure: &[Arc<PathInfo>], concurrency: usize) -> Pushed {
+        let checks = futures::stream::iter(closure.iter().cloned())
+            .map(|info| async move {
+                let key = narinfo_key(info.path.hash().as_str());
+                (info, self.bucket.exists(&key).await)
+            })
+            .buffer_unordered(concurrency.max(1));
+        let results: Vec<_> = checks.collect().await;
+        let mut pushed = Pushed { present: 0, total: closure.len(), queued: 0 };
+        for (info, present) in results {
+            match present {
+                Ok(true) => pushed.present += 1,
+                // Unknown (the bucket is away): queued; the worker asks again before uploading.
+                Ok(false) | Err(_) => {
+                    if self.enqueue(info) {
+                        pushed.queued += 1;
+                    }
+                }
+            }
+        }
+        pushed
+    }
+
+    fn enqueue(&self, info: Arc<PathInfo>) -> bool {
+        let key = info.path.to_string().to_owned();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if !pending.insert(key.clone()) {
+                return true;
+            }
+        }
+        if self.tx.try_send(info).is_err() {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            tracing::warn!(path = %key, "the upload queue is full; the path is pushed again by a later build");
+            return false;
+        }
+        self.metrics.bucket_upload_queue.inc();
+        true
+    }
+
+    async fn work(self: Arc<Self>) {
+        loop {
+            let next = self.rx.lock().await.recv().await;
+            let Some(info) = next else { return };
+            self.metrics.bucket_upload_queue.dec();
+            let mut done = false;
+            for attempt in 0..ATTEMPTS {
+                match self.upload(&info).await {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %info.path.to_string(), attempt = attempt + 1, err = %e, "upload failed; retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                }
+            }
+            if !done {
+                self.metrics.bucket_upload_failures.inc();
+                tracing::error!(path = %info.path.to_string(), "upload failed for good; a later build pushes it again");
+            }
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&info.path.to_string());
+        }
+    }
+
+    /// One path: NAR (compressed once), then its narinfo.
+    async fn upload(&self, info: &PathInfo) -> Result<(), BucketError> {
+        let narinfo_key = narinfo_key(info.path.hash().as_str());
+        if self.bucket.exists(&narinfo_key).await? {
+            return Ok(());
+        }
+        let (file, file_hash, file_size, temporary) = self.compressed(info).await?;
+        let result = async {
+            let key = nar_key(&file_hash);
+            if !self.bucket.exists(&key).await? {
+                let sent = self.bucket.put_file(&key, &file).await?;
+                self.metrics.bucket_upload_bytes.inc_by(sent);
+                self.metrics.bucket_upload_objects.inc();
+            }
+            // Only now, with the NAR complete in the bucket, is the path visible.
+            let text = self.narinfo(info, &key, &file_hash, file_size).to_string();
+            self.bucket.put(&narinfo_key, text.into()).await?;
+            self.metrics.bucket_upload_objects.inc();
+            Ok(())
+        }
+        .await;
+        if temporary {
+            let _ = tokio::fs::remove_file(&file).await;
+        }
+        result
+    }
+
+    /// The path's NAR as a zstd file: the hot NAR cache's entry when it holds one, else made
+    /// now into a temporary file, hashed as it is written. Returns the file, its hash, size and
+    /// whether it is ours to delete.
+    async fn compressed(&self, info: &PathInfo) -> Result<(std::path::PathBuf, String, u64, bool), BucketError> {
+        if let Some(cache) = self.store.nar_cache().filter(|c| c.compressed())
+            && let Some(entry) = cache.get(info.path.hash(), &info.nar_hash)
+        {
+            return Ok((entry.file.clone(), entry.file_hash.clone(), entry.file_size, false));
+        }
+        let Some(root) = self.store.hold(&info.path).await.map_err(|e| BucketError::Store(e.to_string()))? else {
+            return Err(BucketError::Store(format!("{} is no longer in the store", info.path)));
+        };
+        tokio::fs::create_dir_all(&self.tmp_dir).await?;
+        let file = self.tmp_dir.join(format!("{}.nar.zst.part", info.path.hash().as_str()));
+        let mut out = tokio::fs::File::create(&file).await?;
+        let mut stream = self.store.nar_stream(&info.path, Encoding::Zstd { level: self.level }, root);
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            out.write_all(&chunk).await?;
+        }
+        out.flush().await?;
+        let hash = format!("sha256:{}", crate::nix::nixbase32::encode(&hasher.finalize()));
+        Ok((file, hash, size, true))
+    }
+
+    fn narinfo(&self, info: &PathInfo, key: &str, file_hash: &str, file_size: u64) -> NarInfo {
+        let store_dir = self.store.store_dir();
+        let mut narinfo = info.narinfo(store_dir, key.to_owned(), "zstd", Some((file_hash.to_owned(), file_size)));
+        let fingerprint = narinfo.fingerprint(store_dir);
+        narinfo.sigs = self.keys.iter().map(|k| k.sign(&fingerprint)).collect();
+        narinfo
+    }
+
+    /// Paths queued or uploading now.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(5))
+}

@@ -1,0 +1,210 @@
+//! Pushing what the builder built to an S3 bucket: a real three-node Garage cluster
+//! (`scripts/garage`, replication factor 3), a real nats-server and the real Nix. After a host
+//! build, a fresh store substitutes the host's whole system from the bucket's website endpoint
+//! and verifies its signatures; every narinfo says what `nix copy --to file://…?compression=zstd`
+//! with the same key says, and every object's FileHash and FileSize are its bytes'.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::flake::{make_repo, salt, system};
+use common::nats::Nats;
+use common::{Hearth, nix_cmd, run_ok, wait_until};
+use hearth::nix::narinfo::NarInfo;
+use serde_json::Value;
+use sha2::Digest;
+
+/// A running Garage cluster, stopped when dropped.
+struct Garage {
+    dir: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+}
+
+impl Garage {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
+        let out = Command::new("bash").arg(&script).arg("start").arg(dir.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/garage start failed (scripts/test installs Garage):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = std::fs::read_to_string(dir.path().join("env"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        Garage { dir, env }
+    }
+
+    fn get(&self, key: &str) -> &str {
+        &self.env[key]
+    }
+
+    /// An object through the bucket's website endpoint (anonymous, as a Nix client reads it).
+    fn web(&self, key: &str) -> Option<Vec<u8>> {
+        let out = Command::new("curl").args(["-sf", &format!("{}/{key}", self.get("GARAGE_WEB"))]).output().unwrap();
+        out.status.success().then_some(out.stdout)
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
+        let _ = Command::new("bash").arg(script).arg("stop").arg(self.dir.path()).status();
+    }
+}
+
+/// A host whose system depends on two packages, one of them large enough for a multipart upload.
+fn repo(dir: &Path) -> PathBuf {
+    let s = salt();
+    let flake = format!(
+        r#"{{
+  outputs = {{ self }}:
+    let
+      drv = name: script: deps: derivation {{ inherit name deps; system = "{sys}"; builder = "/bin/sh"; args = [ "-c" script ]; }};
+      small = drv "small-{s}" "echo small {s} > $out" [ ];
+      big = drv "big-{s}" "i=0; while [ $i -lt 20 ]; do /bin/head -c 1048576 /dev/urandom >> $out; i=$((i+1)); done" [ ];
+    in {{
+      nixosConfigurations.web1.config.system.build.toplevel =
+        drv "nixos-system-web1-{s}" "echo $deps > $out" [ small big ];
+    }};
+}}
+"#,
+        sys = system()
+    );
+    let path = dir.join("fleet");
+    make_repo(&path, &flake);
+    path
+}
+
+fn sha256_nix32(bytes: &[u8]) -> String {
+    format!("sha256:{}", hearth::nix::nixbase32::encode(&sha2::Sha256::digest(bytes)))
+}
+
+#[test]
+fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let config = format!(
+        r#"
+[bucket]
+url = "s3://{bucket}?endpoint={endpoint}&region={region}"
+access_key_id_file = "{id}"
+secret_access_key_file = "{secret}"
+upload_concurrency = 2
+
+[builder]
+nats_url = "{url}"
+nkey_seed_file = "{seed}"
+gcroots_dir = "{roots}"
+
+[[builder.repos]]
+name = "fleet"
+url = "git+file://{fleet}"
+"#,
+        bucket = garage.get("GARAGE_BUCKET"),
+        endpoint = garage.get("GARAGE_S3"),
+        region = garage.get("GARAGE_REGION"),
+        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
+        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+        url = nats.url(),
+        seed = nats.builder_seed.display(),
+        roots = work.path().join("gcroots").display(),
+        fleet = fleet.display(),
+    );
+    let hearth = Hearth::start(&config);
+    hearth.wait_for_log("builder listening", 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+        .arg(nats.seed_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let system = last["out_path"].as_str().unwrap().to_owned();
+    let uploaded = &last["hosts"][0]["uploaded"];
+    // The whole closure: three paths, none there before the build.
+    assert_eq!((uploaded["total"].as_u64(), uploaded["present"].as_u64()), (Some(3), Some(0)), "{last}");
+
+    // Every path's narinfo appears once its upload is done.
+    let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
+    let hash = |p: &str| p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned();
+    wait_until("the closure is in the bucket", Duration::from_secs(120), || {
+        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
+    });
+    assert!(garage.web("nix-cache-info").is_some_and(|b| String::from_utf8_lossy(&b).contains("StoreDir: /nix/store")));
+
+    // Nix's own writer with the same key, for comparison.
+    let key = common::nix_wire().join("keys/test.sec");
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(nix_cmd("nix").args([
+        "copy",
+        "--to",
+        &format!("file://{}?compression=zstd&secret-key={}", reference.path().display(), key.display()),
+        &system,
+    ]));
+    for path in &closure {
+        let ours = NarInfo::parse(&String::from_utf8(garage.web(&format!("{}.narinfo", hash(path))).unwrap()).unwrap())
+            .unwrap();
+        let theirs =
+            NarInfo::parse(&std::fs::read_to_string(reference.path().join(format!("{}.narinfo", hash(path)))).unwrap())
+                .unwrap();
+        assert_eq!(ours.store_path, theirs.store_path);
+        assert_eq!((&ours.nar_hash, ours.nar_size), (&theirs.nar_hash, theirs.nar_size), "{path}");
+        assert_eq!(ours.references, theirs.references, "{path}");
+        assert_eq!(ours.deriver, theirs.deriver, "{path}");
+        assert_eq!(ours.sigs, theirs.sigs, "{path}");
+        assert_eq!(ours.compression, "zstd");
+        // The object at the URL is the file the narinfo describes.
+        let nar = garage.web(&ours.url).unwrap_or_else(|| panic!("{path}: no {}", ours.url));
+        assert_eq!(ours.file_hash.as_deref(), Some(sha256_nix32(&nar).as_str()), "{path}");
+        assert_eq!(ours.file_size, Some(nar.len() as u64), "{path}");
+        assert_eq!(
+            ours.url,
+            format!("nar/{}.nar.zst", ours.file_hash.as_deref().unwrap().trim_start_matches("sha256:"))
+        );
+    }
+
+    // A fresh store substitutes the whole system from the bucket alone, and verifies it.
+    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let copied = nix_cmd("nix")
+        .args(["copy", "--from", garage.get("GARAGE_WEB"), "--to"])
+        .arg(format!("local?root={}", dest.path().display()))
+        .args(["--option", "trusted-public-keys", public.trim(), &system])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let verified = nix_cmd("nix")
+        .args(["store", "verify", "--store"])
+        .arg(format!("local?root={}", dest.path().display()))
+        .args(["--option", "trusted-public-keys", public.trim(), "-r", &system])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+
+    // The same system again: every path is there, nothing is queued.
+    let again = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+        .arg(nats.seed_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let uploaded = &last["hosts"][0]["uploaded"];
+    assert_eq!((uploaded["present"].as_u64(), uploaded["queued"].as_u64()), (Some(3), Some(0)), "{last}");
+    let m = hearth.get("/metrics").text();
+    assert!(m.contains("hearth_bucket_upload_failures_total 0"), "{m}");
+    assert!(m.contains("hearth_bucket_upload_queue_length 0"), "{m}");
+}
