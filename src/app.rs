@@ -95,20 +95,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The fleet record is kept only where a builder fills it.
     let fleet_file = config.builder.as_ref().map(|_| config.state_dir.join("fleet.json"));
     let fleet = Arc::new(crate::fleet::Fleet::load(fleet_file));
-    let uploader = config.bucket.as_ref().map(|b| -> anyhow::Result<_> {
-        let bucket = crate::bucket::Bucket::open(b).context("cannot set up the S3 bucket")?;
-        let uploader = crate::bucket::upload::Uploader::new(
-            bucket,
-            store.clone(),
-            config.keys.clone(),
-            b.zstd_level,
-            metrics.clone(),
-            config.state_dir.join("uploads"),
-        );
-        Ok((uploader, b.upload_concurrency))
-    });
+    let bucket =
+        config.bucket.as_ref().map(crate::bucket::Bucket::open).transpose().context("cannot set up the S3 bucket")?;
+    // What the builder builds is pushed; a cache without a builder only reads through.
+    let uploader = config.bucket.as_ref().zip(bucket.clone()).filter(|_| config.builder.is_some()).map(
+        |(b, bucket)| -> anyhow::Result<_> {
+            let uploader = crate::bucket::upload::Uploader::new(
+                bucket,
+                store.clone(),
+                config.keys.clone(),
+                b.zstd_level,
+                metrics.clone(),
+                config.state_dir.join("uploads"),
+            );
+            Ok((uploader, b.upload_concurrency))
+        },
+    );
     let uploader = uploader.transpose()?;
-    let state = AppState::new(
+    let mut state = AppState::new(
         store.clone(),
         config.keys,
         metrics.clone(),
@@ -116,6 +120,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.streams,
         fleet.clone(),
     );
+    if config.bucket.as_ref().is_some_and(|b| b.read_through) {
+        state.bucket = bucket;
+    }
 
     let listener = match activated_listener()? {
         Some(l) => l,

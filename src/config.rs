@@ -368,11 +368,20 @@ impl Config {
         }
         let mut builder = file.builder.map(BuilderConfig::from_section).transpose()?;
         let bucket = file.bucket.map(crate::bucket::BucketConfig::from_section).transpose()?;
-        if bucket.is_some() && (builder.is_none() || keys.is_empty()) {
-            return Err(ConfigError::Value {
-                key: "bucket",
-                reason: "pushing to a bucket needs a [builder] (what it builds is pushed) and a signing key".into(),
-            });
+        if let Some(b) = &bucket {
+            if builder.is_none() && !b.read_through {
+                return Err(ConfigError::Value {
+                    key: "bucket",
+                    reason: "a bucket is pushed to by a [builder] or read through (`read_through = true`): set one"
+                        .into(),
+                });
+            }
+            if builder.is_some() && keys.is_empty() {
+                return Err(ConfigError::Value {
+                    key: "bucket",
+                    reason: "pushing to a bucket needs a signing key (sign_key_paths)".into(),
+                });
+            }
         }
         if let Some(b) = builder.as_mut() {
             b.git_cache_dir = file.state_dir.join("git");

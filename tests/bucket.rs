@@ -207,4 +207,57 @@ url = "git+file://{fleet}"
     let m = hearth.get("/metrics").text();
     assert!(m.contains("hearth_bucket_upload_failures_total 0"), "{m}");
     assert!(m.contains("hearth_bucket_upload_queue_length 0"), "{m}");
+
+    // A cache-only hearth whose store holds none of it serves the system through the bucket.
+    let local = tempfile::tempdir().unwrap();
+    let seed = common::add_to_store("read-through-seed", salt().as_bytes());
+    run_ok(nix_cmd("nix").args(["copy", "--to", &format!("local?root={}", local.path().display()), &seed]));
+    let through = Hearth::start(&format!(
+        r#"
+[store]
+backend = "db"
+db_path = "{root}/nix/var/nix/db/db.sqlite"
+real_dir = "{root}/nix/store"
+
+[bucket]
+url = "s3://{bucket}?endpoint={endpoint}&region={region}"
+access_key_id_file = "{id}"
+secret_access_key_file = "{secret}"
+read_through = true
+"#,
+        root = local.path().display(),
+        bucket = garage.get("GARAGE_BUCKET"),
+        endpoint = garage.get("GARAGE_S3"),
+        region = garage.get("GARAGE_REGION"),
+        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
+        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+    ));
+    let dest = tempfile::tempdir().unwrap();
+    let store = format!("local?root={}", dest.path().display());
+    let copied = nix_cmd("nix")
+        .args(["copy", "--from", &through.url(), "--to", &store])
+        .args(["--option", "trusted-public-keys", public.trim(), &system])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{}\n{}", String::from_utf8_lossy(&copied.stderr), through.log());
+    let verified = nix_cmd("nix")
+        .args(["store", "verify", "--store", &store])
+        .args(["--option", "trusted-public-keys", public.trim(), "-r", &system])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    // A range of a NAR is the bucket's bytes; a path in neither place is a 404.
+    let narinfo = NarInfo::parse(&through.get(&format!("/{}.narinfo", hash(&system))).text()).unwrap();
+    let whole = garage.web(&narinfo.url).unwrap();
+    let part = common::request(&through.addr, "GET", &format!("/{}", narinfo.url), &[("Range", "bytes=10-99")]);
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, whole[10..100].to_vec());
+    assert_eq!(through.get("/00000000000000000000000000000000.narinfo").status, 404);
+    // The bucket away: a path not here is a 503 to retry, never a 404 or a 500; a local one is
+    // served as ever.
+    drop(garage);
+    let away = through.get(&format!("/{}.narinfo", hash(&system)));
+    assert_eq!(away.status, 503);
+    assert_eq!(away.header("retry-after"), Some("5"));
+    assert_eq!(through.get(&format!("/{}.narinfo", hash(&seed))).status, 200);
 }

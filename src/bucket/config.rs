@@ -18,6 +18,9 @@ pub struct BucketSection {
     pub zstd_level: i32,
     #[serde(default = "default_concurrency")]
     pub upload_concurrency: usize,
+    /// Answer paths that are not in the local store from the bucket.
+    #[serde(default)]
+    pub read_through: bool,
 }
 
 fn default_level() -> i32 {
@@ -39,6 +42,7 @@ pub struct BucketConfig {
     pub secret_access_key: String,
     pub zstd_level: i32,
     pub upload_concurrency: usize,
+    pub read_through: bool,
 }
 
 impl std::fmt::Debug for BucketConfig {
@@ -107,6 +111,7 @@ impl BucketConfig {
             secret_access_key,
             zstd_level: s.zstd_level,
             upload_concurrency: s.upload_concurrency,
+            read_through: s.read_through,
         })
     }
 }

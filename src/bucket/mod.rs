@@ -47,6 +47,13 @@ impl Bucket {
             .with_allow_http(config.endpoint.starts_with("http://"))
             // Path style: `<endpoint>/<bucket>/<key>`, which every S3 server answers.
             .with_virtual_hosted_style_request(false)
+            // A bucket that is away is said within seconds (a read-through 503 to retry); the
+            // uploader retries on its own, with longer backoff.
+            .with_retry(object_store::RetryConfig {
+                max_retries: 2,
+                retry_timeout: std::time::Duration::from_secs(5),
+                ..Default::default()
+            })
             .build()?;
         Ok(Self { store: Arc::new(store), name: config.bucket.clone() })
     }
@@ -67,6 +74,27 @@ impl Bucket {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The size of the object `key`, if there is one.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, BucketError> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The bytes `range` of the object `key`, as they arrive.
+    pub async fn stream(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static, BucketError> {
+        use futures::TryStreamExt;
+        let options = object_store::GetOptions { range: Some(range.into()), ..Default::default() };
+        let result = self.store.get_opts(&Path::from(key), options).await?;
+        Ok(result.into_stream().map_err(std::io::Error::other))
     }
 
     pub async fn put(&self, key: &str, bytes: bytes::Bytes) -> Result<(), BucketError> {

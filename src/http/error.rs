@@ -21,6 +21,9 @@ pub enum HttpError {
     Busy(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The read-through bucket did not answer; the client should retry shortly.
+    #[error("bucket unavailable: {0}")]
+    Bucket(String),
 }
 
 impl IntoResponse for HttpError {
@@ -33,6 +36,7 @@ impl IntoResponse for HttpError {
                 (StatusCode::SERVICE_UNAVAILABLE, "store temporarily unavailable")
             }
             HttpError::Busy(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+            HttpError::Bucket(_) => (StatusCode::SERVICE_UNAVAILABLE, "cache bucket temporarily unavailable"),
             HttpError::Store(StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::Io(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
@@ -54,7 +58,7 @@ impl IntoResponse for HttpError {
                     headers.insert(header::CONTENT_RANGE, v);
                 }
             }
-            HttpError::Store(StoreError::Unavailable(_)) => {
+            HttpError::Store(StoreError::Unavailable(_)) | HttpError::Bucket(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             HttpError::Busy(_) => {

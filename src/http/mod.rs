@@ -142,6 +142,8 @@ pub struct AppState {
     pub fleet: Arc<crate::fleet::Fleet>,
     /// The fleet page, rendered once per change of the record.
     pub(crate) page: Arc<fleet::PageCache>,
+    /// With `[bucket] read_through`: paths not in the local store are answered from it.
+    pub bucket: Option<crate::bucket::Bucket>,
 }
 
 impl AppState {
@@ -162,6 +164,7 @@ impl AppState {
             narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
             fleet,
             page: Arc::new(fleet::PageCache::new()),
+            bucket: None,
         }
     }
 }

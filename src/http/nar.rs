@@ -22,6 +22,38 @@ use crate::nix::http_path::{self, NarEncoding};
 use crate::store::nar_stream::{Encoding, NarStream};
 use futures::Stream;
 
+/// `nar/<file>` from the read-through bucket, streamed (Range included) under the same stream
+/// bounds as a NAR from the store.
+async fn from_bucket(
+    bucket: &crate::bucket::Bucket,
+    state: &AppState,
+    conn: Option<&Conn>,
+    method: &Method,
+    headers: &HeaderMap,
+    file: &str,
+) -> HttpResult<Response> {
+    let key = format!("nar/{file}");
+    let size = bucket.size(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?.ok_or(HttpError::NotFound)?;
+    let mut resp_headers = HeaderMap::new();
+    resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+    resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    resp_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // The key names the file's hash: it is its own entity tag.
+    let etag = format!("\"{}\"", file.trim_end_matches(".nar.zst"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        resp_headers.insert(header::ETAG, v);
+    }
+    let (status, start, end) = ranged(headers, &etag, size, &mut resp_headers)?;
+    resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if *method == Method::HEAD || start == end {
+        return Ok((status, resp_headers, Body::empty()).into_response());
+    }
+    let slots = state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?;
+    let stream = bucket.stream(&key, start..end).await.map_err(|e| HttpError::Bucket(e.to_string()))?;
+    let body = SlotBody::new(Body::from_stream(stream), slots);
+    Ok((status, resp_headers, Body::new(body)).into_response())
+}
+
 #[derive(serde::Deserialize)]
 pub(super) struct NarQuery {
     hash: Option<String>,
@@ -36,8 +68,16 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> HttpResult<Response> {
     let req = http_path::parse_nar(&file, query.hash.as_deref()).ok_or(HttpError::BadRequest("malformed NAR URL"))?;
-    // Without the store path's hash we cannot find the path without a scan: not in this cache.
-    let store_hash = req.store_hash.ok_or(HttpError::NotFound)?;
+    // Without the store path's hash we cannot find the path without a scan: not in this cache,
+    // but a bucket's NAR (named by its file hash, as its narinfos name it) when reading through.
+    let Some(store_hash) = req.store_hash else {
+        return match (&state.bucket, req.encoding) {
+            (Some(bucket), NarEncoding::Zstd) => {
+                from_bucket(bucket, &state, conn.as_deref(), &method, &headers, &file).await
+            }
+            _ => Err(HttpError::NotFound),
+        };
+    };
     let info = state.store.path_info(store_hash).await?.ok_or(HttpError::NotFound)?;
     if crate::nix::sha256_bytes(&info.nar_hash) != Some(req.nar_hash.0) {
         // The path exists but with other contents than the client asked for.

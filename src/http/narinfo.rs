@@ -18,8 +18,14 @@ use crate::store::PathInfo;
 pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Path<String>) -> HttpResult<Response> {
     if file.ends_with(".narinfo") {
         let hash = http_path::parse_narinfo(&file).ok_or(HttpError::BadRequest("malformed narinfo hash"))?;
-        let info = state.store.path_info(hash).await?.ok_or(HttpError::NotFound)?;
         let headers = [(header::CONTENT_TYPE, "text/x-nix-narinfo"), (header::CACHE_CONTROL, "public, max-age=86400")];
+        let Some(info) = state.store.path_info(hash).await? else {
+            // Not here: the bucket's narinfo, as the bucket has it (signed by its builder).
+            let Some(bucket) = &state.bucket else { return Err(HttpError::NotFound) };
+            let key = crate::bucket::narinfo_key(hash.as_str());
+            let text = bucket.get(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?;
+            return Ok((headers, text.ok_or(HttpError::NotFound)?).into_response());
+        };
         // HEAD gets the same headers as GET, Content-Length included (RFC 9110); the server
         // sends no body for it.
         // A hot compressed NAR's narinfo carries the exact FileHash and FileSize of its file.
