@@ -45,4 +45,13 @@ pub enum Command {
     FlakeUpdate(crate::flake_update::FlakeUpdateArgs),
     /// Serve the Model Context Protocol on stdio, for AI assistants.
     Mcp(crate::mcp::McpArgs),
+    /// The S3 bucket built systems are pushed to.
+    #[command(subcommand)]
+    Bucket(BucketCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BucketCommand {
+    /// Delete what no kept generation of any host needs (narinfos first, then NARs).
+    Gc(crate::bucket::gc::GcArgs),
 }

@@ -236,17 +236,7 @@ impl Fleet {
     pub async fn share(self: &std::sync::Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
         // What the bucket holds is read first, whole: nothing is written to it before, so a
         // builder that starts never overwrites another's hosts with its own partial view.
-        let mut loaded = Hosts::new();
-        if let Ok(mut keys) = bucket.keys().await {
-            use futures::StreamExt;
-            while let Some(Ok(key)) = keys.next().await {
-                if let Ok(Some(value)) = bucket.get(&key).await
-                    && let Ok(saved) = serde_json::from_slice::<SavedHost>(&value)
-                {
-                    loaded.insert((saved.repo, saved.host), saved.record);
-                }
-            }
-        }
+        let loaded = read_bucket(&bucket).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
@@ -349,6 +339,22 @@ impl Fleet {
     pub fn version(&self) -> u64 {
         self.version.load(std::sync::atomic::Ordering::Acquire)
     }
+}
+
+/// The whole record a key-value bucket holds (entries that are not host records are skipped).
+pub async fn read_bucket(bucket: &async_nats::jetstream::kv::Store) -> Hosts {
+    use futures::StreamExt;
+    let mut loaded = Hosts::new();
+    if let Ok(mut keys) = bucket.keys().await {
+        while let Some(Ok(key)) = keys.next().await {
+            if let Ok(Some(value)) = bucket.get(&key).await
+                && let Ok(saved) = serde_json::from_slice::<SavedHost>(&value)
+            {
+                loaded.insert((saved.repo, saved.host), saved.record);
+            }
+        }
+    }
+    loaded
 }
 
 fn to_json(hosts: &Hosts) -> serde_json::Result<Vec<u8>> {

@@ -11,7 +11,7 @@ use hearth::config::Config;
 /// says otherwise.
 fn init_logging(command: &Command) {
     use std::io::IsTerminal;
-    let client = matches!(command, Command::Build(_) | Command::FlakeUpdate(_) | Command::Mcp(_));
+    let client = matches!(command, Command::Build(_) | Command::FlakeUpdate(_) | Command::Mcp(_) | Command::Bucket(_));
     let default = if client { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -109,6 +109,9 @@ fn main() -> ExitCode {
         Command::Build(args) => runtime.block_on(hearth::builder::cli::run(args)),
         Command::FlakeUpdate(args) => runtime.block_on(hearth::flake_update::run(args)),
         Command::Mcp(args) => report(runtime.block_on(hearth::mcp::run(args))),
+        Command::Bucket(hearth::cli::BucketCommand::Gc(args)) => {
+            report(runtime.block_on(hearth::bucket::gc::run(args)))
+        }
     }
 }
 

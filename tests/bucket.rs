@@ -261,3 +261,103 @@ read_through = true
     assert_eq!(away.header("retry-after"), Some("5"));
     assert_eq!(through.get(&format!("/{}.narinfo", hash(&seed))).status, 200);
 }
+
+#[test]
+fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let body = format!(
+        r#"
+state_dir = "{state}"
+
+[bucket]
+url = "s3://{bucket}?endpoint={endpoint}&region={region}"
+access_key_id_file = "{id}"
+secret_access_key_file = "{secret}"
+
+[builder]
+nats_url = "{url}"
+nkey_seed_file = "{seed}"
+gcroots_dir = "{roots}"
+keep_generations = 2
+
+[[builder.repos]]
+name = "fleet"
+url = "git+file://{fleet}"
+"#,
+        state = work.path().join("state").display(),
+        bucket = garage.get("GARAGE_BUCKET"),
+        endpoint = garage.get("GARAGE_S3"),
+        region = garage.get("GARAGE_REGION"),
+        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
+        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+        url = nats.url(),
+        seed = nats.builder_seed.display(),
+        roots = work.path().join("gcroots").display(),
+        fleet = fleet.display(),
+    );
+    let hearth = Hearth::start(&body);
+    hearth.wait_for_log("builder listening", 1);
+    let hash = |p: &str| p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned();
+    let mut systems = Vec::new();
+    let original = std::fs::read_to_string(fleet.join("flake.nix")).unwrap();
+    for round in 0..3 {
+        // Each round a new system (its own toplevel), the packages shared.
+        let text = original.replace("echo $deps > $out", &format!("echo {round} $deps > $out"));
+        std::fs::write(fleet.join("flake.nix"), text).unwrap();
+        common::flake::git(&fleet, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "next"]);
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+            .arg(nats.seed_path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let system = last["out_path"].as_str().unwrap().to_owned();
+        wait_until("the system is in the bucket", Duration::from_secs(120), || {
+            garage.web(&format!("{}.narinfo", hash(&system))).is_some()
+        });
+        systems.push(system);
+    }
+    // Uploads of the last closure done (nothing queued), then collect with no grace.
+    wait_until("uploads done", Duration::from_secs(60), || {
+        hearth.get("/metrics").text().contains("hearth_bucket_upload_queue_length 0")
+    });
+    let config = work.path().join("gc.toml");
+    let key = common::nix_wire().join("keys/test.sec");
+    std::fs::write(&config, format!("sign_key_paths = [\"{}\"]\n{body}", key.display())).unwrap();
+    let gc = |dry: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        c.args(["bucket", "gc", "--grace", "0s", "--config"]).arg(&config);
+        if dry {
+            c.arg("--dry-run");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = gc(true);
+    assert!(said.contains("would delete 1 narinfo(s) and 1 NAR(s)"), "{said}");
+    assert!(garage.web(&format!("{}.narinfo", hash(&systems[0]))).is_some(), "a dry run deleted");
+    let said = gc(false);
+    assert!(said.contains("deleted 1 narinfo(s) and 1 NAR(s)"), "{said}");
+    // The dropped generation is gone; both kept ones (and the packages they share) stay, and
+    // the oldest kept one still substitutes.
+    assert!(garage.web(&format!("{}.narinfo", hash(&systems[0]))).is_none());
+    for kept in &systems[1..] {
+        assert!(garage.web(&format!("{}.narinfo", hash(kept))).is_some(), "{kept} was collected");
+    }
+    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let copied = nix_cmd("nix")
+        .args(["copy", "--from", garage.get("GARAGE_WEB"), "--to"])
+        .arg(format!("local?root={}", dest.path().display()))
+        .args(["--option", "trusted-public-keys", public.trim(), &systems[1]])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    // Again: nothing more to collect.
+    assert!(gc(false).contains("deleted 0 narinfo(s) and 0 NAR(s)"));
+}

@@ -8,6 +8,7 @@
 //! narinfo is only ever written after the NAR it points to is complete in the bucket.
 
 pub mod config;
+pub mod gc;
 pub mod upload;
 
 use std::sync::Arc;
@@ -127,6 +128,13 @@ impl Bucket {
         }
         writer.finish().await?;
         Ok(size)
+    }
+
+    /// Every object: key, size and when it was last written (unix seconds).
+    pub async fn list(&self) -> Result<Vec<(String, u64, i64)>, BucketError> {
+        use futures::TryStreamExt;
+        let all: Vec<object_store::ObjectMeta> = self.store.list(None).try_collect().await?;
+        Ok(all.into_iter().map(|m| (m.location.to_string(), m.size, m.last_modified.timestamp())).collect())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), BucketError> {
