@@ -85,6 +85,56 @@ fn repo(dir: &Path) -> PathBuf {
     path
 }
 
+/// A hearth config: the bucket, a builder of `fleet`, and `extra` lines in `[builder]`.
+fn pushing_config(garage: &Garage, nats: &Nats, work: &Path, fleet: &Path, extra: &str) -> String {
+    format!(
+        r#"
+state_dir = "{state}"
+
+[bucket]
+url = "s3://{bucket}?endpoint={endpoint}&region={region}"
+access_key_id_file = "{id}"
+secret_access_key_file = "{secret}"
+
+[builder]
+nats_url = "{url}"
+nkey_seed_file = "{seed}"
+gcroots_dir = "{roots}"
+{extra}
+
+[[builder.repos]]
+name = "fleet"
+url = "git+file://{fleet}"
+"#,
+        state = work.join("state").display(),
+        bucket = garage.get("GARAGE_BUCKET"),
+        endpoint = garage.get("GARAGE_S3"),
+        region = garage.get("GARAGE_REGION"),
+        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
+        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+        url = nats.url(),
+        seed = nats.builder_seed.display(),
+        roots = work.join("gcroots").display(),
+        fleet = fleet.display(),
+    )
+}
+
+/// `hearth build fleet web1`: its final reply.
+fn build(nats: &Nats) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+        .arg(nats.seed_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn hash(p: &str) -> String {
+    p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned()
+}
+
 fn sha256_nix32(bytes: &[u8]) -> String {
     format!("sha256:{}", hearth::nix::nixbase32::encode(&sha2::Sha256::digest(bytes)))
 }
@@ -268,39 +318,9 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     let nats = Nats::start();
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
-    let body = format!(
-        r#"
-state_dir = "{state}"
-
-[bucket]
-url = "s3://{bucket}?endpoint={endpoint}&region={region}"
-access_key_id_file = "{id}"
-secret_access_key_file = "{secret}"
-
-[builder]
-nats_url = "{url}"
-nkey_seed_file = "{seed}"
-gcroots_dir = "{roots}"
-keep_generations = 2
-
-[[builder.repos]]
-name = "fleet"
-url = "git+file://{fleet}"
-"#,
-        state = work.path().join("state").display(),
-        bucket = garage.get("GARAGE_BUCKET"),
-        endpoint = garage.get("GARAGE_S3"),
-        region = garage.get("GARAGE_REGION"),
-        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
-        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
-        url = nats.url(),
-        seed = nats.builder_seed.display(),
-        roots = work.path().join("gcroots").display(),
-        fleet = fleet.display(),
-    );
+    let body = pushing_config(&garage, &nats, work.path(), &fleet, "keep_generations = 2");
     let hearth = Hearth::start(&body);
     hearth.wait_for_log("builder listening", 1);
-    let hash = |p: &str| p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned();
     let mut systems = Vec::new();
     let original = std::fs::read_to_string(fleet.join("flake.nix")).unwrap();
     for round in 0..3 {
@@ -308,14 +328,7 @@ url = "git+file://{fleet}"
         let text = original.replace("echo $deps > $out", &format!("echo {round} $deps > $out"));
         std::fs::write(fleet.join("flake.nix"), text).unwrap();
         common::flake::git(&fleet, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "next"]);
-        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
-            .arg(nats.seed_path())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        let system = last["out_path"].as_str().unwrap().to_owned();
+        let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
         wait_until("the system is in the bucket", Duration::from_secs(120), || {
             garage.web(&format!("{}.narinfo", hash(&system))).is_some()
         });
@@ -360,4 +373,62 @@ url = "git+file://{fleet}"
     assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
     // Again: nothing more to collect.
     assert!(gc(false).contains("deleted 0 narinfo(s) and 0 NAR(s)"));
+}
+
+#[test]
+fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_after_a_restart() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let body = pushing_config(&garage, &nats, work.path(), &fleet, "");
+    let mut hearth = Hearth::start(&body);
+    hearth.wait_for_log("builder listening", 1);
+    let first = build(&nats)["out_path"].as_str().unwrap().to_owned();
+    // One node of three dies while the closure uploads: writes and reads still reach a quorum.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
+    let killed = Command::new("bash").arg(&script).arg("kill").arg(garage.dir.path()).arg("3").status().unwrap();
+    assert!(killed.success());
+    let first_closure: Vec<String> =
+        run_ok(nix_cmd("nix-store").args(["-qR", &first])).lines().map(str::to_owned).collect();
+    wait_until("uploads go on with a node down", Duration::from_secs(120), || {
+        first_closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
+    });
+    // A new system; hearth dies right after its build, its uploads perhaps half done (the test
+    // cannot choose the moment; what it asserts holds at any).
+    let text = std::fs::read_to_string(fleet.join("flake.nix")).unwrap();
+    let text = text.replace("i=0; while [ $i -lt 20 ]", "i=0; while [ $i -lt 21 ]");
+    std::fs::write(fleet.join("flake.nix"), text).unwrap();
+    common::flake::git(&fleet, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "bigger"]);
+    let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
+    hearth.child.kill().unwrap();
+    hearth.child.wait().unwrap();
+    let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
+    // Whatever got there: no narinfo names a NAR the bucket lacks.
+    let consistent = || {
+        closure.iter().all(|p| match garage.web(&format!("{}.narinfo", hash(p))) {
+            None => true,
+            Some(text) => {
+                let info = NarInfo::parse(&String::from_utf8_lossy(&text)).unwrap();
+                garage.web(&info.url).is_some()
+            }
+        })
+    };
+    assert!(consistent(), "a narinfo is visible before its NAR");
+    // Restarted, it finds what the bucket lacks of its newest systems and uploads it.
+    let hearth = Hearth::start(&body);
+    hearth.wait_for_log("builder listening", 1);
+    wait_until("the closure is in the bucket after the restart", Duration::from_secs(120), || {
+        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
+    });
+    assert!(consistent());
+    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let copied = nix_cmd("nix")
+        .args(["copy", "--from", garage.get("GARAGE_WEB"), "--to"])
+        .arg(format!("local?root={}", dest.path().display()))
+        .args(["--option", "trusted-public-keys", public.trim(), &system])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
 }
