@@ -135,6 +135,26 @@ fn hash(p: &str) -> String {
     p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned()
 }
 
+/// Substitutes `system` from the binary cache at `from` into a fresh store, trusting only the
+/// test key, and verifies every path's contents and signature there.
+fn substitute_and_verify(from: &str, system: &str) {
+    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let store = format!("local?root={}", dest.path().display());
+    let copied = nix_cmd("nix")
+        .args(["copy", "--from", from, "--to", &store])
+        .args(["--option", "trusted-public-keys", public.trim(), system])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "nix copy --from {from}: {}", String::from_utf8_lossy(&copied.stderr));
+    let verified = nix_cmd("nix")
+        .args(["store", "verify", "--store", &store])
+        .args(["--option", "trusted-public-keys", public.trim(), "-r", system])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+}
+
 fn sha256_nix32(bytes: &[u8]) -> String {
     format!("sha256:{}", hearth::nix::nixbase32::encode(&sha2::Sha256::digest(bytes)))
 }
@@ -227,22 +247,7 @@ url = "git+file://{fleet}"
     }
 
     // A fresh store substitutes the whole system from the bucket alone, and verifies it.
-    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
-    let dest = tempfile::tempdir().unwrap();
-    let copied = nix_cmd("nix")
-        .args(["copy", "--from", garage.get("GARAGE_WEB"), "--to"])
-        .arg(format!("local?root={}", dest.path().display()))
-        .args(["--option", "trusted-public-keys", public.trim(), &system])
-        .output()
-        .unwrap();
-    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
-    let verified = nix_cmd("nix")
-        .args(["store", "verify", "--store"])
-        .arg(format!("local?root={}", dest.path().display()))
-        .args(["--option", "trusted-public-keys", public.trim(), "-r", &system])
-        .output()
-        .unwrap();
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    substitute_and_verify(garage.get("GARAGE_WEB"), &system);
 
     // The same system again: every path is there, nothing is queued.
     let again = Command::new(env!("CARGO_BIN_EXE_hearth"))
@@ -282,20 +287,7 @@ read_through = true
         id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
         secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
     ));
-    let dest = tempfile::tempdir().unwrap();
-    let store = format!("local?root={}", dest.path().display());
-    let copied = nix_cmd("nix")
-        .args(["copy", "--from", &through.url(), "--to", &store])
-        .args(["--option", "trusted-public-keys", public.trim(), &system])
-        .output()
-        .unwrap();
-    assert!(copied.status.success(), "{}\n{}", String::from_utf8_lossy(&copied.stderr), through.log());
-    let verified = nix_cmd("nix")
-        .args(["store", "verify", "--store", &store])
-        .args(["--option", "trusted-public-keys", public.trim(), "-r", &system])
-        .output()
-        .unwrap();
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    substitute_and_verify(&through.url(), &system);
     // A range of a NAR is the bucket's bytes; a path in neither place is a 404.
     let narinfo = NarInfo::parse(&through.get(&format!("/{}.narinfo", hash(&system))).text()).unwrap();
     let whole = garage.web(&narinfo.url).unwrap();
@@ -362,15 +354,7 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     for kept in &systems[1..] {
         assert!(garage.web(&format!("{}.narinfo", hash(kept))).is_some(), "{kept} was collected");
     }
-    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
-    let dest = tempfile::tempdir().unwrap();
-    let copied = nix_cmd("nix")
-        .args(["copy", "--from", garage.get("GARAGE_WEB"), "--to"])
-        .arg(format!("local?root={}", dest.path().display()))
-        .args(["--option", "trusted-public-keys", public.trim(), &systems[1]])
-        .output()
-        .unwrap();
-    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    substitute_and_verify(garage.get("GARAGE_WEB"), &systems[1]);
     // Again: nothing more to collect.
     assert!(gc(false).contains("deleted 0 narinfo(s) and 0 NAR(s)"));
 }
@@ -422,13 +406,5 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
         closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
     });
     assert!(consistent());
-    let public = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
-    let dest = tempfile::tempdir().unwrap();
-    let copied = nix_cmd("nix")
-        .args(["copy", "--from", garage.get("GARAGE_WEB"), "--to"])
-        .arg(format!("local?root={}", dest.path().display()))
-        .args(["--option", "trusted-public-keys", public.trim(), &system])
-        .output()
-        .unwrap();
-    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    substitute_and_verify(garage.get("GARAGE_WEB"), &system);
 }
