@@ -1,6 +1,6 @@
 //! hearth: a Nix binary cache and NixOS build worker in one process.
 //!
-//! Data flows one way: `config` → `store` → `http` or `builder` → `metrics`. `nix` holds the pure
+//! Data flows one way: `config` → `store` (and `bucket`) → `http` or `builder` → `metrics`. `nix` holds the pure
 //! formats every layer uses. See ARCHITECTURE.md.
 
 pub mod app;
