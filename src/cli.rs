@@ -53,5 +53,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum BucketCommand {
     /// Delete what no kept generation of any host needs (narinfos first, then NARs).
-    Gc(crate::bucket::gc::GcArgs),
+    Gc(crate::bucket::cli::GcArgs),
+    /// Push the closures of built store paths, as the builder pushes its own.
+    Push(crate::bucket::cli::PushArgs),
 }

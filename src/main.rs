@@ -110,7 +110,10 @@ fn main() -> ExitCode {
         Command::FlakeUpdate(args) => runtime.block_on(hearth::flake_update::run(args)),
         Command::Mcp(args) => report(runtime.block_on(hearth::mcp::run(args))),
         Command::Bucket(hearth::cli::BucketCommand::Gc(args)) => {
-            report(runtime.block_on(hearth::bucket::gc::run(args)))
+            report(runtime.block_on(hearth::bucket::cli::gc(args)))
+        }
+        Command::Bucket(hearth::cli::BucketCommand::Push(args)) => {
+            report(runtime.block_on(hearth::bucket::cli::push(args)))
         }
     }
 }

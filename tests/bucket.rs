@@ -407,4 +407,20 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     });
     assert!(consistent());
     substitute_and_verify(garage.get("GARAGE_WEB"), &system);
+
+    // `hearth bucket push` uploads a path built elsewhere, as the builder would, and says so.
+    let config = work.path().join("push.toml");
+    let key = common::nix_wire().join("keys/test.sec");
+    std::fs::write(&config, format!("sign_key_paths = [\"{}\"]\n{body}", key.display())).unwrap();
+    let other = common::build_input_addressed("pushed-by-hand", &salt());
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["bucket", "push", "--config"])
+        .arg(&config)
+        .arg(&other)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.starts_with("pushed 1 of 1 path(s) (0 already there)"), "{said}");
+    substitute_and_verify(garage.get("GARAGE_WEB"), &other);
 }

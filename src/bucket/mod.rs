@@ -7,6 +7,7 @@
 //! uploads; lighter than the AWS SDK): no signing is written here. Architecture invariant: a
 //! narinfo is only ever written after the NAR it points to is complete in the bucket.
 
+pub mod cli;
 pub mod config;
 pub mod gc;
 pub mod upload;

@@ -232,6 +232,13 @@ impl Uploader {
         narinfo
     }
 
+    /// Waits until nothing is queued or uploading.
+    pub async fn drained(&self) {
+        while self.pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Paths queued or uploading now.
     pub fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()

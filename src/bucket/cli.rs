@@ -1,0 +1,122 @@
+//! `hearth bucket gc` and `hearth bucket push`: the bucket's command-line side (configuration,
+//! the fleet record's kept generations, reporting); the work is `gc.rs`'s and `upload.rs`'s.
+
+use super::Bucket;
+use super::gc::collect;
+
+/// `hearth bucket gc`.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// The configuration with the `[bucket]` (and the `[builder]` whose record says what is kept).
+    #[arg(long, env = "HEARTH_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// Say what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Objects written within this long are kept whatever they are (uploads in progress), e.g.
+    /// `1d`, `6h`, `0s`.
+    #[arg(long, default_value = "1d", value_parser = crate::builder::cli::parse_duration)]
+    pub grace: std::time::Duration,
+}
+
+/// Every kept generation's system in the fleet record: the local file, or the shared bucket
+/// when the builder's queue is JetStream.
+async fn kept_systems(config: &crate::config::Config) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let builder =
+        config.builder.as_ref().context("the record of kept generations is the builder's: configure [builder]")?;
+    let hosts = match builder.queue {
+        crate::builder::config::QueueKind::Core => {
+            let file = config.state_dir.join("fleet.json");
+            anyhow::ensure!(file.exists(), "no fleet record at {}: nothing says what to keep", file.display());
+            crate::fleet::Fleet::load(Some(file)).snapshot()
+        }
+        crate::builder::config::QueueKind::JetStream => {
+            let client = builder
+                .auth
+                .options()
+                .await?
+                .name("hearth-bucket-gc")
+                .connect(&builder.nats_url)
+                .await
+                .with_context(|| format!("cannot connect to {}", builder.nats_url))?;
+            let js = async_nats::jetstream::new(client);
+            let kv =
+                js.get_key_value(&builder.jetstream.bucket).await.context("cannot open the shared fleet record")?;
+            crate::fleet::read_bucket(&kv).await
+        }
+    };
+    anyhow::ensure!(!hosts.is_empty(), "the fleet record is empty: refusing to collect everything");
+    Ok(hosts.values().flat_map(|h| h.generations.iter().map(|g| g.path.clone())).collect())
+}
+
+pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let config = crate::config::Config::load(Some(&args.config))?;
+    let b = config.bucket.as_ref().context("no [bucket] in the configuration")?;
+    let bucket = Bucket::open(b)?;
+    let roots = kept_systems(&config).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let keep_after = now - i64::try_from(args.grace.as_secs()).unwrap_or(i64::MAX);
+    let r = collect(&bucket, &roots, keep_after, args.dry_run).await?;
+    let verb = if args.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "{verb} {} narinfo(s) and {} NAR(s), {} bytes; kept {} live path(s) of {} generation(s), and {} recent object(s)",
+        r.narinfos_deleted,
+        r.nars_deleted,
+        r.bytes_deleted,
+        r.live,
+        roots.len(),
+        r.recent
+    );
+    Ok(())
+}
+
+/// `hearth bucket push`.
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The configuration with the `[bucket]` and the signing keys.
+    #[arg(long, env = "HEARTH_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// Store paths whose closures to push (what the bucket has already is skipped).
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+/// Pushes the closures of store paths that are already built (a bucket seeded, a system built
+/// elsewhere) exactly as the builder pushes its own, and waits until they are up.
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let config = crate::config::Config::load(Some(&args.config))?;
+    let b = config.bucket.as_ref().context("no [bucket] in the configuration")?;
+    anyhow::ensure!(!config.keys.is_empty(), "pushing needs a signing key (sign_key_paths)");
+    let store = std::sync::Arc::new(crate::store::Store::open(config.store.clone())?);
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(&[]));
+    let uploader = super::upload::Uploader::new(
+        Bucket::open(b)?,
+        store.clone(),
+        config.keys.clone(),
+        b.zstd_level,
+        metrics.clone(),
+        config.state_dir.join("uploads"),
+    );
+    uploader.start(b.upload_concurrency);
+    let (mut present, mut total) = (0, 0);
+    for path in &args.paths {
+        let p = crate::nix::store_path::StorePath::from_absolute(store.store_dir(), path)
+            .with_context(|| format!("`{path}` is not a store path"))?;
+        let closure = store.closure(&p).await?.with_context(|| format!("{path} is not in the store"))?;
+        let pushed = uploader.push(&closure, b.upload_concurrency).await;
+        present += pushed.present;
+        total += pushed.total;
+    }
+    uploader.drained().await;
+    let failed = metrics.bucket_upload_failures.get();
+    println!(
+        "pushed {} of {total} path(s) ({present} already there), {} bytes; {failed} failed",
+        total - present,
+        metrics.bucket_upload_bytes.get()
+    );
+    anyhow::ensure!(failed == 0, "{failed} path(s) could not be uploaded");
+    Ok(())
+}
