@@ -487,7 +487,7 @@ impl Worker {
             );
         }
         let cx = record::Context { repo, branch: &job.branch, deploy, commit: commit.as_deref() };
-        let (summaries, shutdown) = self.build_hosts(job, &flake, &hosts, &cx, &base, cancel).await;
+        let (summaries, shutdown) = self.build_hosts(&flake, &hosts, &cx, &base, cancel).await;
 
         let ok = summaries.iter().all(|s| s.status.is_ok());
         let any_host_ok = deploy && summaries.iter().any(|s| s.status.is_ok());
@@ -539,7 +539,6 @@ impl Worker {
     /// outcome. Returns the summaries in `hosts` order, and whether shutdown cut the build.
     async fn build_hosts(
         &self,
-        job: &Job,
         flake: &str,
         hosts: &[String],
         cx: &record::Context<'_>,
@@ -655,7 +654,6 @@ impl Worker {
             self.publish(&self.subscribers(), &r).await;
             summaries.push(summary);
         }
-        let _ = job;
         (summaries, shutdown)
     }
 
