@@ -85,33 +85,50 @@ fn repo(dir: &Path) -> PathBuf {
     path
 }
 
-/// A hearth config: the bucket, a builder of `fleet`, and `extra` lines in `[builder]`.
-fn pushing_config(garage: &Garage, nats: &Nats, work: &Path, fleet: &Path, extra: &str) -> String {
+/// The `[bucket]` section for `garage`'s bucket, with `extra` lines.
+fn bucket_section(garage: &Garage, extra: &str) -> String {
     format!(
         r#"
-state_dir = "{state}"
-
 [bucket]
 url = "s3://{bucket}?endpoint={endpoint}&region={region}"
 access_key_id_file = "{id}"
 secret_access_key_file = "{secret}"
+{extra}
+"#,
+        bucket = garage.get("GARAGE_BUCKET"),
+        endpoint = garage.get("GARAGE_S3"),
+        region = garage.get("GARAGE_REGION"),
+        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
+        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+    )
+}
 
+/// A hearth config: the bucket (with `bucket_extra` lines), a builder of `fleet` (with
+/// `builder_extra` lines).
+fn pushing_config(
+    garage: &Garage,
+    nats: &Nats,
+    work: &Path,
+    fleet: &Path,
+    bucket_extra: &str,
+    builder_extra: &str,
+) -> String {
+    format!(
+        r#"
+state_dir = "{state}"
+{bucket}
 [builder]
 nats_url = "{url}"
 nkey_seed_file = "{seed}"
 gcroots_dir = "{roots}"
-{extra}
+{builder_extra}
 
 [[builder.repos]]
 name = "fleet"
 url = "git+file://{fleet}"
 "#,
         state = work.join("state").display(),
-        bucket = garage.get("GARAGE_BUCKET"),
-        endpoint = garage.get("GARAGE_S3"),
-        region = garage.get("GARAGE_REGION"),
-        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
-        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+        bucket = bucket_section(garage, bucket_extra),
         url = nats.url(),
         seed = nats.builder_seed.display(),
         roots = work.join("gcroots").display(),
@@ -165,43 +182,10 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     let nats = Nats::start();
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
-    let config = format!(
-        r#"
-[bucket]
-url = "s3://{bucket}?endpoint={endpoint}&region={region}"
-access_key_id_file = "{id}"
-secret_access_key_file = "{secret}"
-upload_concurrency = 2
-
-[builder]
-nats_url = "{url}"
-nkey_seed_file = "{seed}"
-gcroots_dir = "{roots}"
-
-[[builder.repos]]
-name = "fleet"
-url = "git+file://{fleet}"
-"#,
-        bucket = garage.get("GARAGE_BUCKET"),
-        endpoint = garage.get("GARAGE_S3"),
-        region = garage.get("GARAGE_REGION"),
-        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
-        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
-        url = nats.url(),
-        seed = nats.builder_seed.display(),
-        roots = work.path().join("gcroots").display(),
-        fleet = fleet.display(),
-    );
+    let config = pushing_config(&garage, &nats, work.path(), &fleet, "upload_concurrency = 2", "");
     let hearth = Hearth::start(&config);
     hearth.wait_for_log("builder listening", 1);
-    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
-        .arg(nats.seed_path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let last = build(&nats);
     let system = last["out_path"].as_str().unwrap().to_owned();
     let uploaded = &last["hosts"][0]["uploaded"];
     // The whole closure: three paths, none there before the build.
@@ -209,7 +193,6 @@ url = "git+file://{fleet}"
 
     // Every path's narinfo appears once its upload is done.
     let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
-    let hash = |p: &str| p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned();
     wait_until("the closure is in the bucket", Duration::from_secs(120), || {
         closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
     });
@@ -250,13 +233,7 @@ url = "git+file://{fleet}"
     substitute_and_verify(garage.get("GARAGE_WEB"), &system);
 
     // The same system again: every path is there, nothing is queued.
-    let again = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["build", "fleet", "web1", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
-        .arg(nats.seed_path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&again.stdout);
-    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let last = build(&nats);
     let uploaded = &last["hosts"][0]["uploaded"];
     assert_eq!((uploaded["present"].as_u64(), uploaded["queued"].as_u64()), (Some(3), Some(0)), "{last}");
     let m = hearth.get("/metrics").text();
@@ -274,18 +251,9 @@ backend = "db"
 db_path = "{root}/nix/var/nix/db/db.sqlite"
 real_dir = "{root}/nix/store"
 
-[bucket]
-url = "s3://{bucket}?endpoint={endpoint}&region={region}"
-access_key_id_file = "{id}"
-secret_access_key_file = "{secret}"
-read_through = true
-"#,
+{bucket}"#,
         root = local.path().display(),
-        bucket = garage.get("GARAGE_BUCKET"),
-        endpoint = garage.get("GARAGE_S3"),
-        region = garage.get("GARAGE_REGION"),
-        id = garage.get("GARAGE_ACCESS_KEY_ID_FILE"),
-        secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"),
+        bucket = bucket_section(&garage, "read_through = true"),
     ));
     substitute_and_verify(&through.url(), &system);
     // A range of a NAR is the bucket's bytes; a path in neither place is a 404.
@@ -310,7 +278,7 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     let nats = Nats::start();
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
-    let body = pushing_config(&garage, &nats, work.path(), &fleet, "keep_generations = 2");
+    let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "keep_generations = 2");
     let hearth = Hearth::start(&body);
     hearth.wait_for_log("builder listening", 1);
     let mut systems = Vec::new();
@@ -365,7 +333,7 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     let nats = Nats::start();
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
-    let body = pushing_config(&garage, &nats, work.path(), &fleet, "");
+    let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "");
     let mut hearth = Hearth::start(&body);
     hearth.wait_for_log("builder listening", 1);
     let first = build(&nats)["out_path"].as_str().unwrap().to_owned();
