@@ -126,19 +126,24 @@ impl Recorder {
             self.metrics.build_hosts.get_or_create(&series).inc();
             self.metrics.host_last_success.get_or_create(&label(repo, host)).set(i64::from(ok));
         }
+        // The system's closure, read once: for what changed, and for the bucket.
+        let closure = match &out_path {
+            Some(out) => self.closure(out).await,
+            None => None,
+        };
         let (generations, changes) = match (&out_path, status) {
             (Some(out), HostStatus::Success) if cx.deploy => {
-                let (g, c) = self.record_generation(repo, host, out, cx.commit).await;
+                let (g, c) = self.record_generation(repo, host, out, closure.as_deref(), cx.commit).await;
                 (Some(g), c)
             }
             // Nothing built: nothing changed.
-            (Some(out), HostStatus::Unchanged) => (None, self.unchanged(out).await),
+            (Some(_), HostStatus::Unchanged) => (None, closure.as_deref().map(unchanged)),
             // Another branch: what it would change against the host's newest deploy system,
             // for the reply (flake-update's commit message) only.
-            (Some(out), _) => {
+            (Some(_), _) => {
                 let newest = self.generations.list(repo, host).last().map(|g| g.path.clone());
-                let changes = match self.closure(out).await {
-                    Some(after) => self.diff(newest.as_deref(), &after).await,
+                let changes = match &closure {
+                    Some(after) => self.diff(newest.as_deref(), after).await,
                     None => None,
                 };
                 (None, changes)
@@ -179,15 +184,12 @@ impl Recorder {
             }
         }
         // A good system of the deploy branch goes to the bucket, if there is one.
-        let uploaded = match (&self.uploader, &out_path) {
-            (Some((uploader, concurrency)), Some(out)) if cx.deploy => match self.closure(out).await {
-                Some(closure) => {
-                    let pushed = uploader.push(&closure, *concurrency).await;
-                    tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
-                    Some(pushed)
-                }
-                None => None,
-            },
+        let uploaded = match (&self.uploader, &closure) {
+            (Some((uploader, concurrency)), Some(closure)) if cx.deploy => {
+                let pushed = uploader.push(closure, *concurrency).await;
+                tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
+                Some(pushed)
+            }
             _ => None,
         };
         HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes, uploaded }
@@ -228,6 +230,7 @@ impl Recorder {
         repo: &str,
         host: &str,
         out: &str,
+        after: Option<&[Arc<PathInfo>]>,
         commit: Option<&str>,
     ) -> (Vec<crate::fleet::Generation>, Option<Changes>) {
         // The same system again: no new generation, and what changed stays what the newest
@@ -241,17 +244,10 @@ impl Recorder {
         let before = existing.last().map(|g| g.path.clone());
         self.root_generation(repo, host, out, commit, now_seconds()).await;
         let gens = self.generations.list(repo, host);
-        let Some(after) = self.closure(out).await else { return (gens, None) };
+        let Some(after) = after else { return (gens, None) };
         // The host is about to pull its closure: have it compressed once, in the background.
-        self.store.cache_nars(&after);
-        (gens, self.describe(repo, host, before.as_deref(), &after).await)
-    }
-
-    /// An unchanged system's changes: none, against its own closure.
-    async fn unchanged(&self, out: &str) -> Option<Changes> {
-        let after = self.closure(out).await?;
-        let sizes: Vec<(String, u64)> = after.iter().map(|i| (i.path.to_string(), i.nar_size)).collect();
-        Some(closure_diff::diff(&sizes, &sizes))
+        self.store.cache_nars(after);
+        (gens, self.describe(repo, host, before.as_deref(), after).await)
     }
 
     /// The closure of the store path `path`, from the store's path info.
@@ -353,6 +349,12 @@ impl Recorder {
             let _ = self.metrics.build_hosts.get_or_create(&labels);
         }
     }
+}
+
+/// An unchanged system's changes: none, against its own closure.
+fn unchanged(after: &[Arc<PathInfo>]) -> Changes {
+    let sizes: Vec<(String, u64)> = after.iter().map(|i| (i.path.to_string(), i.nar_size)).collect();
+    closure_diff::diff(&sizes, &sizes)
 }
 
 fn label(repo: &str, host: &str) -> RepoHost {
