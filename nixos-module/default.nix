@@ -45,7 +45,8 @@ let
 
   signKeyCreds = lib.imap0 (i: path: { name = "sign-key-${toString i}"; inherit path; }) cfg.signKeyPaths;
 
-  settings = lib.recursiveUpdate cfg.settings (
+  # The TOML settings, with credentials at `credDir` (each unit gets its own directory).
+  settingsFor = credDir: lib.recursiveUpdate cfg.settings (
     lib.optionalAttrs (cfg.signKeyPaths != [ ]) {
       sign_key_paths = map (c: "${credDir}/${c.name}") signKeyCreds;
     }
@@ -62,10 +63,31 @@ let
         repos = map (r: { inherit (r) name url branch; }) cfg.builder.repos;
       };
     }
+    // lib.optionalAttrs cfg.bucket.enable {
+      bucket = {
+        inherit (cfg.bucket) url;
+        access_key_id_file = "${credDir}/s3-access-key-id";
+        secret_access_key_file = "${credDir}/s3-secret-access-key";
+        read_through = cfg.bucket.readThrough;
+        public_url = cfg.bucket.publicUrl;
+      };
+    }
   );
+  settings = settingsFor credDir;
 
   # TOML has no null: unset options are left out.
-  configFile = toml.generate "hearth.toml" (lib.filterAttrsRecursive (_: v: v != null) settings);
+  configFileFor = name: settings: toml.generate name (lib.filterAttrsRecursive (_: v: v != null) settings);
+  configFile = configFileFor "hearth.toml" settings;
+
+  # Every secret the service reads, as systemd hands them over.
+  credentials =
+    map (c: "${c.name}:${c.path}") signKeyCreds
+    ++ lib.optional cfg.builder.enable "builder-nkey:${cfg.builder.nkeySeedFile}"
+    ++ lib.optional (cfg.builder.enable && cfg.builder.sshKeyFile != null) "builder-ssh-key:${cfg.builder.sshKeyFile}"
+    ++ lib.optionals cfg.bucket.enable [
+      "s3-access-key-id:${cfg.bucket.accessKeyIdFile}"
+      "s3-secret-access-key:${cfg.bucket.secretAccessKeyFile}"
+    ];
 
   rules = pkgs.writeText "hearth-rules.yml" (
     builtins.replaceStrings [ "100000000" ] [ (toString cfg.alerts.narBandwidthBytesPerSecond) ]
@@ -275,6 +297,49 @@ in
       };
     };
 
+    bucket = {
+      enable = lib.mkEnableOption "pushing every built system to an S3 bucket (e.g. Garage) in Nix's binary-cache layout";
+      url = lib.mkOption {
+        type = lib.types.strMatching "s3://.*";
+        example = "s3://nix-cache?endpoint=http://garage.home.2rjus.net:3900&region=garage";
+        description = "The bucket, in Nix's `s3://` URL form (`endpoint` is required).";
+      };
+      accessKeyIdFile = lib.mkOption {
+        type = secretPath;
+        example = "/run/secrets/hearth-s3-key-id";
+        description = "File holding the S3 access key id, handed over with `LoadCredential`.";
+      };
+      secretAccessKeyFile = lib.mkOption {
+        type = secretPath;
+        example = "/run/secrets/hearth-s3-secret";
+        description = "File holding the S3 secret access key, handed over with `LoadCredential`.";
+      };
+      readThrough = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Answer paths that are not in the local store from the bucket (every builder's builds from one cache).";
+      };
+      publicUrl = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "http://nix-cache.web.garage.home.2rjus.net:3902";
+        description = "With `readThrough`: where clients fetch the bucket's objects themselves; NARs not held locally are then redirects there.";
+      };
+      gc = {
+        enable = lib.mkEnableOption "a timer that deletes what no kept generation of any host needs from the bucket (`hearth bucket gc`)";
+        schedule = lib.mkOption {
+          type = lib.types.str;
+          default = "weekly";
+          description = "When (systemd `OnCalendar`); a run missed while the host was down runs at boot.";
+        };
+        grace = lib.mkOption {
+          type = lib.types.strMatching "[0-9]+[smhd]";
+          default = "1d";
+          description = "Objects written within this long are kept whatever they are (uploads in progress).";
+        };
+      };
+    };
+
     scheduler = {
       enable = lib.mkEnableOption "a timer that builds every host of the listed repos";
       repos = lib.mkOption {
@@ -319,6 +384,14 @@ in
   config = lib.mkMerge [
     (lib.mkIf cfg.enable {
       assertions = [
+        {
+          assertion = !cfg.bucket.gc.enable || (cfg.bucket.enable && cfg.builder.enable);
+          message = "services.hearth.bucket.gc.enable needs services.hearth.bucket.enable and services.hearth.builder.enable: the builder's fleet record says what the bucket must keep.";
+        }
+        {
+          assertion = cfg.bucket.publicUrl == null || cfg.bucket.readThrough;
+          message = "services.hearth.bucket.publicUrl only means something with services.hearth.bucket.readThrough = true.";
+        }
         {
           assertion = !cfg.builder.enable || cfg.builder.repos != [ ];
           message = "services.hearth.builder.enable is set but services.hearth.builder.repos is empty: hearth would refuse to start. List the flake repos to build.";
@@ -372,10 +445,7 @@ in
           TimeoutStopSec = (settings.shutdown_grace_seconds or 30) + 40;
           User = "hearth";
           Group = "hearth";
-          LoadCredential =
-            map (c: "${c.name}:${c.path}") signKeyCreds
-            ++ lib.optional cfg.builder.enable "builder-nkey:${cfg.builder.nkeySeedFile}"
-            ++ lib.optional (cfg.builder.enable && cfg.builder.sshKeyFile != null) "builder-ssh-key:${cfg.builder.sshKeyFile}";
+          LoadCredential = credentials;
           # Builds run in the daemon; hearth itself reads the store and writes only its GC roots.
           ProtectSystem = "strict";
           ReadWritePaths = lib.optional cfg.builder.enable "-${gcrootsDir}";
@@ -386,6 +456,36 @@ in
               "GIT_SSH_COMMAND=ssh -i %d/builder-ssh-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/var/lib/hearth/.ssh/known_hosts";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
           LimitNOFILE = 65536;
+        };
+      };
+    })
+
+    (lib.mkIf (cfg.enable && cfg.bucket.gc.enable) {
+      systemd.services.hearth-bucket-gc = {
+        description = "Delete what no kept generation needs from hearth's S3 bucket";
+        after = [ "network-online.target" "hearth.service" ];
+        wants = [ "network-online.target" ];
+        serviceConfig = sandbox // {
+          Type = "oneshot";
+          # hearth's user: it reads the fleet record in hearth's state directory (or, with the
+          # JetStream queue, the shared one with the builder's NKey).
+          User = "hearth";
+          Group = "hearth";
+          LoadCredential = credentials;
+          ExecStart = "${cfg.package}/bin/hearth bucket gc --config ${
+            configFileFor "hearth-bucket-gc.toml" (settingsFor "/run/credentials/hearth-bucket-gc.service")
+          } --grace ${cfg.bucket.gc.grace}";
+          ProtectSystem = "strict";
+          StateDirectory = "hearth";
+          SystemCallFilter = [ "@system-service" "~@privileged" ];
+        };
+      };
+      systemd.timers.hearth-bucket-gc = {
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = cfg.bucket.gc.schedule;
+          Persistent = true;
+          RandomizedDelaySec = "1h";
         };
       };
     })

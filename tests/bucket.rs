@@ -136,6 +136,22 @@ url = "git+file://{fleet}"
     )
 }
 
+/// A cache-only hearth reading through the bucket (with `extra` lines), its store the one at
+/// `root`.
+fn cache_only(root: &Path, garage: &Garage, extra: &str) -> Hearth {
+    Hearth::start(&format!(
+        r#"
+[store]
+backend = "db"
+db_path = "{root}/nix/var/nix/db/db.sqlite"
+real_dir = "{root}/nix/store"
+
+{bucket}"#,
+        root = root.display(),
+        bucket = bucket_section(garage, &format!("read_through = true\n{extra}")),
+    ))
+}
+
 /// `hearth build fleet web1`: its final reply.
 fn build(nats: &Nats) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
@@ -244,17 +260,7 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     let local = tempfile::tempdir().unwrap();
     let seed = common::add_to_store("read-through-seed", salt().as_bytes());
     run_ok(nix_cmd("nix").args(["copy", "--to", &format!("local?root={}", local.path().display()), &seed]));
-    let through = Hearth::start(&format!(
-        r#"
-[store]
-backend = "db"
-db_path = "{root}/nix/var/nix/db/db.sqlite"
-real_dir = "{root}/nix/store"
-
-{bucket}"#,
-        root = local.path().display(),
-        bucket = bucket_section(&garage, "read_through = true"),
-    ));
+    let through = cache_only(local.path(), &garage, "");
     substitute_and_verify(&through.url(), &system);
     // A range of a NAR is the bucket's bytes; a path in neither place is a 404.
     let narinfo = NarInfo::parse(&through.get(&format!("/{}.narinfo", hash(&system))).text()).unwrap();
@@ -263,6 +269,12 @@ real_dir = "{root}/nix/store"
     assert_eq!(part.status, 206);
     assert_eq!(part.body, whole[10..100].to_vec());
     assert_eq!(through.get("/00000000000000000000000000000000.narinfo").status, 404);
+    // With a public URL, a NAR not here is a redirect to the bucket itself, which Nix follows.
+    let redirecting = cache_only(local.path(), &garage, &format!("public_url = \"{}/\"", garage.get("GARAGE_WEB")));
+    let moved = redirecting.get(&format!("/{}", narinfo.url));
+    assert_eq!(moved.status, 302);
+    assert_eq!(moved.header("location"), Some(format!("{}/{}", garage.get("GARAGE_WEB"), narinfo.url).as_str()));
+    substitute_and_verify(&redirecting.url(), &system);
     // The bucket away: a path not here is a 503 to retry, never a 404 or a 500; a local one is
     // served as ever.
     drop(garage);

@@ -202,7 +202,13 @@ fn check_rendered_toml(toml: &str) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(common::nix_wire().join("keys/test.sec"), dir.path().join("sign-key-0")).unwrap();
     std::fs::write(dir.path().join("builder-nkey"), nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
-    let toml = toml.replace("/run/credentials/hearth.service", &dir.path().display().to_string());
+    for (name, value) in [("s3-access-key-id", "GK0123456789abcdef01234567"), ("s3-secret-access-key", "s3cr3t")] {
+        std::fs::write(dir.path().join(name), value).unwrap();
+        std::fs::set_permissions(dir.path().join(name), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let toml = toml
+        .replace("/run/credentials/hearth.service", &dir.path().display().to_string())
+        .replace("/run/credentials/hearth-bucket-gc.service", &dir.path().display().to_string());
     let path = dir.path().join("hearth.toml");
     std::fs::write(&path, &toml).unwrap();
     let out =
@@ -341,6 +347,67 @@ fn a_scheduler_only_host_evaluates_and_says_which_option_it_needs() {
     assert!(v["services"]["hearth"].is_null());
     let err = eval_module(&format!("{{ services.hearth = {{ {PACKAGE} {base} }}; }}")).unwrap_err();
     assert!(err.contains("services.hearth.scheduler.natsUrl has no value"), "{err}");
+}
+
+const BUCKET: &str = r#"
+    bucket = {
+      enable = true;
+      url = "s3://nix-cache?endpoint=http://garage.home.2rjus.net:3900&region=garage";
+      accessKeyIdFile = "/run/secrets/s3-id";
+      secretAccessKeyFile = "/run/secrets/s3-secret";
+      readThrough = true;
+      publicUrl = "http://nix-cache.web.garage.home.2rjus.net:3902";
+      gc = { enable = true; schedule = "Sun 04:00"; grace = "2d"; };
+    };
+"#;
+
+#[test]
+fn the_bucket_gets_its_credentials_and_a_gc_timer_with_its_own() {
+    let v = eval_module(&format!(
+        r#"{{ services.hearth = {{ enable = true; {PACKAGE}
+            signKeyPaths = [ "/run/secrets/a.sec" ]; {FULL_BUILDER} {BUCKET} }}; }}"#
+    ))
+    .unwrap();
+    assert_eq!(v["failedAssertions"], serde_json::json!([]));
+    let unit = service(&v, "hearth");
+    for line in [
+        "LoadCredential=s3-access-key-id:/run/secrets/s3-id",
+        "LoadCredential=s3-secret-access-key:/run/secrets/s3-secret",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no `{line}` in\n{unit}");
+    }
+    let toml = v["toml"].as_str().unwrap();
+    for needle in [
+        "[bucket]",
+        "secret_access_key_file = \"/run/credentials/hearth.service/s3-secret-access-key\"",
+        "read_through = true",
+        "public_url = \"http://nix-cache.web.garage.home.2rjus.net:3902\"",
+    ] {
+        assert!(toml.contains(needle), "no `{needle}` in\n{toml}");
+    }
+    check_rendered_toml(toml);
+
+    // The collector: hearth's user and state, the same secrets under its own credential directory.
+    let gc = service(&v, "hearth-bucket-gc");
+    for line in
+        ["Type=oneshot", "User=hearth", "ProtectSystem=strict", "LoadCredential=s3-access-key-id:/run/secrets/s3-id"]
+    {
+        assert!(gc.lines().any(|l| l == line), "no `{line}` in\n{gc}");
+    }
+    let exec = gc.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let args: Vec<&str> = exec.split(' ').collect();
+    assert_eq!((args[1], args[2], args[3], &args[5..]), ("bucket", "gc", "--config", &["--grace", "2d"][..]), "{exec}");
+    let gc_toml = std::fs::read_to_string(args[4]).unwrap();
+    assert!(gc_toml.contains("/run/credentials/hearth-bucket-gc.service/s3-secret-access-key"), "{gc_toml}");
+    assert!(!gc_toml.contains("/run/credentials/hearth.service/"), "{gc_toml}");
+    check_rendered_toml(&gc_toml);
+    let timer = v["timers"]["hearth-bucket-gc"].as_str().unwrap();
+    assert!(timer.contains("OnCalendar=Sun 04:00\n") && timer.contains("Persistent=true\n"), "{timer}");
+    assert_eq!(v["wantedBy"]["hearth-bucket-gc.timer"], serde_json::json!(["timers.target"]));
+
+    // Without the builder nothing says what to keep: an assertion, not a timer that fails weekly.
+    let v = eval_module(&format!("{{ services.hearth = {{ enable = true; {PACKAGE} {BUCKET} }}; }}")).unwrap();
+    assert!(v["failedAssertions"][0].as_str().unwrap().contains("fleet record says what the bucket must keep"), "{v}");
 }
 
 #[test]

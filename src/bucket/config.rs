@@ -21,6 +21,11 @@ pub struct BucketSection {
     /// Answer paths that are not in the local store from the bucket.
     #[serde(default)]
     pub read_through: bool,
+    /// With `read_through`: where clients can fetch the bucket's objects themselves (its
+    /// website endpoint or a CDN in front of it); a NAR not in the local store is then a
+    /// redirect there instead of streamed through this process.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_level() -> i32 {
@@ -43,6 +48,8 @@ pub struct BucketConfig {
     pub zstd_level: i32,
     pub upload_concurrency: usize,
     pub read_through: bool,
+    /// `http(s)://…` without a trailing slash.
+    pub public_url: Option<String>,
 }
 
 impl std::fmt::Debug for BucketConfig {
@@ -103,6 +110,13 @@ impl BucketConfig {
         let secret_access_key = read(&s.secret_access_key_file)?;
         in_range("bucket.zstd_level", s.zstd_level, 1..=19)?;
         in_range("bucket.upload_concurrency", s.upload_concurrency, 1..=64)?;
+        let public_url = s.public_url.map(|u| parse_public_url(&u)).transpose()?;
+        if public_url.is_some() && !s.read_through {
+            return Err(ConfigError::Value {
+                key: "bucket.public_url",
+                reason: "only means something with `read_through = true`".into(),
+            });
+        }
         Ok(Self {
             bucket,
             endpoint,
@@ -112,8 +126,21 @@ impl BucketConfig {
             zstd_level: s.zstd_level,
             upload_concurrency: s.upload_concurrency,
             read_through: s.read_through,
+            public_url,
         })
     }
+}
+
+/// An absolute http(s) URL that can prefix a `Location` header.
+fn parse_public_url(url: &str) -> Result<String, ConfigError> {
+    let reason = |r: &str| ConfigError::Value { key: "bucket.public_url", reason: r.to_owned() };
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    let rest = rest.ok_or_else(|| reason("must start with http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || !url.bytes().all(|b| b.is_ascii_graphic()) || url.contains(['?', '#']) {
+        return Err(reason("must be an absolute URL with a host, no query and no fragment"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 #[cfg(test)]
@@ -126,6 +153,10 @@ mod tests {
         assert_eq!((b.as_str(), e.as_str(), r.as_str()), ("hearth", "http://127.0.0.1:3900", "garage"));
         let (_, e, r) = parse_url("s3://nix-cache?endpoint=s3.example.org:9000&scheme=http").unwrap();
         assert_eq!((e.as_str(), r.as_str()), ("http://s3.example.org:9000", "us-east-1"));
+        assert_eq!(parse_public_url("http://hearth.web.localhost:3902/").unwrap(), "http://hearth.web.localhost:3902");
+        for bad in ["ftp://x", "http://", "https://a b", "http://h/?x", "/relative"] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
         for bad in ["http://x", "s3://", "s3://UP?endpoint=h", "s3://ok-name", "s3://abc?endpoint=h&scheme=ftp"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }

@@ -33,6 +33,8 @@ pub enum BucketError {
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     pub name: String,
+    /// Where clients fetch objects themselves, if they can (`[bucket] public_url`).
+    pub public_url: Option<String>,
 }
 
 /// Parts of a multipart upload: S3's minimum is 5 MiB.
@@ -57,7 +59,7 @@ impl Bucket {
                 ..Default::default()
             })
             .build()?;
-        Ok(Self { store: Arc::new(store), name: config.bucket.clone() })
+        Ok(Self { store: Arc::new(store), name: config.bucket.clone(), public_url: config.public_url.clone() })
     }
 
     /// Whether `key` is in the bucket.

@@ -33,6 +33,12 @@ async fn from_bucket(
     file: &str,
 ) -> HttpResult<Response> {
     let key = format!("nar/{file}");
+    // Clients can fetch it themselves: a redirect (temporary, so that a moved bucket is
+    // followed), the bucket not asked at all. `file` was checked to be a nix32 name.
+    if let Some(public) = &bucket.public_url {
+        let location = HeaderValue::from_str(&format!("{public}/{key}")).map_err(|_| HttpError::NotFound)?;
+        return Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response());
+    }
     let size = bucket.size(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?.ok_or(HttpError::NotFound)?;
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
