@@ -100,6 +100,22 @@ pub struct HostRecord {
     /// Recent builds of other branches, by branch: never the host's state (version 2).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub branches: BTreeMap<String, BranchBuild>,
+    /// How much of the newest system's closure the S3 bucket holds, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<BucketCopy>,
+}
+
+/// A system's closure in the S3 bucket, as its push stands: `present + queued + failed = total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketCopy {
+    pub present: usize,
+    pub total: usize,
+    /// Waiting for their upload, or being uploaded.
+    pub queued: usize,
+    /// Failed for good this time: the next build of the host pushes them again.
+    pub failed: usize,
+    /// When this was last true (unix seconds).
+    pub at: i64,
 }
 
 impl HostRecord {

@@ -213,6 +213,13 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
         closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
     });
     assert!(garage.web("nix-cache-info").is_some_and(|b| String::from_utf8_lossy(&b).contains("StoreDir: /nix/store")));
+    // The fleet record, and with it the page, says so once the uploads have ended.
+    wait_until("the record says the system is in the bucket", Duration::from_secs(30), || {
+        let fleet: Value = serde_json::from_str(&hearth.get("/fleet.json").text()).unwrap();
+        let b = &fleet["hosts"][0]["bucket"];
+        (b["present"].as_u64(), b["total"].as_u64(), b["failed"].as_u64()) == (Some(3), Some(3), Some(0))
+    });
+    assert!(hearth.get("/").text().contains("in the bucket: <span class=ok>all 3 paths</span>"));
 
     // Nix's own writer with the same key, for comparison.
     let key = common::nix_wire().join("keys/test.sec");

@@ -101,20 +101,22 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         config.state_dir.join("uploads"),
     );
     uploader.start(b.upload_concurrency);
-    let (mut present, mut total) = (0, 0);
+    let mut batches = Vec::new();
     for path in &args.paths {
         let p = crate::nix::store_path::StorePath::from_absolute(store.store_dir(), path)
             .with_context(|| format!("`{path}` is not a store path"))?;
         let closure = store.closure(&p).await?.with_context(|| format!("{path} is not in the store"))?;
-        let pushed = uploader.push(&closure, b.upload_concurrency).await;
-        present += pushed.present;
-        total += pushed.total;
+        let batch = uploader.push(&closure, b.upload_concurrency).await;
+        batches.push((batch.now().present, batch));
     }
-    uploader.drained().await;
-    let failed = metrics.bucket_upload_failures.get();
+    let (mut already, mut total, mut failed) = (0, 0, 0);
+    for (present, batch) in batches {
+        let end = batch.finished().await;
+        (already, total, failed) = (already + present, total + end.total, failed + end.failed);
+    }
     println!(
-        "pushed {} of {total} path(s) ({present} already there), {} bytes; {failed} failed",
-        total - present,
+        "pushed {} of {total} path(s) ({already} already there), {} bytes; {failed} failed",
+        total - already - failed,
         metrics.bucket_upload_bytes.get()
     );
     anyhow::ensure!(failed == 0, "{failed} path(s) could not be uploaded");

@@ -4,7 +4,7 @@
 //! that holds it compressed), uploaded under its FileHash, and only then is its signed narinfo
 //! written. Failures are retried with backoff and counted; they never fail a build.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,20 +33,52 @@ pub struct Uploader {
     metrics: Arc<Metrics>,
     tx: tokio::sync::mpsc::Sender<Arc<PathInfo>>,
     rx: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Arc<PathInfo>>>,
-    /// Paths queued or being uploaded, so a path is in the queue once.
-    pending: Mutex<HashSet<String>>,
+    /// Paths queued or being uploaded (so a path is in the queue once), and the pushes waiting
+    /// for each.
+    pending: Mutex<HashMap<String, Vec<Arc<Batch>>>>,
     tmp_dir: std::path::PathBuf,
 }
 
-/// How much of a closure the bucket holds, when the push was asked for.
+/// How much of a closure the bucket holds: `present + queued + failed = total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pushed {
-    /// Paths already in the bucket.
+    /// Paths in the bucket.
     pub present: usize,
     /// Paths of the closure.
     pub total: usize,
-    /// Paths queued for upload now.
+    /// Paths waiting for their upload, or being uploaded.
     pub queued: usize,
+    /// Paths whose upload failed for good this time (a later push tries them again).
+    #[serde(default)]
+    pub failed: usize,
+}
+
+/// One push of a closure, followed as its uploads end.
+pub struct Batch {
+    state: tokio::sync::watch::Sender<Pushed>,
+}
+
+impl Batch {
+    fn new(total: usize) -> Arc<Self> {
+        let (state, _) = tokio::sync::watch::channel(Pushed { present: 0, total, queued: 0, failed: 0 });
+        Arc::new(Self { state })
+    }
+
+    /// Where it stands now.
+    pub fn now(&self) -> Pushed {
+        *self.state.borrow()
+    }
+
+    /// Waits until no path of it is queued, and says how it ended.
+    pub async fn finished(&self) -> Pushed {
+        let mut rx = self.state.subscribe();
+        // The sender is `self`: it outlives this wait.
+        rx.wait_for(|p| p.queued == 0).await.map(|p| *p).unwrap_or_else(|_| self.now())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Pushed)) {
+        self.state.send_modify(change);
+    }
 }
 
 impl Uploader {
@@ -67,7 +99,7 @@ impl Uploader {
             metrics,
             tx,
             rx: tokio::sync::Mutex::new(rx),
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
             tmp_dir,
         })
     }
@@ -101,8 +133,9 @@ impl Uploader {
     }
 
     /// Queues the paths of `closure` that the bucket lacks (one HEAD each, `concurrency` at a
-    /// time), and says how much of it the bucket holds.
-    pub async fn push(&self, closure: &[Arc<PathInfo>], concurrency: usize) -> Pushed {
+    /// time); the batch says how much of it the bucket holds, now and as its uploads end.
+    pub async fn push(&self, closure: &[Arc<PathInfo>], concurrency: usize) -> Arc<Batch> {
+        let batch = Batch::new(closure.len());
         let checks = futures::stream::iter(closure.iter().cloned())
             .map(|info| async move {
                 let key = narinfo_key(info.path.hash().as_str());
@@ -110,28 +143,29 @@ impl Uploader {
             })
             .buffer_unordered(concurrency.max(1));
         let results: Vec<_> = checks.collect().await;
-        let mut pushed = Pushed { present: 0, total: closure.len(), queued: 0 };
         for (info, present) in results {
             match present {
-                Ok(true) => pushed.present += 1,
+                Ok(true) => batch.update(|p| p.present += 1),
                 // Unknown (the bucket is away): queued; the worker asks again before uploading.
                 Ok(false) | Err(_) => {
-                    if self.enqueue(info) {
-                        pushed.queued += 1;
-                    }
+                    let queued = self.enqueue(info, &batch);
+                    batch.update(|p| if queued { p.queued += 1 } else { p.failed += 1 });
                 }
             }
         }
-        pushed
+        batch
     }
 
-    fn enqueue(&self, info: Arc<PathInfo>) -> bool {
+    /// Queues `info` for `batch` (joining an upload already queued); false if the queue is full.
+    fn enqueue(&self, info: Arc<PathInfo>, batch: &Arc<Batch>) -> bool {
         let key = info.path.to_string().to_owned();
         {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if !pending.insert(key.clone()) {
+            if let Some(waiting) = pending.get_mut(&key) {
+                waiting.push(batch.clone());
                 return true;
             }
+            pending.insert(key.clone(), vec![batch.clone()]);
         }
         if self.tx.try_send(info).is_err() {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
@@ -164,7 +198,13 @@ impl Uploader {
                 self.metrics.bucket_upload_failures.inc();
                 tracing::error!(path = %info.path.to_string(), "upload failed for good; a later build pushes it again");
             }
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&info.path.to_string());
+            let waiting = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&info.path.to_string());
+            for batch in waiting.into_iter().flatten() {
+                batch.update(|p| {
+                    p.queued -= 1;
+                    if done { p.present += 1 } else { p.failed += 1 }
+                });
+            }
         }
     }
 
@@ -230,13 +270,6 @@ impl Uploader {
         let fingerprint = narinfo.fingerprint(store_dir);
         narinfo.sigs = self.keys.iter().map(|k| k.sign(&fingerprint)).collect();
         narinfo
-    }
-
-    /// Waits until nothing is queued or uploading.
-    pub async fn drained(&self) {
-        while self.pending() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// Paths queued or uploading now.

@@ -547,9 +547,11 @@ impl Display {
                     h.out_path.as_deref().unwrap_or("")
                 );
                 if let Some(u) = &h.uploaded {
+                    let failed =
+                        if u.failed > 0 { format!(", {} not queued (queue full)", u.failed) } else { String::new() };
                     let _ = writeln!(
                         out,
-                        "       bucket: {} of {} paths there, {} queued for upload",
+                        "       bucket: {} of {} paths there, {} queued for upload{failed}",
                         u.present, u.total, u.queued
                     );
                 }

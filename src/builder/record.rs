@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::exec::Exec;
 use super::generations::{self, Generations};
 use super::job::{HostStatus, HostSummary};
-use crate::fleet::{BranchBuild, Fleet, Generation, LastBuild};
+use crate::fleet::{BranchBuild, BucketCopy, Fleet, Generation, LastBuild};
 use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -184,15 +184,34 @@ impl Recorder {
             }
         }
         // A good system of the deploy branch goes to the bucket, if there is one.
-        let uploaded = match (&self.uploader, &closure) {
-            (Some((uploader, concurrency)), Some(closure)) if cx.deploy => {
-                let pushed = uploader.push(closure, *concurrency).await;
+        let uploaded = match (&self.uploader, &closure, &out_path) {
+            (Some((uploader, concurrency)), Some(closure), Some(out)) if cx.deploy => {
+                let batch = uploader.push(closure, *concurrency).await;
+                let pushed = batch.now();
                 tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
+                self.follow_push(repo, host, out, batch);
                 Some(pushed)
             }
             _ => None,
         };
         HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes, uploaded }
+    }
+
+    /// Records where the push of the host's system `out` stands, now and again when its
+    /// uploads have ended, in the fleet record (so every builder's page shows it); a newer
+    /// system of the host replaces it.
+    fn follow_push(&self, repo: &str, host: &str, out: &str, batch: Arc<crate::bucket::upload::Batch>) {
+        let now = batch.now();
+        record_push(&self.fleet, repo, host, out, now);
+        if now.queued == 0 {
+            return;
+        }
+        let (fleet, repo, host, out) = (self.fleet.clone(), repo.to_owned(), host.to_owned(), out.to_owned());
+        tokio::spawn(async move {
+            let end = batch.finished().await;
+            tracing::info!(%repo, %host, in_bucket = end.present, of = end.total, failed = end.failed, "pushed the system to the bucket");
+            record_push(&fleet, &repo, &host, &out, end);
+        });
     }
 
     /// Makes `link` an indirect GC root of the store path `path`: through the daemon
@@ -323,7 +342,8 @@ impl Recorder {
                         Some(after) => {
                             // An upload cut short by a stop goes on: what the bucket lacks is queued.
                             if let Some((uploader, concurrency)) = &self.uploader {
-                                uploader.push(&after, *concurrency).await;
+                                let batch = uploader.push(&after, *concurrency).await;
+                                self.follow_push(&repo, &host, &newest.path, batch);
                             }
                             self.describe(&repo, &host, before, &after).await
                         }
@@ -359,6 +379,16 @@ fn unchanged(after: &[Arc<PathInfo>]) -> Changes {
 
 fn label(repo: &str, host: &str) -> RepoHost {
     RepoHost { repo: repo.to_owned(), host: host.to_owned() }
+}
+
+/// The push of `out` as it stands, on the host's record, while `out` is its newest system.
+fn record_push(fleet: &Fleet, repo: &str, host: &str, out: &str, p: crate::bucket::upload::Pushed) {
+    fleet.update(repo, host, |h| {
+        if h.generations.last().is_some_and(|g| g.path == out) {
+            let at = now_seconds();
+            h.bucket = Some(BucketCopy { present: p.present, total: p.total, queued: p.queued, failed: p.failed, at });
+        }
+    });
 }
 
 #[cfg(test)]

@@ -273,6 +273,9 @@ fn host_html(repo: &str, host: &str, r: &HostRecord, now: i64, building: bool) -
         }
         out.push_str("</ul>");
     }
+    if let Some(b) = &r.bucket {
+        out.push_str(&bucket_html(b, now));
+    }
     if let Some(c) = &r.changes {
         out.push_str(&changes_html(c));
     }
@@ -288,6 +291,25 @@ fn host_html(repo: &str, host: &str, r: &HostRecord, now: i64, building: bool) -
     }
     out.push_str("</section>");
     out
+}
+
+/// How much of the newest system the S3 bucket holds (what a host could substitute if this
+/// build host were gone).
+fn bucket_html(b: &crate::fleet::BucketCopy, now: i64) -> String {
+    let (class, text) = if b.failed > 0 {
+        (
+            "bad",
+            format!(
+                "{} of {} paths · {} failed to upload (the next build pushes them again)",
+                b.present, b.total, b.failed
+            ),
+        )
+    } else if b.queued > 0 {
+        ("run", format!("{} of {} paths · {} uploading", b.present, b.total, b.queued))
+    } else {
+        ("ok", format!("all {} paths", b.total))
+    };
+    format!("<p>in the bucket: <span class={class}>{text}</span> <span class=muted>{}</span></p>", when(now, b.at))
 }
 
 const STYLE: &str = "body{font:16px/1.45 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}\
@@ -464,6 +486,8 @@ mod tests {
             )),
             ..HostRecord::default()
         };
+        let mut ok = ok;
+        ok.bucket = Some(crate::fleet::BucketCopy { present: 40, total: 52, queued: 12, failed: 0, at: 9_990 });
         hosts.insert(("fleet".into(), "web1".into()), ok);
         hosts.insert(("fleet".into(), "zz-db1".into()), broken);
         let activity = Activity {
@@ -484,6 +508,10 @@ mod tests {
         // The summary first, then the failure (sorted after web1 by name, shown before it).
         assert!(at("1 built") < at("Failing") && at("Failing") < at("zz-db1") && at("zz-db1") < at("<h3>web1"));
         assert!(page.contains("1 failed") && page.contains("1 building") && page.contains("1 queued"), "{page}");
+        // Where each system's upload to the bucket stands.
+        assert!(page.contains("in the bucket: <span class=run>40 of 52 paths · 12 uploading</span>"), "{page}");
+        let failed = crate::fleet::BucketCopy { present: 50, total: 52, queued: 0, failed: 2, at: 9_000 };
+        assert!(bucket_html(&failed, 10_000).contains("<span class=bad>50 of 52 paths · 2 failed to upload"));
         // Which builder built a generation, escaped.
         assert!(page.contains("by build&lt;1&gt;") && page.contains("on build&lt;1&gt;"), "{page}");
         assert!(
@@ -544,6 +572,7 @@ mod tests {
                 },
             )]
             .into(),
+            bucket: None,
         };
         hosts.insert(("r&d".into(), "web\"1".into()), record);
         let page = page_of(&hosts, &Activity::default());
