@@ -292,6 +292,36 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
 }
 
 #[test]
+fn a_hot_nar_is_compressed_once_for_serving_and_for_the_bucket() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let config = format!(
+        "{}\n[compression]\nalgorithm = \"zstd\"\n\n[nar_cache]\ndir = \"{}\"\nmax_size = \"1GiB\"\n",
+        pushing_config(&garage, &nats, work.path(), &fleet, "", ""),
+        work.path().join("nars").display()
+    );
+    let hearth = Hearth::start(&config);
+    hearth.wait_for_log("builder listening", 1);
+    let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
+    let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
+    wait_until("the closure is in the bucket", Duration::from_secs(120), || {
+        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
+    });
+    // The bucket's NAR of each path is the very file hearth serves hot: one compression each.
+    for path in &closure {
+        let pushed =
+            NarInfo::parse(&String::from_utf8(garage.web(&format!("{}.narinfo", hash(path))).unwrap()).unwrap())
+                .unwrap();
+        let served = NarInfo::parse(&hearth.get(&format!("/{}.narinfo", hash(path))).text()).unwrap();
+        assert!(served.file_hash.is_some(), "{path} is not hot");
+        assert_eq!((pushed.file_hash, pushed.file_size), (served.file_hash, served.file_size), "{path}");
+    }
+    assert_eq!(hearth.metric("hearth_nar_cache_fills_total"), closure.len() as f64);
+}
+
+#[test]
 fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     let garage = Garage::start();
     let nats = Nats::start();

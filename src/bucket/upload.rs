@@ -209,7 +209,7 @@ impl Uploader {
     }
 
     /// One path: NAR (compressed once), then its narinfo.
-    async fn upload(&self, info: &PathInfo) -> Result<(), BucketError> {
+    async fn upload(&self, info: &Arc<PathInfo>) -> Result<(), BucketError> {
         let narinfo_key = narinfo_key(info.path.hash().as_str());
         if self.bucket.exists(&narinfo_key).await? {
             return Ok(());
@@ -238,11 +238,20 @@ impl Uploader {
     /// The path's NAR as a zstd file: the hot NAR cache's entry when it holds one, else made
     /// now into a temporary file, hashed as it is written. Returns the file, its hash, size and
     /// whether it is ours to delete.
-    async fn compressed(&self, info: &PathInfo) -> Result<(std::path::PathBuf, String, u64, bool), BucketError> {
-        if let Some(cache) = self.store.nar_cache().filter(|c| c.compressed())
-            && let Some(entry) = cache.get(info.path.hash(), &info.nar_hash)
-        {
-            return Ok((entry.file.clone(), entry.file_hash.clone(), entry.file_size, false));
+    async fn compressed(&self, info: &Arc<PathInfo>) -> Result<(std::path::PathBuf, String, u64, bool), BucketError> {
+        if let Some(cache) = self.store.nar_cache().filter(|c| c.compressed()) {
+            // Not there yet: filled now (or a fill under way awaited), so that serving the
+            // host and uploading it share one compression.
+            let entry = match cache.get(info.path.hash(), &info.nar_hash) {
+                Some(entry) => Some(entry),
+                None => {
+                    self.store.cache_nars(std::slice::from_ref(info));
+                    cache.after_fill(info.path.hash(), &info.nar_hash).await
+                }
+            };
+            if let Some(entry) = entry {
+                return Ok((entry.file.clone(), entry.file_hash.clone(), entry.file_size, false));
+            }
         }
         let Some(root) = self.store.hold(&info.path).await.map_err(|e| BucketError::Store(e.to_string()))? else {
             return Err(BucketError::Store(format!("{} is no longer in the store", info.path)));

@@ -110,6 +110,8 @@ struct Inner {
     stats: NarCacheStats,
     /// Paths evicted unused, and when.
     cooldown: quick_cache::sync::Cache<StorePathHash, Instant>,
+    /// Told each time a fill ends, well or not.
+    filled: tokio::sync::Notify,
 }
 
 /// The hot-NAR store.
@@ -184,6 +186,7 @@ impl NarCache {
             roots,
             stats: Default::default(),
             cooldown: quick_cache::sync::Cache::new(10_000),
+            filled: tokio::sync::Notify::new(),
         };
         for (_, hash, file, nar_hash, file_hash, file_size) in found {
             inner.publish(hash, Entry { file, nar_hash, file_hash, file_size, last_used: 0, served: true });
@@ -259,6 +262,22 @@ impl NarCache {
         }
     }
 
+    /// The entry for `hash` with `nar_hash` once a fill of it that is queued or running has
+    /// ended; `None` when there is none (not admitted, cooling down, failed). For the bucket's
+    /// uploader, so that a NAR is compressed once for serving and uploading.
+    pub async fn after_fill(&self, hash: StorePathHash, nar_hash: &str) -> Option<Entry> {
+        loop {
+            // Registered before the check, so that a fill ending in between still wakes it.
+            let notified = self.inner.filled.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if !self.inner.is_pending(hash) {
+                return self.get(hash, nar_hash);
+            }
+            notified.await;
+        }
+    }
+
     /// The entry without marking it used (for narinfos).
     pub fn peek(&self, hash: StorePathHash, nar_hash: &str) -> Option<Entry> {
         self.inner.lock().entries.get(&hash).filter(|e| e.nar_hash == nar_hash).cloned()
@@ -322,6 +341,11 @@ impl Inner {
 
     fn done(&self, hash: StorePathHash) {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+        self.filled.notify_waiters();
+    }
+
+    fn is_pending(&self, hash: StorePathHash) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains(&hash)
     }
 
     /// Publishes an entry as the most recently used (replacing one of the same path with
