@@ -120,8 +120,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.streams,
         fleet.clone(),
     );
-    if config.bucket.as_ref().is_some_and(|b| b.read_through) {
+    if let Some(b) = config.bucket.as_ref().filter(|b| b.read_through) {
         state.bucket = bucket;
+        // Copies only where NARs pass through this process (a public URL redirects them).
+        if b.public_url.is_none() && b.read_cache_size > 0 {
+            let dir = b.read_cache_dir.clone().unwrap_or_else(|| config.state_dir.join("bucket-nars"));
+            let cache = crate::bucket::read_cache::ReadCache::open(&dir, b.read_cache_size)
+                .with_context(|| format!("cannot open the bucket read cache {}", dir.display()))?;
+            state.bucket_copies = Some(Arc::new(cache));
+        }
     }
 
     let listener = match activated_listener()? {

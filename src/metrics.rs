@@ -98,6 +98,11 @@ pub struct Metrics {
     pub bucket_upload_objects: Counter,
     pub bucket_upload_failures: Counter,
     pub bucket_upload_queue: Gauge,
+    pub bucket_read_cache_hits: Counter,
+    pub bucket_read_cache_fills: Counter,
+    pub bucket_read_cache_fill_failures: Counter,
+    pub bucket_read_cache_entries: Gauge,
+    pub bucket_read_cache_size: Gauge,
     pub start_time: Gauge,
 }
 
@@ -252,6 +257,36 @@ impl Metrics {
             "Store paths waiting for upload",
             bucket_upload_queue.clone(),
         );
+        let bucket_read_cache_hits = Counter::default();
+        registry.register(
+            "hearth_bucket_read_cache_hits",
+            "Read-through NAR requests answered from a local copy (finished or in the making)",
+            bucket_read_cache_hits.clone(),
+        );
+        let bucket_read_cache_fills = Counter::default();
+        registry.register(
+            "hearth_bucket_read_cache_fills",
+            "Bucket NARs fetched into a local copy",
+            bucket_read_cache_fills.clone(),
+        );
+        let bucket_read_cache_fill_failures = Counter::default();
+        registry.register(
+            "hearth_bucket_read_cache_fill_failures",
+            "Local copies of bucket NARs that failed (their readers' downloads failed)",
+            bucket_read_cache_fill_failures.clone(),
+        );
+        let bucket_read_cache_entries = Gauge::default();
+        registry.register(
+            "hearth_bucket_read_cache_entries",
+            "Finished local copies of bucket NARs",
+            bucket_read_cache_entries.clone(),
+        );
+        let bucket_read_cache_size = Gauge::default();
+        registry.register(
+            "hearth_bucket_read_cache_bytes",
+            "Bytes of finished local copies of bucket NARs",
+            bucket_read_cache_size.clone(),
+        );
         let host_closure_paths = Family::<RepoHost, Gauge>::default();
         registry.register(
             "hearth_host_closure_paths",
@@ -308,6 +343,11 @@ impl Metrics {
             bucket_upload_objects,
             bucket_upload_failures,
             bucket_upload_queue,
+            bucket_read_cache_hits,
+            bucket_read_cache_fills,
+            bucket_read_cache_fill_failures,
+            bucket_read_cache_entries,
+            bucket_read_cache_size,
             start_time,
         }
     }

@@ -48,6 +48,26 @@ impl Garage {
         &self.env[key]
     }
 
+    /// Writes an object through the S3 API, signed as a plain S3 client signs it.
+    fn put(&self, key: &str, bytes: &[u8]) {
+        let file = self.dir.path().join("upload");
+        std::fs::write(&file, bytes).unwrap();
+        let sum: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let user = format!(
+            "{}:{}",
+            std::fs::read_to_string(self.get("GARAGE_ACCESS_KEY_ID_FILE")).unwrap().trim(),
+            std::fs::read_to_string(self.get("GARAGE_SECRET_ACCESS_KEY_FILE")).unwrap().trim()
+        );
+        let out = Command::new("curl")
+            .args(["-sf", "--aws-sigv4", &format!("aws:amz:{}:s3", self.get("GARAGE_REGION")), "--user", &user])
+            .args(["-H", &format!("x-amz-content-sha256: {sum}"), "-T"])
+            .arg(&file)
+            .arg(format!("{}/{}/{key}", self.get("GARAGE_S3"), self.get("GARAGE_BUCKET")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "PUT {key}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// An object through the bucket's website endpoint (anonymous, as a Nix client reads it).
     fn web(&self, key: &str) -> Option<Vec<u8>> {
         let out = Command::new("curl").args(["-sf", &format!("{}/{key}", self.get("GARAGE_WEB"))]).output().unwrap();
@@ -282,13 +302,47 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     assert_eq!(moved.status, 302);
     assert_eq!(moved.header("location"), Some(format!("{}/{}", garage.get("GARAGE_WEB"), narinfo.url).as_str()));
     substitute_and_verify(&redirecting.url(), &system);
+
+    // A fresh read-through hearth fetches a NAR from the bucket once, however many ask at once.
+    let big = closure.iter().find(|p| p.contains("-big-")).unwrap();
+    let big_url = NarInfo::parse(&through.get(&format!("/{}.narinfo", hash(big))).text()).unwrap().url;
+    let want = garage.web(&big_url).unwrap();
+    let fresh = cache_only(local.path(), &garage, "");
+    let pulls: Vec<_> = (0..6)
+        .map(|_| {
+            let (addr, target) = (fresh.addr.clone(), format!("/{big_url}"));
+            std::thread::spawn(move || common::request(&addr, "GET", &target, &[]))
+        })
+        .collect();
+    for pull in pulls {
+        let got = pull.join().unwrap();
+        assert_eq!(got.status, 200);
+        assert!(got.body == want, "a pull got other bytes than the bucket holds");
+    }
+    assert_eq!(fresh.metric("hearth_bucket_read_cache_fills_total"), 1.0);
+    // A bucket object whose bytes are not its name's is never served whole from a copy.
+    let bogus = format!("nar/{}.nar.zst", &sha256_nix32(b"other bytes")["sha256:".len()..]);
+    garage.put(&bogus, &[7u8; 300_000]);
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{size_download}"])
+        .arg(format!("{}/{bogus}", fresh.url()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a copy with the wrong hash was served whole");
+    assert!(String::from_utf8_lossy(&out.stdout).parse::<u64>().unwrap() < 300_000);
+    assert_eq!(fresh.metric("hearth_bucket_read_cache_fill_failures_total"), 1.0);
     // The bucket away: a path not here is a 503 to retry, never a 404 or a 500; a local one is
     // served as ever.
     drop(garage);
-    let away = through.get(&format!("/{}.narinfo", hash(&system)));
+    let away = through.get("/11111111111111111111111111111111.narinfo");
     assert_eq!(away.status, 503);
     assert_eq!(away.header("retry-after"), Some("5"));
     assert_eq!(through.get(&format!("/{}.narinfo", hash(&seed))).status, 200);
+    // What it has just served it still serves: the narinfo it read, the NAR it copied.
+    assert_eq!(through.get(&format!("/{}.narinfo", hash(big))).status, 200);
+    let copied = through.get(&format!("/{big_url}"));
+    assert_eq!(copied.status, 200);
+    assert!(copied.body == want);
 }
 
 #[test]

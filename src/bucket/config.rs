@@ -26,6 +26,17 @@ pub struct BucketSection {
     /// redirect there instead of streamed through this process.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// With `read_through`: where NARs fetched from the bucket are kept, so that each is
+    /// fetched once however many hosts pull it (default `<state_dir>/bucket-nars`).
+    #[serde(default)]
+    pub read_cache_dir: Option<PathBuf>,
+    /// Their bound on disk; `"0"` keeps none (every request streams from the bucket).
+    #[serde(default = "default_read_cache_size")]
+    pub read_cache_size: String,
+}
+
+fn default_read_cache_size() -> String {
+    "10GiB".into()
 }
 
 fn default_level() -> i32 {
@@ -50,6 +61,9 @@ pub struct BucketConfig {
     pub read_through: bool,
     /// `http(s)://…` without a trailing slash.
     pub public_url: Option<String>,
+    pub read_cache_dir: Option<PathBuf>,
+    /// Bytes; 0 for no read cache.
+    pub read_cache_size: u64,
 }
 
 impl std::fmt::Debug for BucketConfig {
@@ -127,6 +141,10 @@ impl BucketConfig {
             upload_concurrency: s.upload_concurrency,
             read_through: s.read_through,
             public_url,
+            read_cache_size: crate::store::nar_cache::parse_size(&s.read_cache_size).ok_or_else(|| {
+                ConfigError::Value { key: "bucket.read_cache_size", reason: "not a size like 10GiB".into() }
+            })?,
+            read_cache_dir: s.read_cache_dir,
         })
     }
 }

@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod config;
 pub mod gc;
+pub mod read_cache;
 pub mod upload;
 
 use std::sync::Arc;

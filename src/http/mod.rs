@@ -144,6 +144,11 @@ pub struct AppState {
     pub(crate) page: Arc<fleet::PageCache>,
     /// With `[bucket] read_through`: paths not in the local store are answered from it.
     pub bucket: Option<crate::bucket::Bucket>,
+    /// Narinfos found in the bucket, and when.
+    pub(crate) bucket_narinfos:
+        Arc<quick_cache::sync::Cache<crate::nix::store_path::StorePathHash, (std::time::Instant, bytes::Bytes)>>,
+    /// Local copies of the bucket's NARs, each fetched once (`[bucket] read_cache_size`).
+    pub bucket_copies: Option<Arc<crate::bucket::read_cache::ReadCache>>,
 }
 
 impl AppState {
@@ -165,6 +170,8 @@ impl AppState {
             fleet,
             page: Arc::new(fleet::PageCache::new()),
             bucket: None,
+            bucket_narinfos: Arc::new(quick_cache::sync::Cache::new(100_000)),
+            bucket_copies: None,
         }
     }
 }
@@ -223,6 +230,18 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
         catch_up(&m.nar_cache_fill_failures, s.fill_failures.load(std::sync::atomic::Ordering::Relaxed));
         let secs = s.fill_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
         m.nar_cache_fill_seconds.inc_by((secs - m.nar_cache_fill_seconds.get()).max(0.0));
+    }
+    if let Some(copies) = &state.bucket_copies {
+        let m = &state.metrics;
+        let (entries, bytes) = copies.usage();
+        m.bucket_read_cache_entries.set(entries as i64);
+        m.bucket_read_cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let catch_up =
+            |c: &prometheus_client::metrics::counter::Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        let s = &copies.stats;
+        catch_up(&m.bucket_read_cache_hits, s.hits.load(std::sync::atomic::Ordering::Relaxed));
+        catch_up(&m.bucket_read_cache_fills, s.fills.load(std::sync::atomic::Ordering::Relaxed));
+        catch_up(&m.bucket_read_cache_fill_failures, s.fill_failures.load(std::sync::atomic::Ordering::Relaxed));
     }
     let open_metrics = headers
         .get_all(header::ACCEPT)

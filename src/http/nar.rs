@@ -39,7 +39,11 @@ async fn from_bucket(
         let location = HeaderValue::from_str(&format!("{public}/{key}")).map_err(|_| HttpError::NotFound)?;
         return Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response());
     }
-    let size = bucket.size(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?.ok_or(HttpError::NotFound)?;
+    let finished = state.bucket_copies.as_ref().and_then(|c| c.finished_size(file));
+    let size = match finished {
+        Some(size) => size,
+        None => bucket.size(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?.ok_or(HttpError::NotFound)?,
+    };
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
     resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
@@ -55,8 +59,19 @@ async fn from_bucket(
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
     let slots = state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?;
-    let stream = bucket.stream(&key, start..end).await.map_err(|e| HttpError::Bucket(e.to_string()))?;
-    let body = SlotBody::new(Body::from_stream(stream), slots);
+    // From the local copy (made now if this is its first whole GET), else from the bucket.
+    let copy = match &state.bucket_copies {
+        Some(copies) => copies.read(bucket, file, size, start, end).await,
+        None => None,
+    };
+    let body = match copy {
+        Some(stream) => Body::from_stream(stream),
+        None => {
+            let stream = bucket.stream(&key, start..end).await.map_err(|e| HttpError::Bucket(e.to_string()))?;
+            Body::from_stream(stream)
+        }
+    };
+    let body = SlotBody::new(body, slots);
     Ok((status, resp_headers, Body::new(body)).into_response())
 }
 

@@ -22,9 +22,18 @@ pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Pat
         let Some(info) = state.store.path_info(hash).await? else {
             // Not here: the bucket's narinfo, as the bucket has it (signed by its builder).
             let Some(bucket) = &state.bucket else { return Err(HttpError::NotFound) };
+            // Kept a while: a fleet asks for each narinfo once per host, and a bucket that is
+            // briefly away does not stop what was just asked for.
+            if let Some((at, text)) = state.bucket_narinfos.get(&hash)
+                && at.elapsed() < BUCKET_NARINFO_TTL
+            {
+                return Ok((headers, text).into_response());
+            }
             let key = crate::bucket::narinfo_key(hash.as_str());
             let text = bucket.get(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?;
-            return Ok((headers, text.ok_or(HttpError::NotFound)?).into_response());
+            let text = text.ok_or(HttpError::NotFound)?;
+            state.bucket_narinfos.insert(hash, (std::time::Instant::now(), text.clone()));
+            return Ok((headers, text).into_response());
         };
         // HEAD gets the same headers as GET, Content-Length included (RFC 9110); the server
         // sends no body for it.
@@ -57,6 +66,10 @@ pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Pat
         Err(HttpError::NotFound)
     }
 }
+
+/// How long a narinfo read through the bucket is answered without asking it again (a path the
+/// bucket's gc deleted is still offered this long; only paths no kept generation needs).
+const BUCKET_NARINFO_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Rendered, signed narinfos, reused while the store returns the same path info (the same `Arc`).
 /// Signing is most of a narinfo's cost.
