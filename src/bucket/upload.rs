@@ -9,14 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use sha2::Digest;
-use tokio::io::AsyncWriteExt;
 
 use super::{Bucket, BucketError, nar_key, narinfo_key};
 use crate::metrics::Metrics;
 use crate::nix::narinfo::NarInfo;
 use crate::nix::signing::SecretKey;
-use crate::store::nar_stream::Encoding;
 use crate::store::{PathInfo, Store};
 
 /// Paths waiting at most; a closure beyond it is pushed again by the next build.
@@ -106,6 +103,7 @@ impl Uploader {
 
     /// Starts `workers` upload tasks (and writes `nix-cache-info` if the bucket lacks it).
     pub fn start(self: &Arc<Self>, workers: usize) {
+        forget_leftovers(&self.tmp_dir);
         let me = self.clone();
         tokio::spawn(async move {
             for attempt in 0..ATTEMPTS {
@@ -214,31 +212,29 @@ impl Uploader {
         if self.bucket.exists(&narinfo_key).await? {
             return Ok(());
         }
-        let (file, file_hash, file_size, temporary) = self.compressed(info).await?;
-        let result = async {
-            let key = nar_key(&file_hash);
-            if !self.bucket.exists(&key).await? {
-                let sent = self.bucket.put_file(&key, &file).await?;
-                self.metrics.bucket_upload_bytes.inc_by(sent);
-                self.metrics.bucket_upload_objects.inc();
-            }
-            // Only now, with the NAR complete in the bucket, is the path visible.
-            let text = self.narinfo(info, &key, &file_hash, file_size).to_string();
-            self.bucket.put(&narinfo_key, text.into()).await?;
+        // `_made` deletes a file made for this upload when it is done.
+        let (file, file_hash, file_size, _made) = self.compressed(info).await?;
+        let key = nar_key(&file_hash);
+        if !self.bucket.exists(&key).await? {
+            let sent = self.bucket.put_file(&key, &file).await?;
+            self.metrics.bucket_upload_bytes.inc_by(sent);
             self.metrics.bucket_upload_objects.inc();
-            Ok(())
         }
-        .await;
-        if temporary {
-            let _ = tokio::fs::remove_file(&file).await;
-        }
-        result
+        // Only now, with the NAR complete in the bucket, is the path visible.
+        let text = self.narinfo(info, &key, &file_hash, file_size).to_string();
+        self.bucket.put(&narinfo_key, text.into()).await?;
+        self.metrics.bucket_upload_objects.inc();
+        Ok(())
     }
 
-    /// The path's NAR as a zstd file: the hot NAR cache's entry when it holds one, else made
-    /// now into a temporary file, hashed as it is written. Returns the file, its hash, size and
-    /// whether it is ours to delete.
-    async fn compressed(&self, info: &Arc<PathInfo>) -> Result<(std::path::PathBuf, String, u64, bool), BucketError> {
+    /// The path's NAR as a zstd file: the hot NAR cache's entry when it holds one (or fills it
+    /// now), else one made now on a thread of its own at the lowest CPU priority, its NarHash
+    /// checked as it is written. Returns the file, its hash and size, and, for a file made
+    /// here, the guard that deletes it.
+    async fn compressed(
+        &self,
+        info: &Arc<PathInfo>,
+    ) -> Result<(std::path::PathBuf, String, u64, Option<tempfile::TempPath>), BucketError> {
         if let Some(cache) = self.store.nar_cache().filter(|c| c.compressed()) {
             // Not there yet: filled now (or a fill under way awaited), so that serving the
             // host and uploading it share one compression.
@@ -250,27 +246,23 @@ impl Uploader {
                 }
             };
             if let Some(entry) = entry {
-                return Ok((entry.file.clone(), entry.file_hash.clone(), entry.file_size, false));
+                return Ok((entry.file.clone(), entry.file_hash.clone(), entry.file_size, None));
             }
         }
-        let Some(root) = self.store.hold(&info.path).await.map_err(|e| BucketError::Store(e.to_string()))? else {
+        let Some(_root) = self.store.hold(&info.path).await.map_err(|e| BucketError::Store(e.to_string()))? else {
             return Err(BucketError::Store(format!("{} is no longer in the store", info.path)));
         };
         tokio::fs::create_dir_all(&self.tmp_dir).await?;
-        let file = self.tmp_dir.join(format!("{}.nar.zst.part", info.path.hash().as_str()));
-        let mut out = tokio::fs::File::create(&file).await?;
-        let mut stream = self.store.nar_stream(&info.path, Encoding::Zstd { level: self.level }, root);
-        let mut hasher = sha2::Sha256::new();
-        let mut size = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-            out.write_all(&chunk).await?;
-        }
-        out.flush().await?;
-        let hash = format!("sha256:{}", crate::nix::nixbase32::encode(&hasher.finalize()));
-        Ok((file, hash, size, true))
+        let (disk, nar_hash, dir, level) =
+            (self.store.disk_path(&info.path), info.nar_hash.clone(), self.tmp_dir.clone(), self.level);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("hearth-upload-zstd".into()).spawn(move || {
+            crate::store::nar_cache::lower_priority();
+            let _ = tx.send(crate::store::nar_cache::write_entry(&disk, &nar_hash, &dir, Some(level)));
+        })?;
+        let (tmp, hash, size) = rx.await.map_err(|_| BucketError::Store("the compression thread died".into()))??;
+        let path = tmp.into_temp_path();
+        Ok((path.to_path_buf(), hash, size, Some(path)))
     }
 
     fn narinfo(&self, info: &PathInfo, key: &str, file_hash: &str, file_size: u64) -> NarInfo {
@@ -284,6 +276,20 @@ impl Uploader {
     /// Paths queued or uploading now.
     pub fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Deletes compressed NARs a killed process left in `dir`: those not written to for an hour
+/// (one being made now is written to all the time; another process may share the directory).
+fn forget_leftovers(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let stale = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if e.file_name().to_string_lossy().starts_with(".tmp")
+            && stale.is_some_and(|age| age > Duration::from_secs(3600))
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

@@ -493,7 +493,7 @@ fn fill_loop(inner: &Inner, handle: Option<tokio::runtime::Handle>, rx: std::syn
 }
 
 /// Makes the calling thread the least important on the CPU (nice 19).
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: setpriority(2) with PRIO_PROCESS and 0 changes only the calling thread on Linux;
     // it reads and writes no memory of ours.
     #[allow(unsafe_code)]
