@@ -49,11 +49,20 @@ impl Bucket {
             .with_region(&config.region)
             .with_access_key_id(&config.access_key_id)
             .with_secret_access_key(&config.secret_access_key)
-            .with_allow_http(config.endpoint.starts_with("http://"))
             // Path style: `<endpoint>/<bucket>/<key>`, which every S3 server answers.
             .with_virtual_hosted_style_request(false)
             // A bucket that is away is said within seconds (a read-through 503 to retry); the
             // uploader retries on its own, with longer backoff.
+            // No bound on a whole request (a NAR streamed to a slow host, or into a copy,
+            // takes as long as it takes), but on the connect and on each read, so that a
+            // bucket that stops answering mid-stream is noticed.
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_timeout_disabled()
+                    .with_connect_timeout(std::time::Duration::from_secs(5))
+                    .with_read_timeout(std::time::Duration::from_secs(30))
+                    .with_allow_http(config.endpoint.starts_with("http://")),
+            )
             .with_retry(object_store::RetryConfig {
                 max_retries: 2,
                 retry_timeout: std::time::Duration::from_secs(5),

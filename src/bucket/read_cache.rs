@@ -33,6 +33,10 @@ const ADMIT_FRACTION: u64 = 8;
 const FAILED_COOLDOWN: Duration = Duration::from_secs(60);
 /// Bytes read from a copy at a time.
 const CHUNK: usize = 256 << 10;
+/// Copies in the making at most; past it, requests stream from the bucket. A copy goes on when
+/// its client leaves (others may be reading it), so this, not the HTTP stream bound, bounds
+/// them.
+const MAX_FILLS: usize = 32;
 
 /// How far a copy has come: readers may read `readable` bytes; `failed` ends them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +59,23 @@ struct Index {
     copies: HashMap<String, Copy>,
     /// Bytes of complete copies.
     total: u64,
+    /// Bytes of copies in the making: room is made for them before they start.
+    reserved: u64,
     clock: u64,
+}
+
+impl Index {
+    /// Drops least recently used finished copies until everything fits `max_size`.
+    fn evict(&mut self, max_size: u64) {
+        while self.total + self.reserved > max_size {
+            let oldest = self.copies.iter().filter(|(_, c)| c.complete).min_by_key(|(_, c)| c.last_used);
+            let Some(name) = oldest.map(|(n, _)| n.clone()) else { break };
+            if let Some(old) = self.copies.remove(&name) {
+                self.total -= old.size;
+                let _ = std::fs::remove_file(&old.file);
+            }
+        }
+    }
 }
 
 /// Counters for the metrics.
@@ -72,6 +92,7 @@ pub struct ReadCache {
     max_size: u64,
     index: Mutex<Index>,
     failed: quick_cache::sync::Cache<String, Instant>,
+    fills: Arc<tokio::sync::Semaphore>,
     pub stats: ReadCacheStats,
 }
 
@@ -106,6 +127,7 @@ impl ReadCache {
             max_size,
             index: Mutex::default(),
             failed: quick_cache::sync::Cache::new(10_000),
+            fills: Arc::new(tokio::sync::Semaphore::new(MAX_FILLS)),
             stats: ReadCacheStats::default(),
         };
         for (_, name, size) in found {
@@ -144,14 +166,7 @@ impl ReadCache {
         {
             index.total -= old.size;
         }
-        while index.total > self.max_size {
-            let oldest = index.copies.iter().filter(|(_, c)| c.complete).min_by_key(|(_, c)| c.last_used);
-            let Some(name) = oldest.map(|(n, _)| n.clone()) else { break };
-            if let Some(old) = index.copies.remove(&name) {
-                index.total -= old.size;
-                let _ = std::fs::remove_file(&old.file);
-            }
-        }
+        index.evict(self.max_size);
     }
 
     /// The bytes `[start, end)` of the object `name` (`size` bytes in the bucket) from its copy:
@@ -186,18 +201,27 @@ impl ReadCache {
                     if !whole || cooling || size > self.max_size / ADMIT_FRACTION {
                         return None;
                     }
+                    let permit = self.fills.clone().try_acquire_owned().ok()?;
                     let part = self.dir.join(format!(".part-{name}"));
                     let (tx, rx) = watch::channel(Progress { readable: 0, failed: false });
                     // Created before anyone reads it.
                     if std::fs::File::create(&part).is_err() {
                         return None;
                     }
-                    index.copies.insert(
-                        name.to_owned(),
-                        Copy { file: part.clone(), size, progress: rx.clone(), last_used: clock, complete: false },
-                    );
+                    let copy =
+                        Copy { file: part.clone(), size, progress: rx.clone(), last_used: clock, complete: false };
+                    if let Some(old) = index.copies.insert(name.to_owned(), copy)
+                        && old.complete
+                    {
+                        index.total -= old.size;
+                    }
+                    index.reserved += size;
+                    index.evict(self.max_size);
                     let (me, bucket, name, filling) = (self.clone(), bucket.clone(), name.to_owned(), part.clone());
-                    tokio::spawn(async move { me.fill(&bucket, &name, size, &filling, tx).await });
+                    tokio::spawn(async move {
+                        me.fill(&bucket, &name, size, &filling, tx).await;
+                        drop(permit);
+                    });
                     (part, rx)
                 }
             }
@@ -214,6 +238,8 @@ impl ReadCache {
     async fn fill(&self, bucket: &Bucket, name: &str, size: u64, part: &Path, tx: watch::Sender<Progress>) {
         self.stats.fills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.download(bucket, name, size, part, &tx).await;
+        // Finished or not, its room is its own no longer (a finished copy counts as one).
+        self.lock().reserved -= size;
         match result {
             Ok(()) => {
                 let file = self.dir.join(name);
