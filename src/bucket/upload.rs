@@ -18,6 +18,8 @@ use crate::store::{PathInfo, Store};
 
 /// Paths waiting at most; a closure beyond it is pushed again by the next build.
 const QUEUE: usize = 100_000;
+/// How long an upload waits for the hot NAR store's fill of its path at most.
+const FILL_WAIT: Duration = Duration::from_secs(3600);
 /// Attempts per path before it counts as failed.
 const ATTEMPTS: u32 = 5;
 
@@ -146,8 +148,14 @@ impl Uploader {
                 Ok(true) => batch.update(|p| p.present += 1),
                 // Unknown (the bucket is away): queued; the worker asks again before uploading.
                 Ok(false) | Err(_) => {
-                    let queued = self.enqueue(info, &batch);
-                    batch.update(|p| if queued { p.queued += 1 } else { p.failed += 1 });
+                    // Counted before it is queued: a worker may finish it at once.
+                    batch.update(|p| p.queued += 1);
+                    if !self.enqueue(info, &batch) {
+                        batch.update(|p| {
+                            p.queued -= 1;
+                            p.failed += 1;
+                        });
+                    }
                 }
             }
         }
@@ -242,7 +250,9 @@ impl Uploader {
                 Some(entry) => Some(entry),
                 None => {
                     self.store.cache_nars(std::slice::from_ref(info));
-                    cache.after_fill(info.path.hash(), &info.nar_hash).await
+                    // Bounded: a fill thread that never comes leaves the upload to make its own.
+                    let fill = cache.after_fill(info.path.hash(), &info.nar_hash);
+                    tokio::time::timeout(FILL_WAIT, fill).await.ok().flatten()
                 }
             };
             if let Some(entry) = entry {
