@@ -306,3 +306,32 @@ fn forget_leftovers(dir: &std::path::Path) {
 fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.min(5))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_ends_when_its_last_queued_path_does() {
+        let batch = Batch::new(3);
+        batch.update(|p| p.present += 1);
+        batch.update(|p| p.queued += 2);
+        let waiting = {
+            let batch = batch.clone();
+            tokio::spawn(async move { batch.finished().await })
+        };
+        batch.update(|p| {
+            p.queued -= 1;
+            p.present += 1;
+        });
+        assert!(!waiting.is_finished());
+        batch.update(|p| {
+            p.queued -= 1;
+            p.failed += 1;
+        });
+        let end = waiting.await.unwrap();
+        assert_eq!(end, Pushed { present: 2, total: 3, queued: 0, failed: 1 });
+        // A batch with nothing to upload has ended already.
+        assert_eq!(Batch::new(0).finished().await.total, 0);
+    }
+}
