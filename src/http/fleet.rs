@@ -309,7 +309,7 @@ fn bucket_html(b: &crate::fleet::BucketCopy, now: i64) -> String {
     } else {
         ("ok", format!("all {} paths", b.total))
     };
-    format!("<p>in the bucket: <span class={class}>{text}</span> <span class=muted>{}</span></p>", when(now, b.at))
+    format!("<p>in the bucket: <span class={class}>{text}</span> <span class=muted>· {}</span></p>", when(now, b.at))
 }
 
 const STYLE: &str = "body{font:16px/1.45 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}\
