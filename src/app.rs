@@ -106,7 +106,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.keys.clone(),
                 b.zstd_level,
                 metrics.clone(),
-                config.state_dir.join("uploads"),
+                &config.state_dir,
             );
             Ok((uploader, b.upload_concurrency))
         },

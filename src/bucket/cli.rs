@@ -98,7 +98,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         config.keys.clone(),
         b.zstd_level,
         metrics.clone(),
-        config.state_dir.join("uploads"),
+        &config.state_dir,
     );
     uploader.start(b.upload_concurrency);
     let mut batches = Vec::new();

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use super::{Bucket, BucketError, narinfo_key};
 use crate::nix::narinfo::NarInfo;
+use crate::nix::store_path::StorePath;
 
 /// What a collection found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -21,11 +22,15 @@ pub struct Report {
     pub bytes_deleted: u64,
 }
 
-/// The hash part of a store path (`/nix/store/<hash>-<name>`).
-fn hash_of(path: &str) -> Option<&str> {
-    let base = path.rsplit('/').next()?;
-    let hash = base.split('-').next()?;
-    (hash.len() == 32).then_some(hash)
+/// The hash part of a store path (`/nix/store/<hash>-<name>`, or its basename as narinfos'
+/// references name it).
+fn hash_of(path: &str) -> Option<String> {
+    StorePath::from_basename(path.rsplit('/').next()?).map(|p| p.hash().as_str().to_owned())
+}
+
+/// The bucket key of the NAR a narinfo names (its URL without a query).
+fn nar_of(info: &NarInfo) -> String {
+    info.url.split('?').next().unwrap_or(&info.url).to_owned()
 }
 
 /// Collects `bucket`, keeping the closures of `roots` (store paths) and objects written after
@@ -37,15 +42,15 @@ pub async fn collect(bucket: &Bucket, roots: &[String], keep_after: i64, dry_run
     // reason other than its absence stops the collection: nothing is deleted on a guess.
     let mut live: HashSet<String> = HashSet::new();
     let mut live_nars: HashSet<String> = HashSet::new();
-    let mut todo: Vec<String> = roots.iter().filter_map(|p| hash_of(p)).map(str::to_owned).collect();
+    let mut todo: Vec<String> = roots.iter().filter_map(|p| hash_of(p)).collect();
     while let Some(hash) = todo.pop() {
         if !live.insert(hash.clone()) {
             continue;
         }
         let Some(text) = bucket.get(&narinfo_key(&hash)).await? else { continue };
         let Some(info) = NarInfo::parse(&String::from_utf8_lossy(&text)) else { continue };
-        live_nars.insert(info.url.split('?').next().unwrap_or(&info.url).to_owned());
-        todo.extend(info.references.iter().filter_map(|r| hash_of(r)).map(str::to_owned));
+        live_nars.insert(nar_of(&info));
+        todo.extend(info.references.iter().filter_map(|r| hash_of(r)));
     }
     report.live = live.len();
     // Narinfos: a dead one goes unless recent; a recent one keeps its NAR.
@@ -60,7 +65,7 @@ pub async fn collect(bucket: &Bucket, roots: &[String], keep_after: i64, dry_run
             if let Some(text) = bucket.get(key).await?
                 && let Some(info) = NarInfo::parse(&String::from_utf8_lossy(&text))
             {
-                live_nars.insert(info.url.split('?').next().unwrap_or(&info.url).to_owned());
+                live_nars.insert(nar_of(&info));
             }
             continue;
         }
@@ -96,8 +101,9 @@ mod tests {
 
     #[test]
     fn hashes_of_paths_and_basenames() {
-        assert_eq!(hash_of("/nix/store/0qmwlny41nap6ccq7xi471zj6m58b530-a"), Some("0qmwlny41nap6ccq7xi471zj6m58b530"));
-        assert_eq!(hash_of("0qmwlny41nap6ccq7xi471zj6m58b530-a"), Some("0qmwlny41nap6ccq7xi471zj6m58b530"));
+        let hash = Some("0qmwlny41nap6ccq7xi471zj6m58b530".to_owned());
+        assert_eq!(hash_of("/nix/store/0qmwlny41nap6ccq7xi471zj6m58b530-a"), hash);
+        assert_eq!(hash_of("0qmwlny41nap6ccq7xi471zj6m58b530-a"), hash);
         assert_eq!(hash_of("/nix/store/short-a"), None);
     }
 }

@@ -87,7 +87,7 @@ impl Uploader {
         keys: Vec<SecretKey>,
         level: i32,
         metrics: Arc<Metrics>,
-        tmp_dir: std::path::PathBuf,
+        state_dir: &std::path::Path,
     ) -> Arc<Self> {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         Arc::new(Self {
@@ -99,7 +99,8 @@ impl Uploader {
             tx,
             rx: tokio::sync::Mutex::new(rx),
             pending: Mutex::new(HashMap::new()),
-            tmp_dir,
+            // NARs compressed for an upload, in `<state_dir>/uploads`.
+            tmp_dir: state_dir.join("uploads"),
         })
     }
 
@@ -281,11 +282,6 @@ impl Uploader {
         let fingerprint = narinfo.fingerprint(store_dir);
         narinfo.sigs = self.keys.iter().map(|k| k.sign(&fingerprint)).collect();
         narinfo
-    }
-
-    /// Paths queued or uploading now.
-    pub fn pending(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 

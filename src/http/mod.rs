@@ -203,6 +203,11 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new().route("/metrics", get(metrics_handler)).with_state(state)
 }
 
+/// Brings a counter up to a total counted elsewhere (a cache's own atomics).
+fn catch_up(counter: &prometheus_client::metrics::counter::Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 /// `/metrics`: OpenMetrics for scrapers that ask for it (Prometheus does), the classic text
 /// format otherwise.
 async fn metrics_handler(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
@@ -223,8 +228,6 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
         m.nar_cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         // The store counts; the counters catch up at each scrape.
         let s = cache.stats();
-        let catch_up =
-            |c: &prometheus_client::metrics::counter::Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         catch_up(&m.nar_cache_evictions, s.evictions.load(std::sync::atomic::Ordering::Relaxed));
         catch_up(&m.nar_cache_fills, s.fills.load(std::sync::atomic::Ordering::Relaxed));
         catch_up(&m.nar_cache_fill_failures, s.fill_failures.load(std::sync::atomic::Ordering::Relaxed));
@@ -236,8 +239,6 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
         let (entries, bytes) = copies.usage();
         m.bucket_read_cache_entries.set(entries as i64);
         m.bucket_read_cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        let catch_up =
-            |c: &prometheus_client::metrics::counter::Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         let s = &copies.stats;
         catch_up(&m.bucket_read_cache_hits, s.hits.load(std::sync::atomic::Ordering::Relaxed));
         catch_up(&m.bucket_read_cache_fills, s.fills.load(std::sync::atomic::Ordering::Relaxed));
