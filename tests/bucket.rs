@@ -224,6 +224,18 @@ fn substitute_and_verify(from: &str, system: &str) {
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
 }
 
+/// The store paths of `system`'s closure.
+fn closure_of(system: &str) -> Vec<String> {
+    run_ok(nix_cmd("nix-store").args(["-qR", system])).lines().map(str::to_owned).collect()
+}
+
+/// Waits until every path of `closure` has its narinfo in the bucket.
+fn wait_in_bucket(garage: &Garage, closure: &[String], what: &str) {
+    wait_until(what, Duration::from_secs(120), || {
+        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
+    });
+}
+
 fn sha256_nix32(bytes: &[u8]) -> String {
     format!("sha256:{}", hearth::nix::nixbase32::encode(&sha2::Sha256::digest(bytes)))
 }
@@ -244,10 +256,8 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     assert_eq!((uploaded["total"].as_u64(), uploaded["present"].as_u64()), (Some(3), Some(0)), "{last}");
 
     // Every path's narinfo appears once its upload is done.
-    let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
-    wait_until("the closure is in the bucket", Duration::from_secs(120), || {
-        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
-    });
+    let closure = closure_of(&system);
+    wait_in_bucket(&garage, &closure, "the closure is in the bucket");
     assert!(garage.web("nix-cache-info").is_some_and(|b| String::from_utf8_lossy(&b).contains("StoreDir: /nix/store")));
     // The fleet record, and with it the page, says so once the uploads have ended.
     let pushed = wait_for_push(&hearth);
@@ -372,10 +382,8 @@ fn a_hot_nar_is_compressed_once_for_serving_and_for_the_bucket() {
     let hearth = Hearth::start(&config);
     hearth.wait_for_log("builder listening", 1);
     let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
-    let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
-    wait_until("the closure is in the bucket", Duration::from_secs(120), || {
-        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
-    });
+    let closure = closure_of(&system);
+    wait_in_bucket(&garage, &closure, "the closure is in the bucket");
     // The bucket's NAR of each path is the very file hearth serves hot: one compression each.
     for path in &closure {
         let pushed =
@@ -452,11 +460,8 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
     let killed = Command::new("bash").arg(&script).arg("kill").arg(garage.dir.path()).arg("3").status().unwrap();
     assert!(killed.success());
-    let first_closure: Vec<String> =
-        run_ok(nix_cmd("nix-store").args(["-qR", &first])).lines().map(str::to_owned).collect();
-    wait_until("uploads go on with a node down", Duration::from_secs(120), || {
-        first_closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
-    });
+    let first_closure = closure_of(&first);
+    wait_in_bucket(&garage, &first_closure, "uploads go on with a node down");
     // A new system; hearth dies right after its build, its uploads perhaps half done (the test
     // cannot choose the moment; what it asserts holds at any).
     let text = std::fs::read_to_string(fleet.join("flake.nix")).unwrap();
@@ -466,7 +471,7 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
     hearth.child.kill().unwrap();
     hearth.child.wait().unwrap();
-    let closure: Vec<String> = run_ok(nix_cmd("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
+    let closure = closure_of(&system);
     // Whatever got there: no narinfo names a NAR the bucket lacks.
     let consistent = || {
         closure.iter().all(|p| match garage.web(&format!("{}.narinfo", hash(p))) {
@@ -481,9 +486,7 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     // Restarted, it finds what the bucket lacks of its newest systems and uploads it.
     let hearth = Hearth::start(&body);
     hearth.wait_for_log("builder listening", 1);
-    wait_until("the closure is in the bucket after the restart", Duration::from_secs(120), || {
-        closure.iter().all(|p| garage.web(&format!("{}.narinfo", hash(p))).is_some())
-    });
+    wait_in_bucket(&garage, &closure, "the closure is in the bucket after the restart");
     assert!(consistent());
     substitute_and_verify(garage.get("GARAGE_WEB"), &system);
 
