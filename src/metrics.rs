@@ -73,6 +73,7 @@ pub struct Metrics {
     pub streams_held: Family<Bound, Gauge>,
     pub daemon_pool_in_use: Gauge,
     pub daemon_pool_size: Gauge,
+    pub temp_root_connections: Counter,
     pub builds: Family<RepoStatus, Counter>,
     pub build_hosts: Family<RepoHostStatus, Counter>,
     pub build_duration: Family<RepoHost, Histogram, fn() -> Histogram>,
@@ -134,6 +135,12 @@ impl Metrics {
         registry.register("hearth_daemon_pool_in_use", "Nix daemon connections in use", daemon_pool_in_use.clone());
         let daemon_pool_size = Gauge::default();
         registry.register("hearth_daemon_pool_size", "Nix daemon connection pool size", daemon_pool_size.clone());
+        let temp_root_connections = Counter::default();
+        registry.register(
+            "hearth_daemon_temp_root_connections",
+            "Nix daemon connections opened to hold temp roots (opened ahead of need, off the request path)",
+            temp_root_connections.clone(),
+        );
 
         let builds = Family::<RepoStatus, Counter>::default();
         registry.register("homelab_deploy_builds", "Build requests finished, by repo and status", builds.clone());
@@ -318,6 +325,7 @@ impl Metrics {
             streams_held,
             daemon_pool_in_use,
             daemon_pool_size,
+            temp_root_connections,
             builds,
             build_hosts,
             build_duration,

@@ -81,7 +81,7 @@ fn stalled_readers_hold_no_thread_and_are_cut_after_the_send_timeout() {
 #[test]
 fn streams_beyond_the_configured_bound_get_503_with_retry_after_at_once() {
     let h = Hearth::start(
-        "max_nar_streams = 5\nsend_timeout_seconds = 600\nclient_stream_share = 1.0\nstream_min_idle_seconds = 600\n",
+        "max_nar_streams = 5\nsend_timeout_seconds = 600\nclient_stream_share = 1.0\nstream_min_idle_seconds = 600\nstream_wait_seconds = 0\n",
     );
     let (path, url) = big_path(&h, 32);
     let held: Vec<_> = (0..5).map(|_| stall(&h.addr, &url, 4096)).collect();
@@ -155,7 +155,7 @@ fn a_log_bomb_is_streamed_with_bounded_memory() {
 #[test]
 fn stalled_zstd_streams_at_level_19_have_bounded_memory() {
     let h = Hearth::start(
-        "send_timeout_seconds = 600\nclient_stream_share = 1.0\nstream_min_idle_seconds = 600\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
+        "send_timeout_seconds = 600\nclient_stream_share = 1.0\nstream_min_idle_seconds = 600\nstream_wait_seconds = 0\n[compression]\nalgorithm = \"zstd\"\nlevel = 19\nmax_streams = 12\n",
     );
     let (path, _) = big_path(&h, 24);
     let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
@@ -323,4 +323,73 @@ fn log_downloads_have_a_bound_and_idle_ones_cannot_hold_it() {
     // 32 log streams at most (each a bzip2 decoder, about 3.5 MiB), not 300.
     assert!(peak < before + 32 * 5 * 1024, "peak RSS {peak} KiB from {before} KiB");
     drop(idle);
+}
+
+/// Responses with status 503 hearth has sent, on every route.
+fn busy_replies(h: &Hearth) -> f64 {
+    let text = h.get("/metrics").text();
+    text.lines()
+        .filter(|l| l.starts_with("hearth_http_requests_total{") && l.contains("status=\"503\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn one_client_holds_the_whole_uncontended_compressed_bound_and_waits_beyond_it() {
+    // Default bounds (16 compressed streams, a quarter per client), with stalled readers.
+    let h = Hearth::start(
+        "send_timeout_seconds = 600\nstream_min_idle_seconds = 600\nstream_wait_seconds = 1\n[compression]\nalgorithm = \"zstd\"\n",
+    );
+    let (path, _) = big_path(&h, 4);
+    let narinfo = h.get(&format!("/{}.narinfo", hash_part(&path))).text();
+    let url = format!("/{}", narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap());
+    // Sixteen at once from one address, as a Nix with 16 substitution jobs asks: all served.
+    let held: Vec<_> = (0..16).map(|_| stall(&h.addr, &url, 1024)).collect();
+    let statuses: Vec<u16> = held.iter().map(|(s, _)| *s).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(busy_replies(&h), 0.0);
+    // The seventeenth waits its bounded while for a slot, then is told to come back.
+    let r = request(&h.addr, "GET", &url, &[]);
+    assert_eq!(r.status, 503);
+    // A slot freed while a request waits is its.
+    let waiting = {
+        let (addr, url) = (h.addr.clone(), url.clone());
+        std::thread::spawn(move || request(&addr, "GET", &url, &[]))
+    };
+    wait_until("the request to wait", WAIT, || h.log().contains("waits for a stream slot"));
+    drop(held);
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let _ = nix_cmd("nix-store").args(["--delete", &path]).output();
+}
+
+#[test]
+fn nix_substitutes_a_300_path_closure_with_16_jobs_from_a_default_zstd_cache_without_a_503() {
+    let h = Hearth::start("[compression]\nalgorithm = \"zstd\"\n");
+    // 300 text paths of 96 KiB each (hex: half compressible) under one top path.
+    let salt = hex::encode(common::random_bytes(8));
+    let chunk = hex::encode(common::random_bytes(48 << 10));
+    let expr = format!(
+        "let deps = builtins.genList (i: builtins.toFile \"dep-${{toString i}}\" \"{salt} ${{toString i}} {chunk}\") 300; \
+         in builtins.toFile \"top-{salt}\" (builtins.concatStringsSep \"\\n\" deps)"
+    );
+    let top = common::run_ok(nix_cmd("nix-instantiate").args(["--eval", "--read-write-mode", "--json", "-E", &expr]));
+    let top = top.trim().trim_matches('"').to_owned();
+    let closure = common::run_ok(nix_cmd("nix-store").args(["-qR", &top]));
+    assert_eq!(closure.lines().count(), 301);
+    let dest = tempfile::tempdir().unwrap();
+    let key = std::fs::read_to_string(common::nix_wire().join("keys/test.pub")).unwrap();
+    let out = nix_cmd("nix-store")
+        .args(["-r", &top, "--store"])
+        .arg(dest.path())
+        .args(["--option", "substituters", &h.url(), "--option", "trusted-public-keys", key.trim()])
+        .args(["--option", "max-jobs", "16", "--option", "http-connections", "25"])
+        // Nix ≥ 2.15 (older ones say the setting is unknown, and run max-jobs at once).
+        .args(["--option", "max-substitution-jobs", "16"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dest.path().join(top.trim_start_matches('/')).exists());
+    assert_eq!(busy_replies(&h), 0.0, "a host substituting its closure was turned away");
+    let _ = nix_cmd("nix-store").arg("--delete").args(closure.lines()).output();
 }

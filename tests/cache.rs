@@ -430,3 +430,30 @@ fn systemd_socket_activation_serves_on_the_passed_socket() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn nars_fetched_one_at_a_time_never_open_a_daemon_connection_each() {
+    let h = Hearth::start("");
+    let paths: Vec<String> = (0..40).map(|i| add_to_store(&format!("one-{i}"), &unique("one at a time"))).collect();
+    // One keep-alive connection, as Nix's curl keeps one: narinfo, then NAR, path after path,
+    // each stream ended before the next begins.
+    let mut conn = std::io::BufReader::new(std::net::TcpStream::connect(&h.addr).unwrap());
+    let mut get = |target: &str| {
+        use std::io::Write;
+        write!(conn.get_mut(), "GET {target} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        common::read_response(&mut conn, false)
+    };
+    for p in &paths {
+        let narinfo = get(&format!("/{}.narinfo", hash_part(p)));
+        assert_eq!(narinfo.status, 200);
+        let url = narinfo.text().lines().find_map(|l| l.strip_prefix("URL: ").map(str::to_owned)).unwrap();
+        let nar = get(&format!("/{url}"));
+        assert_eq!(nar.status, 200);
+        let size: usize = narinfo.text().lines().find_map(|l| l.strip_prefix("NarSize: ")?.parse().ok()).unwrap();
+        assert_eq!(nar.body.len(), size);
+    }
+    // The first connection and the spare opened beside it, not one per NAR.
+    let opened = h.metric("hearth_daemon_temp_root_connections_total");
+    assert!(opened <= 3.0, "{opened} daemon connections for 40 NARs");
+    let _ = nix_cmd("nix-store").arg("--delete").args(&paths).output();
+}

@@ -20,7 +20,8 @@ pub(super) async fn log(
 ) -> HttpResult<Response> {
     let drv = http_path::parse_log(&file).ok_or(HttpError::BadRequest("malformed derivation name"))?;
     let streams = &state.streams;
-    let slots = streams.acquire(conn.as_deref(), &headers, &[&streams.nar, &streams.log], "too many log downloads")?;
+    let slots =
+        streams.acquire(conn.as_deref(), &headers, &[&streams.nar, &streams.log], "too many log downloads").await?;
     let log = state.store.build_log(&drv).await?.ok_or(HttpError::NotFound)?;
     let body = SlotBody::new(Body::from_stream(log), slots);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::new(body)).into_response())

@@ -63,6 +63,8 @@ pub struct StreamLimits {
     /// How long a stream's client must have read nothing before the stream may be made to give
     /// its slot to a new request.
     pub min_idle: Duration,
+    /// How long a request at a full bound waits for a slot before it gets 503.
+    pub max_wait: Duration,
     /// Proxies whose `X-Forwarded-For` names the client (a unix socket's peer always is one).
     pub trusted_proxies: Vec<std::net::IpAddr>,
 }
@@ -75,6 +77,7 @@ impl Default for StreamLimits {
             max_log_streams: 32,
             client_share: 0.25,
             min_idle: Duration::from_secs(5),
+            max_wait: Duration::from_secs(10),
             trusted_proxies: vec![std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()],
         }
     }
@@ -93,7 +96,7 @@ impl StreamSlots {
         let bound = |capacity, name: &str| {
             let evictions =
                 metrics.stream_evictions.get_or_create(&crate::metrics::Bound { bound: name.into() }).clone();
-            slots::Slots::new(capacity, limits.client_share, limits.min_idle, evictions)
+            slots::Slots::new(capacity, limits.client_share, limits.min_idle, limits.max_wait, evictions)
         };
         Self {
             nar: bound(limits.max_nar_streams, "nar"),
@@ -105,7 +108,7 @@ impl StreamSlots {
 
     /// Slots in `bounds` (in order) for the client of a request on `conn`; the first refusal
     /// is a 503 naming `what`.
-    pub(crate) fn acquire(
+    pub(crate) async fn acquire(
         &self,
         conn: Option<&slots::Conn>,
         headers: &axum::http::HeaderMap,
@@ -117,15 +120,15 @@ impl StreamSlots {
         let fallback = slots::Conn::new(None);
         let conn = conn.unwrap_or(&fallback);
         let client = conn.client(headers, &self.trusted_proxies);
-        bounds
-            .iter()
-            .map(|b| {
-                b.acquire(client, &conn.close).map_err(|refused| match refused {
-                    slots::Refused::Full => error::HttpError::Busy(what),
-                    slots::Refused::ClientShare => error::HttpError::Busy("too many downloads from one address"),
-                })
-            })
-            .collect()
+        let mut held = Vec::with_capacity(bounds.len());
+        for bound in bounds {
+            let slot = bound.acquire(client, &conn.close).await.map_err(|refused| match refused {
+                slots::Refused::Full => error::HttpError::Busy(what),
+                slots::Refused::ClientShare => error::HttpError::Busy("too many downloads from one address"),
+            })?;
+            held.push(slot);
+        }
+        Ok(held)
     }
 }
 
@@ -211,17 +214,18 @@ fn catch_up(counter: &prometheus_client::metrics::counter::Counter, total: u64) 
 /// `/metrics`: OpenMetrics for scrapers that ask for it (Prometheus does), the classic text
 /// format otherwise.
 async fn metrics_handler(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    // One scrape at a time catches the counters up, so none is counted twice.
+    static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
     let pool = state.store.pool();
     state.metrics.daemon_pool_in_use.set(pool.in_use() as i64);
+    catch_up(&state.metrics.temp_root_connections, state.store.temp_root_connections());
     state.metrics.daemon_pool_size.set(pool.size() as i64);
     for (name, bound) in [("nar", &state.streams.nar), ("zstd", &state.streams.zstd), ("log", &state.streams.log)] {
         let held = state.metrics.streams_held.get_or_create(&crate::metrics::Bound { bound: name.into() });
         held.set(bound.in_use() as i64);
     }
     if let Some(cache) = state.store.nar_cache() {
-        // One scrape at a time catches the counters up, so none is counted twice.
-        static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
         let m = &state.metrics;
         let (entries, bytes) = cache.usage();
         m.nar_cache_entries.set(entries as i64);
@@ -337,7 +341,20 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     match listener {
-        Listener::Tcp(l) => serve_on(l, |a: &std::net::SocketAddr| Some(a.ip()), router, limits, cancel).await,
+        Listener::Tcp(l) => {
+            use axum::serve::ListenerExt;
+            // Small responses go out at once: without it Nagle's algorithm holds a response's
+            // last segment until the client's delayed ACK, ~40 ms per small NAR on a keep-alive
+            // connection.
+            let l = l.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(err = %e, "cannot set TCP_NODELAY");
+                }
+            });
+            // A dual-stack socket sees IPv4 peers as IPv4-mapped IPv6 addresses: compare them as
+            // the IPv4 addresses they are.
+            serve_on(l, |a: &std::net::SocketAddr| Some(a.ip().to_canonical()), router, limits, cancel).await
+        }
         Listener::Unix(l) => serve_on(l, |_: &tokio::net::unix::SocketAddr| None, router, limits, cancel).await,
     }
 }

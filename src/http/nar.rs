@@ -58,7 +58,7 @@ async fn from_bucket(
     if *method == Method::HEAD || start == end {
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
-    let slots = state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?;
+    let slots = state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads").await?;
     // From the local copy (made now if this is its first whole GET), else from the bucket.
     let copy = match &state.bucket_copies {
         Some(copies) => copies.read(bucket, file, size, start, end).await,
@@ -156,18 +156,17 @@ pub(super) async fn get(
         return Ok((status, resp_headers, body).into_response());
     }
     // Bounds: streams at once, and compressed streams (each holds an encoder) at once. At a
-    // bound the stream idle longest gives its slot up; only when all are read is a client told
-    // to come back shortly, at once, rather than queued.
+    // bound the stream idle longest gives its slot up; failing that the request waits a bounded
+    // while for a freed slot, and only then is told to come back shortly.
     let streams = &state.streams;
     let slots = match encoding {
-        Encoding::Zstd { .. } => streams.acquire(
-            conn.as_deref(),
-            &headers,
-            &[&streams.nar, &streams.zstd],
-            "too many compressed downloads",
-        )?,
+        Encoding::Zstd { .. } => {
+            streams
+                .acquire(conn.as_deref(), &headers, &[&streams.nar, &streams.zstd], "too many compressed downloads")
+                .await?
+        }
         Encoding::Plain { .. } => {
-            streams.acquire(conn.as_deref(), &headers, &[&streams.nar], "too many NAR downloads")?
+            streams.acquire(conn.as_deref(), &headers, &[&streams.nar], "too many NAR downloads").await?
         }
     };
     let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
@@ -215,7 +214,7 @@ async fn serve_cached(
     resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     let slots = match *method {
         Method::HEAD => vec![],
-        _ => state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads")?,
+        _ => state.streams.acquire(conn, headers, &[&state.streams.nar], "too many NAR downloads").await?,
     };
     // HEAD opens the file too: it answers only for an entry that GET would serve.
     let Some(stream) = state.store.cached_nar_stream(hash, entry, start, end, ()).await? else { return Ok(None) };

@@ -206,6 +206,11 @@ impl Store {
         &self.pool
     }
 
+    /// Daemon connections opened for temp roots so far.
+    pub fn temp_root_connections(&self) -> u64 {
+        self.roots.connections_opened()
+    }
+
     /// Where a store path lives on disk.
     pub fn disk_path(&self, path: &StorePath) -> PathBuf {
         self.config.real_store_dir.join(path.to_string())
