@@ -223,8 +223,8 @@ in
             };
             level = lib.mkOption {
               type = lib.types.ints.between 1 19;
-              default = 3;
-              description = "zstd level.";
+              default = 1;
+              description = "zstd level (1: fastest on the fly, chosen by measurement; see docs/performance.md).";
             };
           };
           metrics.bind = lib.mkOption {
