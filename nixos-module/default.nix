@@ -367,7 +367,7 @@ in
       };
       nkeySeedFile = lib.mkOption {
         type = secretPath;
-        description = "The scheduler's own NKey seed (a deployer user: publish `build.>`, subscribe `build.responses.>`).";
+        description = "The scheduler's own NKey seed (a deployer user: publish `build.>` but never `build.responses.>`, subscribe `build.responses.>`).";
       };
     };
 

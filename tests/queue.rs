@@ -342,3 +342,43 @@ fn in_core_mode_a_builder_that_dies_is_noticed_within_the_silence_timeout() {
     assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("the builder went silent: no reply for 4s"), "{stderr}");
 }
+
+/// Only builders answer: a deployer's key (the scheduler's, CI's) publishing a "completed" reply
+/// to a waiting client is refused by the server, in both modes' documented permissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployer_cannot_forge_a_builders_reply() {
+    for nats in [Nats::start(), Nats::start_jetstream()] {
+        let subject = "build.responses.forged-test";
+        let builder = nats.client(&nats.builder_seed, async_nats::ConnectOptions::new()).await;
+        // A client waiting for its reply (the deployer subscribes to replies).
+        let waiting = nats.deployer().await;
+        let mut replies = waiting.subscribe(subject).await.unwrap();
+        waiting.flush().await.unwrap();
+        // The forger: a deployer whose server errors reach the test.
+        let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+        let forger = nats
+            .client(
+                &nats.deployer_seed,
+                async_nats::ConnectOptions::new().event_callback(move |event| {
+                    let errors_tx = errors_tx.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(e) = event {
+                            let _ = errors_tx.send(e.to_string());
+                        }
+                    }
+                }),
+            )
+            .await;
+        let forged = serde_json::json!({"version": 1, "status": "completed", "message": "forged"});
+        forger.publish(subject, forged.to_string().into()).await.unwrap();
+        forger.flush().await.unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(30), errors.recv()).await.unwrap().unwrap();
+        assert!(refused.to_lowercase().contains("permissions violation"), "{refused}");
+        // The server refused it before a builder's own reply was sent: the first reply the
+        // client sees is the builder's.
+        builder.publish(subject, "from the builder".into()).await.unwrap();
+        builder.flush().await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(30), replies.next()).await.unwrap().unwrap();
+        assert_eq!(&first.payload[..], b"from the builder");
+    }
+}

@@ -1,6 +1,6 @@
 //! A real `nats-server` for tests: generated NKey users with the fleet's permissions (account
 //! DEPLOY: the builder publishes `build.responses.>` and subscribes `build.>`; the deployer the
-//! reverse), on a port the server picks itself.
+//! reverse, and may never publish a reply), on a port the server picks itself.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -28,20 +28,32 @@ fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
 }
 
 fn users(nkey: &str, publish: &[&str], subscribe: &[&str]) -> String {
-    let list = |s: &[&str]| s.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ");
+    users_denied(nkey, publish, &[], subscribe)
+}
+
+fn list(s: &[&str]) -> String {
+    s.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ")
+}
+
+fn users_denied(nkey: &str, publish: &[&str], publish_deny: &[&str], subscribe: &[&str]) -> String {
     format!(
-        "{{ nkey: {nkey}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
+        "{{ nkey: {nkey}, permissions: {{ publish: {{ allow: [{}], deny: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
         list(publish),
+        list(publish_deny),
         list(subscribe)
     )
 }
+
+/// What a deployer may publish: requests, and never a reply (only builders answer).
+pub const DEPLOYER_PUBLISH: [&str; 1] = ["build.>"];
+pub const DEPLOYER_PUBLISH_DENY: [&str; 1] = ["build.responses.>"];
 
 /// What a builder with `queue = "jetstream"` may publish: its replies, the JetStream API (stream,
 /// consumer and bucket management, fetching), acknowledgements of the build stream, and the
 /// fleet bucket's keys; and subscribe: its inboxes (fetched requests, API answers, the bucket's
 /// watch).
-pub const JETSTREAM_BUILDER_PUBLISH: [&str; 4] =
-    ["build.responses.>", "$JS.API.>", "$JS.ACK.HEARTH_BUILDS.>", "$KV.hearth_fleet.>"];
+pub const JETSTREAM_BUILDER_PUBLISH: [&str; 5] =
+    ["build.responses.>", "$JS.API.>", "$JS.ACK.HEARTH_BUILDS.>", "$KV.hearth_fleet.>", "$JS.FC.>"];
 pub const JETSTREAM_BUILDER_SUBSCRIBE: [&str; 2] = ["build.>", "_INBOX.>"];
 
 impl Nats {
@@ -95,8 +107,8 @@ impl Nats {
     /// Writes the server config; without `with_builder` the builder's user cannot log in.
     pub fn write_config(&self, with_builder: bool) {
         let mut users = vec![
-            user(&self.deployer_pub, "build.>", "build.responses.>"),
-            user(&self.watcher_pub, "build.responses.>", "build.responses.>"),
+            users_denied(&self.deployer_pub, &DEPLOYER_PUBLISH, &DEPLOYER_PUBLISH_DENY, &["build.responses.>"]),
+            user(&self.watcher_pub, "watch.nothing", "build.responses.>"),
         ];
         if with_builder && self.jetstream {
             users.push(super::nats::users(&self.builder_pub, &JETSTREAM_BUILDER_PUBLISH, &JETSTREAM_BUILDER_SUBSCRIBE));
@@ -176,11 +188,13 @@ impl Nats {
 
     /// An async client logged in as the deployer.
     pub async fn deployer(&self) -> async_nats::Client {
-        let seed = std::fs::read_to_string(&self.deployer_seed).expect("seed");
-        async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
-            .connect(self.url())
-            .await
-            .expect("deployer connects")
+        self.client(&self.deployer_seed, async_nats::ConnectOptions::new()).await
+    }
+
+    /// An async client logged in with the seed in `seed`, with `options`.
+    pub async fn client(&self, seed: &Path, options: async_nats::ConnectOptions) -> async_nats::Client {
+        let seed = std::fs::read_to_string(seed).expect("seed");
+        options.nkey(seed.trim().to_owned()).connect(self.url()).await.expect("client connects")
     }
 
     pub fn seed_path(&self) -> &Path {
