@@ -162,14 +162,9 @@ impl Slots {
             tokio::pin!(freed);
             // Registered before the attempt, so a slot freed right after it still wakes us.
             freed.as_mut().enable();
-            let refused = {
-                let mut inner = self.lock();
-                // This request's own place among the fair waiters does not hold it back.
-                let ahead = inner.fair_waiters.saturating_sub(usize::from(waiting.is_some()));
-                match self.try_acquire(&mut inner, client, close, ahead) {
-                    Ok(slot) => return Ok(slot),
-                    Err(refused) => refused,
-                }
+            let refused = match self.attempt(client, close, waiting.is_some()) {
+                Ok(slot) => return Ok(slot),
+                Err(refused) => refused,
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(refused);
@@ -183,11 +178,22 @@ impl Slots {
             first = false;
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 // Once more at the deadline: a slot may have been freed without a wake-up for us.
-                let mut inner = self.lock();
-                let ahead = inner.fair_waiters.saturating_sub(usize::from(waiting.is_some()));
-                return self.try_acquire(&mut inner, client, close, ahead);
+                return self.attempt(client, close, waiting.is_some());
             }
         }
+    }
+
+    /// One attempt under the lock; a request counted among the fair waiters (`is_fair_waiter`)
+    /// is not held back by its own place there.
+    fn attempt(
+        self: &Arc<Self>,
+        client: IpAddr,
+        close: &CancellationToken,
+        is_fair_waiter: bool,
+    ) -> Result<Slot, Refused> {
+        let mut inner = self.lock();
+        let ahead = inner.fair_waiters.saturating_sub(usize::from(is_fair_waiter));
+        self.try_acquire(&mut inner, client, close, ahead)
     }
 
     /// One attempt; `fair_ahead` counts other waiting requests of clients under their share.
