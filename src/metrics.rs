@@ -91,6 +91,7 @@ pub struct Metrics {
     pub nar_cache_size: Gauge,
     pub nar_cache_evictions: Counter,
     pub nar_cache_fills: Counter,
+    pub nar_cache_checks: Counter,
     pub nar_cache_fill_failures: Counter,
     pub nar_cache_fill_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub host_closure_bytes: Family<RepoHost, Gauge>,
@@ -221,6 +222,12 @@ impl Metrics {
         );
         let nar_cache_fills = Counter::default();
         registry.register("hearth_nar_cache_fills", "Entries written to the hot-NAR store", nar_cache_fills.clone());
+        let nar_cache_checks = Counter::default();
+        registry.register(
+            "hearth_nar_cache_checks",
+            "Whole hot-NAR sends hashed against their FileHash (the first after a fill, a restart or a change of the file)",
+            nar_cache_checks.clone(),
+        );
         let nar_cache_fill_failures = Counter::default();
         registry.register(
             "hearth_nar_cache_fill_failures",
@@ -343,6 +350,7 @@ impl Metrics {
             nar_cache_size,
             nar_cache_evictions,
             nar_cache_fills,
+            nar_cache_checks,
             nar_cache_fill_failures,
             nar_cache_fill_seconds,
             host_closure_bytes,

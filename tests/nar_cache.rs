@@ -133,7 +133,9 @@ fn a_collected_path_is_404_and_a_rebuilt_one_is_never_served_stale() {
     let old_url = fill(&h, &path);
     assert_eq!(h.metric("hearth_nar_cache_entries"), 1.0);
 
-    run_ok(nix_cmd("nix-store").args(["--delete", &path]));
+    // Served and filled, the path is pinned by a temp root for a few seconds more.
+    let delete = || nix_cmd("nix-store").args(["--delete", &path]).output().unwrap().status.success();
+    wait_until("the served path to be collectable", Duration::from_secs(30), delete);
     assert_eq!(h.get(&old_url).status, 404, "a collected path was served from its entry");
     assert_eq!(h.get(&format!("/{}.narinfo", hash_part(&path))).status, 404);
 
@@ -322,4 +324,59 @@ fn an_entry_overwritten_in_place_is_never_sent_whole_and_is_dropped() {
     // The next request is served from the store, right.
     let r = h.get(&url);
     assert!(zstd::decode_all(&r.body[..]).unwrap() == dump(&path));
+}
+
+#[test]
+fn an_unchanged_entry_is_sent_without_hashing_and_a_changed_one_is_hashed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Hearth::start(&config(dir.path(), "1GiB", true));
+    let path = common::add_to_store("hot-stamped.bin", &random_bytes(300_000));
+    let url = fill_hot(&h, &path);
+    let file = entry_file(dir.path(), &path);
+    let checks = || h.metric("hearth_nar_cache_checks_total");
+    let get_whole = || {
+        let r = h.get(&url);
+        assert_eq!(r.status, 200);
+        assert!(zstd::decode_all(&r.body[..]).unwrap() == dump(&path), "wrong bytes served");
+    };
+    // The kernel keeps change times in coarse ticks: a stamp stands for a check only once the
+    // file's change time is settled (2 s old). Until then every whole send is hashed.
+    let settled = |f: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let ctime = std::fs::metadata(f).unwrap().ctime();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        now - ctime > 3
+    };
+    wait_until("the entry's change time to settle", WAIT, || settled(&file));
+    let before = checks();
+    get_whole();
+    assert_eq!(checks(), before + 1.0, "the first whole send after the fill was not hashed");
+    for _ in 0..3 {
+        get_whole();
+    }
+    assert_eq!(checks(), before + 1.0, "an unchanged, checked entry was hashed again");
+    // A range is never hashed.
+    let r = request(&h.addr, "GET", &url, &[("Range", "bytes=10-99")]);
+    assert_eq!((r.status, r.body.len()), (206, 90));
+    assert_eq!(checks(), before + 1.0);
+
+    // Any change through the filesystem (here a chmod: same bytes) is hashed again, once.
+    let mode = std::fs::metadata(&file).unwrap().permissions();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&file, mode).unwrap();
+    get_whole();
+    assert_eq!(checks(), before + 2.0, "a changed file was sent without hashing");
+    wait_until("the entry's change time to settle", WAIT, || settled(&file));
+    get_whole();
+    get_whole();
+    assert_eq!(checks(), before + 3.0, "the changed file's new stamp was not recorded once settled");
+    get_whole();
+    assert_eq!(checks(), before + 3.0);
+
+    // After a restart, the first whole send is hashed again.
+    drop(h);
+    let h = Hearth::start(&config(dir.path(), "1GiB", true));
+    let r = h.get(&url);
+    assert_eq!(r.status, 200);
+    assert_eq!(h.metric("hearth_nar_cache_checks_total"), 1.0);
 }

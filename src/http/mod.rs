@@ -234,6 +234,7 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
         let s = cache.stats();
         catch_up(&m.nar_cache_evictions, s.evictions.load(std::sync::atomic::Ordering::Relaxed));
         catch_up(&m.nar_cache_fills, s.fills.load(std::sync::atomic::Ordering::Relaxed));
+        catch_up(&m.nar_cache_checks, s.checks.load(std::sync::atomic::Ordering::Relaxed));
         catch_up(&m.nar_cache_fill_failures, s.fill_failures.load(std::sync::atomic::Ordering::Relaxed));
         let secs = s.fill_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
         m.nar_cache_fill_seconds.inc_by((secs - m.nar_cache_fill_seconds.get()).max(0.0));

@@ -130,7 +130,7 @@ pub(super) async fn get(
     resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
 
     let (status, encoding, length) = match level {
-        Some(level) => (StatusCode::OK, Encoding::Zstd { level }, None),
+        Some(level) => (StatusCode::OK, Encoding::Zstd { level, nar_size: size }, None),
         None => {
             resp_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             // A NAR never changes: its hash is its strong validator. `If-Range` with any other

@@ -379,7 +379,11 @@ impl Store {
 
     /// The bytes `[start, end)` of a hot-NAR entry's file, streamed on the NAR pool.
     /// `None` when the entry's file is gone or damaged: it is dropped, and the caller serves
-    /// the NAR from the store instead. The file is opened (and checked) off the async threads.
+    /// the NAR from the store instead. The file is opened (and checked) off the async threads,
+    /// and its first chunk read there too.
+    ///
+    /// A whole file is checked against its FileHash as it is sent unless it is unchanged (its
+    /// [`nar_cache::Stamp`]) since it was last checked; a range is never checked.
     pub async fn cached_nar_stream<G: Send + Sync + 'static>(
         &self,
         hash: StorePathHash,
@@ -391,20 +395,32 @@ impl Store {
         use std::io::{Read, Seek, SeekFrom};
         let Some(cache) = self.nar_cache.clone() else { return Ok(None) };
         let owned = entry.clone();
+        let len = end.saturating_sub(start);
         let whole = start == 0 && end == entry.file_size;
-        let source = tokio::task::spawn_blocking(move || -> Option<nar_stream::Source> {
-            let mut file = cache.open_entry(hash, &owned)?;
-            if whole {
-                // A whole file is checked against its FileHash as it is sent; a range cannot be.
-                return Some(Box::new(cache.verifying(hash, &owned, file)));
-            }
-            file.seek(SeekFrom::Start(start)).ok()?;
-            Some(Box::new(file.take(end.saturating_sub(start))))
+        let primed = tokio::task::spawn_blocking(move || -> Option<std::io::Result<nar_stream::Primed>> {
+            let (mut file, stamp) = cache.open_entry(hash, &owned)?;
+            let source: nar_stream::Source = if whole && owned.checked != Some(stamp) {
+                Box::new(cache.verifying(hash, &owned, file, stamp))
+            } else {
+                file.seek(SeekFrom::Start(start)).ok()?;
+                Box::new(file.take(len))
+            };
+            Some(nar_stream::prime(source, len))
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("cache open task: {e}")))?;
-        let Some(source) = source else { return Ok(None) };
-        Ok(Some(nar_stream::NarStream::from_reader(self.nars.clone(), entry.file.display().to_string(), source, guard)))
+        match primed {
+            None => Ok(None),
+            // Damaged (dropped, WARN) or unreadable as it was read: served from the store.
+            Some(Err(e)) => {
+                tracing::warn!(file = %entry.file.display(), err = %e, "cannot read a NAR cache entry; serving from the store");
+                Ok(None)
+            }
+            Some(Ok(primed)) => {
+                let what = entry.file.display().to_string();
+                Ok(Some(nar_stream::NarStream::from_primed(self.nars.clone(), what, primed, guard)))
+            }
+        }
     }
 
     /// The NAR of `path` (held by `guard`, e.g. its temp root, while the stream lives).
@@ -435,7 +451,8 @@ impl Store {
         let source = tokio::task::spawn_blocking(move || open_log(&plain, &bz2))
             .await
             .map_err(|e| StoreError::Corrupt(format!("log task: {e}")))??;
-        Ok(source.map(|s| nar_stream::NarStream::from_reader(self.nars.clone(), format!("log {base}"), s, ())))
+        Ok(source
+            .map(|s| nar_stream::NarStream::from_reader(self.nars.clone(), format!("log {base}"), s, u64::MAX, ())))
     }
 
     /// The realisation document for a CA derivation output, as Nix's binary caches store it.

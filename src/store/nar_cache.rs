@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -75,7 +75,41 @@ pub struct Entry {
     last_used: u64,
     /// Served at least once since it was published.
     served: bool,
+    /// The file's identity and change time when its bytes were last checked against its
+    /// FileHash (when it was written, or served whole); `None` until then (an entry read back
+    /// at startup). A whole file whose stamp still matches is sent without hashing it again.
+    pub(super) checked: Option<Stamp>,
 }
+
+/// What changes when anything rewrites, replaces, truncates or chmods a file through the
+/// filesystem: its device and inode, its size, and its change time (which no user can set).
+/// Corruption beneath the filesystem changes none of them (see ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self { dev: meta.dev(), ino: meta.ino(), size: meta.len(), ctime: (meta.ctime(), meta.ctime_nsec()) }
+    }
+
+    /// Whether a change now would show in the change time: the kernel keeps it in coarse ticks,
+    /// so a file changed within [`SETTLE`] of its last change may keep the same stamp (git's
+    /// "racily clean" entries). Only a settled stamp may stand for a check.
+    fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let changed = Duration::new(self.ctime.0.max(0).unsigned_abs(), 0);
+        now.saturating_sub(changed) > SETTLE
+    }
+}
+
+/// How old a file's change time must be for its stamp to stand for a check of its bytes.
+const SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Index {
@@ -91,6 +125,8 @@ pub struct NarCacheStats {
     pub fill_failures: AtomicU64,
     /// Microseconds spent filling, in total.
     pub fill_micros: AtomicU64,
+    /// Whole sends hashed against their FileHash.
+    pub checks: AtomicU64,
     pub evictions: AtomicU64,
 }
 
@@ -189,7 +225,8 @@ impl NarCache {
             filled: tokio::sync::Notify::new(),
         };
         for (_, hash, file, nar_hash, file_hash, file_size) in found {
-            inner.publish(hash, Entry { file, nar_hash, file_hash, file_size, last_used: 0, served: true });
+            let entry = Entry { file, nar_hash, file_hash, file_size, last_used: 0, served: true, checked: None };
+            inner.publish(hash, entry);
         }
         Ok(Self { inner: Arc::new(inner), seen: quick_cache::sync::Cache::new(100_000), worker: OnceLock::new() })
     }
@@ -220,7 +257,7 @@ impl NarCache {
     /// published size. One that is not is dropped from the index (logged at WARN), so that the
     /// caller serves from the store and narinfos stop advertising it. Blocking: call it off the
     /// async threads.
-    pub fn open_entry(&self, hash: StorePathHash, entry: &Entry) -> Option<std::fs::File> {
+    pub fn open_entry(&self, hash: StorePathHash, entry: &Entry) -> Option<(std::fs::File, Stamp)> {
         use std::os::unix::fs::OpenOptionsExt;
         let opened = std::fs::OpenOptions::new()
             .read(true)
@@ -230,7 +267,7 @@ impl NarCache {
             .and_then(|f| {
                 let meta = f.metadata().map_err(|e| e.to_string())?;
                 check_file(&meta, Some(entry.file_size)).map_err(str::to_owned)?;
-                Ok(f)
+                Ok((f, Stamp::of(&meta)))
             });
         match opened {
             Ok(f) => Some(f),
@@ -246,12 +283,16 @@ impl NarCache {
     /// its FileHash as it goes: the read that would return the last bytes of a file whose hash
     /// does not match fails instead, so a client never gets a whole damaged file, and the entry
     /// is dropped (WARN) so that the next request is served from the store.
+    /// Once the whole file matched, its stamp (`stamp`, taken when it was opened) is recorded:
+    /// until the file changes, it is sent without being hashed again.
     pub fn verifying(
         self: &Arc<Self>,
         hash: StorePathHash,
         entry: &Entry,
         file: std::fs::File,
+        stamp: Stamp,
     ) -> impl Read + Send + use<> {
+        self.inner.stats.checks.fetch_add(1, Ordering::Relaxed);
         Verifying {
             file: file.take(entry.file_size),
             left: entry.file_size,
@@ -259,6 +300,7 @@ impl NarCache {
             cache: self.clone(),
             hash,
             entry: entry.clone(),
+            stamp,
         }
     }
 
@@ -363,6 +405,17 @@ impl Inner {
         self.evict();
     }
 
+    /// Records that `entry`'s file, as of `stamp`, matched its FileHash (if the stamp has
+    /// settled: else the next whole send checks it again).
+    fn checked(&self, hash: StorePathHash, entry: &Entry, stamp: Stamp) {
+        if !stamp.settled() {
+            return;
+        }
+        if let Some(e) = self.lock().entries.get_mut(&hash).filter(|e| e.file == entry.file) {
+            e.checked = Some(stamp);
+        }
+    }
+
     /// Drops `entry` of `hash` from the index if it is still the one published; its file is
     /// removed if it is a regular file (a planted link is unlinked, never followed).
     fn forget(&self, hash: StorePathHash, entry: &Entry) {
@@ -414,6 +467,8 @@ impl Inner {
         );
         let file = self.config.dir.join(name);
         tmp.persist(&file).map_err(|e| e.error)?;
+        // What was just written is what was hashed (known by its stamp once that has settled).
+        let checked = Some(Stamp::of(&std::fs::symlink_metadata(&file)?)).filter(Stamp::settled);
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
         self.stats.fill_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if file_size > self.config.max_size / ADMIT_FRACTION {
@@ -421,7 +476,15 @@ impl Inner {
         }
         self.publish(
             hash,
-            Entry { file, nar_hash: job.info.nar_hash.clone(), file_hash, file_size, last_used: 0, served: false },
+            Entry {
+                file,
+                nar_hash: job.info.nar_hash.clone(),
+                file_hash,
+                file_size,
+                last_used: 0,
+                served: false,
+                checked,
+            },
         );
         Ok(())
     }
@@ -435,6 +498,7 @@ struct Verifying {
     cache: Arc<NarCache>,
     hash: StorePathHash,
     entry: Entry,
+    stamp: Stamp,
 }
 
 impl Read for Verifying {
@@ -450,6 +514,7 @@ impl Read for Verifying {
             if format!("sha256:{}", nixbase32::encode(&digest)) != self.entry.file_hash {
                 return Err(self.damaged("its bytes do not match its FileHash"));
             }
+            self.cache.inner.checked(self.hash, &self.entry, self.stamp);
         }
         Ok(n)
     }

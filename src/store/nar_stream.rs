@@ -68,6 +68,12 @@ const ZSTD_TABLE_LOGS: [(u32, u32); 19] = [
     (24, 22),
 ];
 
+/// More bytes than zstd makes of `n`: its `ZSTD_COMPRESSBOUND` and a margin for the frame.
+fn zstd_bound(n: u64) -> u64 {
+    let small = if n < 128 << 10 { ((128 << 10) - n) >> 11 } else { 0 };
+    n.saturating_add(n >> 8).saturating_add(small).saturating_add(1024)
+}
+
 /// Streams running now.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
@@ -98,8 +104,8 @@ impl Drop for Active {
 pub enum Encoding {
     /// The NAR bytes `[start, end)`.
     Plain { start: u64, end: u64 },
-    /// The whole NAR, zstd-compressed at this level.
-    Zstd { level: i32 },
+    /// The whole NAR (`nar_size` bytes), zstd-compressed at this level.
+    Zstd { level: i32, nar_size: u64 },
 }
 
 /// The blocking threads NAR chunks are produced on, apart from tokio's shared blocking pool
@@ -141,10 +147,29 @@ impl Drop for NarPool {
 pub type Source = Box<dyn Read + Send>;
 
 /// What a stream produces chunks from: a whole NAR (filled without zeroing buffers first, into
-/// buffers it reuses), or any reader (ranges, zstd, files).
+/// buffers it reuses), or any reader (ranges, zstd, files) of at most `left` more bytes. Chunk
+/// buffers are never larger than what can still come, and a stream whose last byte is out
+/// reads nothing ahead.
 enum Producer {
     Nar { reader: NarReader, left: u64, buffers: Recycler },
-    Read(Source),
+    Read { source: Source, left: u64 },
+}
+
+impl Producer {
+    fn read(source: Source, at_most: u64) -> Self {
+        Producer::Read { source, left: at_most }
+    }
+
+    fn empty() -> Self {
+        Self::read(Box::new(io::empty()), 0)
+    }
+
+    /// Nothing more can come.
+    fn finished(&self) -> bool {
+        match self {
+            Producer::Nar { left, .. } | Producer::Read { left, .. } => *left == 0,
+        }
+    }
 }
 
 /// Free chunk buffers of one stream. A chunk's buffer comes back when the HTTP layer drops the
@@ -209,9 +234,10 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Produce
         Encoding::Plain { start: 0, end } => Producer::Nar { reader, left: end, buffers: Recycler::default() },
         Encoding::Plain { start, end } => {
             reader.skip_to(start);
-            Producer::Read(Box::new(reader.take(end.saturating_sub(start))))
+            let len = end.saturating_sub(start);
+            Producer::read(Box::new(reader.take(len)), len)
         }
-        Encoding::Zstd { level } => {
+        Encoding::Zstd { level, nar_size } => {
             let mut enc = zstd::stream::read::Encoder::new(reader, level)?;
             enc.window_log(ZSTD_MAX_LOG)?;
             // Long-distance matching finds repeats across the capped window at little cost
@@ -221,7 +247,7 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Produce
             let (chain, hash) = ZSTD_TABLE_LOGS[index];
             enc.set_parameter(zstd::zstd_safe::CParameter::ChainLog(chain.min(ZSTD_MAX_LOG)))?;
             enc.set_parameter(zstd::zstd_safe::CParameter::HashLog(hash.min(ZSTD_MAX_LOG)))?;
-            Producer::Read(Box::new(enc))
+            Producer::read(Box::new(enc), zstd_bound(nar_size))
         }
     })
 }
@@ -236,10 +262,13 @@ fn produce(mut producer: Producer) -> Produced {
                 buffers.chunk(buf)
             })
         }
-        Producer::Read(source) => {
-            let mut buf = BytesMut::zeroed(chunk_size());
+        Producer::Read { source, left } => {
+            let want = (chunk_size() as u64).min(*left) as usize;
+            let mut buf = BytesMut::zeroed(want);
             fill(source, &mut buf).map(|n| {
                 buf.truncate(n);
+                // A short read is the end.
+                *left = if n < want { 0 } else { *left - n as u64 };
                 buf.freeze()
             })
         }
@@ -249,6 +278,20 @@ fn produce(mut producer: Producer) -> Produced {
 
 type Opener = Box<dyn FnOnce() -> io::Result<Producer> + Send>;
 
+/// A byte source whose first chunk is read already (see [`prime`]).
+pub struct Primed {
+    first: Bytes,
+    rest: Producer,
+}
+
+/// Reads the first chunk of `source` (at most `at_most` bytes) now, blocking: called on the
+/// blocking thread that opened it, so that a small file is ready whole after one hop off the
+/// async threads instead of two.
+pub fn prime(source: Source, at_most: u64) -> io::Result<Primed> {
+    let (rest, first) = produce(Producer::read(source, at_most));
+    Ok(Primed { first: first?, rest })
+}
+
 /// Bytes from a blocking source (a NAR walk, a log file) as a stream of chunks, produced on
 /// the NAR pool. `guard` (a temp root, a permit) lives as long as the stream. An `Err` item
 /// ends it early (the client sees a short body).
@@ -256,6 +299,8 @@ pub struct NarStream {
     pool: std::sync::Arc<NarPool>,
     /// What it streams, for logs.
     what: String,
+    /// A chunk produced before the stream was made ([`prime`]).
+    ready: Option<Bytes>,
     /// The chunk being produced (read ahead), or the source while idle.
     in_flight: Option<JoinHandle<Produced>>,
     idle: Option<Producer>,
@@ -277,20 +322,38 @@ impl NarStream {
         Self::with_opener(pool, what, Box::new(move || open_source(&path, encoding)), Box::new(guard))
     }
 
-    /// Any blocking byte source, already open, with a guard that lives as long as the stream.
+    /// Any blocking byte source of at most `at_most` bytes, already open, with a guard that
+    /// lives as long as the stream.
     pub fn from_reader<G: Send + Sync + 'static>(
         pool: std::sync::Arc<NarPool>,
         what: String,
         source: Source,
+        at_most: u64,
         guard: G,
     ) -> Self {
-        Self::with_opener(pool, what, Box::new(move || Ok(Producer::Read(source))), Box::new(guard))
+        Self::with_opener(pool, what, Box::new(move || Ok(Producer::read(source, at_most))), Box::new(guard))
+    }
+
+    /// A source whose first chunk is read ([`prime`]).
+    pub fn from_primed<G: Send + Sync + 'static>(
+        pool: std::sync::Arc<NarPool>,
+        what: String,
+        primed: Primed,
+        guard: G,
+    ) -> Self {
+        let mut s = Self::with_opener(pool, what, Box::new(|| Ok(Producer::empty())), Box::new(guard));
+        s.open = None;
+        s.done = primed.first.is_empty();
+        s.ready = Some(primed.first).filter(|b| !b.is_empty());
+        s.idle = Some(primed.rest);
+        s
     }
 
     fn with_opener(pool: std::sync::Arc<NarPool>, what: String, open: Opener, guard: Box<dyn Send + Sync>) -> Self {
         Self {
             pool,
             what,
+            ready: None,
             in_flight: None,
             idle: None,
             open: Some(open),
@@ -307,7 +370,7 @@ impl NarStream {
         } else if let Some(open) = self.open.take() {
             self.pool.spawn(move || match open() {
                 Ok(source) => produce(source),
-                Err(e) => (Producer::Read(Box::new(io::empty())), Err(e)),
+                Err(e) => (Producer::empty(), Err(e)),
             })
         } else {
             None
@@ -321,6 +384,14 @@ impl Stream for NarStream {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(first) = self.ready.take() {
+            if self.idle.as_ref().is_none_or(Producer::finished) {
+                self.done = true;
+            } else {
+                self.start_next();
+            }
+            return Poll::Ready(Some(Ok(first)));
+        }
         if self.done {
             return Poll::Ready(None);
         }
@@ -332,13 +403,17 @@ impl Stream for NarStream {
         let (source, result) = match Pin::new(job).poll(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(produced)) => produced,
-            Poll::Ready(Err(e)) => (Producer::Read(Box::new(io::empty())), Err(io::Error::other(e))),
+            Poll::Ready(Err(e)) => (Producer::empty(), Err(io::Error::other(e))),
         };
         self.in_flight = None;
         match result {
             Ok(chunk) if chunk.is_empty() => {
                 self.done = true;
                 Poll::Ready(None)
+            }
+            Ok(chunk) if source.finished() => {
+                self.done = true;
+                Poll::Ready(Some(Ok(chunk)))
             }
             Ok(chunk) => {
                 // Read one chunk ahead while this one is sent.
@@ -385,7 +460,7 @@ mod tests {
         assert!(whole.len() > 12_000_000);
         let part = collect(&pool, &root, Encoding::Plain { start: 1_000_003, end: 5_000_001 }).await;
         assert!(part == whole[1_000_003..5_000_001]);
-        let z = collect(&pool, &root, Encoding::Zstd { level: 3 }).await;
+        let z = collect(&pool, &root, Encoding::Zstd { level: 3, nar_size: whole.len() as u64 }).await;
         assert!(zstd::decode_all(&z[..]).unwrap() == whole);
     }
 

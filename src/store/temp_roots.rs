@@ -1,10 +1,11 @@
 //! Temp roots that keep paths alive while their NARs stream.
 //!
 //! A temp root lives as long as the daemon connection that added it. Streams share one
-//! connection; each [`TempRoot`] keeps it open, and so does a timer for [`MAX_AGE`] after it
-//! opened, so a connection (and every root on it) closes when both the last stream using it and
-//! its time have ended: a served path is pinned while its stream runs and at most [`MAX_AGE`]
-//! longer.
+//! connection; each [`TempRoot`] keeps it open, and so does a timer until [`IDLE`] after the
+//! last root was added to it, so a connection (and every root on it) closes when both the last
+//! stream using it and its idle time have ended. A connection takes roots for [`MAX_AGE`] at
+//! most, so a served path is pinned while its stream runs and at most [`MAX_AGE`] + [`IDLE`]
+//! longer; [`IDLE`] longer on a cache that went quiet.
 //!
 //! Opening a daemon connection costs milliseconds (the daemon forks and handshakes), so it never
 //! happens on a request's path once the first connection is up: the next connection is opened
@@ -24,8 +25,10 @@ use super::daemon::{Connection, DaemonError};
 
 /// Roots added to one connection before the next one is taken.
 const ROOTS_PER_CONNECTION: usize = 256;
-/// Age after which the next connection is taken, and a connection unused by any stream closes.
+/// Age after which the next connection is taken.
 const MAX_AGE: Duration = Duration::from_secs(60);
+/// A connection stays open this long after its last root was added (for the next request's).
+const IDLE: Duration = Duration::from_secs(5);
 
 type Shared = Arc<Mutex<Connection>>;
 
@@ -34,6 +37,8 @@ struct Holder {
     conn: Weak<Mutex<Connection>>,
     roots: usize,
     opened: Instant,
+    /// When its last root was added (its timer reads it).
+    used: Arc<std::sync::Mutex<tokio::time::Instant>>,
 }
 
 impl Holder {
@@ -80,6 +85,7 @@ impl TempRoots {
                 Ok(()) => {
                     if let Some(h) = state.current.as_mut() {
                         h.roots += 1;
+                        *h.used.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
                     }
                     return Ok(TempRoot { _conn: conn });
                 }
@@ -123,12 +129,9 @@ impl TempRoots {
             }
         };
         let conn = Arc::new(Mutex::new(conn));
-        let timer = conn.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(MAX_AGE).await;
-            drop(timer);
-        });
-        state.current = Some(Holder { conn: Arc::downgrade(&conn), roots: 0, opened: Instant::now() });
+        let used = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+        tokio::spawn(keep_open(conn.clone(), used.clone()));
+        state.current = Some(Holder { conn: Arc::downgrade(&conn), roots: 0, opened: Instant::now(), used });
         let (socket, opened) = (self.socket.clone(), self.opened.clone());
         state.spare = Some(tokio::spawn(async move {
             let conn = Connection::connect(&socket).await;
@@ -139,4 +142,16 @@ impl TempRoots {
         }));
         Ok(conn)
     }
+}
+
+/// Holds `conn` open until [`IDLE`] after the last root added to it (`used`).
+async fn keep_open(conn: Shared, used: Arc<std::sync::Mutex<tokio::time::Instant>>) {
+    loop {
+        let until = *used.lock().unwrap_or_else(|e| e.into_inner()) + IDLE;
+        if until <= tokio::time::Instant::now() {
+            break;
+        }
+        tokio::time::sleep_until(until).await;
+    }
+    drop(conn);
 }
