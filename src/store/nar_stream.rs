@@ -5,8 +5,8 @@
 //! that stops reading stops the production and holds no thread, only the walk's state and at
 //! most [`CHUNKS_PER_STREAM`] chunk buffers. Chunks share a memory budget: one download gets
 //! large chunks (few syscalls), many concurrent downloads get small ones, so memory stays flat
-//! under load. A whole-NAR stream reuses its large chunk buffers once they are sent, so it does
-//! not page-fault in fresh memory for every chunk.
+//! under load. Chunk buffers come back to one pool once they are sent, so streams reuse a few
+//! buffers instead of page-faulting in fresh memory for every chunk.
 //!
 //! On-the-fly zstd is bounded too: its window and match tables are capped at [`ZSTD_MAX_LOG`],
 //! which bounds the encoder's memory whatever the level (see docs/performance.md).
@@ -16,10 +16,10 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
 use tokio::task::JoinHandle;
 
@@ -27,18 +27,15 @@ use super::nar_reader::{NarReader, fill};
 
 /// Bytes of chunk buffers that all streams together aim to stay under.
 const BUFFER_BUDGET: usize = 16 << 20;
-/// Chunk buffers a stream holds at most: the one being sent, the one read ahead and those it
-/// keeps for its next chunks ([`FREE_PER_STREAM`]).
+/// Chunk buffers a stream holds at most, counted for the budget: the one being sent, the one
+/// read ahead, and two more hyper may still hold.
 const CHUNKS_PER_STREAM: usize = 4;
-/// Sent chunk buffers a stream keeps for its next chunks: hyper may finish two chunks between
-/// two reads, and each more is memory a stalled client holds.
-const FREE_PER_STREAM: usize = 2;
-/// Only buffers this large are kept: the allocator maps and unmaps them itself (glibc's mmap
-/// threshold, which `main` fixes at this size), so each new one is fresh memory to page-fault
-/// in, while smaller ones (many concurrent streams) come from its free lists.
-const KEEP_MIN: usize = 128 << 10;
+/// Bytes of free chunk buffers the pool keeps at most.
+const POOL_BYTES: usize = 16 << 20;
+/// Chunk buffers are powers of two from `MIN_CHUNK` to `MAX_CHUNK`.
 const MIN_CHUNK: usize = 16 << 10;
 const MAX_CHUNK: usize = 1 << 20;
+const CLASSES: usize = (MAX_CHUNK.trailing_zeros() - MIN_CHUNK.trailing_zeros() + 1) as usize;
 /// The largest zstd window, hash and chain table logs on-the-fly compression uses: together they
 /// bound an encoder's memory (about 13 MiB at level 19 instead of 85 MiB; see
 /// docs/performance.md) at a small cost in ratio.
@@ -151,7 +148,7 @@ pub type Source = Box<dyn Read + Send>;
 /// buffers are never larger than what can still come, and a stream whose last byte is out
 /// reads nothing ahead.
 enum Producer {
-    Nar { reader: NarReader, left: u64, buffers: Recycler },
+    Nar { reader: NarReader, left: u64 },
     Read { source: Source, left: u64 },
 }
 
@@ -172,39 +169,73 @@ impl Producer {
     }
 }
 
-/// Free chunk buffers of one stream. A chunk's buffer comes back when the HTTP layer drops the
-/// chunk (it has been written), so a long download reuses the same few buffers instead of
-/// allocating (and page-faulting in) fresh memory for every chunk. It holds at most
-/// [`FREE_PER_STREAM`] free buffers, and none once the stream is gone.
-#[derive(Default)]
-struct Recycler(Arc<Mutex<Vec<Vec<u8>>>>);
+/// Free chunk buffers of every stream, by size class. A chunk's buffer comes back when the HTTP
+/// layer drops the chunk (it has been written), so downloads reuse a few buffers instead of
+/// allocating fresh memory for every chunk: buffers of 128 KiB and more are mapped by the
+/// allocator itself (glibc's mmap threshold, which `main` fixes), and each new one is memory to
+/// page-fault in and clear. At most [`POOL_BYTES`] are kept free.
+struct Pool {
+    classes: [Mutex<Vec<Vec<u8>>>; CLASSES],
+    free: AtomicUsize,
+}
 
-impl Recycler {
-    /// An empty buffer of exactly `size` bytes' capacity: a free one, or a new one.
-    fn take(&self, size: usize) -> Vec<u8> {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(buf) = free.pop() {
-            if buf.capacity() == size {
-                return buf;
-            }
-        }
-        Vec::with_capacity(size)
-    }
+static POOL: Pool = Pool { classes: [const { Mutex::new(Vec::new()) }; CLASSES], free: AtomicUsize::new(0) };
 
-    /// `buf` as a chunk; a large buffer returns here once the chunk is dropped, a small one
-    /// goes back to the allocator.
-    fn chunk(&self, buf: Vec<u8>) -> Bytes {
-        if buf.capacity() < KEEP_MIN {
-            return Bytes::from(buf);
-        }
-        Bytes::from_owner(Chunk { buf, home: Arc::downgrade(&self.0) })
+/// The class of a buffer of `capacity` bytes, if it is one of the pool's sizes.
+fn class_of(capacity: usize) -> Option<usize> {
+    let ok = capacity.is_power_of_two() && (MIN_CHUNK..=MAX_CHUNK).contains(&capacity);
+    ok.then(|| (capacity.trailing_zeros() - MIN_CHUNK.trailing_zeros()) as usize)
+}
+
+/// The capacity of the next chunk's buffer when at most `left` more bytes can come: the chunk
+/// budget rounded down to a class, or, for the last chunk, `left` rounded up to one (the
+/// source ends first), so that a small NAR is one chunk.
+fn chunk_capacity(left: u64) -> usize {
+    let budget = chunk_size();
+    if left <= budget as u64 {
+        (left as usize).next_power_of_two().max(MIN_CHUNK)
+    } else {
+        1 << budget.ilog2()
     }
 }
 
-/// A chunk with a large buffer, and where that buffer returns to.
+impl Pool {
+    /// An empty buffer of exactly `capacity` bytes' capacity (a class size): a free one, or a
+    /// new one.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        if let Some(class) = class_of(capacity) {
+            let free = self.classes[class].lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(buf) = free {
+                self.free.fetch_sub(capacity, Ordering::Relaxed);
+                return buf;
+            }
+        }
+        Vec::with_capacity(capacity)
+    }
+
+    /// `buf` as a chunk, whose buffer comes back to the pool once it is dropped.
+    fn chunk(&'static self, buf: Vec<u8>) -> Bytes {
+        if class_of(buf.capacity()).is_none() {
+            return Bytes::from(buf);
+        }
+        Bytes::from_owner(Chunk { buf, home: self })
+    }
+
+    fn give_back(&self, mut buf: Vec<u8>) {
+        let Some(class) = class_of(buf.capacity()) else { return };
+        if self.free.fetch_add(buf.capacity(), Ordering::Relaxed) + buf.capacity() > POOL_BYTES {
+            self.free.fetch_sub(buf.capacity(), Ordering::Relaxed);
+            return;
+        }
+        buf.clear();
+        self.classes[class].lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+    }
+}
+
+/// A chunk with a pooled buffer.
 struct Chunk {
     buf: Vec<u8>,
-    home: Weak<Mutex<Vec<Vec<u8>>>>,
+    home: &'static Pool,
 }
 
 impl AsRef<[u8]> for Chunk {
@@ -215,13 +246,7 @@ impl AsRef<[u8]> for Chunk {
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        let Some(home) = self.home.upgrade() else { return };
-        let mut free = home.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < FREE_PER_STREAM {
-            let mut buf = std::mem::take(&mut self.buf);
-            buf.clear();
-            free.push(buf);
-        }
+        self.home.give_back(std::mem::take(&mut self.buf));
     }
 }
 
@@ -231,7 +256,7 @@ type Produced = (Producer, io::Result<Bytes>);
 fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Producer> {
     let mut reader = NarReader::open(path)?;
     Ok(match encoding {
-        Encoding::Plain { start: 0, end } => Producer::Nar { reader, left: end, buffers: Recycler::default() },
+        Encoding::Plain { start: 0, end } => Producer::Nar { reader, left: end },
         Encoding::Plain { start, end } => {
             reader.skip_to(start);
             let len = end.saturating_sub(start);
@@ -239,6 +264,9 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Produce
         }
         Encoding::Zstd { level, nar_size } => {
             let mut enc = zstd::stream::read::Encoder::new(reader, level)?;
+            // Known, the size shrinks the window and tables of a small NAR to fit it (an encoder
+            // set up for a 20 KB NAR is set up in microseconds) and goes in the frame header.
+            enc.set_pledged_src_size(Some(nar_size))?;
             enc.window_log(ZSTD_MAX_LOG)?;
             // Long-distance matching finds repeats across the capped window at little cost
             // (faster and smaller at level 1 on NARs, as harmonia found).
@@ -255,21 +283,22 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Produce
 /// Produces one chunk; an empty chunk is the end.
 fn produce(mut producer: Producer) -> Produced {
     let result = match &mut producer {
-        Producer::Nar { reader, left, buffers } => {
-            let mut buf = buffers.take((chunk_size() as u64).min(*left) as usize);
+        Producer::Nar { reader, left } => {
+            let mut buf = POOL.take(chunk_capacity(*left));
             reader.fill_vec(&mut buf).map(|()| {
-                *left -= buf.len() as u64;
-                buffers.chunk(buf)
+                *left = left.saturating_sub(buf.len() as u64);
+                POOL.chunk(buf)
             })
         }
         Producer::Read { source, left } => {
             let want = (chunk_size() as u64).min(*left) as usize;
-            let mut buf = BytesMut::zeroed(want);
+            let mut buf = POOL.take(chunk_capacity(*left));
+            buf.resize(want, 0);
             fill(source, &mut buf).map(|n| {
                 buf.truncate(n);
                 // A short read is the end.
                 *left = if n < want { 0 } else { *left - n as u64 };
-                buf.freeze()
+                POOL.chunk(buf)
             })
         }
     };
@@ -465,33 +494,43 @@ mod tests {
     }
 
     #[test]
-    fn large_chunk_buffers_come_back_to_their_stream_and_no_more_than_it_holds() {
-        let buffers = Recycler::default();
-        let mut a = buffers.take(KEEP_MIN);
+    fn chunk_buffers_come_back_to_the_pool_up_to_its_bound() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool {
+            classes: [const { Mutex::new(Vec::new()) }; CLASSES],
+            free: AtomicUsize::new(0),
+        }));
+        let mut a = pool.take(MIN_CHUNK);
         a.extend_from_slice(b"chunk");
         let a_at = a.as_ptr();
-        let chunk = buffers.chunk(a);
+        let chunk = pool.chunk(a);
         assert_eq!(&chunk[..], b"chunk");
         // Still being sent: a new buffer.
-        let b = buffers.take(KEEP_MIN);
+        let b = pool.take(MIN_CHUNK);
         assert_ne!(b.as_ptr(), a_at);
         drop(chunk);
-        // Sent: the same memory, empty, for the next chunk of the same size only.
-        let again = buffers.take(KEEP_MIN);
-        assert_eq!((again.as_ptr(), again.len()), (a_at, 0));
-        // Small buffers are left to the allocator; large ones are kept up to the bound.
-        drop(buffers.chunk(buffers.take(KEEP_MIN / 2)));
-        assert_eq!(buffers.0.lock().unwrap().len(), 0);
-        let chunks: Vec<Bytes> = (0..5).map(|_| buffers.chunk(buffers.take(2 * KEEP_MIN))).collect();
+        // Sent: the same memory, empty, for the next chunk of its class only.
+        assert_eq!(pool.take(2 * MIN_CHUNK).capacity(), 2 * MIN_CHUNK);
+        let again = pool.take(MIN_CHUNK);
+        assert_eq!((again.as_ptr(), again.len(), again.capacity()), (a_at, 0, MIN_CHUNK));
+        // Buffers of other sizes are left to the allocator.
+        drop(pool.chunk(Vec::with_capacity(MIN_CHUNK + 1)));
+        drop(pool.chunk(Vec::with_capacity(2 * MAX_CHUNK)));
+        assert_eq!(pool.free.load(Ordering::Relaxed), 0);
+        // No more than POOL_BYTES are kept free.
+        let chunks: Vec<Bytes> = (0..POOL_BYTES / MAX_CHUNK + 3).map(|_| pool.chunk(pool.take(MAX_CHUNK))).collect();
         drop(chunks);
-        assert_eq!(buffers.0.lock().unwrap().len(), FREE_PER_STREAM);
-        assert_eq!(buffers.take(KEEP_MIN).capacity(), KEEP_MIN);
-        assert_eq!(buffers.0.lock().unwrap().len(), 0);
-        // A chunk that outlives its stream frees its buffer.
-        let late = buffers.chunk(again);
-        drop(buffers);
-        drop(late);
-        drop(b);
+        assert_eq!(pool.free.load(Ordering::Relaxed), POOL_BYTES);
+        let held: usize = pool.classes.iter().map(|c| c.lock().unwrap().iter().map(Vec::capacity).sum::<usize>()).sum();
+        assert_eq!(held, POOL_BYTES);
+        drop((b, again));
+    }
+
+    #[test]
+    fn a_chunk_is_never_above_the_budget_and_a_small_nar_is_one_chunk() {
+        assert_eq!(chunk_capacity(300), MIN_CHUNK);
+        assert_eq!(chunk_capacity(20_036), 32 << 10);
+        assert!(chunk_capacity(u64::MAX) <= chunk_size());
+        assert!(chunk_capacity(u64::MAX).is_power_of_two());
     }
 
     #[tokio::test]
