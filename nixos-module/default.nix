@@ -440,6 +440,9 @@ in
           ExecStart = "${cfg.package}/bin/hearth serve --config ${configFile}";
           Restart = "on-failure";
           RestartSec = 5;
+          # A process the kernel's OOM killer takes (an evaluator: hearth raises its children's
+          # oom_score_adj so they go first) fails its build; the cache and the other builds go on.
+          OOMPolicy = "continue";
           # After SIGTERM a running build gets shutdown_grace_seconds, then up to 25 s to be
           # stopped and reported interrupted: systemd must not kill hearth before that.
           TimeoutStopSec = (settings.shutdown_grace_seconds or 30) + 40;

@@ -184,6 +184,10 @@ pub struct Fleet {
     /// Counts changes, so that readers can tell whether what they rendered is still true.
     version: std::sync::atomic::AtomicU64,
     activity: RwLock<Activity>,
+    /// The newest revision of the shared record its watch delivered.
+    watch_seen: std::sync::atomic::AtomicU64,
+    /// Times the watch was found stalled and started again.
+    watch_restarts: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
@@ -195,6 +199,8 @@ impl Fleet {
             storage: RwLock::new(file.map_or(Storage::None, Storage::File)),
             version: std::sync::atomic::AtomicU64::new(0),
             activity: RwLock::new(Activity::default()),
+            watch_seen: std::sync::atomic::AtomicU64::new(0),
+            watch_restarts: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -252,7 +258,10 @@ impl Fleet {
     pub async fn share(self: &std::sync::Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
         // What the bucket holds is read first, whole: nothing is written to it before, so a
         // builder that starts never overwrites another's hosts with its own partial view.
-        let loaded = read_bucket(&bucket).await;
+        let (loaded, problems) = read_bucket_entries(&bucket).await;
+        for problem in problems {
+            tracing::warn!(problem, "the shared fleet record is not all readable; showing what is");
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
@@ -282,6 +291,8 @@ impl Fleet {
             }
         });
         let fleet = self.clone();
+        let restart = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(check_watch(bucket.clone(), self.clone(), restart.clone()));
         tokio::spawn(async move {
             use futures::StreamExt;
             loop {
@@ -293,8 +304,13 @@ impl Fleet {
                         continue;
                     }
                 };
-                while let Some(entry) = watch.next().await {
-                    let Ok(entry) = entry else { break };
+                loop {
+                    let entry = tokio::select! {
+                        entry = watch.next() => entry,
+                        () = restart.notified() => break,
+                    };
+                    let Some(Ok(entry)) = entry else { break };
+                    fleet.watch_seen.fetch_max(entry.revision, std::sync::atomic::Ordering::Relaxed);
                     let Some((repo, host)) = entry.key.split_once('/') else { continue };
                     let record = match entry.operation {
                         async_nats::jetstream::kv::Operation::Put => {
@@ -312,6 +328,11 @@ impl Fleet {
                 }
             }
         });
+    }
+
+    /// Times the shared record's watch was found stalled and started again.
+    pub fn watch_restarts(&self) -> u64 {
+        self.watch_restarts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A change that another builder made (or this one, echoed): shown, not saved again.
@@ -358,19 +379,88 @@ impl Fleet {
 }
 
 /// The whole record a key-value bucket holds (entries that are not host records are skipped).
-pub async fn read_bucket(bucket: &async_nats::jetstream::kv::Store) -> Hosts {
+/// How often the shared record's watch is checked against the bucket.
+const WATCH_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Restarts the watch of the shared record (`restart`) when it stalls: when the bucket's stream
+/// has gone past what the watch delivered, and the watch delivered nothing more by the next
+/// check. A watch stalls for good when its flow-control answers are refused (a builder without
+/// `$JS.FC.>`): without this, its builder would show, and write from, a stale record for ever.
+async fn check_watch(
+    bucket: async_nats::jetstream::kv::Store,
+    fleet: std::sync::Arc<Fleet>,
+    restart: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let mut behind_at: Option<u64> = None;
+    loop {
+        tokio::time::sleep(WATCH_CHECK).await;
+        // Asked of the server each time (the store's own `status` is what it was when opened).
+        let mut stream = bucket.stream.clone();
+        let last = match stream.info().await {
+            Ok(info) => info.state.last_sequence,
+            Err(e) => {
+                tracing::debug!(err = %e, "cannot read the shared fleet record's state");
+                continue;
+            }
+        };
+        let seen = fleet.watch_seen.load(std::sync::atomic::Ordering::Relaxed);
+        behind_at = match behind_at {
+            // Behind at the last check too, and nothing delivered since.
+            Some(was) if seen < last && seen == was => {
+                tracing::warn!(
+                    seen,
+                    last,
+                    "the shared fleet record's watch stalled (does the builder's NATS user lack `$JS.FC.>`?); starting it again"
+                );
+                fleet.watch_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                restart.notify_one();
+                None
+            }
+            _ if seen < last => Some(seen),
+            _ => None,
+        };
+    }
+}
+
+pub async fn read_bucket(bucket: &async_nats::jetstream::kv::Store) -> Result<Hosts, String> {
+    let (hosts, problems) = read_bucket_entries(bucket).await;
+    match problems.first() {
+        None => Ok(hosts),
+        Some(first) => Err(format!("{} of the shared fleet record's entries cannot be read: {first}", problems.len())),
+    }
+}
+
+/// Every entry of the shared record that can be read, and what went wrong with the others (a
+/// listing cut short, an entry unreadable or not a record).
+async fn read_bucket_entries(bucket: &async_nats::jetstream::kv::Store) -> (Hosts, Vec<String>) {
     use futures::StreamExt;
     let mut loaded = Hosts::new();
-    if let Ok(mut keys) = bucket.keys().await {
-        while let Some(Ok(key)) = keys.next().await {
-            if let Ok(Some(value)) = bucket.get(&key).await
-                && let Ok(saved) = serde_json::from_slice::<SavedHost>(&value)
-            {
-                loaded.insert((saved.repo, saved.host), saved.record);
+    let mut problems = Vec::new();
+    let mut keys = match bucket.keys().await {
+        Ok(keys) => keys,
+        Err(e) => return (loaded, vec![format!("cannot list the keys: {e}")]),
+    };
+    while let Some(key) = keys.next().await {
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => {
+                problems.push(format!("the key listing failed: {e}"));
+                break;
             }
+        };
+        match bucket.get(&key).await {
+            // Deleted between the listing and the read.
+            Ok(None) => {}
+            Ok(Some(value)) => match serde_json::from_slice::<SavedHost>(&value) {
+                Ok(saved) => {
+                    loaded.insert((saved.repo, saved.host), saved.record);
+                }
+                Err(e) => problems.push(format!("{key} is not a host record: {e}")),
+            },
+            Err(e) => problems.push(format!("cannot read {key}: {e}")),
         }
     }
-    loaded
+    (loaded, problems)
 }
 
 fn to_json(hosts: &Hosts) -> serde_json::Result<Vec<u8>> {

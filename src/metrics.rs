@@ -92,6 +92,7 @@ pub struct Metrics {
     pub nar_cache_evictions: Counter,
     pub nar_cache_fills: Counter,
     pub nar_cache_checks: Counter,
+    pub fleet_watch_restarts: Counter,
     pub nar_cache_fill_failures: Counter,
     pub nar_cache_fill_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub host_closure_bytes: Family<RepoHost, Gauge>,
@@ -222,6 +223,12 @@ impl Metrics {
         );
         let nar_cache_fills = Counter::default();
         registry.register("hearth_nar_cache_fills", "Entries written to the hot-NAR store", nar_cache_fills.clone());
+        let fleet_watch_restarts = Counter::default();
+        registry.register(
+            "hearth_fleet_record_watch_restarts",
+            "Times the watch of the shared fleet record (queue = \"jetstream\") was found stalled and started again",
+            fleet_watch_restarts.clone(),
+        );
         let nar_cache_checks = Counter::default();
         registry.register(
             "hearth_nar_cache_checks",
@@ -351,6 +358,7 @@ impl Metrics {
             nar_cache_evictions,
             nar_cache_fills,
             nar_cache_checks,
+            fleet_watch_restarts,
             nar_cache_fill_failures,
             nar_cache_fill_seconds,
             host_closure_bytes,

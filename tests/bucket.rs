@@ -252,8 +252,9 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     let last = build(&nats);
     let system = last["out_path"].as_str().unwrap().to_owned();
     let uploaded = &last["hosts"][0]["uploaded"];
-    // The whole closure: three paths, none there before the build.
-    assert_eq!((uploaded["total"].as_u64(), uploaded["present"].as_u64()), (Some(3), Some(0)), "{last}");
+    // The whole closure, three paths, as its push stands when the reply goes (it never waits
+    // for the bucket).
+    assert_eq!(uploaded["total"].as_u64(), Some(3), "{last}");
 
     // Every path's narinfo appears once its upload is done.
     let closure = closure_of(&system);
@@ -298,10 +299,12 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     // A fresh store substitutes the whole system from the bucket alone, and verifies it.
     substitute_and_verify(garage.get("GARAGE_WEB"), &system);
 
-    // The same system again: every path is there, nothing is queued.
-    let last = build(&nats);
-    let uploaded = &last["hosts"][0]["uploaded"];
-    assert_eq!((uploaded["present"].as_u64(), uploaded["queued"].as_u64()), (Some(3), Some(0)), "{last}");
+    // The same system again: every path is there, nothing is uploaded again.
+    let objects = hearth.metric("hearth_bucket_upload_objects_total");
+    build(&nats);
+    let pushed = wait_for_push(&hearth);
+    assert_eq!(pushed["present"].as_u64(), Some(3), "{pushed}");
+    assert_eq!(hearth.metric("hearth_bucket_upload_objects_total"), objects);
     let m = hearth.get("/metrics").text();
     assert!(m.contains("hearth_bucket_upload_failures_total 0"), "{m}");
     assert!(m.contains("hearth_bucket_upload_queue_length 0"), "{m}");
@@ -505,4 +508,166 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     assert!(said.starts_with("pushed 1 of 1 path(s) (0 already there)"), "{said}");
     substitute_and_verify(garage.get("GARAGE_WEB"), &other);
+}
+
+#[test]
+fn a_bucket_narinfo_is_served_only_as_this_cache_can_serve_it() {
+    let garage = Garage::start();
+    let local = tempfile::tempdir().unwrap();
+    let seed = common::add_to_store("read-through-seed", salt().as_bytes());
+    run_ok(nix_cmd("nix").args(["copy", "--to", &format!("local?root={}", local.path().display()), &seed]));
+    let through = cache_only(local.path(), &garage, "");
+    let nar_hash = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+    let file = "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73";
+    let narinfo = |hash: &str, url: &str, extra: &str| {
+        format!(
+            "StorePath: /nix/store/{hash}-evil\nURL: {url}\nCompression: zstd\nNarHash: {nar_hash}\nNarSize: 100\nReferences: \n{extra}"
+        )
+    };
+    let served = |hash: &str| through.get(&format!("/{hash}.narinfo"));
+    let h = |c: char| std::iter::repeat_n(c, 32).collect::<String>();
+
+    // An absolute URL (not covered by any signature) would send a client to another host.
+    garage.put(
+        &format!("{}.narinfo", h('a')),
+        narinfo(&h('a'), &format!("http://127.0.0.2/nar/{file}.nar.zst"), "").as_bytes(),
+    );
+    // Another path's narinfo under this path's key.
+    garage.put(&format!("{}.narinfo", h('b')), narinfo(&h('c'), &format!("nar/{file}.nar.zst"), "").as_bytes());
+    // A URL that climbs out, one that names a store path's NAR, one whose Compression lies.
+    garage.put(&format!("{}.narinfo", h('d')), narinfo(&h('d'), "nar/../../etc/passwd", "").as_bytes());
+    garage.put(&format!("{}.narinfo", h('f')), narinfo(&h('f'), &format!("nar/{file}.nar"), "").as_bytes());
+    // Larger than any narinfo: never read whole.
+    let huge = narinfo(&h('g'), &format!("nar/{file}.nar.zst"), &format!("Deriver: {}\n", "x".repeat(2 << 20)));
+    garage.put(&format!("{}.narinfo", h('g')), huge.as_bytes());
+    // Malformed.
+    garage.put(&format!("{}.narinfo", h('i')), b"StorePath: nowhere\n\xff\xfe");
+    for c in ['a', 'b', 'd', 'f', 'g', 'i'] {
+        assert_eq!(served(&h(c)).status, 404, "the bucket's narinfo {c} was served");
+    }
+    through.wait_for_log("is not one this cache serves", 6);
+
+    // A good one is served with only the fields hearth knows, its signature untouched.
+    let good = narinfo(&h('j'), &format!("nar/{file}.nar.zst"), "Sig: k-1:c2lnbmF0dXJl\nX-Track: me\n");
+    garage.put(&format!("{}.narinfo", h('j')), good.as_bytes());
+    let r = served(&h('j'));
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(!text.contains("X-Track"), "an unknown field was passed on:\n{text}");
+    assert!(text.contains("Sig: k-1:c2lnbmF0dXJl\n") && text.contains(&format!("URL: nar/{file}.nar.zst\n")), "{text}");
+    assert_eq!(through.get("/nix-cache-info").status, 200);
+}
+
+/// An S3 endpoint that accepts connections and never answers one.
+struct SilentBucket {
+    port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl SilentBucket {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = conns.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                kept.lock().unwrap().push(s);
+            }
+        });
+        SilentBucket { port, conns }
+    }
+
+    /// Whether a client gave up on (closed) a connection: what it sent is read and dropped, and
+    /// a read of 0 bytes is its close.
+    fn any_closed(&self) -> bool {
+        use std::io::Read;
+        self.conns.lock().unwrap().iter_mut().any(|s| {
+            s.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+    }
+
+    fn accepted(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+}
+
+/// A builder of `fleet` whose bucket is at `endpoint` (never a Garage: one that does not answer).
+fn builder_with_bucket_at(nats: &Nats, work: &Path, fleet: &Path, endpoint: &str) -> Hearth {
+    for f in ["id", "secret"] {
+        std::fs::write(work.join(f), "x").unwrap();
+    }
+    Hearth::start(&format!(
+        r#"
+state_dir = "{w}/state"
+sign_key_paths = ["{key}"]
+[bucket]
+url = "s3://hearth?endpoint={endpoint}&region=garage"
+access_key_id_file = "{w}/id"
+secret_access_key_file = "{w}/secret"
+[builder]
+nats_url = "{url}"
+nkey_seed_file = "{seed}"
+gcroots_dir = "{w}/gcroots"
+
+[[builder.repos]]
+name = "fleet"
+url = "git+file://{fleet}"
+"#,
+        w = work.display(),
+        key = common::nix_wire().join("keys/test.sec").display(),
+        url = nats.url(),
+        seed = nats.builder_seed.display(),
+        fleet = fleet.display(),
+    ))
+}
+
+#[test]
+fn a_bucket_that_never_answers_never_holds_a_builds_reply() {
+    let silent = SilentBucket::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let hearth = builder_with_bucket_at(&nats, work.path(), &fleet, &format!("http://127.0.0.1:{}", silent.port));
+    hearth.wait_for_log("builder listening", 1);
+    let reply = build(&nats);
+    assert_eq!(reply["status"], "completed", "{reply}");
+    // Every request to the bucket is still waiting for an answer that never comes: the reply
+    // waited for none of them to give up.
+    assert!(!silent.any_closed(), "the reply came only after a bucket request gave up");
+    // The push was made all the same, in the background.
+    wait_until("the push to ask the bucket", Duration::from_secs(60), || silent.accepted() >= 1);
+    let fleet: Value = serde_json::from_str(&hearth.get("/fleet.json").text()).unwrap();
+    assert!(fleet["hosts"][0]["bucket"]["queued"].as_u64() > Some(0), "{fleet}");
+}
+
+#[test]
+fn an_unreachable_bucket_is_noticed_once_and_its_paths_wait_for_a_later_build() {
+    // A port nothing listens on: every connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let hearth = builder_with_bucket_at(&nats, work.path(), &fleet, &format!("http://127.0.0.1:{port}"));
+    hearth.wait_for_log("builder listening", 1);
+    let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
+    let closure = closure_of(&system).len() as u64;
+    let mut last = Value::Null;
+    wait_until("the push to end", Duration::from_secs(120), || {
+        let fleet: Value = serde_json::from_str(&hearth.get("/fleet.json").text()).unwrap();
+        last = fleet["hosts"][0]["bucket"].clone();
+        last["queued"].as_u64() == Some(0)
+    });
+    assert_eq!((last["failed"].as_u64(), last["total"].as_u64()), (Some(closure), Some(closure)), "{last}");
+    // Said once, however many paths: not a timeout per path.
+    assert_eq!(hearth.log().matches("the bucket does not answer").count(), 1, "{}", hearth.log());
+    assert_eq!(hearth.log().matches("upload failed").count(), 0, "paths were tried one by one:\n{}", hearth.log());
 }

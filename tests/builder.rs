@@ -879,3 +879,49 @@ fn one_graph_gives_each_host_its_own_outcome_and_unchanged_hosts_build_nothing()
     assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"one\"}"), 1.0);
     assert_eq!(metric(&m, "hearth_host_last_build_success{repo=\"fleet\",host=\"evalbad\"}"), 0.0);
 }
+
+#[test]
+fn a_host_leaves_the_record_only_when_the_deploy_branchs_newest_commit_drops_it() {
+    let f = Fleet::start("");
+    let repo = f.dir.path().join("fleet");
+    let rev_of = |r: &str| run_ok(Command::new("git").arg("-C").arg(&repo).args(["rev-parse", r])).trim().to_owned();
+    let commit = |text: &str, message: &str| {
+        std::fs::write(repo.join("flake.nix"), text).unwrap();
+        common::flake::git(&repo, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", message]);
+    };
+    let hosts = || -> Vec<String> {
+        let fleet: Value = serde_json::from_slice(&f.hearth.get("/fleet.json").body).unwrap();
+        let mut hosts: Vec<String> = fleet["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["repo"] == "fleet")
+            .map(|h| h["host"].as_str().unwrap().to_owned())
+            .collect();
+        hosts.sort();
+        hosts
+    };
+    let without_extra = std::fs::read_to_string(repo.join("flake.nix")).unwrap();
+    let older = rev_of("master");
+    let salt = common::flake::salt();
+    let with_extra = without_extra.replacen(
+        "        \"good1\" = mk",
+        &format!("        \"extra\" = mk \"extra\" \"echo extra {salt} > $out\";\n        \"good1\" = mk"),
+        1,
+    );
+    assert_ne!(with_extra, without_extra);
+    commit(&with_extra, "add extra");
+    f.cli(&["fleet", "all"]);
+    assert!(hosts().contains(&"extra".to_owned()), "{:?}", hosts());
+
+    // A build of an older commit that lacks the host (pinned with --rev) keeps it.
+    let (_, replies) = f.cli(&["fleet", "all", "--rev", &older]);
+    assert_eq!(replies.last().unwrap()["commit"], older.as_str(), "{replies:?}");
+    assert!(hosts().contains(&"extra".to_owned()), "a pinned older commit dropped a host: {:?}", hosts());
+
+    // The branch's newest commit dropping it does.
+    commit(&without_extra, "drop extra");
+    f.cli(&["fleet", "all"]);
+    assert!(!hosts().contains(&"extra".to_owned()), "{:?}", hosts());
+    assert!(hosts().contains(&"good1".to_owned()));
+}

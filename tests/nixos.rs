@@ -244,6 +244,7 @@ fn the_module_evaluates_with_defaults_and_renders_a_hardened_unit() {
         "ProtectSystem=strict",
         "SystemCallFilter=@system-service",
         "NoNewPrivileges=true",
+        "OOMPolicy=continue",
     ] {
         assert!(unit.lines().any(|l| l == line), "no `{line}` in\n{unit}");
     }

@@ -382,3 +382,89 @@ async fn a_deployer_cannot_forge_a_builders_reply() {
         assert_eq!(&first.payload[..], b"from the builder");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_gc_refuses_a_shared_record_it_cannot_read_whole() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["web1"]);
+    // The builder makes the record's key-value bucket.
+    let _a = builder(&nats, &repo, "jetstream", "a", "");
+    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
+    let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client).get_key_value("hearth_fleet").await.unwrap();
+    kv.put("fleet/ghost", "not a host record".into()).await.unwrap();
+
+    // The bucket is never reached: the record is read first, and only in part.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["id", "secret"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let config = dir.path().join("gc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+sign_key_paths = ["{key}"]
+[bucket]
+url = "s3://nothing?endpoint=http://127.0.0.1:9&region=garage"
+access_key_id_file = "{d}/id"
+secret_access_key_file = "{d}/secret"
+
+[builder]
+nats_url = "{url}"
+nkey_seed_file = "{seed}"
+gcroots_dir = "{d}/roots"
+queue = "jetstream"
+
+[[builder.repos]]
+name = "fleet"
+url = "{repo}"
+"#,
+            d = dir.path().display(),
+            key = common::nix_wire().join("keys/test.sec").display(),
+            url = nats.url(),
+            seed = nats.builder_seed.display(),
+            repo = repo.url(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["bucket", "gc", "--grace", "0s", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "gc ran on a record it could not read whole: {stderr}");
+    assert!(stderr.contains("refusing to collect") && stderr.contains("fleet/ghost"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_record_watch_is_noticed_and_started_again() {
+    // The builder's user lacks `$JS.FC.>`: its watch of the record cannot answer flow control.
+    let nats = Nats::start_jetstream_without_flow_control();
+    let repo = Repo::new(&["web1"]);
+    let a = builder(&nats, &repo, "jetstream", "a", "");
+    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
+    let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client).get_key_value("hearth_fleet").await.unwrap();
+    let record = |host: &str, at: usize, pad: &str| {
+        serde_json::json!({"repo": "fleet", "host": host, "generations": [],
+            "last_build": {"status": "success", "at": at, "commit": null, "error": pad}})
+        .to_string()
+    };
+    // About 4 MB of updates by "another builder": past what a watch gets without flow control.
+    let pad = "x".repeat(40_000);
+    for i in 0..100 {
+        let host = format!("h{:02}", i % 10);
+        kv.put(format!("fleet/{host}"), record(&host, i, &pad).into()).await.unwrap();
+    }
+    kv.put("fleet/zz-last", record("zz-last", 1, "").into()).await.unwrap();
+    // The stall is noticed, the watch started again, and the record catches up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !hosts_on(&a).contains(&"zz-last".to_owned()) {
+        assert!(std::time::Instant::now() < deadline, "the record never caught up: {:?}\n{}", hosts_on(&a), a.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.metric("hearth_fleet_record_watch_restarts_total") >= 1.0, "it caught up without a restart");
+    a.wait_for_log("the shared fleet record's watch stalled", 1);
+}

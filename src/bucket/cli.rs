@@ -43,7 +43,8 @@ async fn kept_systems(config: &crate::config::Config) -> anyhow::Result<Vec<Stri
             let js = async_nats::jetstream::new(client);
             let kv =
                 js.get_key_value(&builder.jetstream.bucket).await.context("cannot open the shared fleet record")?;
-            crate::fleet::read_bucket(&kv).await
+            // A record read only in part would delete the systems of the hosts it missed.
+            crate::fleet::read_bucket(&kv).await.map_err(anyhow::Error::msg).context("refusing to collect")?
         }
     };
     anyhow::ensure!(!hosts.is_empty(), "the fleet record is empty: refusing to collect everything");
@@ -106,13 +107,12 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         let p = crate::nix::store_path::StorePath::from_absolute(store.store_dir(), path)
             .with_context(|| format!("`{path}` is not a store path"))?;
         let closure = store.closure(&p).await?.with_context(|| format!("{path} is not in the store"))?;
-        let batch = uploader.push(&closure, b.upload_concurrency).await;
-        batches.push((batch.now().present, batch));
+        batches.push(uploader.push(&closure, b.upload_concurrency));
     }
     let (mut already, mut total, mut failed) = (0, 0, 0);
-    for (present, batch) in batches {
+    for batch in batches {
         let end = batch.finished().await;
-        (already, total, failed) = (already + present, total + end.total, failed + end.failed);
+        (already, total, failed) = (already + end.present - end.uploaded, total + end.total, failed + end.failed);
     }
     println!(
         "pushed {} of {total} path(s) ({already} already there), {} bytes; {failed} failed",

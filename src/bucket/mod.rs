@@ -27,7 +27,12 @@ pub enum BucketError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Store(String),
+    #[error("{key} is larger than the {max} bytes an object read whole may be")]
+    TooLarge { key: String, max: usize },
 }
+
+/// The most bytes [`Bucket::get`] reads: a narinfo of some 15,000 references.
+pub const MAX_READ: usize = 1 << 20;
 
 /// A bucket and its client.
 #[derive(Clone)]
@@ -82,12 +87,30 @@ impl Bucket {
     }
 
     /// The object `key`, if there is one.
+    ///
+    /// Objects read whole are narinfos and record entries: one larger than [`MAX_READ`] is an
+    /// error, never read into memory.
     pub async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, BucketError> {
-        match self.store.get(&Path::from(key)).await {
-            Ok(r) => Ok(Some(r.bytes().await?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+        use futures::StreamExt;
+        let result = match self.store.get(&Path::from(key)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let too_large = || BucketError::TooLarge { key: key.to_owned(), max: MAX_READ };
+        if result.meta.size > MAX_READ as u64 {
+            return Err(too_large());
         }
+        let mut body = bytes::BytesMut::new();
+        let mut stream = result.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if body.len() + chunk.len() > MAX_READ {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Some(body.freeze()))
     }
 
     /// The size of the object `key`, if there is one.

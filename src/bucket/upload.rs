@@ -3,6 +3,11 @@
 //! narinfo's HEAD); otherwise its NAR is compressed once (or taken from the hot NAR cache when
 //! that holds it compressed), uploaded under its FileHash, and only then is its signed narinfo
 //! written. Failures are retried with backoff and counted; they never fail a build.
+//!
+//! Nothing here is waited for by a build's reply: a push returns at once, its checks run in
+//! the background. A bucket that does not answer is noticed once (a circuit breaker, open for
+//! [`AWAY`]): while it is open no path is asked about or uploaded (each would wait for its own
+//! timeout), the paths of the pushes count as failed, and the next build pushes them again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,7 +41,12 @@ pub struct Uploader {
     /// for each.
     pending: Mutex<HashMap<String, Vec<Arc<Batch>>>>,
     tmp_dir: std::path::PathBuf,
+    /// Until when the bucket is taken to be away (the circuit breaker).
+    away_until: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a bucket that did not answer is left alone.
+const AWAY: Duration = Duration::from_secs(60);
 
 /// How much of a closure the bucket holds: `present + queued + failed = total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -50,6 +60,9 @@ pub struct Pushed {
     /// Paths whose upload failed for good this time (a later push tries them again).
     #[serde(default)]
     pub failed: usize,
+    /// Of `present`, the paths uploaded by this push (the rest were there already).
+    #[serde(default)]
+    pub uploaded: usize,
 }
 
 /// One push of a closure, followed as its uploads end.
@@ -58,8 +71,10 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A push of `total` paths, all queued until their checks say otherwise.
     fn new(total: usize) -> Arc<Self> {
-        let (state, _) = tokio::sync::watch::channel(Pushed { present: 0, total, queued: 0, failed: 0 });
+        let (state, _) =
+            tokio::sync::watch::channel(Pushed { present: 0, total, queued: total, failed: 0, uploaded: 0 });
         Arc::new(Self { state })
     }
 
@@ -101,7 +116,23 @@ impl Uploader {
             pending: Mutex::new(HashMap::new()),
             // NARs compressed for an upload, in `<state_dir>/uploads`.
             tmp_dir: state_dir.join("uploads"),
+            away_until: Mutex::new(None),
         })
+    }
+
+    /// Whether the circuit breaker is open.
+    fn away(&self) -> bool {
+        self.away_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    /// Opens the circuit breaker after `err`, saying so once.
+    fn went_away(&self, err: &BucketError) {
+        let mut until = self.away_until.lock().unwrap_or_else(|e| e.into_inner());
+        let was_away = until.is_some_and(|u| std::time::Instant::now() < u);
+        *until = Some(std::time::Instant::now() + AWAY);
+        if !was_away {
+            tracing::warn!(bucket = %self.bucket.name, err = %err, "the bucket does not answer; pushes wait {}s, their paths are pushed again by a later build", AWAY.as_secs());
+        }
     }
 
     /// Starts `workers` upload tasks (and writes `nix-cache-info` if the bucket lacks it).
@@ -133,34 +164,49 @@ impl Uploader {
         self.bucket.put("nix-cache-info", text.into()).await
     }
 
-    /// Queues the paths of `closure` that the bucket lacks (one HEAD each, `concurrency` at a
-    /// time); the batch says how much of it the bucket holds, now and as its uploads end.
-    pub async fn push(&self, closure: &[Arc<PathInfo>], concurrency: usize) -> Arc<Batch> {
+    /// Pushes `closure`: returns at once with every path queued, and in the background asks
+    /// the bucket for each (one HEAD each, `concurrency` at a time) and queues those it lacks;
+    /// the batch says how much of it the bucket holds as the checks and uploads end.
+    pub fn push(self: &Arc<Self>, closure: &[Arc<PathInfo>], concurrency: usize) -> Arc<Batch> {
         let batch = Batch::new(closure.len());
-        let checks = futures::stream::iter(closure.iter().cloned())
+        let (me, paths, pushed) = (self.clone(), closure.to_vec(), batch.clone());
+        tokio::spawn(async move { me.check(paths, concurrency, &pushed).await });
+        batch
+    }
+
+    async fn check(&self, closure: Vec<Arc<PathInfo>>, concurrency: usize, batch: &Arc<Batch>) {
+        let give_up = |n: usize| {
+            batch.update(|p| {
+                p.queued -= n;
+                p.failed += n;
+            })
+        };
+        let checks = futures::stream::iter(closure)
             .map(|info| async move {
+                // Open breaker: not asked (nor the rest of the push).
+                if self.away() {
+                    return (info, None);
+                }
                 let key = narinfo_key(info.path.hash().as_str());
-                (info, self.bucket.exists(&key).await)
+                let present = self.bucket.exists(&key).await;
+                if let Err(e) = &present {
+                    self.went_away(e);
+                }
+                (info, present.ok())
             })
             .buffer_unordered(concurrency.max(1));
-        let results: Vec<_> = checks.collect().await;
-        for (info, present) in results {
+        let mut checks = std::pin::pin!(checks);
+        while let Some((info, present)) = checks.next().await {
             match present {
-                Ok(true) => batch.update(|p| p.present += 1),
-                // Unknown (the bucket is away): queued; the worker asks again before uploading.
-                Ok(false) | Err(_) => {
-                    // Counted before it is queued: a worker may finish it at once.
-                    batch.update(|p| p.queued += 1);
-                    if !self.enqueue(info, &batch) {
-                        batch.update(|p| {
-                            p.queued -= 1;
-                            p.failed += 1;
-                        });
-                    }
-                }
+                Some(true) => batch.update(|p| {
+                    p.queued -= 1;
+                    p.present += 1;
+                }),
+                Some(false) if self.enqueue(info, batch) => {}
+                // The queue is full, or the bucket is away.
+                Some(false) | None => give_up(1),
             }
         }
-        batch
     }
 
     /// Queues `info` for `batch` (joining an upload already queued); false if the queue is full.
@@ -190,12 +236,19 @@ impl Uploader {
             self.metrics.bucket_upload_queue.dec();
             let mut done = false;
             for attempt in 0..ATTEMPTS {
+                // A bucket that is away is not tried path by path: this one waits for a later build.
+                if self.away() {
+                    break;
+                }
                 match self.upload(&info).await {
                     Ok(()) => {
                         done = true;
                         break;
                     }
                     Err(e) => {
+                        if matches!(e, BucketError::S3(_)) && attempt + 1 >= 2 {
+                            self.went_away(&e);
+                        }
                         tracing::warn!(path = %info.path.to_string(), attempt = attempt + 1, err = %e, "upload failed; retrying");
                         tokio::time::sleep(backoff(attempt)).await;
                     }
@@ -209,7 +262,12 @@ impl Uploader {
             for batch in waiting.into_iter().flatten() {
                 batch.update(|p| {
                     p.queued -= 1;
-                    if done { p.present += 1 } else { p.failed += 1 }
+                    if done {
+                        p.present += 1;
+                        p.uploaded += 1;
+                    } else {
+                        p.failed += 1;
+                    }
                 });
             }
         }
@@ -309,9 +367,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_ends_when_its_last_queued_path_does() {
+        // Every path is queued until its check or upload ends.
         let batch = Batch::new(3);
-        batch.update(|p| p.present += 1);
-        batch.update(|p| p.queued += 2);
+        assert_eq!(batch.now(), Pushed { present: 0, total: 3, queued: 3, failed: 0, uploaded: 0 });
+        batch.update(|p| {
+            p.queued -= 1;
+            p.present += 1;
+        });
         let waiting = {
             let batch = batch.clone();
             tokio::spawn(async move { batch.finished().await })
@@ -326,7 +388,7 @@ mod tests {
             p.failed += 1;
         });
         let end = waiting.await.unwrap();
-        assert_eq!(end, Pushed { present: 2, total: 3, queued: 0, failed: 1 });
+        assert_eq!(end, Pushed { present: 2, total: 3, queued: 0, failed: 1, uploaded: 0 });
         // A batch with nothing to upload has ended already.
         assert_eq!(Batch::new(0).finished().await.total, 0);
     }

@@ -92,10 +92,15 @@ async fn stop_group(child: &mut tokio::process::Child, pid: u32) {
 /// stops its builders and exits, instead of finishing a build nobody will report and rooting
 /// it. (The signal follows the thread that spawned it: tokio's worker threads live as long as
 /// the runtime, and the builder stops its commands before the runtime ends.)
+///
+/// Under memory pressure the kernel kills a child before hearth: each child's `oom_score_adj`
+/// is raised to [`CHILD_OOM_SCORE_ADJ`] (an evaluator is what grows; with the unit's
+/// `OOMPolicy=continue` its build fails, saying SIGKILL, and the cache goes on).
 fn die_with_hearth(cmd: &mut Command) {
     let parent = rustix::process::getpid();
-    // SAFETY: the closure runs in the child between fork and exec; it only makes the prctl(2)
-    // and getppid(2) system calls (async-signal-safe) and allocates nothing.
+    // SAFETY: the closure runs in the child between fork and exec; it only makes the prctl(2),
+    // getppid(2), open(2), write(2) and close(2) system calls (async-signal-safe) and allocates
+    // nothing (the path is a C string literal).
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
@@ -104,10 +109,21 @@ fn die_with_hearth(cmd: &mut Command) {
             if rustix::process::getppid() != Some(parent) {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // Raising it needs no privilege; a higher value inherited is kept (lowering is
+            // refused), and without /proc the child runs as it is.
+            use rustix::fs::{Mode, OFlags};
+            if let Ok(fd) =
+                rustix::fs::open(c"/proc/self/oom_score_adj", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+            {
+                let _ = rustix::io::write(&fd, CHILD_OOM_SCORE_ADJ);
+            }
             Ok(())
         });
     }
 }
+
+/// The `oom_score_adj` of every process hearth runs (of -1000 … 1000).
+const CHILD_OOM_SCORE_ADJ: &[u8] = b"500";
 
 /// Runs `cmd`, streaming stderr lines to `on_line`, under `timeout` and `cancel`; returns stdout.
 async fn run(
@@ -164,7 +180,7 @@ async fn run(
     match result {
         Ok((Ok(status), out)) if status.success() => Ok(out),
         Ok((Ok(status), _)) => Err(BuildError::Failed {
-            message: format!("{what} failed ({status})"),
+            message: format!("{what} failed: {}", how_it_ended(status)),
             tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
         }),
         Ok((Err(e), _)) => Err(BuildError::Spawn(what.to_owned(), e)),
@@ -174,6 +190,29 @@ async fn run(
             }
             Err(e)
         }
+    }
+}
+
+/// How a process that did not succeed ended, for a person: `exit status 1`, or the signal that
+/// killed it, with the likely cause of a SIGKILL nobody here sent.
+fn how_it_ended(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(libc::SIGKILL)) => "killed by SIGKILL (out of memory?)".to_owned(),
+        (None, Some(sig)) => {
+            let name = match sig {
+                libc::SIGTERM => "SIGTERM",
+                libc::SIGINT => "SIGINT",
+                libc::SIGHUP => "SIGHUP",
+                libc::SIGSEGV => "SIGSEGV (a crash)",
+                libc::SIGABRT => "SIGABRT (an abort)",
+                libc::SIGBUS => "SIGBUS (a crash)",
+                _ => return format!("killed by signal {sig}"),
+            };
+            format!("killed by {name}")
+        }
+        (None, None) => status.to_string(),
     }
 }
 
@@ -381,8 +420,11 @@ impl Exec {
         };
         let out = match run("nix build --dry-run", cmd, self.timeout, cancel, &mut on_line).await {
             Ok(out) => out,
-            Err(BuildError::Failed { tail, .. }) => {
-                return Err(BuildError::Failed { message: format!("evaluation of {host} failed"), tail });
+            Err(BuildError::Failed { message, tail }) => {
+                // Why it ended (an exit status, or a signal: SIGKILL is most often the kernel's
+                // out-of-memory killer) comes before the log's tail.
+                let how = message.split_once(" failed: ").map_or(message.as_str(), |(_, how)| how);
+                return Err(BuildError::Failed { message: format!("evaluation of {host} failed: {how}"), tail });
             }
             Err(e) => return Err(e),
         };
@@ -416,6 +458,27 @@ impl Exec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_kernel_kills_a_child_before_hearth_under_memory_pressure() {
+        let mut cmd = Command::new("cat");
+        cmd.arg("/proc/self/oom_score_adj");
+        let cancel = CancellationToken::new();
+        let out = run("cat", cmd, Duration::from_secs(30), &cancel, &mut |_| {}).await.unwrap();
+        let child: i32 = out.trim().parse().unwrap();
+        let own: i32 = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap().trim().parse().unwrap();
+        assert!(child >= 500 && child > own.min(499), "child {child}, hearth {own}");
+    }
+
+    #[test]
+    fn an_ending_says_its_exit_status_or_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        let ended = |raw| how_it_ended(std::process::ExitStatus::from_raw(raw));
+        assert_eq!(ended(1 << 8), "exit status 1");
+        assert_eq!(ended(libc::SIGKILL), "killed by SIGKILL (out of memory?)");
+        assert_eq!(ended(libc::SIGSEGV), "killed by SIGSEGV (a crash)");
+        assert_eq!(ended(libc::SIGUSR1), format!("killed by signal {}", libc::SIGUSR1));
+    }
 
     #[test]
     fn flake_refs() {

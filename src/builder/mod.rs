@@ -465,9 +465,11 @@ impl Worker {
         // Only the deploy branch's builds are the hosts' state; another branch's are recorded
         // apart, under their branch.
         let deploy = job.branch == job.repo.branch;
-        if deploy && job.target == "all" {
-            // Hosts the flake no longer defines leave the record and the gauges (their roots
-            // stay, as keep_generations says).
+        if deploy && job.target == "all" && job.rev.is_none() {
+            // Hosts the deploy branch's newest commit no longer defines leave the record and
+            // the gauges (their roots stay, as keep_generations says). A build of a pinned
+            // commit (`rev`, maybe an older one) never drops a host: the bucket's gc keeps only
+            // what the record names.
             for ((r, host), _) in self.fleet.snapshot() {
                 if r == *repo && !hosts.contains(&host) {
                     self.metrics.host_last_success.remove(&RepoHost { repo: r.clone(), host });

@@ -186,7 +186,7 @@ impl Recorder {
         // A good system of the deploy branch goes to the bucket, if there is one.
         let uploaded = match (&self.uploader, &closure, &out_path) {
             (Some((uploader, concurrency)), Some(closure), Some(out)) if cx.deploy => {
-                let batch = uploader.push(closure, *concurrency).await;
+                let batch = uploader.push(closure, *concurrency);
                 let pushed = batch.now();
                 tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
                 self.follow_push(repo, host, out, batch);
@@ -342,7 +342,7 @@ impl Recorder {
                         Some(after) => {
                             // An upload cut short by a stop goes on: what the bucket lacks is queued.
                             if let Some((uploader, concurrency)) = &self.uploader {
-                                let batch = uploader.push(&after, *concurrency).await;
+                                let batch = uploader.push(&after, *concurrency);
                                 self.follow_push(&repo, &host, &newest.path, batch);
                             }
                             self.describe(&repo, &host, before, &after).await

@@ -147,9 +147,9 @@ pub struct AppState {
     pub(crate) page: Arc<fleet::PageCache>,
     /// With `[bucket] read_through`: paths not in the local store are answered from it.
     pub bucket: Option<crate::bucket::Bucket>,
-    /// Narinfos found in the bucket, and when.
+    /// Narinfos found in the bucket (as this cache serves them), and when.
     pub(crate) bucket_narinfos:
-        Arc<quick_cache::sync::Cache<crate::nix::store_path::StorePathHash, (std::time::Instant, bytes::Bytes)>>,
+        Arc<quick_cache::sync::Cache<crate::nix::store_path::StorePathHash, (std::time::Instant, String)>>,
     /// Local copies of the bucket's NARs, each fetched once (`[bucket] read_cache_size`).
     pub bucket_copies: Option<Arc<crate::bucket::read_cache::ReadCache>>,
 }
@@ -225,6 +225,7 @@ async fn metrics_handler(State(state): State<AppState>, headers: axum::http::Hea
         let held = state.metrics.streams_held.get_or_create(&crate::metrics::Bound { bound: name.into() });
         held.set(bound.in_use() as i64);
     }
+    catch_up(&state.metrics.fleet_watch_restarts, state.fleet.watch_restarts());
     if let Some(cache) = state.store.nar_cache() {
         let m = &state.metrics;
         let (entries, bytes) = cache.usage();

@@ -30,8 +30,21 @@ pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Pat
                 return Ok((headers, text).into_response());
             }
             let key = crate::bucket::narinfo_key(hash.as_str());
-            let text = bucket.get(&key).await.map_err(|e| HttpError::Bucket(e.to_string()))?;
-            let text = text.ok_or(HttpError::NotFound)?;
+            let text = match bucket.get(&key).await {
+                Ok(text) => text.ok_or(HttpError::NotFound)?,
+                Err(e @ crate::bucket::BucketError::TooLarge { .. }) => {
+                    tracing::warn!(err = %e, "the bucket's narinfo is not one this cache serves; answering 404");
+                    return Err(HttpError::NotFound);
+                }
+                Err(e) => return Err(HttpError::Bucket(e.to_string())),
+            };
+            let Some(text) = from_bucket(state.store.store_dir(), hash, &text) else {
+                tracing::warn!(
+                    key,
+                    "the bucket's narinfo is not one this cache serves (malformed, another path's, or a NAR URL of another place); answering 404"
+                );
+                return Err(HttpError::NotFound);
+            };
             state.bucket_narinfos.insert(hash, (std::time::Instant::now(), text.clone()));
             return Ok((headers, text).into_response());
         };
@@ -95,6 +108,22 @@ impl NarinfoCache {
         self.entries.insert(hash, (info.clone(), file_hash.map(str::to_owned), text.clone()));
         text
     }
+}
+
+/// A bucket's narinfo as this cache serves it, if it may: for the path asked for, its NAR at a
+/// relative `nar/<file hash>.nar.zst` this cache serves itself (an absolute URL is not covered
+/// by the signature and could send a client anywhere), written out again with only the fields
+/// this cache knows. The signatures stay valid: they cover the path, NarHash, NarSize and
+/// references, never the URL or the layout.
+fn from_bucket(store_dir: &str, hash: StorePathHash, text: &[u8]) -> Option<String> {
+    let narinfo = NarInfo::parse(std::str::from_utf8(text).ok()?)?;
+    let path = crate::nix::store_path::StorePath::from_absolute(store_dir, &narinfo.store_path)?;
+    let nar = http_path::parse_nar(narinfo.url.strip_prefix("nar/")?, None)?;
+    let servable = path.hash() == hash
+        && nar.store_hash.is_none()
+        && nar.encoding == http_path::NarEncoding::Zstd
+        && narinfo.compression == "zstd";
+    servable.then(|| narinfo.to_string())
 }
 
 /// The narinfo for `info` as this cache serves it.

@@ -15,8 +15,8 @@ use std::future::Future;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -192,11 +192,7 @@ fn class_of(capacity: usize) -> Option<usize> {
 /// source ends first), so that a small NAR is one chunk.
 fn chunk_capacity(left: u64) -> usize {
     let budget = chunk_size();
-    if left <= budget as u64 {
-        (left as usize).next_power_of_two().max(MIN_CHUNK)
-    } else {
-        1 << budget.ilog2()
-    }
+    if left <= budget as u64 { (left as usize).next_power_of_two().max(MIN_CHUNK) } else { 1 << budget.ilog2() }
 }
 
 impl Pool {

@@ -148,7 +148,8 @@ impl TempRoots {
         let conn = Arc::new(Mutex::new(conn));
         let used = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
         tokio::spawn(keep_open(conn.clone(), used.clone()));
-        state.current = Some(Holder { conn: Arc::downgrade(&conn), roots: HashSet::new(), opened: Instant::now(), used });
+        state.current =
+            Some(Holder { conn: Arc::downgrade(&conn), roots: HashSet::new(), opened: Instant::now(), used });
         let (socket, opened) = (self.socket.clone(), self.opened.clone());
         state.spare = Some(tokio::spawn(async move {
             let conn = Connection::connect(&socket).await;

@@ -21,6 +21,9 @@ pub struct Nats {
     extra: String,
     /// JetStream on, and the builder allowed its API (docs/protocol.md's permissions).
     jetstream: bool,
+    /// The builder may answer flow control (`$JS.FC.>`), as documented; off to model an
+    /// operator who left it out.
+    flow_control: bool,
 }
 
 fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
@@ -66,6 +69,15 @@ impl Nats {
         Self::start_inner("", true)
     }
 
+    /// The same, but the builder's user lacks `$JS.FC.>`: its record watch stalls.
+    #[allow(dead_code)] // Not every test crate uses it.
+    pub fn start_jetstream_without_flow_control() -> Self {
+        let mut n = Self::start_inner("", true);
+        n.flow_control = false;
+        n.restart(true);
+        n
+    }
+
     /// Starts a server with `extra` lines in its config.
     pub fn start_with(extra: &str) -> Self {
         Self::start_inner(extra, false)
@@ -94,6 +106,7 @@ impl Nats {
             watcher_pub: watcher.public_key(),
             extra: extra.to_owned(),
             jetstream,
+            flow_control: true,
         };
         n.write_config(true);
         n.spawn();
@@ -111,7 +124,9 @@ impl Nats {
             user(&self.watcher_pub, "watch.nothing", "build.responses.>"),
         ];
         if with_builder && self.jetstream {
-            users.push(super::nats::users(&self.builder_pub, &JETSTREAM_BUILDER_PUBLISH, &JETSTREAM_BUILDER_SUBSCRIBE));
+            let publish: Vec<&str> =
+                JETSTREAM_BUILDER_PUBLISH.iter().copied().filter(|p| self.flow_control || *p != "$JS.FC.>").collect();
+            users.push(super::nats::users(&self.builder_pub, &publish, &JETSTREAM_BUILDER_SUBSCRIBE));
         } else if with_builder {
             users.push(user(&self.builder_pub, "build.responses.>", "build.>"));
         }
