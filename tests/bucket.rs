@@ -608,7 +608,6 @@ fn builder_with_bucket_at(nats: &Nats, work: &Path, fleet: &Path, endpoint: &str
     Hearth::start(&format!(
         r#"
 state_dir = "{w}/state"
-sign_key_paths = ["{key}"]
 [bucket]
 url = "s3://hearth?endpoint={endpoint}&region=garage"
 access_key_id_file = "{w}/id"
@@ -623,7 +622,6 @@ name = "fleet"
 url = "git+file://{fleet}"
 "#,
         w = work.display(),
-        key = common::nix_wire().join("keys/test.sec").display(),
         url = nats.url(),
         seed = nats.builder_seed.display(),
         fleet = fleet.display(),
