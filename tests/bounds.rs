@@ -340,8 +340,9 @@ fn one_client_holds_the_whole_uncontended_compressed_bound_and_waits_beyond_it()
     let h = Hearth::start(
         "send_timeout_seconds = 600\nstream_min_idle_seconds = 600\nstream_wait_seconds = 1\n[compression]\nalgorithm = \"zstd\"\n",
     );
-    // With zstd on, the narinfo's URL (the one big_path gives) is the compressed NAR.
-    let (path, url) = big_path(&h, 4);
+    // With zstd on, the narinfo's URL (the one big_path gives) is the compressed NAR: random
+    // bytes, larger than loopback's socket buffers can take, so a stalled stream stays held.
+    let (path, url) = big_path(&h, 32);
     assert!(url.contains(".nar.zst"), "{url}");
     // Sixteen at once from one address, as a Nix with 16 substitution jobs asks: all served.
     let held: Vec<_> = (0..16).map(|_| stall(&h.addr, &url, 1024)).collect();
