@@ -280,7 +280,10 @@ fn open_source(path: &std::path::Path, encoding: Encoding) -> io::Result<Produce
 fn produce(mut producer: Producer) -> Produced {
     let result = match &mut producer {
         Producer::Nar { reader, left } => {
-            let mut buf = POOL.take(chunk_capacity(*left));
+            // The walk fills the buffer whole: the last chunk's is exactly what is left (a range
+            // from 0 ends there, short of the NAR's end), the others a pooled class.
+            let last = *left <= chunk_size() as u64;
+            let mut buf = if last { Vec::with_capacity(*left as usize) } else { POOL.take(chunk_capacity(*left)) };
             reader.fill_vec(&mut buf).map(|()| {
                 *left = left.saturating_sub(buf.len() as u64);
                 POOL.chunk(buf)

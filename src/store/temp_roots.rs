@@ -5,18 +5,15 @@
 //! last root was added to it, so a connection (and every root on it) closes when both the last
 //! stream using it and its idle time have ended. A connection takes roots for [`MAX_AGE`] at
 //! most, so a served path is pinned while its stream runs and at most [`MAX_AGE`] + [`IDLE`]
-//! longer; [`IDLE`] longer on a cache that went quiet. A path asked for again while its root's
-//! connection is the current one is not rooted again (a closure pulled by many hosts costs one
-//! daemon round trip per path, not one per download); if the daemon restarted meanwhile, that
-//! root went with it, and the path is unprotected until the connection is replaced (a minute at
-//! most; a download cut by a collection is retried by Nix).
+//! longer; [`IDLE`] longer on a cache that went quiet. Every stream adds its root, even for a
+//! path rooted on the same connection already: that round trip is also what tells a daemon that
+//! went away (the request is then a 503, never served unprotected).
 //!
 //! Opening a daemon connection costs milliseconds (the daemon forks and handshakes), so it never
 //! happens on a request's path once the first connection is up: the next connection is opened
 //! in the background as soon as one is taken into use, and a connection past its limits
 //! ([`MAX_AGE`], [`ROOTS_PER_CONNECTION`]) goes on taking roots until that spare is ready.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -40,8 +37,8 @@ type Shared = Arc<Mutex<Connection>>;
 struct Holder {
     /// Weak: the streams and the connection's timer keep it alive.
     conn: Weak<Mutex<Connection>>,
-    /// The paths rooted on it: asked again while it is fresh, a path needs no second root.
-    roots: HashSet<String>,
+    /// Roots added to it.
+    roots: usize,
     opened: Instant,
     /// When its last root was added (its timer reads it).
     used: Arc<std::sync::Mutex<tokio::time::Instant>>,
@@ -54,7 +51,7 @@ impl Holder {
     }
 
     fn fresh(&self) -> bool {
-        self.roots.len() < ROOTS_PER_CONNECTION && self.opened.elapsed() <= MAX_AGE
+        self.roots < ROOTS_PER_CONNECTION && self.opened.elapsed() <= MAX_AGE
     }
 }
 
@@ -88,12 +85,6 @@ impl TempRoots {
 
     pub(super) async fn add(&self, path: &str) -> Result<TempRoot, StoreError> {
         let mut state = self.state.lock().await;
-        if let Some(h) = state.current.as_ref().filter(|h| h.fresh() && h.roots.contains(path))
-            && let Some(conn) = h.conn.upgrade()
-        {
-            h.touch();
-            return Ok(TempRoot { _conn: conn });
-        }
         // A held connection may have died with a restarted daemon: then try once on a new one.
         for attempt in 0..2 {
             let conn = self.connection(&mut state).await?;
@@ -101,7 +92,7 @@ impl TempRoots {
             match result {
                 Ok(()) => {
                     if let Some(h) = state.current.as_mut() {
-                        h.roots.insert(path.to_owned());
+                        h.roots += 1;
                         h.touch();
                     }
                     return Ok(TempRoot { _conn: conn });
@@ -148,8 +139,7 @@ impl TempRoots {
         let conn = Arc::new(Mutex::new(conn));
         let used = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
         tokio::spawn(keep_open(conn.clone(), used.clone()));
-        state.current =
-            Some(Holder { conn: Arc::downgrade(&conn), roots: HashSet::new(), opened: Instant::now(), used });
+        state.current = Some(Holder { conn: Arc::downgrade(&conn), roots: 0, opened: Instant::now(), used });
         let (socket, opened) = (self.socket.clone(), self.opened.clone());
         state.spare = Some(tokio::spawn(async move {
             let conn = Connection::connect(&socket).await;
