@@ -117,11 +117,20 @@ async fn until_final(sub: &mut async_nats::Subscriber) -> Vec<Value> {
     }
 }
 
+/// A NATS client with the builder's key.
+async fn builder_client(nats: &Nats) -> async_nats::Client {
+    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
+    async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap()
+}
+
+/// The shared fleet record's key-value bucket, as a builder sees it.
+async fn fleet_record(nats: &Nats) -> async_nats::jetstream::kv::Store {
+    async_nats::jetstream::new(builder_client(nats).await).get_key_value("hearth_fleet").await.unwrap()
+}
+
 /// Waits until the stream holds no request, delivered or not: nothing more will be built.
 async fn until_queue_empty(nats: &Nats) {
-    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
-    let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(builder_client(nats).await);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut stream = js.get_stream("HEARTH_BUILDS").await.unwrap();
@@ -389,9 +398,7 @@ async fn bucket_gc_refuses_a_shared_record_it_cannot_read_whole() {
     let repo = Repo::new(&["web1"]);
     // The builder makes the record's key-value bucket.
     let _a = builder(&nats, &repo, "jetstream", "a", "");
-    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
-    let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap();
-    let kv = async_nats::jetstream::new(client).get_key_value("hearth_fleet").await.unwrap();
+    let kv = fleet_record(&nats).await;
     kv.put("fleet/ghost", "not a host record".into()).await.unwrap();
 
     // The bucket is never reached: the record is read first, and only in part.
@@ -444,9 +451,7 @@ async fn a_stalled_record_watch_is_noticed_and_started_again() {
     let nats = Nats::start_jetstream_without_flow_control();
     let repo = Repo::new(&["web1"]);
     let a = builder(&nats, &repo, "jetstream", "a", "");
-    let seed = std::fs::read_to_string(&nats.builder_seed).unwrap();
-    let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()).connect(nats.url()).await.unwrap();
-    let kv = async_nats::jetstream::new(client).get_key_value("hearth_fleet").await.unwrap();
+    let kv = fleet_record(&nats).await;
     let record = |host: &str, at: usize, pad: &str| {
         serde_json::json!({"repo": "fleet", "host": host, "generations": [],
             "last_build": {"status": "success", "at": at, "commit": null, "error": pad}})

@@ -175,12 +175,6 @@ impl Uploader {
     }
 
     async fn check(&self, closure: Vec<Arc<PathInfo>>, concurrency: usize, batch: &Arc<Batch>) {
-        let give_up = |n: usize| {
-            batch.update(|p| {
-                p.queued -= n;
-                p.failed += n;
-            })
-        };
         let checks = futures::stream::iter(closure)
             .map(|info| async move {
                 // Open breaker: not asked (nor the rest of the push).
@@ -204,7 +198,10 @@ impl Uploader {
                 }),
                 Some(false) if self.enqueue(info, batch) => {}
                 // The queue is full, or the bucket is away.
-                Some(false) | None => give_up(1),
+                Some(false) | None => batch.update(|p| {
+                    p.queued -= 1;
+                    p.failed += 1;
+                }),
             }
         }
     }
