@@ -98,20 +98,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let bucket =
         config.bucket.as_ref().map(crate::bucket::Bucket::open).transpose().context("cannot set up the S3 bucket")?;
     // What the builder builds is pushed; a cache without a builder only reads through.
-    let uploader = config.bucket.as_ref().zip(bucket.clone()).filter(|_| config.builder.is_some()).map(
-        |(b, bucket)| -> anyhow::Result<_> {
-            let uploader = crate::bucket::upload::Uploader::new(
-                bucket,
-                store.clone(),
-                config.keys.clone(),
-                b.zstd_level,
-                metrics.clone(),
-                &config.state_dir,
-            );
-            Ok((uploader, b.upload_concurrency))
-        },
-    );
-    let uploader = uploader.transpose()?;
+    let uploader = match (&config.builder, config.bucket.as_ref().zip(bucket.clone())) {
+        (Some(_), Some((b, bucket))) => Some(uploader(&config, b, bucket, &store, &metrics)?),
+        _ => None,
+    };
     let mut state = AppState::new(
         store.clone(),
         config.keys,
@@ -121,14 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         fleet.clone(),
     );
     if let Some(b) = config.bucket.as_ref().filter(|b| b.read_through) {
-        state.bucket = bucket;
-        // Copies only where NARs pass through this process (a public URL redirects them).
-        if b.public_url.is_none() && b.read_cache_size > 0 {
-            let dir = b.read_cache_dir.clone().unwrap_or_else(|| config.state_dir.join("bucket-nars"));
-            let cache = crate::bucket::read_cache::ReadCache::open(&dir, b.read_cache_size)
-                .with_context(|| format!("cannot open the bucket read cache {}", dir.display()))?;
-            state.bucket_copies = Some(Arc::new(cache));
-        }
+        read_through(&mut state, b, bucket, &config.state_dir)?;
     }
 
     let listener = match activated_listener()? {
@@ -138,30 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let compression = match config.zstd_level {
-        Some(level) => format!("zstd level {level}"),
-        None => "none".to_owned(),
-    };
-    tracing::info!(
-        listen = %listener.describe(),
-        backend = store.backend_name(),
-        keys = state.keys.len(),
-        %compression,
-        "hearth serving"
-    );
-    for key in state.keys.iter() {
-        tracing::info!(
-            key = key.name(),
-            "signing narinfos; clients trust it with: trusted-public-keys = {}",
-            key.public_key()
-        );
-    }
-    if state.keys.is_empty() {
-        tracing::warn!(
-            "no signing key configured (sign_key_paths): narinfos are unsigned, and clients that require \
-             signatures (the default) refuse every input-addressed path; make one with `hearth keygen`"
-        );
-    }
+    log_serving(&listener.describe(), &state, &store, config.zstd_level);
     tracker
         .spawn(log_errors("cache", http::serve(listener, http::router(state.clone()), config.limits, cancel.clone())));
     if let Some(addr) = &config.metrics_bind {
@@ -198,6 +158,65 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The uploader a builder pushes its good systems with, and its upload concurrency.
+fn uploader(
+    config: &Config,
+    b: &crate::bucket::BucketConfig,
+    bucket: crate::bucket::Bucket,
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<crate::bucket::upload::Uploader>, usize)> {
+    let uploader = crate::bucket::upload::Uploader::new(
+        bucket,
+        store.clone(),
+        config.keys.clone(),
+        b.zstd_level,
+        metrics.clone(),
+        &config.state_dir,
+    );
+    Ok((uploader, b.upload_concurrency))
+}
+
+/// A cache that reads through to the bucket: the bucket, and (where NARs pass through this
+/// process, not redirected to a public URL) the bounded copies of what it read.
+fn read_through(
+    state: &mut AppState,
+    b: &crate::bucket::BucketConfig,
+    bucket: Option<crate::bucket::Bucket>,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    state.bucket = bucket;
+    if b.public_url.is_none() && b.read_cache_size > 0 {
+        let dir = b.read_cache_dir.clone().unwrap_or_else(|| state_dir.join("bucket-nars"));
+        let cache = crate::bucket::read_cache::ReadCache::open(&dir, b.read_cache_size)
+            .with_context(|| format!("cannot open the bucket read cache {}", dir.display()))?;
+        state.bucket_copies = Some(Arc::new(cache));
+    }
+    Ok(())
+}
+
+/// What the operator reads at startup: where it serves, how, and the keys clients trust.
+fn log_serving(listen: &str, state: &AppState, store: &Store, zstd_level: Option<i32>) {
+    let compression = match zstd_level {
+        Some(level) => format!("zstd level {level}"),
+        None => "none".to_owned(),
+    };
+    tracing::info!(listen = %listen, backend = store.backend_name(), keys = state.keys.len(), %compression, "hearth serving");
+    for key in state.keys.iter() {
+        tracing::info!(
+            key = key.name(),
+            "signing narinfos; clients trust it with: trusted-public-keys = {}",
+            key.public_key()
+        );
+    }
+    if state.keys.is_empty() {
+        tracing::warn!(
+            "no signing key configured (sign_key_paths): narinfos are unsigned, and clients that require \
+             signatures (the default) refuse every input-addressed path; make one with `hearth keygen`"
+        );
+    }
 }
 
 async fn log_errors(what: &'static str, fut: impl Future<Output = std::io::Result<()>>) {

@@ -305,69 +305,10 @@ impl Config {
     }
 
     pub fn from_file(file: FileConfig) -> Result<Self, ConfigError> {
-        if !file.store_dir.starts_with('/') || file.store_dir.ends_with('/') || file.store_dir.len() < 2 {
-            return Err(ConfigError::Value {
-                key: "store_dir",
-                reason: "must be an absolute path without a trailing slash".into(),
-            });
-        }
-        in_range("daemon_pool_size", file.daemon_pool_size, 1..=1024)?;
-        if !(1..=19).contains(&file.compression.level) {
-            return Err(ConfigError::Value { key: "compression.level", reason: "zstd levels are 1 to 19".into() });
-        }
-        in_range("compression.max_streams", file.compression.max_streams, 1..=4096)?;
-        in_range("max_connections", file.max_connections, 1..=1_000_000)?;
-        in_range("header_timeout_seconds", file.header_timeout_seconds, 1..=3600)?;
-        in_range("send_timeout_seconds", file.send_timeout_seconds, 1..=3600)?;
-        in_range("shutdown_grace_seconds", file.shutdown_grace_seconds, 0..=86_400)?;
-        in_range("max_nar_streams", file.max_nar_streams, 1..=100_000)?;
-        in_range("max_log_streams", file.max_log_streams, 1..=4096)?;
-        in_range("stream_min_idle_seconds", file.stream_min_idle_seconds, 1..=3600)?;
-        in_range("stream_wait_seconds", file.stream_wait_seconds, 0..=300)?;
-        if !(file.client_stream_share > 0.0 && file.client_stream_share <= 1.0) {
-            return Err(ConfigError::Value {
-                key: "client_stream_share",
-                reason: "must be a fraction above 0 and at most 1 (0.25: a quarter of each bound)".into(),
-            });
-        }
-        let trusted_proxies = file
-            .trusted_proxies
-            .iter()
-            .map(|a| {
-                a.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()).map_err(|_| ConfigError::Value {
-                    key: "trusted_proxies",
-                    reason: format!("`{a}` is not an IP address"),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        in_range("nar_threads", file.nar_threads, 1..=1024)?;
+        check_limits(&file)?;
+        let trusted_proxies = trusted_proxies(&file.trusted_proxies)?;
         let zstd_level = (file.compression.algorithm == Algorithm::Zstd).then_some(file.compression.level);
-        let nar_cache = match &file.nar_cache {
-            Some(c) => {
-                in_range("nar_cache.level", c.level, 1..=19)?;
-                let max_size = crate::store::nar_cache::parse_size(&c.max_size).ok_or_else(|| ConfigError::Value {
-                    key: "nar_cache.max_size",
-                    reason: format!("`{}` is not a size like 20GiB (2^30 bytes) or 500MB (10^6 bytes)", c.max_size),
-                })?;
-                in_range("nar_cache.max_size", max_size, 1 << 20..=1 << 50)?;
-                if !c.dir.is_absolute() {
-                    return Err(ConfigError::Value { key: "nar_cache.dir", reason: "must be an absolute path".into() });
-                }
-                // It is made at startup if missing; anything but a directory there is a mistake.
-                if fs::symlink_metadata(&c.dir).is_ok_and(|m| !m.is_dir()) {
-                    return Err(ConfigError::Value {
-                        key: "nar_cache.dir",
-                        reason: format!("{} exists and is not a directory", c.dir.display()),
-                    });
-                }
-                Some(crate::store::nar_cache::NarCacheConfig {
-                    dir: c.dir.clone(),
-                    max_size,
-                    zstd_level: zstd_level.map(|_| c.level),
-                })
-            }
-            None => None,
-        };
+        let nar_cache = file.nar_cache.as_ref().map(|c| nar_cache(c, zstd_level.is_some())).transpose()?;
         let keys = file.sign_key_paths.iter().map(|p| load_key(p)).collect::<Result<Vec<_>, _>>()?;
         if !file.state_dir.is_absolute() {
             return Err(ConfigError::Value { key: "state_dir", reason: "must be an absolute path".into() });
@@ -429,6 +370,72 @@ impl Config {
             state_dir: file.state_dir,
         })
     }
+}
+
+/// The numbers and paths of the top level that must be in their range.
+fn check_limits(file: &FileConfig) -> Result<(), ConfigError> {
+    if !file.store_dir.starts_with('/') || file.store_dir.ends_with('/') || file.store_dir.len() < 2 {
+        return Err(ConfigError::Value {
+            key: "store_dir",
+            reason: "must be an absolute path without a trailing slash".into(),
+        });
+    }
+    in_range("daemon_pool_size", file.daemon_pool_size, 1..=1024)?;
+    if !(1..=19).contains(&file.compression.level) {
+        return Err(ConfigError::Value { key: "compression.level", reason: "zstd levels are 1 to 19".into() });
+    }
+    in_range("compression.max_streams", file.compression.max_streams, 1..=4096)?;
+    in_range("max_connections", file.max_connections, 1..=1_000_000)?;
+    in_range("header_timeout_seconds", file.header_timeout_seconds, 1..=3600)?;
+    in_range("send_timeout_seconds", file.send_timeout_seconds, 1..=3600)?;
+    in_range("shutdown_grace_seconds", file.shutdown_grace_seconds, 0..=86_400)?;
+    in_range("max_nar_streams", file.max_nar_streams, 1..=100_000)?;
+    in_range("max_log_streams", file.max_log_streams, 1..=4096)?;
+    in_range("stream_min_idle_seconds", file.stream_min_idle_seconds, 1..=3600)?;
+    in_range("stream_wait_seconds", file.stream_wait_seconds, 0..=300)?;
+    in_range("nar_threads", file.nar_threads, 1..=1024)?;
+    if !(file.client_stream_share > 0.0 && file.client_stream_share <= 1.0) {
+        return Err(ConfigError::Value {
+            key: "client_stream_share",
+            reason: "must be a fraction above 0 and at most 1 (0.25: a quarter of each bound)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The proxies whose `X-Forwarded-For` is believed, in canonical form (an IPv4-mapped IPv6
+/// address is the IPv4 address).
+fn trusted_proxies(addrs: &[String]) -> Result<Vec<std::net::IpAddr>, ConfigError> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()).map_err(|_| ConfigError::Value {
+                key: "trusted_proxies",
+                reason: format!("`{a}` is not an IP address"),
+            })
+        })
+        .collect()
+}
+
+/// The `[nar_cache]` section; `zstd`: the cache compresses (so the hot NARs are zstd too).
+fn nar_cache(c: &NarCacheSection, zstd: bool) -> Result<crate::store::nar_cache::NarCacheConfig, ConfigError> {
+    in_range("nar_cache.level", c.level, 1..=19)?;
+    let max_size = crate::store::nar_cache::parse_size(&c.max_size).ok_or_else(|| ConfigError::Value {
+        key: "nar_cache.max_size",
+        reason: format!("`{}` is not a size like 20GiB (2^30 bytes) or 500MB (10^6 bytes)", c.max_size),
+    })?;
+    in_range("nar_cache.max_size", max_size, 1 << 20..=1 << 50)?;
+    if !c.dir.is_absolute() {
+        return Err(ConfigError::Value { key: "nar_cache.dir", reason: "must be an absolute path".into() });
+    }
+    // It is made at startup if missing; anything but a directory there is a mistake.
+    if fs::symlink_metadata(&c.dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(ConfigError::Value {
+            key: "nar_cache.dir",
+            reason: format!("{} exists and is not a directory", c.dir.display()),
+        });
+    }
+    Ok(crate::store::nar_cache::NarCacheConfig { dir: c.dir.clone(), max_size, zstd_level: zstd.then_some(c.level) })
 }
 
 /// Reads one secret key file. The error names the file, never its contents.

@@ -33,11 +33,33 @@ pub struct Generation {
     pub builder: Option<String>,
 }
 
+/// How a host's build ended, as the record and the metrics' `status` label spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildResult {
+    Success,
+    Failure,
+}
+
+impl BuildResult {
+    pub const ALL: [BuildResult; 2] = [BuildResult::Success, BuildResult::Failure];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildResult::Success => "success",
+            BuildResult::Failure => "failure",
+        }
+    }
+
+    pub fn is_success(self) -> bool {
+        self == BuildResult::Success
+    }
+}
+
 /// The last build of a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastBuild {
-    /// `success` or `failure`.
-    pub status: String,
+    pub status: BuildResult,
     /// When it ended (unix seconds).
     pub at: i64,
     pub commit: Option<String>,
@@ -50,8 +72,8 @@ pub struct LastBuild {
 }
 
 impl LastBuild {
-    pub fn new(status: &str, at: i64, commit: Option<String>) -> Self {
-        Self { status: status.to_owned(), at, commit, error: None, failed_drv: None }
+    pub fn new(status: BuildResult, at: i64, commit: Option<String>) -> Self {
+        Self { status, at, commit, error: None, failed_drv: None }
     }
 
     /// A failure with its error text: its last [`ERROR_LINES`] lines are kept, and the
@@ -60,7 +82,7 @@ impl LastBuild {
         let lines: Vec<&str> = error.lines().collect();
         let tail = lines[lines.len().saturating_sub(ERROR_LINES)..].join("\n");
         let tail: String = tail.chars().rev().take(ERROR_CHARS).collect::<Vec<_>>().into_iter().rev().collect();
-        Self { status: "failure".into(), at, commit, error: Some(tail), failed_drv: failed_drv(error) }
+        Self { status: BuildResult::Failure, at, commit, error: Some(tail), failed_drv: failed_drv(error) }
     }
 }
 
@@ -512,7 +534,7 @@ mod tests {
         let file = dir.path().join("state/fleet.json");
         let f = Fleet::load(Some(file.clone()));
         f.update("fleet", "web1", |r| {
-            r.last_build = Some(LastBuild::new("success", 5, None));
+            r.last_build = Some(LastBuild::new(BuildResult::Success, 5, None));
             r.closure_bytes = Some(42);
         });
         let again = Fleet::load(Some(file.clone()));
@@ -547,7 +569,7 @@ mod tests {
         let web1 = &hosts[&("fleet".to_owned(), "web1".to_owned())];
         assert_eq!((web1.closure_bytes, web1.branches.len()), (Some(42), 0));
         f.update("fleet", "web1", |r| {
-            let build = LastBuild::new("failure", 6, None);
+            let build = LastBuild::new(BuildResult::Failure, 6, None);
             r.branches.insert("exp".into(), BranchBuild { build, out_path: None });
         });
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();

@@ -321,8 +321,8 @@ impl Metrics {
         start_time.set(i64::try_from(now).unwrap_or(i64::MAX));
 
         for repo in repos {
-            for status in ["success", "failure"] {
-                let _ = builds.get_or_create(&RepoStatus { repo: repo.clone(), status: status.into() });
+            for status in crate::fleet::BuildResult::ALL {
+                let _ = builds.get_or_create(&RepoStatus { repo: repo.clone(), status: status.as_str().into() });
             }
             let label = Repo { repo: repo.clone() };
             let _ = build_last.get_or_create(&label);
@@ -377,6 +377,15 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    /// Makes a host's build series exist (at 0), so that its first failure shows as an increase.
+    pub fn seed_host_series(&self, repo: &str, host: &str) {
+        for status in crate::fleet::BuildResult::ALL {
+            let labels =
+                RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: status.as_str().into() };
+            let _ = self.build_hosts.get_or_create(&labels);
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.

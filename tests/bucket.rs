@@ -263,7 +263,7 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     // The fleet record, and with it the page, says so once the uploads have ended.
     let pushed = wait_for_push(&hearth);
     assert_eq!((pushed["present"].as_u64(), pushed["total"].as_u64()), (Some(3), Some(3)), "{pushed}");
-    assert!(hearth.get("/").text().contains("in the bucket: <span class=ok>all 3 paths</span>"));
+    assert!(hearth.get("/").text().contains("in the bucket: <span class=\"ok\">all 3 paths</span>"));
 
     // Nix's own writer with the same key, for comparison.
     let key = common::nix_wire().join("keys/test.sec");

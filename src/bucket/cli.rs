@@ -15,7 +15,7 @@ pub struct GcArgs {
     pub dry_run: bool,
     /// Objects written within this long are kept whatever they are (uploads in progress), e.g.
     /// `1d`, `6h`, `0s`.
-    #[arg(long, default_value = "1d", value_parser = crate::builder::cli::parse_duration)]
+    #[arg(long, default_value = "1d", value_parser = crate::builder::client::parse_duration)]
     pub grace: std::time::Duration,
 }
 

@@ -1,19 +1,13 @@
-//! `hearth build`: publish a build request over NATS and follow its replies to the end.
-//!
-//! Exit codes: 0 every host built; 1 the build failed; 2 the request was refused (bad arguments,
-//! rejected, or no builder serves the repo); 3 no final reply (timeout or NATS unreachable).
-//! Success is judged from the final reply only.
+//! `hearth build`: its arguments and its display (JSON lines, plain lines, or a live status
+//! block on a terminal) of what `client.rs` hears. Exit codes: see `client.rs`.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use futures::StreamExt;
-
-use super::config::NatsAuth;
-use super::job::{self, BuildRequest, HostProgress, HostStatus, Phase, Reply, Status};
+use super::client::{EXIT_INTERRUPTED, NatsArgs, exit_code, parse_duration, request_build, validate};
+use super::job::{HostProgress, HostStatus, Kind, Phase, Reply, Status};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Exit codes: 0 every host built; 1 a host failed; 2 refused (bad arguments, rejected, \
@@ -41,27 +35,6 @@ pub struct BuildArgs {
     pub json: bool,
 }
 
-/// Parses `90`, `90s`, `30m`, `4h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, ""));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 90s, 30m or 4h"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (s, m, h, d)")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
-}
-
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_REFUSED: u8 = 2;
-pub const EXIT_NO_RESULT: u8 = 3;
-/// Ctrl-C: the client stopped following; the build itself goes on.
-pub const EXIT_INTERRUPTED: u8 = 130;
-
 pub async fn run(args: BuildArgs) -> ExitCode {
     match follow(args).await {
         Ok(code) => ExitCode::from(code),
@@ -69,272 +42,6 @@ pub async fn run(args: BuildArgs) -> ExitCode {
             eprintln!("hearth build: {msg}");
             ExitCode::from(code)
         }
-    }
-}
-
-/// A random id for reply subjects and build ids.
-pub fn random_id() -> String {
-    let mut b = [0u8; 12];
-    // Without OS randomness, fall back to time and pid: the id only has to be unique.
-    if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        return format!("{t:x}{:x}", std::process::id());
-    }
-    hex::encode(b)
-}
-
-/// NATS connection flags shared by `hearth build` and `hearth flake-update`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct NatsArgs {
-    #[arg(long, env = "HEARTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    #[arg(long, env = "HEARTH_NKEY_SEED_FILE")]
-    pub nkey_seed_file: Option<PathBuf>,
-    #[arg(long, env = "HEARTH_CREDS_FILE")]
-    pub creds_file: Option<PathBuf>,
-    /// How long the builder may say nothing before it is taken for gone, e.g. `2m` (a running
-    /// build says something at least every 20 s). With a JetStream queue the request is not
-    /// lost: it is only said to be waiting, and the wait goes on.
-    #[arg(long, env = "HEARTH_SILENCE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
-    pub silence_timeout: Duration,
-}
-
-/// A deployer's NATS connection, and the errors the server reported on it (a permissions
-/// violation arrives as an asynchronous error, never as a reply).
-pub struct Deployer {
-    pub client: async_nats::Client,
-    errors: tokio::sync::watch::Receiver<Option<String>>,
-    /// Who asks: the client's name and the local `user@host`, for the builder's log.
-    requested_by: String,
-    silence: Duration,
-}
-
-impl NatsArgs {
-    /// Connects as a deployer; errors carry the exit code to use.
-    pub async fn connect(&self, name: &str) -> Result<Deployer, (u8, String)> {
-        let auth = NatsAuth::load(self.nkey_seed_file.as_deref(), self.creds_file.clone())
-            .map_err(|e| (EXIT_REFUSED, e.to_string()))?;
-        let options = auth.options().await.map_err(|e| (EXIT_REFUSED, format!("NATS credentials: {e}")))?;
-        let (tx, errors) = tokio::sync::watch::channel(None);
-        let client = options
-            .name(name)
-            .connection_timeout(Duration::from_secs(10))
-            .event_callback(move |event| {
-                if let async_nats::Event::ServerError(e) = event {
-                    let _ = tx.send(Some(e.to_string()));
-                }
-                async {}
-            })
-            .connect(&self.nats_url)
-            .await
-            .map_err(|e| (EXIT_NO_RESULT, format!("cannot connect to {}: {e}", self.nats_url)))?;
-        let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
-        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-        Ok(Deployer { client, errors, requested_by: format!("{name} {user}@{host}"), silence: self.silence_timeout })
-    }
-}
-
-/// Checks a request's names as the builder will, before anything is sent.
-pub fn validate(repo: &str, target: &str, branch: Option<&str>) -> Result<(), (u8, String)> {
-    if !job::is_valid_name(repo) {
-        return Err((EXIT_REFUSED, format!("invalid repo name `{repo}`")));
-    }
-    if target != "all" && !job::is_valid_name(target) {
-        return Err((EXIT_REFUSED, format!("invalid target `{target}`")));
-    }
-    if branch.is_some_and(|b| !job::is_valid_branch(b)) {
-        return Err((EXIT_REFUSED, "invalid branch name".into()));
-    }
-    Ok(())
-}
-
-/// Checks a commit id as the builder will.
-fn validate_rev(rev: Option<&str>) -> Result<(), (u8, String)> {
-    match rev {
-        Some(r) if !job::is_valid_rev_request(r) => {
-            Err((EXIT_REFUSED, format!("invalid rev `{r}`: give a commit id (7 to 40 lowercase hex digits)")))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Publishes a build request and follows it to its final reply, calling `on_reply` for every
-/// reply (with its raw JSON). Errors carry the exit code: refused (2) or no result (3).
-pub async fn request_build(
-    client: &Deployer,
-    repo: &str,
-    target: &str,
-    branch: Option<&str>,
-    rev: Option<&str>,
-    timeout: Duration,
-    on_reply: impl FnMut(&Reply, &[u8]),
-) -> Result<Reply, (u8, String)> {
-    validate(repo, target, branch)?;
-    validate_rev(rev)?;
-    let request = BuildRequest {
-        repo: repo.to_owned(),
-        target: target.to_owned(),
-        branch: branch.map(str::to_owned),
-        rev: rev.map(str::to_owned),
-        check: false,
-        reply_to: None,
-    };
-    exchange(client, request, timeout, on_reply).await
-}
-
-/// Asks whether a builder serves `repo`, without building anything: its reply carries the
-/// repo's URL (without credentials) and default branch.
-pub async fn check_repo(client: &Deployer, repo: &str) -> Result<Reply, (u8, String)> {
-    validate(repo, "all", None)?;
-    let request = BuildRequest {
-        repo: repo.to_owned(),
-        target: "all".to_owned(),
-        branch: None,
-        rev: None,
-        check: true,
-        reply_to: None,
-    };
-    exchange(client, request, Duration::from_secs(30), |_, _| {}).await
-}
-
-/// Publishes `request` with a fresh reply subject and reads replies until a final one.
-async fn exchange(
-    deployer: &Deployer,
-    mut request: BuildRequest,
-    timeout: Duration,
-    mut on_reply: impl FnMut(&Reply, &[u8]),
-) -> Result<Reply, (u8, String)> {
-    let client = &deployer.client;
-    let mut errors = deployer.errors.clone();
-    let id = random_id();
-    let reply_to = format!("{}{id}", job::RESPONSE_PREFIX);
-    let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
-    request.reply_to = Some(reply_to.clone());
-    let payload = serde_json::to_vec(&request).map_err(|e| (EXIT_REFUSED, e.to_string()))?;
-    let repo = &request.repo;
-    // The reply subject lets the server answer "no responders" when no builder serves the repo,
-    // and a JetStream stream that captures the request answer with its place in the stream.
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(job::REQUESTED_BY_HEADER, deployer.requested_by.as_str());
-    // A publish retried (by the client library, or a flake-update run again) is one request.
-    headers.insert("Nats-Msg-Id", id.as_str());
-    client
-        .publish_with_reply_and_headers(format!("build.{repo}.{}", request.target), reply_to, headers, payload.into())
-        .await
-        .map_err(|e| (EXIT_NO_RESULT, format!("publish: {e}")))?;
-    client.flush().await.map_err(|e| (EXIT_NO_RESULT, format!("flush: {e}")))?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let silence = deployer.silence.max(Duration::from_secs(1));
-    // Where JetStream keeps the request: it outlives any builder.
-    let mut durable: Option<(String, u64)> = None;
-    let mut heard = tokio::time::Instant::now();
-    let mut said_waiting = false;
-    loop {
-        let quiet_until = (heard + silence).min(deadline);
-        let next = tokio::select! {
-            next = tokio::time::timeout_at(quiet_until, sub.next()) => next,
-            Ok(()) = errors.changed() => {
-                let error = errors.borrow_and_update().clone().unwrap_or_default();
-                if error.to_ascii_lowercase().contains("permissions violation") {
-                    return Err((
-                        EXIT_REFUSED,
-                        format!(
-                            "NATS refused this request ({error}): these credentials may not publish to build.{repo}.{} or subscribe to {}>",
-                            request.target,
-                            job::RESPONSE_PREFIX
-                        ),
-                    ));
-                }
-                tracing::warn!(%error, "NATS server error");
-                continue;
-            }
-        };
-        let msg = match next {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err((EXIT_NO_RESULT, "the NATS subscription ended".into())),
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                return Err((EXIT_NO_RESULT, format!("no final reply within {timeout:?}")));
-            }
-            Err(_) => match &durable {
-                None => {
-                    return Err((
-                        EXIT_NO_RESULT,
-                        format!(
-                            "the builder went silent: no reply for {}s (it may have stopped or lost NATS); the request is gone with it: send it again",
-                            silence.as_secs()
-                        ),
-                    ));
-                }
-                Some((stream, seq)) => {
-                    // Not lost: the stream keeps it until a builder has answered it.
-                    heard = tokio::time::Instant::now();
-                    if !said_waiting {
-                        let note = Reply::new(Status::Progress, repo, &request.target).message(format!(
-                            "no reply for {}s: the request waits in JetStream stream {stream} (#{seq}); a free builder takes it, or it is delivered again if its builder stopped",
-                            silence.as_secs()
-                        ));
-                        let raw = serde_json::to_vec(&note).unwrap_or_default();
-                        on_reply(&note, &raw);
-                        said_waiting = true;
-                    }
-                    continue;
-                }
-            },
-        };
-        heard = tokio::time::Instant::now();
-        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-            return Err((EXIT_REFUSED, format!("no builder serves repo `{repo}`")));
-        }
-        if let Ok(ack) = serde_json::from_slice::<StreamAck>(&msg.payload) {
-            match (ack.stream, ack.seq, ack.error) {
-                (_, _, Some(e)) => {
-                    return Err((
-                        EXIT_NO_RESULT,
-                        format!("the JetStream queue refused the request: {}", e.description),
-                    ));
-                }
-                (Some(stream), Some(seq), None) => {
-                    durable = Some((stream, seq));
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        let Ok(reply) = serde_json::from_slice::<Reply>(&msg.payload) else {
-            tracing::warn!("ignoring a reply that is not a build reply");
-            continue;
-        };
-        said_waiting = false;
-        on_reply(&reply, &msg.payload);
-        if reply.status.is_final() {
-            return Ok(reply);
-        }
-    }
-}
-
-/// What a JetStream stream answers a publish it captured: its name and the message's place, or
-/// why it refused it (the stream is full, say).
-#[derive(serde::Deserialize)]
-struct StreamAck {
-    stream: Option<String>,
-    seq: Option<u64>,
-    error: Option<StreamAckError>,
-}
-
-#[derive(serde::Deserialize)]
-struct StreamAckError {
-    #[serde(default)]
-    description: String,
-}
-
-/// The exit code for a final reply.
-pub fn exit_code(reply: &Reply) -> u8 {
-    match reply.status {
-        Status::Completed => 0,
-        Status::Rejected => EXIT_REFUSED,
-        // No result: the builder stopped; the same request may be sent again.
-        Status::Interrupted => EXIT_NO_RESULT,
-        _ => EXIT_FAILED,
     }
 }
 
@@ -478,16 +185,6 @@ impl Display {
         Self { json, tty: std::io::stdout().is_terminal(), status_lines: 0, phases: HashMap::new() }
     }
 
-    /// Whether a reply carries build log lines (rather than an event).
-    fn is_log(reply: &Reply) -> bool {
-        reply.status == Status::Progress
-            && reply.host.is_some()
-            && reply.out_path.is_none()
-            && reply.duration_seconds.is_none()
-            && reply.queue_position.is_none()
-            && reply.message.as_deref() != reply.host.as_deref().map(|h| format!("building {h}")).as_deref()
-    }
-
     pub fn show(&mut self, reply: &Reply, raw: &[u8]) {
         let mut out = std::io::stdout().lock();
         if self.json {
@@ -502,10 +199,7 @@ impl Display {
         }
         // A heartbeat ("still building (40s)"): on a terminal it only replaces a status line,
         // never scrolls the screen, and leaves a progress block as it is.
-        let heartbeat = reply.status == Status::Progress
-            && reply.host.is_none()
-            && reply.message.as_deref().is_some_and(|m| m.starts_with("still building"));
-        if heartbeat && self.tty {
+        if reply.kind == Some(Kind::Heartbeat) && self.tty {
             if self.status_lines <= 1 {
                 let _ = write!(out, "\r\x1b[2K{}", fit(&headline(reply), terminal_width().saturating_sub(1)));
                 self.status_lines = 1;
@@ -513,16 +207,16 @@ impl Display {
             let _ = out.flush();
             return;
         }
-        if Self::is_log(reply) {
+        if !reply.log.is_empty() {
             if self.tty {
                 // On a terminal, log lines replace each other on one status line.
-                let last = reply.message.as_deref().unwrap_or("").lines().last().unwrap_or("");
+                let last = reply.log.last().map_or("", String::as_str);
                 self.clear(&mut out);
                 let _ =
                     write!(out, "\r\x1b[2K{}", fit(&format!("[{host}] {last}"), terminal_width().saturating_sub(1)));
                 self.status_lines = 1;
             } else {
-                for line in reply.message.as_deref().unwrap_or("").lines() {
+                for line in &reply.log {
                     let _ = writeln!(out, "[{host}] {line}");
                 }
             }
@@ -596,7 +290,7 @@ impl Display {
                 }
             }
             // Build log lines, each after its derivation's name (`name> line`).
-            for line in reply.message.as_deref().unwrap_or("").lines().filter(|l| l.contains("> ")) {
+            for line in &reply.log {
                 let _ = writeln!(out, "{line}");
             }
             let _ = out.flush();
@@ -612,7 +306,7 @@ impl Display {
             lines.push(format!("  … and {hidden} more"));
         }
         lines.push(fit(&progress_summary(progress), width));
-        if let Some(last) = reply.message.as_deref().and_then(|m| m.lines().last()).filter(|l| l.contains("> ")) {
+        if let Some(last) = reply.log.last() {
             lines.push(fit(last, width));
         }
         self.clear(out);

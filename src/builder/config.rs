@@ -227,63 +227,14 @@ impl BuilderConfig {
         if s.repos.is_empty() {
             return Err(ConfigError::Value { key: "builder.repos", reason: "configure at least one repo".into() });
         }
-        let mut repos = Vec::new();
-        for r in s.repos {
-            if r.name == "responses" {
-                return Err(ConfigError::Value {
-                    key: "builder.repos.name",
-                    reason: "`responses` is reserved: replies go to build.responses.>".into(),
-                });
-            }
-            if !is_valid_name(&r.name) {
-                return Err(ConfigError::Value {
-                    key: "builder.repos.name",
-                    reason: format!("`{}` must match ^[A-Za-z0-9][A-Za-z0-9._-]*$", r.name),
-                });
-            }
-            if !is_valid_branch(&r.branch) {
-                return Err(ConfigError::Value {
-                    key: "builder.repos.branch",
-                    reason: format!("`{}` is not a safe branch name", r.branch),
-                });
-            }
-            if r.url.is_empty() || r.url.contains(char::is_whitespace) {
-                return Err(ConfigError::Value {
-                    key: "builder.repos.url",
-                    reason: "must be a flake reference".into(),
-                });
-            }
-            if repos.iter().any(|x: &RepoConfig| x.name == r.name) {
-                return Err(ConfigError::Value {
-                    key: "builder.repos.name",
-                    reason: format!("`{}` is configured twice", r.name),
-                });
-            }
-            repos.push(RepoConfig { name: r.name, url: r.url, branch: r.branch });
-        }
+        let repos = repos(s.repos)?;
         in_range("builder.queue_size", s.queue_size, 1..=10_000)?;
         in_range("builder.build_timeout_seconds", s.build_timeout_seconds, 1..=7 * 86_400)?;
         in_range("builder.progress_interval_ms", s.progress_interval_ms, 0..=3_600_000)?;
         in_range("builder.keep_generations", s.keep_generations, 1..=1000)?;
         let eval_workers = s.eval_workers.unwrap_or_else(default_eval_workers);
         in_range("builder.eval_workers", eval_workers, 1..=256)?;
-        let js = &s.jetstream;
-        for (key, name) in [("builder.jetstream.stream", &js.stream), ("builder.jetstream.consumer", &js.consumer)] {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-                return Err(ConfigError::Value { key, reason: format!("`{name}`: letters, digits, `_` and `-` only") });
-            }
-        }
-        if js.bucket.is_empty() || !js.bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(ConfigError::Value {
-                key: "builder.jetstream.bucket",
-                reason: format!("`{}`: letters, digits, `_` and `-` only", js.bucket),
-            });
-        }
-        in_range("builder.jetstream.max_age_seconds", js.max_age_seconds, 60..=365 * 86_400)?;
-        in_range("builder.jetstream.max_bytes", js.max_bytes, 1 << 20..=1 << 40)?;
-        in_range("builder.jetstream.ack_wait_seconds", js.ack_wait_seconds, 3..=3600)?;
-        in_range("builder.jetstream.max_deliver", js.max_deliver, 1..=100)?;
-        in_range("builder.jetstream.replicas", js.replicas, 1..=5)?;
+        check_jetstream(&s.jetstream)?;
         in_range("builder.heartbeat_seconds", s.heartbeat_seconds, 1..=30)?;
         let name = s.name.unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned());
         if !is_valid_name(&name) {
@@ -318,4 +269,51 @@ impl BuilderConfig {
     pub fn repo(&self, name: &str) -> Option<&RepoConfig> {
         self.repos.iter().find(|r| r.name == name)
     }
+}
+
+/// The configured repos, each checked: a plain name (not `responses`, given once), a safe
+/// branch, a flake reference.
+fn repos(sections: Vec<RepoSection>) -> Result<Vec<RepoConfig>, ConfigError> {
+    let mut repos: Vec<RepoConfig> = Vec::new();
+    for r in sections {
+        let bad = |key, reason| Err(ConfigError::Value { key, reason });
+        if r.name == "responses" {
+            return bad("builder.repos.name", "`responses` is reserved: replies go to build.responses.>".into());
+        }
+        if !is_valid_name(&r.name) {
+            return bad("builder.repos.name", format!("`{}` must match ^[A-Za-z0-9][A-Za-z0-9._-]*$", r.name));
+        }
+        if !is_valid_branch(&r.branch) {
+            return bad("builder.repos.branch", format!("`{}` is not a safe branch name", r.branch));
+        }
+        if r.url.is_empty() || r.url.contains(char::is_whitespace) {
+            return bad("builder.repos.url", "must be a flake reference".into());
+        }
+        if repos.iter().any(|x| x.name == r.name) {
+            return bad("builder.repos.name", format!("`{}` is configured twice", r.name));
+        }
+        repos.push(RepoConfig { name: r.name, url: r.url, branch: r.branch });
+    }
+    Ok(repos)
+}
+
+/// The `[builder.jetstream]` names and bounds.
+fn check_jetstream(js: &JetStreamSection) -> Result<(), ConfigError> {
+    let plain =
+        |name: &str| !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    for (key, name) in [
+        ("builder.jetstream.stream", &js.stream),
+        ("builder.jetstream.consumer", &js.consumer),
+        ("builder.jetstream.bucket", &js.bucket),
+    ] {
+        if !plain(name) {
+            return Err(ConfigError::Value { key, reason: format!("`{name}`: letters, digits, `_` and `-` only") });
+        }
+    }
+    in_range("builder.jetstream.max_age_seconds", js.max_age_seconds, 60..=365 * 86_400)?;
+    in_range("builder.jetstream.max_bytes", js.max_bytes, 1 << 20..=1 << 40)?;
+    in_range("builder.jetstream.ack_wait_seconds", js.ack_wait_seconds, 3..=3600)?;
+    in_range("builder.jetstream.max_deliver", js.max_deliver, 1..=100)?;
+    in_range("builder.jetstream.replicas", js.replicas, 1..=5)?;
+    Ok(())
 }

@@ -4,12 +4,14 @@
 //! unchanged commit costs almost nothing).
 //!
 //! A host whose evaluation fails has its error; the others go on. Each evaluator is a command
-//! of [`Exec`]: its own process group, stopped on timeout or shutdown.
+//! of [`Exec`]: its own process group, stopped on timeout or shutdown. This room owns the
+//! dry-run command and its parsing.
 
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::exec::{BuildError, Exec};
+use super::error::BuildError;
+use super::exec::{Exec, toplevel_attr};
 
 /// One host's evaluated system.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,22 +24,55 @@ pub struct Evaluated {
     pub to_build: Vec<String>,
 }
 
+/// A derivation a dry run's stderr lists as to be built (what will be fetched is output
+/// paths, never derivations): the line's path, else `None`.
+fn listed_derivation(line: &str) -> Option<&str> {
+    let line = line.trim();
+    (line.starts_with('/') && line.ends_with(".drv") && !line.contains(char::is_whitespace)).then_some(line)
+}
+
 /// Reads `nix build --dry-run --json`: stdout's one derivation, stderr's list of what will be
-/// built (the `.drv` paths it lists; what will be fetched is output paths, not derivations).
+/// built.
 pub fn parse_dry_run(stdout: &str, stderr_lines: &[String]) -> Result<Evaluated, String> {
     let parsed: serde_json::Value = serde_json::from_str(stdout).map_err(|e| format!("not JSON: {e}"))?;
     let first = parsed.get(0).ok_or("no derivation")?;
     let drv = first.get("drvPath").and_then(|d| d.as_str()).ok_or("no drvPath")?;
     let out = first.get("outputs").and_then(|o| o.get("out")).and_then(|p| p.as_str()).ok_or("no `out` output")?;
-    let mut to_build: Vec<String> = stderr_lines
-        .iter()
-        .map(|l| l.trim())
-        .filter(|l| l.starts_with('/') && l.ends_with(".drv") && !l.contains(char::is_whitespace))
-        .map(str::to_owned)
-        .collect();
+    let mut to_build: Vec<String> =
+        stderr_lines.iter().filter_map(|l| listed_derivation(l)).map(str::to_owned).collect();
     to_build.sort();
     to_build.dedup();
     Ok(Evaluated { drv: drv.to_owned(), out: out.to_owned(), to_build })
+}
+
+/// Evaluates one host's toplevel without building it: its derivation, output and what of its
+/// closure is to build.
+pub async fn evaluate(
+    exec: &Exec,
+    flake: &str,
+    host: &str,
+    cancel: &CancellationToken,
+) -> Result<Evaluated, BuildError> {
+    let mut cmd = exec.nix();
+    cmd.args(["build", "--dry-run", "--json", "--no-link", "--no-write-lock-file"])
+        .arg(format!("{flake}#{}", toplevel_attr(host)));
+    let mut listed = Vec::new();
+    let mut on_line = |line: &str| {
+        if listed_derivation(line).is_some() {
+            listed.push(line.to_owned());
+        }
+    };
+    let out = match exec.run("nix build --dry-run", cmd, cancel, &mut on_line).await {
+        Ok(out) => out,
+        Err(BuildError::Failed { message, tail }) => {
+            // Why it ended (an exit status, or a signal: SIGKILL is most often the kernel's
+            // out-of-memory killer) comes before the log's tail.
+            let how = message.split_once(" failed: ").map_or(message.as_str(), |(_, how)| how);
+            return Err(BuildError::Failed { message: format!("evaluation of {host} failed: {how}"), tail });
+        }
+        Err(e) => return Err(e),
+    };
+    parse_dry_run(&out, &listed).map_err(|e| BuildError::Output("nix build --dry-run".into(), e))
 }
 
 /// Evaluates `hosts` of `flake`, `workers` at a time; each result comes as it is ready (in
@@ -54,7 +89,7 @@ pub fn evaluate_all<'a>(
             if cancel.is_cancelled() {
                 return (host.as_str(), Err(BuildError::Shutdown));
             }
-            (host.as_str(), exec.evaluate(flake, host, cancel).await)
+            (host.as_str(), evaluate(exec, flake, host, cancel).await)
         })
         .buffer_unordered(workers.max(1))
 }

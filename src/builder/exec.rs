@@ -1,5 +1,6 @@
 //! Runs `git` and `nix` for one build: resolve a branch to a commit, list a flake's hosts,
-//! evaluate a host, realise a set of derivations, read a build log, and keep a GC root.
+//! read a build log, and keep a GC root; and the one way every command runs ([`Exec::run`]),
+//! which evaluation (`eval.rs`) and the build graph (`graph.rs`) use for their own commands.
 //!
 //! Every command gets an argument vector (no shell); request fields arrive here validated. A
 //! command runs in its own process group, and the whole group is killed on timeout or shutdown.
@@ -13,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::eval::{Evaluated, parse_dry_run};
+use super::error::BuildError;
 use super::job::is_valid_name;
 use crate::nix::version::NixVersion;
 
@@ -21,33 +22,6 @@ use crate::nix::version::NixVersion;
 const TAIL_LINES: usize = 40;
 /// Longest log line forwarded; longer lines are cut.
 const MAX_LINE: usize = 2000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("cannot run {0}: {1}")]
-    Spawn(String, std::io::Error),
-    #[error("{message}")]
-    Failed { message: String, tail: String },
-    #[error("timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("shutdown")]
-    Shutdown,
-    #[error("unexpected output from {0}: {1}")]
-    Output(String, String),
-    /// The request names something the repo does not have (a branch, a commit on it).
-    #[error("{0}")]
-    Rejected(String),
-}
-
-impl BuildError {
-    /// The error with the log's tail, for the reply.
-    pub fn detail(&self) -> String {
-        match self {
-            BuildError::Failed { message, tail } if !tail.is_empty() => format!("{message}\n{tail}"),
-            other => other.to_string(),
-        }
-    }
-}
 
 /// Settings for running builds.
 #[derive(Debug, Clone)]
@@ -259,10 +233,23 @@ fn flake_ref(url: &str, branch: &str, rev: Option<&str>) -> String {
 }
 
 impl Exec {
-    fn nix(&self) -> Command {
+    /// A `nix` command with the features hearth needs.
+    pub(super) fn nix(&self) -> Command {
         let mut c = Command::new(&self.nix);
         c.args(NIX_FEATURES);
         c
+    }
+
+    /// Runs `cmd` under the build timeout and `cancel`, stderr line by line to `on_line`;
+    /// returns its stdout.
+    pub(super) async fn run(
+        &self,
+        what: &str,
+        cmd: Command,
+        cancel: &CancellationToken,
+        on_line: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<String, BuildError> {
+        run(what, cmd, self.timeout, cancel, on_line).await
     }
 
     /// Resolves `branch` of a repo to the commit to build (`rev` if given, else the branch's
@@ -404,44 +391,6 @@ impl Exec {
             })
             .await
             .copied()
-    }
-
-    /// Evaluates one host's toplevel without building it: its derivation, output and what of
-    /// its closure is to build.
-    pub async fn evaluate(&self, flake: &str, host: &str, cancel: &CancellationToken) -> Result<Evaluated, BuildError> {
-        let mut cmd = self.nix();
-        cmd.args(["build", "--dry-run", "--json", "--no-link", "--no-write-lock-file"])
-            .arg(format!("{flake}#{}", toplevel_attr(host)));
-        let mut listed = Vec::new();
-        let mut on_line = |line: &str| {
-            if line.ends_with(".drv") {
-                listed.push(line.to_owned());
-            }
-        };
-        let out = match run("nix build --dry-run", cmd, self.timeout, cancel, &mut on_line).await {
-            Ok(out) => out,
-            Err(BuildError::Failed { message, tail }) => {
-                // Why it ended (an exit status, or a signal: SIGKILL is most often the kernel's
-                // out-of-memory killer) comes before the log's tail.
-                let how = message.split_once(" failed: ").map_or(message.as_str(), |(_, how)| how);
-                return Err(BuildError::Failed { message: format!("evaluation of {host} failed: {how}"), tail });
-            }
-            Err(e) => return Err(e),
-        };
-        parse_dry_run(&out, &listed).map_err(|e| BuildError::Output("nix build --dry-run".into(), e))
-    }
-
-    /// Builds `installables` (derivation outputs) in one `nix build --keep-going`, its
-    /// structured log line by line to `on_line`. Nothing is linked: the caller roots what it keeps.
-    pub async fn realise(
-        &self,
-        installables: &[String],
-        cancel: &CancellationToken,
-        on_line: &mut (dyn FnMut(&str) + Send),
-    ) -> Result<(), BuildError> {
-        let mut cmd = self.nix();
-        cmd.args(["build", "--keep-going", "--no-link", "--log-format", "internal-json"]).args(installables);
-        run("nix build", cmd, self.timeout, cancel, on_line).await.map(|_| ())
     }
 
     /// The last lines of the build log Nix keeps of `drv` (`nix log`), if it has one.

@@ -3,16 +3,23 @@
 //! `max-jobs` spans the fleet; and, from its structured log, where each host is.
 //!
 //! [`Tracker`] is pure (events in, per-host progress and failed derivations out) and is tested
-//! on logs recorded from real Nix; [`realise`] runs the command.
+//! on logs recorded from real Nix; [`realise`] runs the command, [`realise_reporting`] sends
+//! its progress, and [`why_failed`] says why a host's system is not there after it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::error::BuildError;
 use super::eval::Evaluated;
-use super::exec::{BuildError, Exec};
-use super::job::{HostProgress, Phase};
+use super::exec::Exec;
+use super::job::{HostProgress, Kind, Phase};
 use super::nixlog::{self, Event, Parser};
+use super::reply::{Heading, Reporter, Throttle};
+
+/// Build log lines a progress reply carries at most (the newest).
+const PROGRESS_LINES: usize = 20;
 
 /// How many running derivation names a host's progress lists.
 const BUILDING_LISTED: usize = 3;
@@ -134,7 +141,10 @@ pub async fn realise(
         }
     };
     let installables: Vec<String> = drvs.iter().map(|d| version.drv_outputs(d)).collect();
-    exec.realise(&installables, cancel, &mut on_line).await
+    // Nothing is linked: the record roots what it keeps.
+    let mut cmd = exec.nix();
+    cmd.args(["build", "--keep-going", "--no-link", "--log-format", "internal-json"]).args(&installables);
+    exec.run("nix build", cmd, cancel, &mut on_line).await.map(|_| ())
 }
 
 /// The derivations `evaluated` hosts need built, each once (a derivation many hosts share is one
@@ -163,6 +173,162 @@ impl Finished {
 
     pub fn at(&self, host: &str) -> Option<std::time::Instant> {
         self.0.get(host).copied()
+    }
+}
+
+/// Every host's progress outside the build graph: evaluating, evaluated, failed in
+/// evaluation, unchanged.
+pub struct Board(Vec<HostProgress>);
+
+impl Board {
+    pub fn new(hosts: &[String]) -> Self {
+        Board(
+            hosts
+                .iter()
+                .map(|h| HostProgress {
+                    host: h.clone(),
+                    phase: Phase::Evaluating,
+                    built: 0,
+                    to_build: 0,
+                    building: Vec::new(),
+                })
+                .collect(),
+        )
+    }
+
+    pub fn set(&mut self, host: &str, phase: Phase, to_build: usize) {
+        if let Some(p) = self.0.iter_mut().find(|p| p.host == host) {
+            p.phase = phase;
+            p.to_build = to_build;
+        }
+    }
+
+    /// How many hosts are past evaluation.
+    pub fn evaluated(&self) -> usize {
+        self.0.iter().filter(|p| p.phase != Phase::Evaluating).count()
+    }
+
+    pub fn hosts(&self) -> Vec<HostProgress> {
+        self.0.clone()
+    }
+
+    /// The board with the graph's hosts as the tracker has them.
+    pub fn merged(&self, tracker: &Tracker) -> Vec<HostProgress> {
+        let live = tracker.progress();
+        self.0
+            .iter()
+            .map(|p| match (p.phase, live.iter().find(|l| l.host == p.host)) {
+                (Phase::Evaluated, Some(l)) => l.clone(),
+                _ => p.clone(),
+            })
+            .collect()
+    }
+}
+
+/// What the graph's log said while it ran.
+struct Live {
+    tracker: Tracker,
+    lines: VecDeque<String>,
+    changed: bool,
+}
+
+impl Live {
+    fn observe(&mut self, event: Event) {
+        self.tracker.observe(&event);
+        if let Event::BuildLine { drv, line } = &event {
+            if self.lines.len() == PROGRESS_LINES {
+                self.lines.pop_front();
+            }
+            self.lines.push_back(format!("{}> {line}", nixlog::drv_name(drv)));
+        }
+        self.changed = true;
+    }
+}
+
+/// Runs the build graph, sending every host's progress (and the newest build log lines) to
+/// the running build's subscribers at most every `every`. Returns the graph's result, its
+/// tracker, and when each host was done.
+pub async fn realise_reporting(
+    exec: &Exec,
+    drvs: &[String],
+    tracker: Tracker,
+    board: &Board,
+    to: (&Reporter, &Heading),
+    every: Duration,
+    cancel: &CancellationToken,
+) -> (Result<(), BuildError>, Tracker, Finished) {
+    let (reporter, heading) = to;
+    let live = std::sync::Mutex::new(Live { tracker, lines: VecDeque::new(), changed: false });
+    let done = tokio::sync::Notify::new();
+    let mut finished = Finished::default();
+    let run = async {
+        let mut on_event = |event: Event| {
+            if let Ok(mut l) = live.lock() {
+                l.observe(event);
+            }
+        };
+        let r = realise(exec, drvs, cancel, &mut on_event).await;
+        done.notify_one();
+        r
+    };
+    let forward = async {
+        let mut throttle = Throttle::new(every.max(Duration::from_millis(50)));
+        throttle.due();
+        loop {
+            let last = tokio::select! {
+                _ = tokio::time::sleep(throttle.wait()) => false,
+                _ = done.notified() => true,
+            };
+            throttle.due();
+            let update = live.lock().ok().filter(|l| l.changed).map(|mut l| {
+                l.changed = false;
+                (board.merged(&l.tracker), l.lines.drain(..).collect::<Vec<String>>())
+            });
+            if let Some((progress, lines)) = update {
+                finished.note(&progress);
+                let built = progress.iter().filter(|p| matches!(p.phase, Phase::Done | Phase::Unchanged)).count();
+                let mut r = heading.progress(Kind::Log).message(format!("{built} of {} host(s) built", progress.len()));
+                r.progress = Some(progress);
+                r.log = lines;
+                reporter.running(&r).await;
+            }
+            if last {
+                break;
+            }
+        }
+    };
+    let (result, ()) = tokio::join!(run, forward);
+    let tracker = match live.into_inner() {
+        Ok(l) => l.tracker,
+        Err(poisoned) => poisoned.into_inner().tracker,
+    };
+    (result, tracker, finished)
+}
+
+/// Why `host`'s system is not in the store after the graph: the derivation of its closure
+/// that failed, with the tail of its own build log (`nix log`), else what the graph said.
+pub async fn why_failed(
+    exec: &Exec,
+    host: &str,
+    tracker: &Tracker,
+    graph_error: Option<&BuildError>,
+    cancel: &CancellationToken,
+) -> String {
+    let failed = tracker.failed_for(host);
+    if let Some(drv) = failed.first() {
+        let more = match failed.len() {
+            1 => String::new(),
+            n => format!(" (and {} more of its derivations)", n - 1),
+        };
+        let tail = exec.log_tail(drv, cancel).await.unwrap_or_default();
+        return format!("building {drv} failed{more}\n{tail}").trim_end().to_owned();
+    }
+    let said: Vec<&str> = tracker.errors().iter().rev().take(5).map(String::as_str).collect();
+    let said: Vec<&str> = said.into_iter().rev().collect();
+    match graph_error {
+        Some(BuildError::Failed { .. }) | None if !said.is_empty() => said.join("\n"),
+        Some(e) => e.to_string(),
+        None => "the build ended without this host's system".to_owned(),
     }
 }
 

@@ -49,6 +49,31 @@ impl Status {
     }
 }
 
+/// What a `progress` reply is about, so a client never reads it from the message's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The request waits in this builder's queue (`queue_position`).
+    Queued,
+    /// The request joined an identical build in progress.
+    Joined,
+    /// The hosts are being evaluated (`progress`).
+    Evaluating,
+    /// The build graph started (`progress`; `host` when it is one host).
+    Building,
+    /// Build log lines (`log`, each `name> line`) and every host's progress.
+    Log,
+    /// One host's result (`host`, `out_path`, `duration_seconds`).
+    HostDone,
+    /// The running build goes on; nothing new to say.
+    Heartbeat,
+    /// The builder stopped before the build ended; the request goes back to the JetStream
+    /// queue and is built again.
+    Requeued,
+    /// Said by the client itself: no reply for a while, and the request waits in JetStream.
+    Waiting,
+}
+
 /// The NATS header in which a client says who asked for a build (`user@host`, `flake-update`,
 /// `mcp`), for the builder's log. Optional; never trusted for anything else.
 pub const REQUESTED_BY_HEADER: &str = "Hearth-Requested-By";
@@ -69,6 +94,16 @@ impl HostStatus {
     /// The host has a good system for the request: built now, or already its newest.
     pub fn is_ok(self) -> bool {
         matches!(self, HostStatus::Success | HostStatus::Unchanged)
+    }
+
+    /// As the wire spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Success => "success",
+            HostStatus::Failure => "failure",
+            HostStatus::Interrupted => "interrupted",
+            HostStatus::Unchanged => "unchanged",
+        }
     }
 }
 
@@ -128,11 +163,29 @@ pub struct HostSummary {
     pub uploaded: Option<crate::bucket::upload::Pushed>,
 }
 
+impl HostSummary {
+    /// A host the builder's shutdown cut: no result.
+    pub fn interrupted(host: &str, duration_seconds: f64) -> Self {
+        HostSummary {
+            host: host.to_owned(),
+            status: HostStatus::Interrupted,
+            out_path: None,
+            error: Some("interrupted by shutdown".into()),
+            duration_seconds,
+            changes: None,
+            uploaded: None,
+        }
+    }
+}
+
 /// A reply on the request's `reply_to` subject.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub version: u32,
     pub status: Status,
+    /// What a `progress` reply is about (absent on other replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
     pub repo: String,
     pub target: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +212,9 @@ pub struct Reply {
     /// Every host's progress, on `progress` replies of a running build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Vec<HostProgress>>,
+    /// The newest build log lines (`name> line`), on `log` replies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
 }
 
 impl Reply {
@@ -166,6 +222,7 @@ impl Reply {
         Self {
             version: PROTOCOL_VERSION,
             status,
+            kind: None,
             repo: repo.to_owned(),
             target: target.to_owned(),
             branch: None,
@@ -178,7 +235,15 @@ impl Reply {
             hosts: None,
             repo_url: None,
             progress: None,
+            log: Vec::new(),
         }
+    }
+
+    /// A progress reply of this kind.
+    pub fn progress(kind: Kind, repo: &str, target: &str) -> Self {
+        let mut r = Self::new(Status::Progress, repo, target);
+        r.kind = Some(kind);
+        r
     }
 
     pub fn message(mut self, m: impl Into<String>) -> Self {
@@ -217,6 +282,17 @@ pub fn encode_within(reply: &Reply, max: usize) -> Vec<u8> {
         for h in r.hosts.iter_mut().flatten() {
             h.error = h.error.as_deref().map(|e| tail(e, budget / hosts));
         }
+        // The newest log lines are kept.
+        let mut kept = 0;
+        let from = r
+            .log
+            .iter()
+            .rposition(|line| {
+                kept += line.len() + 4;
+                kept > budget
+            })
+            .map_or(0, |i| i + 1);
+        r.log.drain(..from);
         let message = r.message.take().unwrap_or_default();
         let cut =
             if encode(&r).len() + message.len() + note.len() + 16 > max { tail(&message, budget) } else { message };
@@ -398,6 +474,29 @@ mod tests {
 
     fn parse(subject: &str, json: &str) -> Result<BuildRequest, Rejection> {
         parse_request(subject, json.as_bytes(), |r| r == "nixos-servers").map_err(|b| b.0)
+    }
+
+    #[test]
+    fn a_progress_reply_says_its_kind_and_carries_log_lines_apart() {
+        let mut r = Reply::progress(Kind::Log, "fleet", "all").message("1 of 2 host(s) built");
+        r.log = vec!["openssl-3.0.14> make".into()];
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["kind"], "log");
+        assert_eq!(json["log"][0], "openssl-3.0.14> make");
+        assert_eq!(serde_json::to_value(Kind::HostDone).unwrap(), "host_done");
+        // A final reply has no kind and no log field; a reply of before either field reads.
+        let done = serde_json::to_value(Reply::new(Status::Completed, "fleet", "all")).unwrap();
+        assert!(done.get("kind").is_none() && done.get("log").is_none(), "{done}");
+        let old: Reply =
+            serde_json::from_str(r#"{"version":1,"status":"progress","repo":"r","target":"all","message":"x> y"}"#)
+                .unwrap();
+        assert_eq!((old.kind, old.log.len()), (None, 0));
+        // Cut to fit: the newest log lines stay.
+        let mut big = Reply::progress(Kind::Log, "fleet", "all");
+        big.log = (0..2000).map(|i| format!("drv> line {i:04} {}", "x".repeat(100))).collect();
+        let cut: Reply = serde_json::from_slice(&encode_within(&big, 64 * 1024)).unwrap();
+        assert!(!cut.log.is_empty() && cut.log.len() < 2000);
+        assert!(cut.log.last().unwrap().contains("line 1999"));
     }
 
     #[test]

@@ -1,22 +1,31 @@
-//! The NATS build worker: takes requests on `build.<repo>.>` (queue group), queues them, builds
-//! one request at a time, and streams replies to each request's `reply_to`.
+//! The NATS build worker: takes requests on `build.<repo>.>` (queue group or JetStream),
+//! queues them, builds one request at a time, and streams replies to each request's `reply_to`.
+//!
+//! A request's trip, one room each: `plan.rs` (commit, hosts, target) → `eval.rs` (each host's
+//! system, on every core) → `graph.rs` (one build graph, and why a host failed) → `record.rs`
+//! (roots, generations, changes, the fleet record, metrics, the bucket) → `reply.rs` (who
+//! hears it, how often, and the final reply). [`Worker::run_job`] is that sequence.
 //!
 //! Architecture invariant: knows NATS and the `nix`/`git` commands, never HTTP. What it builds
 //! lands in the local store, which the cache reads directly, so it is served at once.
 
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod error;
 pub mod eval;
 pub mod exec;
 pub mod generations;
 pub mod graph;
 pub mod job;
 pub mod nixlog;
+pub mod plan;
 mod queue;
 pub mod record;
+pub mod reply;
 pub mod transport;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,23 +33,20 @@ use anyhow::Context;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::Fleet;
-use crate::metrics::{Metrics, Repo, RepoHost, RepoHostStatus, RepoStatus};
+use crate::fleet::{BuildResult, Fleet};
+use crate::metrics::{Metrics, Repo, RepoHost, RepoStatus};
 use crate::store::Store;
 use config::{BuilderConfig, QueueKind};
+use error::BuildError;
 use eval::Evaluated;
-use exec::{BuildError, Exec};
-use generations::Generations;
-use job::{HostProgress, HostStatus, HostSummary, Phase, Reply, Status};
+use exec::Exec;
+use graph::Board;
+use job::{BuildRequest, HostSummary, Kind, Phase, Reply, Status};
+use plan::{Ending, Plan};
 use queue::{Enqueued, Job, Queue};
 use record::{Outcome, Recorder, now_seconds};
+use reply::{Heading, Reporter, Throttle};
 use transport::{Delivery, Transport};
-
-/// Build log lines a progress reply carries at most (the newest).
-const PROGRESS_LINES: usize = 20;
-
-/// How long a final reply is retried while NATS is unreachable, after shutdown began.
-const FINAL_REPLY_GRACE: Duration = Duration::from_secs(10);
 /// What stopping a build cut by shutdown may take past the grace: its process group's
 /// SIGTERM-to-SIGKILL time, then the final replies.
 pub const SHUTDOWN_STOP_TIME: Duration = Duration::from_secs(25);
@@ -51,12 +57,10 @@ pub struct Worker {
     client: async_nats::Client,
     metrics: Arc<Metrics>,
     fleet: Arc<Fleet>,
-    generations: Generations,
     exec: Exec,
     queue: Arc<Queue>,
     recorder: Recorder,
-    /// When a reply last went out (the heartbeat's clock).
-    last_reply: std::sync::Mutex<Instant>,
+    reporter: Reporter,
 }
 
 impl Worker {
@@ -110,28 +114,19 @@ impl Worker {
             version: Default::default(),
         };
         let queue = Arc::new(Queue::new(config.queue_size));
-        let generations = Generations::new(&config.gcroots_dir, config.keep_generations);
+        let reporter = Reporter::new(client.clone(), queue.clone());
+        let generations = generations::Generations::new(&config.gcroots_dir, config.keep_generations);
         let recorder = Recorder {
             store,
             metrics: metrics.clone(),
             fleet: fleet.clone(),
-            generations: generations.clone(),
+            generations,
             exec: exec.clone(),
             name: config.name.clone(),
             keep_generations: config.keep_generations,
             uploader,
         };
-        Ok(Self {
-            config: Arc::new(config),
-            client,
-            metrics,
-            fleet,
-            generations,
-            exec,
-            queue,
-            recorder,
-            last_reply: std::sync::Mutex::new(Instant::now()),
-        })
+        Ok(Self { config: Arc::new(config), client, metrics, fleet, exec, reporter, queue, recorder })
     }
 
     /// Takes requests until `stop`. Then the running build gets `grace` to finish before it is
@@ -172,7 +167,7 @@ impl Worker {
         let mut builds = tokio::spawn(worker.clone().build_loop(stop.clone(), cancel.clone()));
         loop {
             tokio::select! {
-                delivery = transport.next(&worker.queue) => match delivery {
+                delivery = transport.next(|| worker.queue.idle()) => match delivery {
                     Some(d) => worker.receive(d).await,
                     None => break,
                 },
@@ -242,52 +237,18 @@ impl Worker {
         }
     }
 
+    /// Takes one delivered request: refused, dropped after its last delivery, answered (a
+    /// `check`), or queued.
     async fn receive(&self, msg: Delivery) {
-        let ack = msg.ack.clone();
         let parsed = job::parse_request(&msg.subject, &msg.payload, |r| self.config.repo(r).is_some());
         let req = match parsed {
             Ok(req) => req,
-            Err(rejected) => {
-                let (why, req) = *rejected;
-                let (repo, target) = req.as_ref().map(|r| (r.repo.as_str(), r.target.as_str())).unwrap_or(("", ""));
-                let reply_to = req.as_ref().and_then(|r| r.reply_to.clone()).filter(|s| job::is_valid_reply_subject(s));
-                let reply_to = reply_to.or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
-                let label = if self.config.repo(repo).is_some() { repo } else { "unknown" };
-                self.metrics.build_rejected.get_or_create(&Repo { repo: label.to_owned() }).inc();
-                // Request fields are untrusted: escaped, so they cannot forge log lines.
-                tracing::warn!(
-                    subject = %msg.subject.escape_debug(),
-                    reason = %why.to_string().escape_debug(),
-                    "build request rejected"
-                );
-                if let Some(to) = reply_to {
-                    self.publish(&[to], &Reply::new(Status::Rejected, repo, target).message(why.to_string())).await;
-                }
-                if let Some(ack) = ack {
-                    ack.term().await;
-                }
-                return;
-            }
+            Err(rejected) => return self.refuse(&msg, *rejected).await,
         };
-        let reply_to = req.reply_to.clone().or_else(|| msg.reply.as_ref().map(|s| s.to_string()));
+        let reply_to = req.reply_to.clone().or_else(|| msg.reply.clone());
         let Some(repo) = self.config.repo(&req.repo) else { return };
-        if let Some(a) = ack.as_ref().filter(|a| a.delivered > self.config.jetstream.max_deliver) {
-            // Builders died building it, time after time: answered, never tried again.
-            let why = format!(
-                "delivered {} times without a result (the builders taking it stopped before it ended); not tried again",
-                a.delivered - 1
-            );
-            tracing::warn!(repo = %req.repo, target = %req.target.escape_debug(), seq = a.sequence, "build request dropped after its last delivery");
-            if let Some(to) = &reply_to {
-                self.publish(
-                    std::slice::from_ref(to),
-                    &Reply::new(Status::Failed, &req.repo, &req.target).message(why),
-                )
-                .await;
-                let _ = self.client.flush().await;
-            }
-            a.term().await;
-            return;
+        if let Some(a) = msg.ack.as_ref().filter(|a| a.delivered > self.config.jetstream.max_deliver) {
+            return self.give_up(&req, reply_to, a).await;
         }
         if req.check {
             // A question, not a build: answered at once, counted nowhere.
@@ -296,59 +257,83 @@ impl Worker {
                     .message(format!("repo `{}` is served here", req.repo));
                 r.branch = Some(repo.branch.clone());
                 r.repo_url = Some(job::without_credentials(&repo.url));
-                self.publish(&[to], &r).await;
+                self.reporter.publish(&[to], &r).await;
             }
-            if let Some(ack) = ack {
+            if let Some(ack) = &msg.ack {
                 ack.done().await;
             }
             return;
         }
-        let branch = req.branch.clone().unwrap_or_else(|| repo.branch.clone());
         let job = Job {
             repo: repo.clone(),
             target: req.target.clone(),
-            branch,
+            branch: req.branch.clone().unwrap_or_else(|| repo.branch.clone()),
             rev: req.rev.clone(),
             reply_to: reply_to.iter().cloned().collect(),
-            acks: ack.iter().cloned().collect(),
+            acks: msg.ack.iter().cloned().collect(),
         };
         let outcome = self.queue.push(job);
         self.metrics.build_queue.set(self.queue.waiting() as i64);
         self.show_activity(None);
-        // Who asked, as their client says (`Hearth-Requested-By`): untrusted, so escaped.
-        let requested_by = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(job::REQUESTED_BY_HEADER))
-            .map(|v| v.as_str().chars().take(200).collect::<String>())
-            .unwrap_or_else(|| "(not said)".to_owned());
-        tracing::info!(
-            repo = %req.repo,
-            target = %req.target.escape_debug(),
-            rev = req.rev.as_deref().unwrap_or("(head)"),
-            requested_by = %requested_by.escape_debug(),
-            %outcome,
-            delivery = ack.as_ref().map_or(1, |a| a.delivered),
-            "build request accepted"
+        log_accepted(&msg, &req, &outcome);
+        if let Some(to) = reply_to {
+            self.answer_enqueued(&req, to, outcome, msg.ack.as_ref()).await;
+        }
+    }
+
+    /// Refuses a request that did not parse or validate: counted, logged (escaped: its fields
+    /// are untrusted), answered where it says, and dropped from the stream.
+    async fn refuse(&self, msg: &Delivery, (why, req): (job::Rejection, Option<BuildRequest>)) {
+        let (repo, target) = req.as_ref().map(|r| (r.repo.as_str(), r.target.as_str())).unwrap_or(("", ""));
+        let reply_to = req.as_ref().and_then(|r| r.reply_to.clone()).filter(|s| job::is_valid_reply_subject(s));
+        let reply_to = reply_to.or_else(|| msg.reply.clone());
+        let label = if self.config.repo(repo).is_some() { repo } else { "unknown" };
+        self.metrics.build_rejected.get_or_create(&Repo { repo: label.to_owned() }).inc();
+        tracing::warn!(
+            subject = %msg.subject.escape_debug(),
+            reason = %why.to_string().escape_debug(),
+            "build request rejected"
         );
-        let Some(to) = reply_to else { return };
-        let reply = |status| Reply::new(status, &req.repo, &req.target);
+        if let Some(to) = reply_to {
+            self.reporter.publish(&[to], &Reply::new(Status::Rejected, repo, target).message(why.to_string())).await;
+        }
+        if let Some(ack) = &msg.ack {
+            ack.term().await;
+        }
+    }
+
+    /// Answers a request builders died building, time after time: never tried again.
+    async fn give_up(&self, req: &BuildRequest, reply_to: Option<String>, ack: &transport::Ack) {
+        let why = format!(
+            "delivered {} times without a result (the builders taking it stopped before it ended); not tried again",
+            ack.delivered - 1
+        );
+        tracing::warn!(repo = %req.repo, target = %req.target.escape_debug(), seq = ack.sequence, "build request dropped after its last delivery");
+        if let Some(to) = reply_to {
+            let r = Reply::new(Status::Failed, &req.repo, &req.target).message(why);
+            self.reporter.publish(&[to], &r).await;
+            let _ = self.client.flush().await;
+        }
+        ack.term().await;
+    }
+
+    /// Tells a queued request where it stands: joined, waiting at a place, or refused.
+    async fn answer_enqueued(&self, req: &BuildRequest, to: String, outcome: Enqueued, ack: Option<&transport::Ack>) {
+        let progress = |kind| Reply::progress(kind, &req.repo, &req.target);
         match outcome {
             Enqueued::Starting => {}
             Enqueued::Joined => {
-                self.publish(&[to], &reply(Status::Progress).message("joined an identical build in progress")).await
+                let r = progress(Kind::Joined).message("joined an identical build in progress");
+                self.reporter.publish(&[to], &r).await
             }
-            Enqueued::Queued { position } => {
-                let mut r = reply(Status::Progress).message(format!("queued at position {position}"));
-                r.queue_position = Some(position);
-                self.publish(&[to], &r).await;
-            }
+            Enqueued::Queued { position } => self.reporter.publish(&[to], &queued(req, position)).await,
             Enqueued::Full | Enqueued::TooManyJoiners => {
                 let why =
                     if outcome == Enqueued::Full { job::Rejection::QueueFull } else { job::Rejection::TooManyJoiners };
                 self.metrics.build_rejected.get_or_create(&Repo { repo: req.repo.clone() }).inc();
                 tracing::warn!(repo = %req.repo, target = %req.target, reason = %why, "build request rejected");
-                self.publish(&[to], &reply(Status::Rejected).message(why.to_string())).await;
+                let r = Reply::new(Status::Rejected, &req.repo, &req.target).message(why.to_string());
+                self.reporter.publish(&[to], &r).await;
                 if let Some(ack) = ack {
                     ack.term().await;
                 }
@@ -381,7 +366,7 @@ impl Worker {
             let mut r = Reply::new(Status::Interrupted, &job.repo.name, &job.target)
                 .message("interrupted: hearth stopped before this build started; send it again");
             r.branch = Some(job.branch.clone());
-            self.publish_final(&job.reply_to, &r, &cancel).await;
+            self.reporter.publish_final(&job.reply_to, &r, &cancel).await;
         }
         self.metrics.build_queue.set(0);
     }
@@ -399,123 +384,80 @@ impl Worker {
         });
     }
 
-    /// Subjects to reply to for the running job: its own and those of requests that joined it.
-    fn subscribers(&self) -> Vec<String> {
-        self.queue.running_subscribers()
+    /// One request's trip: plan → eval → graph → record → reply.
+    async fn run_job(&self, job: &Job, cancel: &CancellationToken) {
+        let started = Instant::now();
+        let mut heading = Heading {
+            repo: job.repo.name.clone(),
+            target: job.target.clone(),
+            branch: Some(job.branch.clone()),
+            commit: None,
+        };
+        tracing::info!(repo = %job.repo.name, target = %job.target, branch = %job.branch, rev = job.rev.as_deref().unwrap_or("(head)"), "build started");
+        let what = format!("building {} of {} at {}", job.target, job.repo.name, job.branch);
+        self.reporter.running(&heading.reply(Status::Started).message(what)).await;
+        let plan = match plan::plan(&self.exec, job, cancel, |c| self.queue.set_running_commit(c)).await {
+            Ok(plan) => plan,
+            Err(unplanned) => {
+                heading.commit = unplanned.commit;
+                return self.end_unplanned(job, &heading, unplanned.ending, started, cancel).await;
+            }
+        };
+        heading.commit = plan.commit.clone();
+        self.recorder.prepare(&job.repo.name, &plan, job.target == "all" && job.rev.is_none());
+        let built = self.build_hosts(&plan, job, &heading, cancel).await;
+        self.end_built(job, &heading, built, started, cancel).await;
     }
 
-    async fn run_job(&self, job: &Job, cancel: &CancellationToken) {
-        let repo = &job.repo.name;
-        let base = |status| {
-            let mut r = Reply::new(status, repo, &job.target);
-            r.branch = Some(job.branch.clone());
-            r
-        };
-        let started = Instant::now();
-        tracing::info!(%repo, target = %job.target, branch = %job.branch, rev = job.rev.as_deref().unwrap_or("(head)"), "build started");
-        self.publish(
-            &self.subscribers(),
-            &base(Status::Started).message(format!("building {} of {repo} at {}", job.target, job.branch)),
-        )
-        .await;
-
-        let resolved = match self.exec.resolve(&job.repo.url, &job.branch, job.rev.as_deref(), cancel).await {
-            Ok(r) => r,
-            Err(BuildError::Shutdown) => return self.finish_interrupted(job, base(Status::Interrupted), cancel).await,
-            Err(BuildError::Rejected(why)) => {
+    /// Ends a request that stopped before any host was built.
+    async fn end_unplanned(
+        &self,
+        job: &Job,
+        heading: &Heading,
+        ending: Ending,
+        started: Instant,
+        cancel: &CancellationToken,
+    ) {
+        let (repo, target, branch) = (&job.repo.name, &job.target, &job.branch);
+        let commit = heading.commit.as_deref().unwrap_or("-");
+        let reply = match ending {
+            Ending::Interrupted => {
+                tracing::warn!(%repo, %target, %branch, "build interrupted by shutdown");
+                heading
+                    .reply(Status::Interrupted)
+                    .message("interrupted by shutdown before any host was built; send it again")
+            }
+            Ending::Rejected(why) => {
                 self.metrics.build_rejected.get_or_create(&Repo { repo: repo.clone() }).inc();
-                tracing::warn!(%repo, target = %job.target, branch = %job.branch, reason = %why, "build rejected");
-                return self.conclude(base(Status::Rejected).message(why), cancel).await;
+                tracing::warn!(%repo, %target, %branch, %commit, reason = %why, "build rejected");
+                heading.reply(Status::Rejected).message(why)
             }
-            Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
-        };
-        let (flake, commit) = resolved;
-        self.queue.set_running_commit(commit.clone());
-        let base = |status| {
-            let mut r = base(status);
-            r.commit = commit.clone();
-            r
-        };
-        // The flake's own host names: the only names that are built or become metric labels.
-        let known = match self.exec.list_hosts(&flake, cancel).await {
-            Ok(h) if h.is_empty() => {
-                let r = base(Status::Failed).message("the flake has no nixosConfigurations");
-                return self.finish_failed(job, r, started, cancel).await;
+            Ending::Failed(why) => {
+                let mut r = heading.reply(Status::Failed).message(why);
+                r.duration_seconds = Some(started.elapsed().as_secs_f64());
+                self.count_build(repo, false, false);
+                let reason = r.message.as_deref().unwrap_or("").lines().next().unwrap_or("").to_owned();
+                let duration = format!("{:.1}s", started.elapsed().as_secs_f64());
+                tracing::warn!(%repo, %target, %branch, %duration, %reason, "build failed");
+                r
             }
-            Ok(h) => h,
-            Err(BuildError::Shutdown) => return self.finish_interrupted(job, base(Status::Interrupted), cancel).await,
-            Err(e) => return self.finish_failed(job, base(Status::Failed).message(e.detail()), started, cancel).await,
         };
-        let hosts = if job.target == "all" {
-            known
-        } else if known.contains(&job.target) {
-            vec![job.target.clone()]
-        } else {
-            let hint = if known.len() <= 10 {
-                format!("the flake defines: {}", known.join(", "))
-            } else {
-                format!("closest: {} (of {} hosts)", job::closest(&known, &job.target, 5).join(", "), known.len())
-            };
-            let message = format!("unknown host `{}` in {repo}; {hint}", job.target);
-            self.metrics.build_rejected.get_or_create(&Repo { repo: repo.clone() }).inc();
-            tracing::warn!(%repo, target = %job.target, commit = commit.as_deref().unwrap_or("-"), "build rejected: unknown host");
-            return self.conclude(base(Status::Rejected).message(message), cancel).await;
-        };
+        self.conclude(reply, cancel).await;
+    }
 
-        // Only the deploy branch's builds are the hosts' state; another branch's are recorded
-        // apart, under their branch.
-        let deploy = job.branch == job.repo.branch;
-        if deploy && job.target == "all" && job.rev.is_none() {
-            // Hosts the deploy branch's newest commit no longer defines leave the record and
-            // the gauges (their roots stay, as keep_generations says). A build of a pinned
-            // commit (`rev`, maybe an older one) never drops a host: the bucket's gc keeps only
-            // what the record names.
-            for ((r, host), _) in self.fleet.snapshot() {
-                if r == *repo && !hosts.contains(&host) {
-                    self.metrics.host_last_success.remove(&RepoHost { repo: r.clone(), host });
-                }
-            }
-            self.fleet.retain(repo, |host| hosts.iter().any(|h| h == host));
-        }
-        if deploy {
-            for host in &hosts {
-                self.recorder.seed_host_series(repo, host);
-            }
-        }
-        if !deploy {
-            self.generations.prune_branch_roots(
-                std::slice::from_ref(repo),
-                Duration::from_secs(generations::BRANCH_ROOT_DAYS * 86_400),
-            );
-        }
-        let cx = record::Context { repo, branch: &job.branch, deploy, commit: commit.as_deref() };
-        let (summaries, shutdown) = self.build_hosts(&flake, &hosts, &cx, &base, cancel).await;
-
-        let ok = summaries.iter().all(|s| s.status.is_ok());
-        let any_host_ok = deploy && summaries.iter().any(|s| s.status.is_ok());
-        let built = summaries.len();
-        let failed: Vec<String> =
-            summaries.iter().filter(|s| s.status == HostStatus::Failure).map(|s| s.host.clone()).collect();
-        let status = match (ok, shutdown) {
-            (true, _) => Status::Completed,
-            (false, true) => Status::Interrupted,
-            (false, false) => Status::Failed,
-        };
-        let mut r = base(status);
-        r.message = Some(if ok {
-            format!("{} host(s) built", summaries.len())
-        } else if shutdown {
-            let done = summaries.iter().filter(|s| s.status != HostStatus::Interrupted).count();
-            format!("interrupted by shutdown after {done} of {} host(s); send it again", summaries.len())
-        } else {
-            format!("{} of {} host(s) failed: {}", failed.len(), summaries.len(), failed.join(", "))
-        });
-        if let [only] = summaries.as_slice() {
-            r.host = Some(only.host.clone());
-            r.out_path = only.out_path.clone();
-        }
-        r.hosts = Some(summaries);
-        r.duration_seconds = Some(started.elapsed().as_secs_f64());
+    /// Ends a request whose hosts were built (or cut by shutdown): counted, logged, answered.
+    async fn end_built(
+        &self,
+        job: &Job,
+        heading: &Heading,
+        (summaries, shutdown): (Vec<HostSummary>, bool),
+        started: Instant,
+        cancel: &CancellationToken,
+    ) {
+        let (status, message) = reply::final_reply(&summaries, shutdown);
+        let ok = status == Status::Completed;
+        let any_host_ok = job.branch == job.repo.branch && summaries.iter().any(|s| s.status.is_ok());
+        let repo = &job.repo.name;
         if shutdown {
             // No result: counted nowhere.
             if any_host_ok {
@@ -524,257 +466,174 @@ impl Worker {
         } else {
             self.count_build(repo, ok, any_host_ok);
         }
+        let mut r = heading.reply(status).message(message);
+        if let [only] = summaries.as_slice() {
+            r.host = Some(only.host.clone());
+            r.out_path = only.out_path.clone();
+        }
+        let hosts = summaries.len();
+        let failed: Vec<&str> =
+            summaries.iter().filter(|s| s.status == job::HostStatus::Failure).map(|s| s.host.as_str()).collect();
+        let failed = failed.join(",");
+        r.hosts = Some(summaries);
+        r.duration_seconds = Some(started.elapsed().as_secs_f64());
         let duration = format!("{:.1}s", started.elapsed().as_secs_f64());
-        let commit = r.commit.as_deref().unwrap_or("-");
+        let (target, branch, commit) = (&job.target, &job.branch, heading.commit.as_deref().unwrap_or("-"));
+        let reason = r.message.as_deref().unwrap_or("");
         if shutdown {
-            tracing::warn!(%repo, target = %job.target, branch = %job.branch, %commit, %duration, "build interrupted by shutdown");
+            tracing::warn!(%repo, %target, %branch, %commit, %duration, "build interrupted by shutdown")
         } else if ok {
-            tracing::info!(%repo, target = %job.target, branch = %job.branch, %commit, hosts = built, %duration, "build succeeded");
+            tracing::info!(%repo, %target, %branch, %commit, %hosts, %duration, "build succeeded")
         } else {
-            tracing::warn!(%repo, target = %job.target, branch = %job.branch, %commit, failed = %failed.join(","), %duration, reason = r.message.as_deref().unwrap_or(""), "build failed");
+            tracing::warn!(%repo, %target, %branch, %commit, %failed, %duration, %reason, "build failed")
         }
         self.conclude(r, cancel).await;
     }
 
-    /// Builds `hosts` of `flake`: evaluates them on up to `eval_workers` cores, reports the
+    /// Builds the plan's hosts: evaluates them on up to `eval_workers` cores, reports the
     /// unchanged ones at once, realises the others in one build graph, and records each host's
-    /// outcome. Returns the summaries in `hosts` order, and whether shutdown cut the build.
+    /// outcome. Returns the summaries in the plan's order, and whether shutdown cut the build.
     async fn build_hosts(
         &self,
-        flake: &str,
-        hosts: &[String],
-        cx: &record::Context<'_>,
-        base: &(dyn Fn(Status) -> Reply + Sync),
+        plan: &Plan,
+        job: &Job,
+        heading: &Heading,
         cancel: &CancellationToken,
     ) -> (Vec<HostSummary>, bool) {
         let started = Instant::now();
-        let mut board = Board::new(hosts);
-        let mut evaluated: Vec<(String, Evaluated, f64)> = Vec::new();
-        let mut outcomes: HashMap<String, (Outcome, f64)> = HashMap::new();
-        let mut shutdown = false;
-
-        // Evaluation, on every core the config gives it.
-        let interval = self.config.progress_interval;
-        let mut last_sent: Option<Instant> = None;
-        let mut results = eval::evaluate_all(&self.exec, flake, hosts, self.config.eval_workers, cancel);
-        while let Some((host, result)) = results.next().await {
-            let took = started.elapsed().as_secs_f64();
-            match result {
-                Ok(e) => {
-                    let unchanged = cx.deploy && self.recorder.is_newest(cx.repo, host, &e.out).await;
-                    if unchanged {
-                        board.set(host, Phase::Unchanged, e.to_build.len());
-                        outcomes.insert(host.to_owned(), (Outcome::Unchanged { out: e.out.clone() }, took));
-                    } else {
-                        board.set(host, Phase::Evaluated, e.to_build.len());
-                        evaluated.push((host.to_owned(), e, took));
-                    }
-                }
-                // The others end as soon, each without a result.
-                Err(BuildError::Shutdown) => shutdown = true,
-                Err(e) => {
-                    board.set(host, Phase::Failed, 0);
-                    tracing::warn!(repo = %cx.repo, %host, error = %e.to_string().lines().next().unwrap_or(""), "host failed to evaluate");
-                    outcomes.insert(host.to_owned(), (Outcome::Failed { error: e.detail() }, took));
-                }
-            }
-            if last_sent.is_none_or(|t| t.elapsed() >= interval) {
-                let done = board.0.iter().filter(|p| p.phase != Phase::Evaluating).count();
-                let mut r = base(Status::Progress).message(format!("evaluated {done} of {} host(s)", hosts.len()));
-                r.progress = Some(board.0.clone());
-                self.publish(&self.subscribers(), &r).await;
-                last_sent = Some(Instant::now());
-            }
-        }
-        drop(results);
-
-        // One build graph for every evaluated host.
-        let mut finished = graph::Finished::default();
-        let mut tracker = graph::Tracker::new(evaluated.iter().map(|(h, e, _)| (h.as_str(), e)));
-        let mut graph_error = None;
-        if !shutdown && !evaluated.is_empty() {
-            let mut r = match evaluated.as_slice() {
-                [(only, _, _)] => {
-                    let mut r = base(Status::Progress).message(format!("building {only}"));
-                    r.host = Some(only.clone());
-                    r
-                }
-                many => base(Status::Progress).message(format!("building {} host(s)", many.len())),
-            };
-            r.progress = Some(board.merged(&tracker));
-            self.publish(&self.subscribers(), &r).await;
-            let drvs = graph::nodes(evaluated.iter().map(|(_, e, _)| e));
-            let (result, t, f) = self.realise_with_progress(&drvs, tracker, &board, base, cancel).await;
-            (tracker, finished) = (t, f);
-            match result {
-                Ok(()) => {}
-                Err(BuildError::Shutdown) => shutdown = true,
-                Err(e) => graph_error = Some(e),
-            }
-        }
-        let graph_start = started;
-        for (host, e, eval_took) in evaluated {
-            let took = finished.at(&host).map_or(started.elapsed().as_secs_f64(), |t| (t - graph_start).as_secs_f64());
-            let took = took.max(eval_took);
+        let mut board = Board::new(&plan.hosts);
+        let mut eval = self.evaluate(plan, &mut board, heading, started, cancel).await;
+        let built = if eval.shutdown || eval.evaluated.is_empty() {
+            Built::default()
+        } else {
+            self.build_graph(&eval.evaluated, &board, heading, cancel).await
+        };
+        let shutdown = eval.shutdown || built.shutdown;
+        for (host, e, eval_took) in eval.evaluated {
+            let took = built.finished.at(&host).map_or(started.elapsed(), |t| t - started).as_secs_f64();
             let outcome = if self.recorder.is_valid(&e.out).await {
                 Outcome::Built { out: e.out }
             } else if shutdown {
                 continue;
             } else {
-                Outcome::Failed { error: self.why_failed(&host, &tracker, graph_error.as_ref(), cancel).await }
+                let why = graph::why_failed(&self.exec, &host, &built.tracker, built.error.as_ref(), cancel).await;
+                Outcome::Failed { error: why }
             };
-            outcomes.insert(host, (outcome, took));
+            eval.outcomes.insert(host, (outcome, took.max(eval_took)));
         }
-
-        // Each host's outcome into the record, in the request's order.
-        let mut summaries = Vec::new();
-        for host in hosts {
-            let Some((outcome, took)) = outcomes.remove(host) else {
-                // Cut by shutdown: not a result; the host's state, counters and record stay.
-                summaries.push(HostSummary {
-                    host: host.clone(),
-                    status: HostStatus::Interrupted,
-                    out_path: None,
-                    error: Some("interrupted by shutdown".into()),
-                    duration_seconds: started.elapsed().as_secs_f64(),
-                    changes: None,
-                    uploaded: None,
-                });
-                continue;
-            };
-            let summary = self.recorder.host(cx, host, outcome, took).await;
-            let label = match summary.status {
-                HostStatus::Success => "success",
-                HostStatus::Unchanged => "unchanged",
-                HostStatus::Failure => "failure",
-                HostStatus::Interrupted => "interrupted",
-            };
-            let mut r = base(Status::Progress).message(format!("{host}: {label}"));
-            r.host = Some(host.clone());
-            r.out_path = summary.out_path.clone();
-            r.duration_seconds = Some(summary.duration_seconds);
-            self.publish(&self.subscribers(), &r).await;
-            summaries.push(summary);
-        }
+        let cx = record::Context {
+            repo: &job.repo.name,
+            branch: &job.branch,
+            deploy: plan.deploy,
+            commit: plan.commit.as_deref(),
+        };
+        let summaries = self.record_hosts(&cx, &plan.hosts, eval.outcomes, heading, started).await;
         (summaries, shutdown)
     }
 
-    /// Runs the build graph, sending every host's progress (and the newest build log lines) at
-    /// most every `progress_interval`.
-    async fn realise_with_progress(
+    /// Evaluates every host, on up to `eval_workers` cores, sending progress as it goes: a host
+    /// whose system is already its newest is unchanged at once; a failed one has its outcome.
+    async fn evaluate(
         &self,
-        drvs: &[String],
-        tracker: graph::Tracker,
-        board: &Board,
-        base: &(dyn Fn(Status) -> Reply + Sync),
+        plan: &Plan,
+        board: &mut Board,
+        heading: &Heading,
+        started: Instant,
         cancel: &CancellationToken,
-    ) -> (Result<(), BuildError>, graph::Tracker, graph::Finished) {
-        struct Live {
-            tracker: graph::Tracker,
-            lines: VecDeque<String>,
-            changed: bool,
-        }
-        let live = std::sync::Mutex::new(Live { tracker, lines: VecDeque::new(), changed: false });
-        let done = tokio::sync::Notify::new();
-        let mut finished = graph::Finished::default();
-        let realise = async {
-            let mut on_event = |event: nixlog::Event| {
-                let Ok(mut l) = live.lock() else { return };
-                l.tracker.observe(&event);
-                if let nixlog::Event::BuildLine { drv, line } = &event {
-                    if l.lines.len() == PROGRESS_LINES {
-                        l.lines.pop_front();
-                    }
-                    l.lines.push_back(format!("{}> {line}", nixlog::drv_name(drv)));
+    ) -> Evaluation {
+        let mut eval = Evaluation::default();
+        let mut throttle = Throttle::new(self.config.progress_interval);
+        let workers = self.config.eval_workers;
+        let mut results = eval::evaluate_all(&self.exec, &plan.flake, &plan.hosts, workers, cancel);
+        while let Some((host, result)) = results.next().await {
+            let took = started.elapsed().as_secs_f64();
+            match result {
+                Ok(e) if plan.deploy && self.recorder.is_newest(&heading.repo, host, &e.out).await => {
+                    board.set(host, Phase::Unchanged, e.to_build.len());
+                    eval.outcomes.insert(host.to_owned(), (Outcome::Unchanged { out: e.out }, took));
                 }
-                l.changed = true;
-            };
-            let r = graph::realise(&self.exec, drvs, cancel, &mut on_event).await;
-            done.notify_one();
-            r
-        };
-        let forward = async {
-            let every = self.config.progress_interval.max(Duration::from_millis(50));
-            loop {
-                let last = tokio::select! {
-                    _ = tokio::time::sleep(every) => false,
-                    _ = done.notified() => true,
-                };
-                let update = live.lock().ok().filter(|l| l.changed).map(|mut l| {
-                    l.changed = false;
-                    let lines: Vec<String> = l.lines.drain(..).collect();
-                    (board.merged(&l.tracker), lines)
-                });
-                if let Some((progress, lines)) = update {
-                    finished.note(&progress);
-                    let built = progress.iter().filter(|p| matches!(p.phase, Phase::Done | Phase::Unchanged)).count();
-                    let mut r = base(Status::Progress);
-                    r.message = Some(if lines.is_empty() {
-                        format!("{built} of {} host(s) built", progress.len())
-                    } else {
-                        lines.join("\n")
-                    });
-                    r.progress = Some(progress);
-                    self.publish(&self.subscribers(), &r).await;
+                Ok(e) => {
+                    board.set(host, Phase::Evaluated, e.to_build.len());
+                    eval.evaluated.push((host.to_owned(), e, took));
                 }
-                if last {
-                    break;
+                // The others end as soon, each without a result.
+                Err(BuildError::Shutdown) => eval.shutdown = true,
+                Err(e) => {
+                    board.set(host, Phase::Failed, 0);
+                    tracing::warn!(repo = %heading.repo, %host, error = %e.to_string().lines().next().unwrap_or(""), "host failed to evaluate");
+                    eval.outcomes.insert(host.to_owned(), (Outcome::Failed { error: e.detail() }, took));
                 }
             }
-        };
-        let (result, ()) = tokio::join!(realise, forward);
-        let tracker = match live.into_inner() {
-            Ok(l) => l.tracker,
-            Err(poisoned) => poisoned.into_inner().tracker,
-        };
-        (result, tracker, finished)
+            if throttle.due() {
+                let done = board.evaluated();
+                let mut r = heading
+                    .progress(Kind::Evaluating)
+                    .message(format!("evaluated {done} of {} host(s)", plan.hosts.len()));
+                r.progress = Some(board.hosts());
+                self.reporter.running(&r).await;
+            }
+        }
+        eval
     }
 
-    /// Why `host`'s system is not in the store after the graph: the derivation of its closure
-    /// that failed, with the tail of its own build log (`nix log`), else what the graph said.
-    async fn why_failed(
+    /// Realises every evaluated host in one build graph, with its progress.
+    async fn build_graph(
         &self,
-        host: &str,
-        tracker: &graph::Tracker,
-        graph_error: Option<&BuildError>,
+        evaluated: &[(String, Evaluated, f64)],
+        board: &Board,
+        heading: &Heading,
         cancel: &CancellationToken,
-    ) -> String {
-        let failed = tracker.failed_for(host);
-        if let Some(drv) = failed.first() {
-            let more = match failed.len() {
-                1 => String::new(),
-                n => format!(" (and {} more of its derivations)", n - 1),
+    ) -> Built {
+        let tracker = graph::Tracker::new(evaluated.iter().map(|(h, e, _)| (h.as_str(), e)));
+        let mut r = match evaluated {
+            [(only, _, _)] => {
+                let mut r = heading.progress(Kind::Building).message(format!("building {only}"));
+                r.host = Some(only.clone());
+                r
+            }
+            many => heading.progress(Kind::Building).message(format!("building {} host(s)", many.len())),
+        };
+        r.progress = Some(board.merged(&tracker));
+        self.reporter.running(&r).await;
+        let drvs = graph::nodes(evaluated.iter().map(|(_, e, _)| e));
+        let to = (&self.reporter, heading);
+        let every = self.config.progress_interval;
+        let (result, tracker, finished) =
+            graph::realise_reporting(&self.exec, &drvs, tracker, board, to, every, cancel).await;
+        let (shutdown, error) = match result {
+            Ok(()) => (false, None),
+            Err(BuildError::Shutdown) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        Built { tracker, finished, error, shutdown }
+    }
+
+    /// Each host's outcome into the record, in the plan's order, each host's result sent as
+    /// it is recorded; a host without an outcome was cut by shutdown.
+    async fn record_hosts(
+        &self,
+        cx: &record::Context<'_>,
+        hosts: &[String],
+        mut outcomes: HashMap<String, (Outcome, f64)>,
+        heading: &Heading,
+        started: Instant,
+    ) -> Vec<HostSummary> {
+        let mut summaries = Vec::new();
+        for host in hosts {
+            let Some((outcome, took)) = outcomes.remove(host) else {
+                // Not a result: the host's state, counters and record stay.
+                summaries.push(HostSummary::interrupted(host, started.elapsed().as_secs_f64()));
+                continue;
             };
-            let tail = self.exec.log_tail(drv, cancel).await.unwrap_or_default();
-            return format!("building {drv} failed{more}\n{tail}").trim_end().to_owned();
+            let summary = self.recorder.record(cx, host, outcome, took).await;
+            let mut r = heading.progress(Kind::HostDone).message(format!("{host}: {}", summary.status.as_str()));
+            r.host = Some(host.clone());
+            r.out_path = summary.out_path.clone();
+            r.duration_seconds = Some(summary.duration_seconds);
+            self.reporter.running(&r).await;
+            summaries.push(summary);
         }
-        let said: Vec<&str> = tracker.errors().iter().rev().take(5).map(String::as_str).collect();
-        let said: Vec<&str> = said.into_iter().rev().collect();
-        match graph_error {
-            Some(BuildError::Failed { .. }) | None if !said.is_empty() => said.join("\n"),
-            Some(e) => e.to_string(),
-            None => "the build ended without this host's system".to_owned(),
-        }
-    }
-
-    async fn finish_interrupted(&self, job: &Job, reply: Reply, cancel: &CancellationToken) {
-        tracing::warn!(repo = %job.repo.name, target = %job.target, branch = %job.branch, "build interrupted by shutdown");
-        let reply = reply.message("interrupted by shutdown before any host was built; send it again");
-        self.conclude(reply, cancel).await;
-    }
-
-    async fn finish_failed(&self, job: &Job, mut reply: Reply, started: Instant, cancel: &CancellationToken) {
-        reply.duration_seconds = Some(started.elapsed().as_secs_f64());
-        self.count_build(&job.repo.name, false, false);
-        tracing::warn!(
-            repo = %job.repo.name,
-            target = %job.target,
-            branch = %job.branch,
-            duration = %format!("{:.1}s", started.elapsed().as_secs_f64()),
-            reason = %reply.message.as_deref().unwrap_or("").lines().next().unwrap_or(""),
-            "build failed"
-        );
-        self.conclude(reply, cancel).await;
+        summaries
     }
 
     /// Ends the running job with `reply`: its final reply, then (JetStream) its requests leave
@@ -783,11 +642,12 @@ impl Worker {
     /// told so instead of getting a final reply.
     async fn conclude(&self, reply: Reply, cancel: &CancellationToken) {
         let acks = self.queue.running_acks();
+        let subscribers = self.reporter.subscribers();
         if reply.status == Status::Interrupted && !acks.is_empty() {
             let mut r = reply.clone();
-            r.status = Status::Progress;
+            (r.status, r.kind) = (Status::Progress, Some(Kind::Requeued));
             r.message = Some("this builder stopped before the build ended; the request goes back to the JetStream queue and is built again".into());
-            self.publish_final(&self.subscribers(), &r, cancel).await;
+            self.reporter.publish_final(&subscribers, &r, cancel).await;
             for ack in acks {
                 tracing::warn!(
                     seq = ack.sequence,
@@ -797,7 +657,7 @@ impl Worker {
             }
             return;
         }
-        self.publish_final(&self.subscribers(), &reply, cancel).await;
+        self.reporter.publish_final(&subscribers, &reply, cancel).await;
         for ack in acks {
             ack.done().await;
         }
@@ -829,20 +689,19 @@ impl Worker {
                 }
                 last_ack = Instant::now();
             }
-            let subscribers = self.subscribers();
-            let silent = self.last_reply.lock().map(|t| t.elapsed()).unwrap_or_default();
-            if !subscribers.is_empty() && silent >= heartbeat {
+            let subscribers = self.reporter.subscribers();
+            if !subscribers.is_empty() && self.reporter.silent_for() >= heartbeat {
                 let running = self.fleet.activity();
                 let (repo, target) = running.running.map(|b| (b.repo, b.target)).unwrap_or_default();
                 let since = running.since.map(|s| now_seconds() - s).unwrap_or(0);
-                let r = Reply::new(Status::Progress, &repo, &target).message(format!("still building ({since}s)"));
-                self.publish(&subscribers, &r).await;
+                let r = Reply::progress(Kind::Heartbeat, &repo, &target).message(format!("still building ({since}s)"));
+                self.reporter.publish(&subscribers, &r).await;
             }
             if last_queue_note.elapsed() >= heartbeat {
                 for (position, to) in self.queue.waiting_subscribers() {
-                    let mut r = Reply::new(Status::Progress, "", "").message(format!("queued at position {position}"));
+                    let mut r = Reply::progress(Kind::Queued, "", "").message(format!("queued at position {position}"));
                     r.queue_position = Some(position);
-                    self.send(&to, &r).await;
+                    self.reporter.send(&to, &r).await;
                 }
                 last_queue_note = Instant::now();
             }
@@ -852,93 +711,59 @@ impl Worker {
     /// Counts a finished build; `any_host_ok`: a host of the deploy branch built (a repo with one
     /// broken host still builds the others, and HearthHostBroken names the broken one).
     fn count_build(&self, repo: &str, ok: bool, any_host_ok: bool) {
-        let status = if ok { "success" } else { "failure" };
-        self.metrics.builds.get_or_create(&RepoStatus { repo: repo.to_owned(), status: status.into() }).inc();
+        let status = if ok { BuildResult::Success } else { BuildResult::Failure };
+        self.metrics.builds.get_or_create(&RepoStatus { repo: repo.to_owned(), status: status.as_str().into() }).inc();
         let label = Repo { repo: repo.to_owned() };
         self.metrics.build_last.get_or_create(&label).set(now_seconds());
         if any_host_ok {
             self.metrics.build_last_success.get_or_create(&label).set(now_seconds());
         }
     }
-
-    /// Publishes `reply` to `to`; the running build's replies restart the heartbeat's clock.
-    async fn publish(&self, to: &[String], reply: &Reply) {
-        if let Ok(mut t) = self.last_reply.lock() {
-            *t = Instant::now();
-        }
-        self.send(to, reply).await;
-    }
-
-    async fn send(&self, to: &[String], reply: &Reply) {
-        // Replies over the server's max payload would be refused: cut log tails to fit.
-        let max = self.client.server_info().max_payload;
-        let max = if max == 0 { 1 << 20 } else { max };
-        let payload = bytes::Bytes::from(job::encode_within(reply, max.saturating_sub(512)));
-        for subject in to {
-            if let Err(e) = self.client.publish(subject.clone(), payload.clone()).await {
-                tracing::warn!(%subject, err = %e, "cannot publish reply");
-            }
-        }
-    }
-
-    /// Publishes a final reply and waits until NATS has it: while NATS is down the client holds
-    /// the message and sends it on reconnect.
-    async fn publish_final(&self, to: &[String], reply: &Reply, cancel: &CancellationToken) {
-        self.publish(to, reply).await;
-        let deadline = Instant::now() + FINAL_REPLY_GRACE;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => tracing::warn!(err = %e, "final reply not flushed yet"),
-                Err(_) => tracing::warn!("final reply waits for NATS"),
-            }
-            // Keep waiting while hearth runs; give up only after the shutdown grace.
-            if cancel.is_cancelled() && Instant::now() > deadline {
-                tracing::error!("final reply not delivered before shutdown");
-                return;
-            }
-        }
-    }
 }
 
-/// Every host's progress outside the build graph: evaluating, evaluated, failed in
-/// evaluation, unchanged.
-struct Board(Vec<HostProgress>);
+/// What evaluation left: hosts to build (with their evaluation time), outcomes known already
+/// (unchanged, failed), and whether shutdown cut it.
+#[derive(Default)]
+struct Evaluation {
+    evaluated: Vec<(String, Evaluated, f64)>,
+    outcomes: HashMap<String, (Outcome, f64)>,
+    shutdown: bool,
+}
 
-impl Board {
-    fn new(hosts: &[String]) -> Self {
-        Board(
-            hosts
-                .iter()
-                .map(|h| HostProgress {
-                    host: h.clone(),
-                    phase: Phase::Evaluating,
-                    built: 0,
-                    to_build: 0,
-                    building: Vec::new(),
-                })
-                .collect(),
-        )
-    }
+/// What the build graph left.
+#[derive(Default)]
+struct Built {
+    tracker: graph::Tracker,
+    finished: graph::Finished,
+    error: Option<BuildError>,
+    shutdown: bool,
+}
 
-    fn set(&mut self, host: &str, phase: Phase, to_build: usize) {
-        if let Some(p) = self.0.iter_mut().find(|p| p.host == host) {
-            p.phase = phase;
-            p.to_build = to_build;
-        }
-    }
+/// A progress reply with a waiting request's place in the queue.
+fn queued(req: &BuildRequest, position: usize) -> Reply {
+    let mut r = Reply::progress(Kind::Queued, &req.repo, &req.target).message(format!("queued at position {position}"));
+    r.queue_position = Some(position);
+    r
+}
 
-    /// The board with the graph's hosts as the tracker has them.
-    fn merged(&self, tracker: &graph::Tracker) -> Vec<HostProgress> {
-        let live = tracker.progress();
-        self.0
-            .iter()
-            .map(|p| match (p.phase, live.iter().find(|l| l.host == p.host)) {
-                (Phase::Evaluated, Some(l)) => l.clone(),
-                _ => p.clone(),
-            })
-            .collect()
-    }
+/// Logs an accepted request; who asked, as their client says (`Hearth-Requested-By`), is
+/// untrusted, so escaped.
+fn log_accepted(msg: &Delivery, req: &BuildRequest, outcome: &Enqueued) {
+    let requested_by = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(job::REQUESTED_BY_HEADER))
+        .map(|v| v.as_str().chars().take(200).collect::<String>())
+        .unwrap_or_else(|| "(not said)".to_owned());
+    tracing::info!(
+        repo = %req.repo,
+        target = %req.target.escape_debug(),
+        rev = req.rev.as_deref().unwrap_or("(head)"),
+        requested_by = %requested_by.escape_debug(),
+        %outcome,
+        delivery = msg.ack.as_ref().map_or(1, |a| a.delivered),
+        "build request accepted"
+    );
 }
 
 /// At startup: every configured repo's build series exist at 0, and what the record knows is
@@ -946,8 +771,9 @@ impl Board {
 /// restart neither hides a failure nor resets a time to 0.
 fn seed_metrics(config: &BuilderConfig, metrics: &Metrics, fleet: &Fleet) {
     for repo in &config.repos {
-        for status in ["success", "failure"] {
-            let _ = metrics.builds.get_or_create(&RepoStatus { repo: repo.name.clone(), status: status.into() });
+        for status in BuildResult::ALL {
+            let _ =
+                metrics.builds.get_or_create(&RepoStatus { repo: repo.name.clone(), status: status.as_str().into() });
         }
     }
     for ((repo, host), record) in fleet.snapshot() {
@@ -955,11 +781,8 @@ fn seed_metrics(config: &BuilderConfig, metrics: &Metrics, fleet: &Fleet) {
             continue;
         }
         let Some(last) = &record.last_build else { continue };
-        for status in ["success", "failure"] {
-            let labels = RepoHostStatus { repo: repo.clone(), host: host.clone(), status: status.into() };
-            let _ = metrics.build_hosts.get_or_create(&labels);
-        }
-        let ok = last.status == "success";
+        metrics.seed_host_series(&repo, &host);
+        let ok = last.status.is_success();
         let label = RepoHost { repo: repo.clone(), host };
         metrics.host_last_success.get_or_create(&label).set(i64::from(ok));
         if let (Some(bytes), Some(paths)) = (record.closure_bytes, record.closure_paths) {

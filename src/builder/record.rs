@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::exec::Exec;
 use super::generations::{self, Generations};
 use super::job::{HostStatus, HostSummary};
-use crate::fleet::{BranchBuild, BucketCopy, Fleet, Generation, LastBuild};
+use super::plan::Plan;
+use crate::fleet::{BranchBuild, BucketCopy, BuildResult, Fleet, Generation, LastBuild};
 use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -94,72 +95,146 @@ impl Recorder {
         }
     }
 
-    /// Records one host's outcome (roots, generations, changes, fleet record, metrics, a log
-    /// line) and returns its summary for the final reply.
-    pub async fn host(&self, cx: &Context<'_>, host: &str, outcome: Outcome, duration: f64) -> HostSummary {
-        let repo = cx.repo;
-        let (mut status, mut out_path, mut error) = match outcome {
-            Outcome::Built { out } => (HostStatus::Success, Some(out), None),
-            Outcome::Unchanged { out } => (HostStatus::Unchanged, Some(out), None),
-            Outcome::Failed { error } => (HostStatus::Failure, None, Some(error)),
-        };
-        // The out-link is the root of the newest result; made before anything else, so the
-        // system cannot be collected while it is recorded.
-        if status == HostStatus::Success
-            && let Some(out) = &out_path
-        {
-            let other = (!cx.deploy).then_some(cx.branch);
-            let previous = self.generations.newest_link(repo, host);
-            let link = self.generations.out_link(repo, host, other);
-            if let Err(e) = self.root(out, &link).await {
-                (status, error) = (HostStatus::Failure, Some(format!("cannot root the system: {e}")));
-                out_path = None;
-            } else if cx.deploy {
-                self.adopt_unrecorded(repo, host, out, previous.as_deref()).await;
+    /// Before a build of `plan`: the host series exist (deploy branch), hosts the deploy
+    /// branch's newest commit no longer defines leave the record and the gauges (their roots
+    /// stay, as keep_generations says; `whole_branch`: the build is of every host at the
+    /// branch's head, so a pinned, maybe older, commit never drops a host: the bucket's gc keeps
+    /// only what the record names), and another branch's old roots are pruned.
+    pub fn prepare(&self, repo: &str, plan: &Plan, whole_branch: bool) {
+        if !plan.deploy {
+            let age = std::time::Duration::from_secs(generations::BRANCH_ROOT_DAYS * 86_400);
+            self.generations.prune_branch_roots(&[repo.to_owned()], age);
+            return;
+        }
+        if whole_branch {
+            for ((r, host), _) in self.fleet.snapshot() {
+                if r == repo && !plan.hosts.contains(&host) {
+                    self.metrics.host_last_success.remove(&label(&r, &host));
+                }
             }
+            self.fleet.retain(repo, |host| plan.hosts.iter().any(|h| h == host));
         }
-        self.metrics.build_duration.get_or_create(&label(repo, host)).observe(duration);
-        let ok = status.is_ok();
-        if cx.deploy {
-            let result = if ok { "success" } else { "failure" };
-            let series = RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: result.into() };
-            self.metrics.build_hosts.get_or_create(&series).inc();
-            self.metrics.host_last_success.get_or_create(&label(repo, host)).set(i64::from(ok));
+        for host in &plan.hosts {
+            self.seed_host_series(repo, host);
         }
+    }
+
+    /// Records one host's outcome: roots its system, counts it, works out what changed, writes
+    /// the fleet record, logs it and pushes a good system to the bucket. Returns its summary
+    /// for the final reply.
+    pub async fn record(&self, cx: &Context<'_>, host: &str, outcome: Outcome, duration: f64) -> HostSummary {
+        let result = self.root_result(cx, host, outcome).await;
+        self.count(cx, host, result.status, duration);
         // The system's closure, read once: for what changed, and for the bucket.
-        let closure = match &out_path {
+        let closure = match &result.out_path {
             Some(out) => self.closure(out).await,
             None => None,
         };
-        let (generations, changes) = match (&out_path, status) {
-            (Some(out), HostStatus::Success) if cx.deploy => {
-                let (g, c) = self.record_generation(repo, host, out, closure.as_deref(), cx.commit).await;
+        let (generations, changes) = self.changes(cx, host, &result, closure.as_deref()).await;
+        self.write(cx, host, &result, generations, changes.as_ref());
+        let out = result.out_path.as_deref().unwrap_or("-");
+        let duration_text = format!("{duration:.1}s");
+        let (repo, branch) = (cx.repo, cx.branch);
+        match &result.error {
+            None => {
+                let unchanged = result.status == HostStatus::Unchanged;
+                tracing::info!(%repo, %host, %branch, %out, unchanged, duration = %duration_text, "host built")
+            }
+            Some(e) => {
+                let error = e.lines().next().unwrap_or("");
+                tracing::warn!(%repo, %host, %branch, duration = %duration_text, %error, "host failed to build")
+            }
+        }
+        let uploaded = self.push(cx, host, closure.as_deref(), result.out_path.as_deref());
+        let HostResult { status, out_path, error } = result;
+        HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes, uploaded }
+    }
+
+    /// The outcome as a result; a built system's out-link (the root of the newest result) is
+    /// made first, so the system cannot be collected while it is recorded.
+    async fn root_result(&self, cx: &Context<'_>, host: &str, outcome: Outcome) -> HostResult {
+        let out = match outcome {
+            Outcome::Built { out } => out,
+            Outcome::Unchanged { out } => {
+                return HostResult { status: HostStatus::Unchanged, out_path: Some(out), error: None };
+            }
+            Outcome::Failed { error } => {
+                return HostResult { status: HostStatus::Failure, out_path: None, error: Some(error) };
+            }
+        };
+        let other = (!cx.deploy).then_some(cx.branch);
+        let previous = self.generations.newest_link(cx.repo, host);
+        let link = self.generations.out_link(cx.repo, host, other);
+        if let Err(e) = self.root(&out, &link).await {
+            let error = Some(format!("cannot root the system: {e}"));
+            return HostResult { status: HostStatus::Failure, out_path: None, error };
+        }
+        if cx.deploy {
+            self.adopt_unrecorded(cx.repo, host, &out, previous.as_deref()).await;
+        }
+        HostResult { status: HostStatus::Success, out_path: Some(out), error: None }
+    }
+
+    /// The host's metrics: its build time, and (deploy branch) its result.
+    fn count(&self, cx: &Context<'_>, host: &str, status: HostStatus, duration: f64) {
+        self.metrics.build_duration.get_or_create(&label(cx.repo, host)).observe(duration);
+        if cx.deploy {
+            let ok = status.is_ok();
+            let result = if ok { BuildResult::Success } else { BuildResult::Failure };
+            let series =
+                RepoHostStatus { repo: cx.repo.to_owned(), host: host.to_owned(), status: result.as_str().into() };
+            self.metrics.build_hosts.get_or_create(&series).inc();
+            self.metrics.host_last_success.get_or_create(&label(cx.repo, host)).set(i64::from(ok));
+        }
+    }
+
+    /// The host's generations (a new system of the deploy branch) and what the result changes.
+    async fn changes(
+        &self,
+        cx: &Context<'_>,
+        host: &str,
+        result: &HostResult,
+        closure: Option<&[Arc<PathInfo>]>,
+    ) -> (Option<Vec<Generation>>, Option<Changes>) {
+        let Some(out) = &result.out_path else { return (None, None) };
+        match result.status {
+            HostStatus::Success if cx.deploy => {
+                let (g, c) = self.record_generation(cx.repo, host, out, closure, cx.commit).await;
                 (Some(g), c)
             }
             // Nothing built: nothing changed.
-            (Some(_), HostStatus::Unchanged) => (None, closure.as_deref().map(unchanged)),
+            HostStatus::Unchanged => (None, closure.map(unchanged)),
             // Another branch: what it would change against the host's newest deploy system,
             // for the reply (flake-update's commit message) only.
-            (Some(_), _) => {
-                let newest = self.generations.list(repo, host).last().map(|g| g.path.clone());
-                let changes = match &closure {
-                    Some(after) => self.diff(newest.as_deref(), after).await,
-                    None => None,
-                };
-                (None, changes)
+            _ => {
+                let newest = self.generations.list(cx.repo, host).last().map(|g| g.path.clone());
+                match closure {
+                    Some(after) => (None, self.diff(newest.as_deref(), after).await),
+                    None => (None, None),
+                }
             }
-            (None, _) => (None, None),
-        };
+        }
+    }
+
+    /// One update (and one save) of the fleet record for the host's result.
+    fn write(
+        &self,
+        cx: &Context<'_>,
+        host: &str,
+        result: &HostResult,
+        generations: Option<Vec<Generation>>,
+        changes: Option<&Changes>,
+    ) {
         let at = now_seconds();
-        let build = match &error {
+        let build = match &result.error {
             Some(e) => LastBuild::failed(at, cx.commit.map(str::to_owned), e),
-            None => LastBuild::new("success", at, cx.commit.map(str::to_owned)),
+            None => LastBuild::new(BuildResult::Success, at, cx.commit.map(str::to_owned)),
         };
-        // One update (and one save) of the record per host.
         let (deploy, branch, me, keep) = (cx.deploy, cx.branch, self.name.as_str(), self.keep_generations);
-        self.fleet.update(repo, host, |h| {
+        let out_path = result.out_path.clone();
+        self.fleet.update(cx.repo, host, |h| {
             if !deploy {
-                h.branches.insert(branch.to_owned(), BranchBuild { build, out_path: out_path.clone() });
+                h.branches.insert(branch.to_owned(), BranchBuild { build, out_path });
                 h.branches.retain(|_, b| at - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
                 return;
             }
@@ -168,33 +243,33 @@ impl Recorder {
                 h.generations = merge(&h.generations, g, me, keep);
             }
             // An unchanged system keeps what its generation changed.
-            if status == HostStatus::Success
-                && let Some(c) = &changes
+            if result.status == HostStatus::Success
+                && let Some(c) = changes
             {
                 h.set_changes(c);
             }
         });
-        let duration_text = format!("{duration:.1}s");
-        match &error {
-            None => {
-                tracing::info!(%repo, %host, branch = %cx.branch, out = out_path.as_deref().unwrap_or("-"), unchanged = status == HostStatus::Unchanged, duration = %duration_text, "host built")
-            }
-            Some(e) => {
-                tracing::warn!(%repo, %host, branch = %cx.branch, duration = %duration_text, error = %e.lines().next().unwrap_or(""), "host failed to build")
-            }
-        }
-        // A good system of the deploy branch goes to the bucket, if there is one.
-        let uploaded = match (&self.uploader, &closure, &out_path) {
-            (Some((uploader, concurrency)), Some(closure), Some(out)) if cx.deploy => {
-                let batch = uploader.push(closure, *concurrency);
-                let pushed = batch.now();
-                tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
-                self.follow_push(repo, host, out, batch);
-                Some(pushed)
-            }
-            _ => None,
+    }
+
+    /// A good system of the deploy branch goes to the bucket, if there is one: where its push
+    /// stands now.
+    fn push(
+        &self,
+        cx: &Context<'_>,
+        host: &str,
+        closure: Option<&[Arc<PathInfo>]>,
+        out: Option<&str>,
+    ) -> Option<crate::bucket::upload::Pushed> {
+        let (Some((uploader, concurrency)), Some(closure), Some(out), true) = (&self.uploader, closure, out, cx.deploy)
+        else {
+            return None;
         };
-        HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes, uploaded }
+        let batch = uploader.push(closure, *concurrency);
+        let pushed = batch.now();
+        let repo = cx.repo;
+        tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
+        self.follow_push(repo, host, out, batch);
+        Some(pushed)
     }
 
     /// Records where the push of the host's system `out` stands, now and again when its
@@ -251,7 +326,7 @@ impl Recorder {
         out: &str,
         after: Option<&[Arc<PathInfo>]>,
         commit: Option<&str>,
-    ) -> (Vec<crate::fleet::Generation>, Option<Changes>) {
+    ) -> (Vec<Generation>, Option<Changes>) {
         // The same system again: no new generation, and what changed stays what the newest
         // changed against the one before it (never "no change" against itself).
         let existing = self.generations.list(repo, host);
@@ -364,11 +439,15 @@ impl Recorder {
 
     /// Makes every host's series exist (at 0) so that its first failure shows as an increase.
     pub fn seed_host_series(&self, repo: &str, host: &str) {
-        for status in ["success", "failure"] {
-            let labels = RepoHostStatus { repo: repo.to_owned(), host: host.to_owned(), status: status.into() };
-            let _ = self.metrics.build_hosts.get_or_create(&labels);
-        }
+        self.metrics.seed_host_series(repo, host);
     }
+}
+
+/// A host's result as the record keeps it.
+struct HostResult {
+    status: HostStatus,
+    out_path: Option<String>,
+    error: Option<String>,
 }
 
 /// An unchanged system's changes: none, against its own closure.

@@ -15,7 +15,6 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 
 use super::config::{BuilderConfig, JetStreamSection, QueueKind};
-use super::queue::Queue;
 
 /// One delivered request.
 pub struct Delivery {
@@ -121,8 +120,9 @@ impl Transport {
         }
     }
 
-    /// The next request. With JetStream, waits until `queue` is idle first.
-    pub(super) async fn next(&mut self, queue: &Queue) -> Option<Delivery> {
+    /// The next request. With JetStream, waits until `idle()` (the local queue has room) first,
+    /// so a busy builder leaves requests in the stream for the others.
+    pub(super) async fn next<F: std::future::Future<Output = ()>>(&mut self, idle: impl Fn() -> F) -> Option<Delivery> {
         match self {
             Transport::Core(subs) => subs.next().await.map(|m| Delivery {
                 subject: m.subject.to_string(),
@@ -132,7 +132,7 @@ impl Transport {
                 ack: None,
             }),
             Transport::JetStream(durable) => loop {
-                queue.idle().await;
+                idle().await;
                 match durable.fetch().await {
                     Ok(Some(d)) => return Some(d),
                     Ok(None) => {}

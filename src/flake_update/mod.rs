@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::builder::cli::{Display, EXIT_FAILED, EXIT_REFUSED, NatsArgs, parse_duration, request_build};
+use crate::builder::cli::Display;
+use crate::builder::client::{EXIT_FAILED, EXIT_REFUSED, NatsArgs, parse_duration, request_build};
 use crate::builder::job::{HostStatus, HostSummary, Status, is_valid_branch, is_valid_name, repo_identity};
 use crate::nix::version::NixVersion;
 use git::Git;
@@ -163,7 +164,7 @@ async fn with_host_changes(repo: &Git, commit: &str, hosts: &[HostSummary]) -> R
 /// Refuses to go on unless a builder serves `--repo`, and builds it from the clone's remote.
 async fn check_builder_builds_this_remote(args: &FlakeUpdateArgs, repo: &Git) -> Result<(), (u8, String)> {
     let client = args.nats.connect("hearth-flake-update").await?;
-    let served = crate::builder::cli::check_repo(&client, &args.repo).await?;
+    let served = crate::builder::client::check_repo(&client, &args.repo).await?;
     let remote = repo
         .run(&["remote", "get-url", "--", &args.remote])
         .await
@@ -248,36 +249,7 @@ async fn nix_version(nix: &str) -> Result<NixVersion, (u8, String)> {
 
 async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: &str, update_branch: &str) -> Outcome {
     let fail = |e: git::GitError| (EXIT_FAILED, e.to_string());
-    let read_lock = || -> serde_json::Value {
-        std::fs::read_to_string(wt.dir().join("flake.lock"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null)
-    };
-    let old = read_lock();
-    // Nix only warns about an input the flake does not have; that is a mistake, said plainly.
-    let known = lock::input_names(&old);
-    if let Some(unknown) = args.inputs.iter().find(|i| !known.contains(i)) {
-        return Err((EXIT_REFUSED, format!("the flake has no input `{unknown}`; its inputs: {}", known.join(", "))));
-    }
-    let mut nix = tokio::process::Command::new(&args.nix);
-    nix.current_dir(wt.dir()).args(["--extra-experimental-features", "nix-command flakes"]);
-    if args.inputs.is_empty() {
-        nix.args(["flake", "update"]);
-    } else if nix_version(&args.nix).await?.has_flake_update_inputs() {
-        nix.args(["flake", "update"]).args(&args.inputs);
-    } else {
-        nix.args(["flake", "lock"]);
-        for input in &args.inputs {
-            nix.args(["--update-input", input]);
-        }
-    }
-    let out = nix.output().await.map_err(|e| (EXIT_FAILED, format!("cannot run nix: {e}")))?;
-    if !out.status.success() {
-        return Err((EXIT_FAILED, format!("nix flake update failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    let new = read_lock();
-    let changes = lock::diff(&old, &new);
+    let changes = update_lock(args, wt).await?;
     let mut summary = Summary {
         status: "unchanged",
         repo: args.repo.clone(),
@@ -313,57 +285,110 @@ async fn update_in_worktree(args: &FlakeUpdateArgs, repo: &Git, wt: &Git, base: 
         .map_err(fail)?;
 
     // 3. Build every host from the update branch.
+    if let Some(code) = build_update(args, &commit, update_branch, &mut summary).await? {
+        return Ok((code, summary));
+    }
+    promote(args, repo, base, &commit, update_branch, summary).await
+}
+
+/// Step 1: updates the lock in the worktree (the inputs asked for, or all); returns what changed.
+async fn update_lock(args: &FlakeUpdateArgs, wt: &Git) -> Result<Vec<InputChange>, (u8, String)> {
+    let read_lock = || -> serde_json::Value {
+        std::fs::read_to_string(wt.dir().join("flake.lock"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let old = read_lock();
+    // Nix only warns about an input the flake does not have; that is a mistake, said plainly.
+    let known = lock::input_names(&old);
+    if let Some(unknown) = args.inputs.iter().find(|i| !known.contains(i)) {
+        return Err((EXIT_REFUSED, format!("the flake has no input `{unknown}`; its inputs: {}", known.join(", "))));
+    }
+    let mut nix = tokio::process::Command::new(&args.nix);
+    nix.current_dir(wt.dir()).args(["--extra-experimental-features", "nix-command flakes"]);
+    if args.inputs.is_empty() {
+        nix.args(["flake", "update"]);
+    } else if nix_version(&args.nix).await?.has_flake_update_inputs() {
+        nix.args(["flake", "update"]).args(&args.inputs);
+    } else {
+        nix.args(["flake", "lock"]);
+        for input in &args.inputs {
+            nix.args(["--update-input", input]);
+        }
+    }
+    let out = nix.output().await.map_err(|e| (EXIT_FAILED, format!("cannot run nix: {e}")))?;
+    if !out.status.success() {
+        return Err((EXIT_FAILED, format!("nix flake update failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(lock::diff(&old, &read_lock()))
+}
+
+/// Builds every host at `commit` of the update branch; `Some(exit code)` if the build does not
+/// prove the update good (the summary says why), `None` if it does.
+async fn build_update(
+    args: &FlakeUpdateArgs,
+    commit: &str,
+    update_branch: &str,
+    summary: &mut Summary,
+) -> Result<Option<u8>, (u8, String)> {
     let client = args.nats.connect("hearth-flake-update").await?;
     let mut display = Display::new(false);
     let json = args.json;
     // The request names the exact commit: it never joins a build of another commit.
-    let reply =
-        request_build(&client, &args.repo, "all", Some(update_branch), Some(&commit), args.timeout, |r, raw| {
-            if !json {
-                display.show(r, raw);
-            }
-        })
-        .await?;
+    let reply = request_build(&client, &args.repo, "all", Some(update_branch), Some(commit), args.timeout, |r, raw| {
+        if !json {
+            display.show(r, raw);
+        }
+    })
+    .await?;
     summary.hosts = reply.hosts.clone().unwrap_or_default();
-    if reply.status == Status::Completed && !built_exactly(&reply, &commit) {
+    let target = &args.target_branch;
+    if reply.status == Status::Completed && !built_exactly(&reply, commit) {
         summary.status = "build_failed";
         summary.message = format!(
-            "{} left alone; {update_branch} kept: the builder reported commit {} and {} host(s), not every host of {commit}",
-            args.target_branch,
+            "{target} left alone; {update_branch} kept: the builder reported commit {} and {} host(s), not every host of {commit}",
             reply.commit.as_deref().unwrap_or("(none)"),
             summary.hosts.len()
         );
-        return Ok((EXIT_FAILED, summary));
+        return Ok(Some(EXIT_FAILED));
     }
-    if reply.status != Status::Completed {
-        summary.status = "build_failed";
-        let failed: Vec<&str> =
-            summary.hosts.iter().filter(|h| h.status == HostStatus::Failure).map(|h| h.host.as_str()).collect();
-        summary.message = format!(
-            "{} left alone; {update_branch} kept: {}",
-            args.target_branch,
-            if failed.is_empty() {
-                reply.message.clone().unwrap_or_default()
-            } else {
-                format!("failed hosts: {}", failed.join(", "))
-            }
-        );
-        let code = if reply.status == Status::Rejected { EXIT_REFUSED } else { EXIT_FAILED };
-        return Ok((code, summary));
+    if reply.status == Status::Completed {
+        return Ok(None);
     }
+    summary.status = "build_failed";
+    let failed: Vec<&str> =
+        summary.hosts.iter().filter(|h| h.status == HostStatus::Failure).map(|h| h.host.as_str()).collect();
+    let why = if failed.is_empty() {
+        reply.message.clone().unwrap_or_default()
+    } else {
+        format!("failed hosts: {}", failed.join(", "))
+    };
+    summary.message = format!("{target} left alone; {update_branch} kept: {why}");
+    Ok(Some(if reply.status == Status::Rejected { EXIT_REFUSED } else { EXIT_FAILED }))
+}
 
-    // 4. The commit that goes to the target: the built one, with what changed on each host in
-    //    its message. Same tree and parent, so it is exactly what was built.
-    let commit = match with_host_changes(repo, &commit, &summary.hosts).await {
+/// Steps 4 and 5: the built commit, with what changed on each host in its message,
+/// fast-forwards the target (never forced: a target that moved meanwhile stays as it is), and
+/// the update branch goes.
+async fn promote(
+    args: &FlakeUpdateArgs,
+    repo: &Git,
+    base: &str,
+    built: &str,
+    update_branch: &str,
+    mut summary: Summary,
+) -> Outcome {
+    let fail = |e: git::GitError| (EXIT_FAILED, e.to_string());
+    // Same tree and parent as the built commit, so it is exactly what was built.
+    let commit = match with_host_changes(repo, built, &summary.hosts).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(err = %e, "cannot add the host changes to the commit message; promoting the built commit");
-            commit
+            built.to_owned()
         }
     };
     summary.commit = Some(commit.clone());
-
-    // 5. Fast-forward the target, never forcing: a target that moved meanwhile stays as it is.
     let target_ref = format!("{commit}:refs/heads/{}", args.target_branch);
     if let Err(e) = repo.run(&["push", "--quiet", &args.remote, &target_ref]).await {
         let now = repo.fetch_branch(&args.remote, &args.target_branch).await.map_err(fail)?;

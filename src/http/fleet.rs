@@ -1,8 +1,9 @@
 //! `GET /` and `GET /fleet.json`: the fleet page. Per repo and host: the last build's status and
 //! time, the newest good generation, its closure size and what changed against the one before;
-//! with no builder, the cache's own facts. Server-rendered HTML (no scripts, readable on a
-//! phone, every value escaped), or the same data as JSON (`/fleet.json`, or `/` with
-//! `Accept: application/json`). Nothing secret is shown: no keys, credentials or log lines.
+//! with no builder, the cache's own facts. One typed [`View`] is both: serialised for the JSON
+//! (`/fleet.json`, or `/` with `Accept: application/json`), and rendered as server-side HTML
+//! (no scripts, readable on a phone) with maud, which escapes every value unless told not to.
+//! Nothing secret is shown: no keys, credentials or log lines.
 
 use std::sync::Arc;
 
@@ -10,37 +11,66 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Response};
-use serde_json::{Value, json};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+use serde::Serialize;
 
 use super::AppState;
-use crate::fleet::{Activity, HostRecord, Hosts};
+use crate::fleet::{Activity, BucketCopy, HostRecord};
 use crate::nix::closure_diff::{Changes, human_bytes, show_versions as versions};
 
+/// What the page and `/fleet.json` show.
+#[derive(Debug, Serialize)]
+pub(crate) struct View {
+    cache: CacheView,
+    /// Whether this hearth runs a builder.
+    builder: bool,
+    activity: Activity,
+    hosts: Vec<HostView>,
+}
+
+/// The cache's own facts.
+#[derive(Debug, Serialize)]
+struct CacheView {
+    store_dir: String,
+    priority: u32,
+    /// The names of the keys it signs with.
+    public_keys: Vec<String>,
+    /// The same keys as a client's `trusted-public-keys` names them.
+    trusted_public_keys: Vec<String>,
+    compression: &'static str,
+}
+
+/// One host's record, with its repo and name.
+#[derive(Debug, Serialize)]
+struct HostView {
+    repo: String,
+    host: String,
+    #[serde(flatten)]
+    record: HostRecord,
+}
+
+impl HostView {
+    fn is_failed(&self) -> bool {
+        self.record.last_build.as_ref().is_some_and(|b| !b.status.is_success())
+    }
+}
+
 /// The page's data: the cache's facts and every host's record.
-fn data(state: &AppState) -> Value {
-    let hosts: Vec<Value> = state
-        .fleet
-        .snapshot()
-        .into_iter()
-        .map(|((repo, host), record)| {
-            let mut v = serde_json::to_value(&record).unwrap_or_default();
-            v["repo"] = repo.into();
-            v["host"] = host.into();
-            v
-        })
-        .collect();
-    json!({
-        "cache": {
-            "store_dir": state.store.store_dir(),
-            "priority": state.cache.priority,
-            "public_keys": state.keys.iter().map(|k| k.name().to_owned()).collect::<Vec<_>>(),
-            "trusted_public_keys": state.keys.iter().map(|k| k.public_key().to_string()).collect::<Vec<_>>(),
-            "compression": if state.cache.zstd_level.is_some() { "zstd" } else { "none" },
+fn view(state: &AppState) -> View {
+    let hosts =
+        state.fleet.snapshot().into_iter().map(|((repo, host), record)| HostView { repo, host, record }).collect();
+    View {
+        cache: CacheView {
+            store_dir: state.store.store_dir().to_owned(),
+            priority: state.cache.priority,
+            public_keys: state.keys.iter().map(|k| k.name().to_owned()).collect(),
+            trusted_public_keys: state.keys.iter().map(|k| k.public_key().to_string()).collect(),
+            compression: if state.cache.zstd_level.is_some() { "zstd" } else { "none" },
         },
-        "builder": state.fleet.has_builder(),
-        "activity": state.fleet.activity(),
-        "hosts": hosts,
-    })
+        builder: state.fleet.has_builder(),
+        activity: state.fleet.activity(),
+        hosts,
+    }
 }
 
 /// The page and its JSON as rendered for one version of the record: rendered once per change,
@@ -78,22 +108,14 @@ async fn current(state: &AppState) -> Option<Rendered> {
     }
     let owned = state.clone();
     let rendered = tokio::task::spawn_blocking(move || {
-        let data = data(&owned);
-        let activity = owned.fleet.activity();
-        let facts = Facts {
-            cache: &data["cache"],
-            activity: &activity,
-            now: crate::utc::now(),
-            has_builder: owned.fleet.has_builder(),
-        };
-        let html = render(&owned.fleet.snapshot(), &facts);
-        let public_keys = owned.keys.iter().map(|k| k.public_key().to_string()).collect();
+        let view = view(&owned);
+        let html = render(&view, crate::utc::now());
         Rendered {
             version,
             at: std::time::Instant::now(),
             html: Arc::new(html),
-            json: Bytes::from(data.to_string()),
-            public_keys: Arc::new(public_keys),
+            json: Bytes::from(serde_json::to_vec(&view).unwrap_or_default()),
+            public_keys: Arc::new(view.cache.trusted_public_keys),
         }
     })
     .await
@@ -125,65 +147,40 @@ pub(super) async fn index(State(state): State<AppState>, headers: HeaderMap) -> 
     ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
 }
 
-/// Escapes text for HTML element content and attribute values.
-pub(crate) fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// A store path's name, without the store directory and hash.
 fn short(path: &str) -> &str {
     let base = path.rsplit('/').next().unwrap_or(path);
     base.split_once('-').map_or(base, |(_, name)| name)
 }
 
-fn changes_html(c: &Changes) -> String {
+fn changes_html(c: &Changes) -> Markup {
     if c.first_build {
-        return "<p class=muted>first recorded build: nothing to compare with</p>".into();
+        return html! { p.muted { "first recorded build: nothing to compare with" } };
     }
     if c.is_empty() && c.bytes_delta() == 0 {
-        return "<p class=muted>no change from the previous generation</p>".into();
+        return html! { p.muted { "no change from the previous generation" } };
     }
-    let mut out = format!(
-        "<p>{} upgraded or downgraded, {} added, {} removed, {} rebuilt; {} ({} → {} paths)</p><ul>",
-        c.changed.len(),
-        c.added.len(),
-        c.removed.len(),
-        c.rebuilt,
-        esc(&human_bytes(c.bytes_delta(), true)),
-        c.paths_before,
-        c.paths_after
-    );
-    for v in &c.changed {
-        out.push_str(&format!(
-            "<li><b>{}</b> {} → {} <span class=muted>{}</span></li>",
-            esc(&v.name),
-            esc(&versions(&v.old)),
-            esc(&versions(&v.new)),
-            esc(&human_bytes(v.size_delta, true))
-        ));
+    html! {
+        p {
+            (c.changed.len()) " upgraded or downgraded, " (c.added.len()) " added, " (c.removed.len()) " removed, "
+            (c.rebuilt) " rebuilt; " (human_bytes(c.bytes_delta(), true))
+            " (" (c.paths_before) " → " (c.paths_after) " paths)"
+        }
+        ul {
+            @for v in &c.changed {
+                li { b { (v.name) } " " (versions(&v.old)) " → " (versions(&v.new)) " " span.muted { (human_bytes(v.size_delta, true)) } }
+            }
+            @for p in &c.added {
+                li.add { "+ " b { (p.name) } " " (versions(&p.versions)) }
+            }
+            @for p in &c.removed {
+                li.del { "− " b { (p.name) } " " (versions(&p.versions)) }
+            }
+            @if c.truncated > 0 {
+                li.muted { "… and " (c.truncated) " more" }
+            }
+        }
     }
-    for p in &c.added {
-        out.push_str(&format!("<li class=add>+ <b>{}</b> {}</li>", esc(&p.name), esc(&versions(&p.versions))));
-    }
-    for p in &c.removed {
-        out.push_str(&format!("<li class=del>− <b>{}</b> {}</li>", esc(&p.name), esc(&versions(&p.versions))));
-    }
-    if c.truncated > 0 {
-        out.push_str(&format!("<li class=muted>… and {} more</li>", c.truncated));
-    }
-    out.push_str("</ul>");
-    out
 }
 
 /// "5 min ago", for `at` (unix seconds) seen at `now`.
@@ -198,104 +195,81 @@ fn ago(now: i64, at: i64) -> String {
 }
 
 /// A time as the page shows it: relative, with the UTC minute as its title.
-fn when(now: i64, at: i64) -> String {
-    format!("<time title=\"{}\">{}</time>", esc(&crate::utc::minute(at)), esc(&ago(now, at)))
+fn when(now: i64, at: i64) -> Markup {
+    html! { time title=(crate::utc::minute(at)) { (ago(now, at)) } }
 }
 
-fn is_failed(r: &HostRecord) -> bool {
-    r.last_build.as_ref().is_some_and(|b| b.status != "success")
-}
-
-fn host_html(repo: &str, host: &str, r: &HostRecord, now: i64, building: bool) -> String {
-    let (status, class) = match r.last_build.as_ref().map(|b| b.status.as_str()) {
+/// A host's headline word and its colour.
+fn host_state(r: &HostRecord, building: bool) -> (&'static str, &'static str) {
+    match r.last_build.as_ref().map(|b| b.status.is_success()) {
         _ if building => ("building now", "run"),
-        Some("success") => ("built", "ok"),
-        Some(_) => ("FAILED", "bad"),
+        Some(true) => ("built", "ok"),
+        Some(false) => ("FAILED", "bad"),
         None if !r.branches.is_empty() => ("no build of the deploy branch yet", "muted"),
         None => ("no build since start", "muted"),
-    };
-    let last = r
-        .last_build
-        .as_ref()
-        .map(|b| {
-            let commit = b
-                .commit
-                .as_deref()
-                .map(|c| format!(" at <code>{}</code>", esc(&c.chars().take(12).collect::<String>())))
-                .unwrap_or_default();
-            let word = if b.status == "success" { "built" } else { "failed" };
-            format!(" · {word} {}{commit}", when(now, b.at))
-        })
-        .unwrap_or_default();
-    let mut out = format!(
-        "<section id=\"{}\"><h3>{} <span class=\"{class}\">{}</span></h3><p class=muted>{}{last}</p>",
-        esc(&format!("{repo}/{host}")),
-        esc(host),
-        esc(status),
-        esc(repo),
-    );
-    if let Some(b) = r.last_build.as_ref().filter(|b| b.status != "success") {
-        if let Some(error) = &b.error {
-            out.push_str(&format!("<pre class=err>{}</pre>", esc(error)));
+    }
+}
+
+fn host_html(h: &HostView, now: i64, building: bool) -> Markup {
+    let r = &h.record;
+    let (status, class) = host_state(r, building);
+    html! {
+        section id={ (h.repo) "/" (h.host) } {
+            h3 { (h.host) " " span class=(class) { (status) } }
+            p.muted {
+                (h.repo)
+                @if let Some(b) = &r.last_build {
+                    " · " (if b.status.is_success() { "built" } else { "failed" }) " " (when(now, b.at))
+                    @if let Some(c) = &b.commit { " at " code { (c.chars().take(12).collect::<String>()) } }
+                }
+            }
+            @if let Some(b) = r.last_build.as_ref().filter(|b| !b.status.is_success()) {
+                @if let Some(error) = &b.error { pre.err { (error) } }
+                @if let Some(drv) = b.failed_drv.as_deref().and_then(|d| d.rsplit('/').next()) {
+                    p { a href={ "/log/" (drv) } { "build log of " (short(drv)) } }
+                }
+            }
+            (generations_html(r, now))
+            @if let Some(b) = &r.bucket { (bucket_html(b, now)) }
+            @if let Some(c) = &r.changes { (changes_html(c)) }
+            // Other branches' builds: shown under their branch, never as the host's state.
+            @for (branch, b) in &r.branches {
+                p.muted {
+                    "branch " code { (branch) } ": "
+                    @if b.build.status.is_success() { span.ok { "built" } } @else { span.bad { "failed" } }
+                    " " (when(now, b.build.at))
+                    @if let Some(p) = &b.out_path { " · " (short(p)) }
+                }
+            }
         }
-        if let Some(drv) = b.failed_drv.as_deref().and_then(|d| d.rsplit('/').next()) {
-            out.push_str(&format!(
-                "<p><a href=\"/log/{}\">build log of {}</a></p>",
-                esc(drv),
-                esc(drv.split_once('-').map_or(drv, |(_, n)| n))
-            ));
+    }
+}
+
+/// The newest generation, then each generation's store path: what a rollback deploys.
+fn generations_html(r: &HostRecord, now: i64) -> Markup {
+    let Some(g) = r.generations.last() else { return html! {} };
+    html! {
+        p {
+            "generation " (g.number) " · built " (when(now, g.built_at))
+            @if let Some(b) = &g.builder { " by " (b) }
+            @if let Some(bytes) = r.closure_bytes {
+                " · closure " (human_bytes(i64::try_from(bytes).unwrap_or(i64::MAX), false)) " in " (r.closure_paths.unwrap_or(0)) " paths"
+            }
+        }
+        ul.gens {
+            @for g in r.generations.iter().rev() {
+                li {
+                    (g.number) " " code { (g.path) } " "
+                    span.muted { (when(now, g.built_at)) @if let Some(b) = &g.builder { " on " (b) } }
+                }
+            }
         }
     }
-    if let Some(g) = r.generations.last() {
-        out.push_str(&format!(
-            "<p>generation {} · built {}{}{}</p>",
-            g.number,
-            when(now, g.built_at),
-            g.builder.as_deref().map(|b| format!(" by {}", esc(b))).unwrap_or_default(),
-            r.closure_bytes
-                .map(|b| format!(
-                    " · closure {} in {} paths",
-                    esc(&human_bytes(b as i64, false)),
-                    r.closure_paths.unwrap_or(0)
-                ))
-                .unwrap_or_default()
-        ));
-        // Each generation's store path: what a rollback deploys.
-        out.push_str("<ul class=gens>");
-        for g in r.generations.iter().rev() {
-            out.push_str(&format!(
-                "<li>{} <code>{}</code> <span class=muted>{}{}</span></li>",
-                g.number,
-                esc(&g.path),
-                when(now, g.built_at),
-                g.builder.as_deref().map(|b| format!(" on {}", esc(b))).unwrap_or_default()
-            ));
-        }
-        out.push_str("</ul>");
-    }
-    if let Some(b) = &r.bucket {
-        out.push_str(&bucket_html(b, now));
-    }
-    if let Some(c) = &r.changes {
-        out.push_str(&changes_html(c));
-    }
-    // Other branches' builds: shown under their branch, never as the host's state.
-    for (branch, b) in &r.branches {
-        let (word, class) = if b.build.status == "success" { ("built", "ok") } else { ("failed", "bad") };
-        out.push_str(&format!(
-            "<p class=muted>branch <code>{}</code>: <span class=\"{class}\">{word}</span> {}{}</p>",
-            esc(branch),
-            when(now, b.build.at),
-            b.out_path.as_deref().map(|p| format!(" · {}", esc(short(p)))).unwrap_or_default()
-        ));
-    }
-    out.push_str("</section>");
-    out
 }
 
 /// How much of the newest system the S3 bucket holds (what a host could substitute if this
 /// build host were gone).
-fn bucket_html(b: &crate::fleet::BucketCopy, now: i64) -> String {
+fn bucket_html(b: &BucketCopy, now: i64) -> Markup {
     let (class, text) = if b.failed > 0 {
         (
             "bad",
@@ -309,7 +283,7 @@ fn bucket_html(b: &crate::fleet::BucketCopy, now: i64) -> String {
     } else {
         ("ok", format!("all {} paths", b.total))
     };
-    format!("<p>in the bucket: <span class={class}>{text}</span> <span class=muted>· {}</span></p>", when(now, b.at))
+    html! { p { "in the bucket: " span class=(class) { (text) } " " span.muted { "· " (when(now, b.at)) } } }
 }
 
 const STYLE: &str = "body{font:16px/1.45 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}\
@@ -329,96 +303,95 @@ const MAX_PAGE_HOSTS: usize = 500;
 /// Where the per-request part (the client snippet) goes in a cached page.
 const CLIENT_SLOT: &str = "<!--client-->";
 
-/// What the page shows besides the hosts.
-struct Facts<'a> {
-    cache: &'a Value,
-    activity: &'a Activity,
-    now: i64,
-    has_builder: bool,
+/// Whether the running build is for `h`: for it, or for all of its repo.
+fn is_building(activity: &Activity, h: &HostView) -> bool {
+    activity.running.as_ref().is_some_and(|b| b.repo == h.repo && (b.target == h.host || b.target == "all"))
 }
 
-fn render(hosts: &Hosts, f: &Facts<'_>) -> String {
-    let cache = f.cache;
-    let mut body = String::new();
-    let keys: Vec<&str> = cache["public_keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    body.push_str(&format!(
-        "<h1>hearth</h1><p class=muted>binary cache of <code>{}</code> · priority {} · {} · {}</p>{CLIENT_SLOT}",
-        esc(cache["store_dir"].as_str().unwrap_or("")),
-        cache["priority"],
-        esc(&format!("compression {}", cache["compression"].as_str().unwrap_or("none"))),
-        if keys.is_empty() {
-            "unsigned (no signing key)".to_owned()
-        } else {
-            format!("signed by {}", esc(&keys.join(", ")))
+/// The line under the title: the store, priority, compression and keys.
+fn cache_html(c: &CacheView) -> Markup {
+    html! {
+        h1 { "hearth" }
+        p.muted {
+            "binary cache of " code { (c.store_dir) } " · priority " (c.priority) " · compression " (c.compression) " · "
+            @if c.public_keys.is_empty() { "unsigned (no signing key)" } @else { "signed by " (c.public_keys.join(", ")) }
         }
-    ));
-    if !f.has_builder {
-        body.push_str("<p>This cache runs no builder: it serves its store, and records no builds.</p>");
-    } else if hosts.is_empty() && f.activity.running.is_none() {
-        body.push_str("<p>No build is recorded yet.</p>");
+        (PreEscaped(CLIENT_SLOT))
     }
-    // A host is building if the running build is for it, or for all of its repo.
-    let building = |repo: &str, host: &str| {
-        f.activity.running.as_ref().is_some_and(|b| b.repo == repo && (b.target == host || b.target == "all"))
+}
+
+/// What is broken now, what is building and what waits: counted over every host.
+fn summary_html(view: &View, failed: usize, now: i64) -> Markup {
+    let a = &view.activity;
+    let built =
+        view.hosts.iter().filter(|h| h.record.last_build.as_ref().is_some_and(|b| b.status.is_success())).count();
+    let building = view.hosts.iter().filter(|h| is_building(a, h)).count();
+    html! {
+        @if !view.builder {
+            p { "This cache runs no builder: it serves its store, and records no builds." }
+        } @else if view.hosts.is_empty() && a.running.is_none() {
+            p { "No build is recorded yet." }
+        }
+        @if view.builder && !view.hosts.is_empty() {
+            p.summary {
+                b.ok { (built) " built" } " · " b class=(if failed == 0 { "ok" } else { "bad" }) { (failed) " failed" }
+                " · " (building) " building · " (a.queued.len()) " queued"
+            }
+        }
+        @if let Some(b) = &a.running {
+            p.run {
+                "building now: " b { (b.target) } " of " (b.repo) " (" code { (b.branch) } ")"
+                @if let Some(at) = a.since { ", started " (when(now, at)) }
+            }
+        }
+        @if !a.queued.is_empty() {
+            p.muted {
+                "queued: "
+                @for (i, b) in a.queued.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    (b.target) " of " (b.repo) " (" code { (b.branch) } ")"
+                }
+            }
+        }
+    }
+}
+
+/// The whole page. Failing hosts come first, then every repo's other hosts; at most
+/// [`MAX_PAGE_HOSTS`] are shown, failing ones before any other, and the rest are counted.
+fn render(view: &View, now: i64) -> String {
+    let (failed, rest): (Vec<&HostView>, Vec<&HostView>) = view.hosts.iter().partition(|h| h.is_failed());
+    let failed_shown = &failed[..failed.len().min(MAX_PAGE_HOSTS)];
+    let rest_shown = &rest[..rest.len().min(MAX_PAGE_HOSTS - failed_shown.len())];
+    let hidden = view.hosts.len() - failed_shown.len() - rest_shown.len();
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width,initial-scale=1";
+                meta name="color-scheme" content="light dark";
+                title { "hearth · fleet" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                (cache_html(&view.cache))
+                (summary_html(view, failed.len(), now))
+                @if !failed_shown.is_empty() {
+                    h2.bad { "Failing" }
+                    @for h in failed_shown { (host_html(h, now, is_building(&view.activity, h))) }
+                }
+                @for (i, h) in rest_shown.iter().enumerate() {
+                    @if i == 0 || rest_shown[i - 1].repo != h.repo { h2 { (h.repo) } }
+                    (host_html(h, now, is_building(&view.activity, h)))
+                }
+                @if hidden > 0 {
+                    p.muted { (hidden) " more hosts are not shown here; " a href="/fleet.json" { "fleet.json" } " has them all." }
+                }
+                p.muted { a href="/fleet.json" { "fleet.json" } }
+            }
+        }
     };
-    // The summary first: what is broken now, what is building.
-    if f.has_builder && !hosts.is_empty() {
-        let failed: Vec<_> = hosts.iter().filter(|(_, r)| is_failed(r)).collect();
-        let built = hosts.values().filter(|r| r.last_build.as_ref().is_some_and(|b| b.status == "success")).count();
-        let now_building = hosts.keys().filter(|(repo, host)| building(repo, host)).count();
-        body.push_str(&format!(
-            "<p class=summary><b class=ok>{built} built</b> · <b class=\"{}\">{} failed</b> · {now_building} building · {} queued</p>",
-            if failed.is_empty() { "ok" } else { "bad" },
-            failed.len(),
-            f.activity.queued.len()
-        ));
-    }
-    if let Some(b) = &f.activity.running {
-        body.push_str(&format!(
-            "<p class=run>building now: <b>{}</b> of {} (<code>{}</code>){}</p>",
-            esc(&b.target),
-            esc(&b.repo),
-            esc(&b.branch),
-            f.activity.since.map(|at| format!(", started {}", when(f.now, at))).unwrap_or_default()
-        ));
-    }
-    if !f.activity.queued.is_empty() {
-        let queued: Vec<String> = f
-            .activity
-            .queued
-            .iter()
-            .map(|b| format!("{} of {} (<code>{}</code>)", esc(&b.target), esc(&b.repo), esc(&b.branch)))
-            .collect();
-        body.push_str(&format!("<p class=muted>queued: {}</p>", queued.join(", ")));
-    }
-    // Failures first, then every repo's other hosts.
-    let (failed, rest): (Vec<_>, Vec<_>) = hosts.iter().take(MAX_PAGE_HOSTS).partition(|(_, r)| is_failed(r));
-    if !failed.is_empty() {
-        body.push_str("<h2 class=bad>Failing</h2>");
-        for ((repo, host), record) in failed {
-            body.push_str(&host_html(repo, host, record, f.now, building(repo, host)));
-        }
-    }
-    let mut repo_shown = None;
-    for ((repo, host), record) in rest {
-        if repo_shown != Some(repo) {
-            body.push_str(&format!("<h2>{}</h2>", esc(repo)));
-            repo_shown = Some(repo);
-        }
-        body.push_str(&host_html(repo, host, record, f.now, building(repo, host)));
-    }
-    if hosts.len() > MAX_PAGE_HOSTS {
-        body.push_str(&format!(
-            "<p class=muted>{} more hosts are not shown here; <a href=\"/fleet.json\">fleet.json</a> has them all.</p>",
-            hosts.len() - MAX_PAGE_HOSTS
-        ));
-    }
-    format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8>\
-         <meta name=viewport content=\"width=device-width,initial-scale=1\"><meta name=color-scheme content=\"light dark\">\
-         <title>hearth · fleet</title><style>{STYLE}</style></head><body>{body}\
-         <p class=muted><a href=\"/fleet.json\">fleet.json</a></p></body></html>"
-    )
+    page.into_string()
 }
 
 /// How a client uses this cache, as the request reached it (its `Host`, and
@@ -436,30 +409,52 @@ fn client_snippet(headers: &HeaderMap, public_keys: &[String]) -> String {
         _ => "http",
     };
     let keys = if public_keys.is_empty() { "(this cache signs nothing)".to_owned() } else { public_keys.join(" ") };
-    format!(
-        "<details><summary>Use this cache</summary><pre>substituters = {}://{}\ntrusted-public-keys = {}</pre></details>",
-        proto,
-        esc(host),
-        esc(&keys)
-    )
+    let snippet = html! {
+        details {
+            summary { "Use this cache" }
+            pre { "substituters = " (proto) "://" (host) "\ntrusted-public-keys = " (keys) }
+        }
+    };
+    snippet.into_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::{Generation, LastBuild};
+    use crate::fleet::{BuildResult, Generation, Hosts, LastBuild};
     use crate::nix::closure_diff::VersionChange;
 
+    fn view_of(hosts: &Hosts, activity: &Activity, builder: bool) -> View {
+        View {
+            cache: CacheView {
+                store_dir: "/nix/store".into(),
+                priority: 30,
+                public_keys: Vec::new(),
+                trusted_public_keys: Vec::new(),
+                compression: "none",
+            },
+            builder,
+            activity: activity.clone(),
+            hosts: hosts
+                .iter()
+                .map(|((repo, host), record)| HostView {
+                    repo: repo.clone(),
+                    host: host.clone(),
+                    record: record.clone(),
+                })
+                .collect(),
+        }
+    }
+
     fn page_of(hosts: &Hosts, activity: &Activity) -> String {
-        let cache = json!({"store_dir": "/nix/store", "priority": 30, "public_keys": []});
-        render(hosts, &Facts { cache: &cache, activity, now: 10_000, has_builder: true })
+        render(&view_of(hosts, activity, true), 10_000)
     }
 
     #[test]
     fn the_page_says_what_is_broken_why_and_what_is_building() {
         let mut hosts = Hosts::new();
         let ok = HostRecord {
-            last_build: Some(LastBuild::new("success", 9_000, None)),
+            last_build: Some(LastBuild::new(BuildResult::Success, 9_000, None)),
             generations: vec![
                 Generation {
                     number: 1,
@@ -509,9 +504,10 @@ mod tests {
         assert!(at("1 built") < at("Failing") && at("Failing") < at("zz-db1") && at("zz-db1") < at("<h3>web1"));
         assert!(page.contains("1 failed") && page.contains("1 building") && page.contains("1 queued"), "{page}");
         // Where each system's upload to the bucket stands.
-        assert!(page.contains("in the bucket: <span class=run>40 of 52 paths · 12 uploading</span>"), "{page}");
+        assert!(page.contains("in the bucket: <span class=\"run\">40 of 52 paths · 12 uploading</span>"), "{page}");
         let failed = crate::fleet::BucketCopy { present: 50, total: 52, queued: 0, failed: 2, at: 9_000 };
-        assert!(bucket_html(&failed, 10_000).contains("<span class=bad>50 of 52 paths · 2 failed to upload"));
+        let failed = bucket_html(&failed, 10_000).into_string();
+        assert!(failed.contains("<span class=\"bad\">50 of 52 paths · 2 failed to upload"), "{failed}");
         // Which builder built a generation, escaped.
         assert!(page.contains("by build&lt;1&gt;") && page.contains("on build&lt;1&gt;"), "{page}");
         assert!(
@@ -521,9 +517,7 @@ mod tests {
         assert!(page.contains("<code>/nix/store/a-web1-old</code>") && page.contains("5 min ago"), "{page}");
         assert!(page.contains(CLIENT_SLOT));
         // Without a builder, the page says so rather than "no build yet".
-        let cache = json!({"store_dir": "/nix/store", "priority": 30, "public_keys": []});
-        let none =
-            render(&Hosts::new(), &Facts { cache: &cache, activity: &Activity::default(), now: 0, has_builder: false });
+        let none = render(&view_of(&Hosts::new(), &Activity::default(), false), 0);
         assert!(none.contains("runs no builder"), "{none}");
     }
 
@@ -545,7 +539,7 @@ mod tests {
     fn everything_shown_is_escaped() {
         let mut hosts = Hosts::new();
         let record = HostRecord {
-            last_build: Some(LastBuild::new("failure", 0, Some("a".repeat(40)))),
+            last_build: Some(LastBuild::new(BuildResult::Failure, 0, Some("a".repeat(40)))),
             generations: vec![Generation {
                 number: 2,
                 path: "/nix/store/x-<b>".into(),
@@ -567,7 +561,7 @@ mod tests {
             branches: [(
                 "<exp>".to_owned(),
                 crate::fleet::BranchBuild {
-                    build: LastBuild::new("failure", 0, None),
+                    build: LastBuild::new(BuildResult::Failure, 0, None),
                     out_path: Some("/nix/store/y-<i>".into()),
                 },
             )]
@@ -591,7 +585,7 @@ mod tests {
         let mut hosts = Hosts::new();
         for i in 0..2000 {
             let record = HostRecord {
-                last_build: Some(LastBuild::new("success", 0, Some("c".repeat(40)))),
+                last_build: Some(LastBuild::new(BuildResult::Success, 0, Some("c".repeat(40)))),
                 ..HostRecord::default()
             };
             hosts.insert(("fleet".into(), format!("host{i:04}")), record);
@@ -603,12 +597,51 @@ mod tests {
     }
 
     #[test]
+    fn failing_hosts_past_the_bound_are_counted_and_shown_first() {
+        let mut hosts = Hosts::new();
+        for i in 0..600 {
+            let build = if i >= 500 && i % 10 == 0 {
+                LastBuild::failed(0, None, &format!("error: host{i:04} broke"))
+            } else {
+                LastBuild::new(BuildResult::Success, 0, None)
+            };
+            let record = HostRecord { last_build: Some(build), ..HostRecord::default() };
+            hosts.insert(("fleet".into(), format!("host{i:04}")), record);
+        }
+        let page = page_of(&hosts, &Activity::default());
+        assert!(page.contains("590 built") && page.contains("10 failed"), "{page}");
+        let failing = page.find("Failing").expect("a Failing section");
+        for i in (500..600).step_by(10) {
+            let at = page.find(&format!("<h3>host{i:04}")).unwrap_or_else(|| panic!("host{i:04} not shown"));
+            assert!(at > failing && at < page.find("<h3>host0000").unwrap(), "host{i:04} is not among the first");
+        }
+        // 10 failing and 490 others shown: 100 hidden, and said.
+        assert!(page.contains("100 more hosts are not shown here"), "{page}");
+    }
+
+    #[test]
+    fn the_json_is_the_view_with_each_record_flattened() {
+        let mut hosts = Hosts::new();
+        let record =
+            HostRecord { last_build: Some(LastBuild::new(BuildResult::Success, 5, None)), ..HostRecord::default() };
+        hosts.insert(("fleet".into(), "web1".into()), record);
+        let json = serde_json::to_value(view_of(&hosts, &Activity::default(), true)).unwrap();
+        assert_eq!(json["hosts"][0]["repo"], "fleet");
+        assert_eq!(json["hosts"][0]["host"], "web1");
+        assert_eq!(json["hosts"][0]["last_build"]["status"], "success");
+        assert_eq!(json["cache"]["priority"], 30);
+        assert_eq!(json["builder"], true);
+    }
+
+    #[test]
     fn a_commit_with_multi_byte_characters_renders() {
         // A hand-edited or damaged record: the 12th byte is inside a character.
         let mut hosts = Hosts::new();
         let commit = format!("{}é{}", "a".repeat(11), "b".repeat(10));
-        let record =
-            HostRecord { last_build: Some(LastBuild::new("success", 0, Some(commit))), ..HostRecord::default() };
+        let record = HostRecord {
+            last_build: Some(LastBuild::new(BuildResult::Success, 0, Some(commit))),
+            ..HostRecord::default()
+        };
         hosts.insert(("r".into(), "h".into()), record);
         let page = page_of(&hosts, &Activity::default());
         assert!(page.contains(&format!(" at <code>{}é", "a".repeat(11))), "{page}");

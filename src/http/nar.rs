@@ -19,6 +19,7 @@ use super::range::{RangeDecision, decide};
 use super::slots::{Conn, SlotBody};
 use crate::metrics::Metrics;
 use crate::nix::http_path::{self, NarEncoding};
+use crate::store::PathInfo;
 use crate::store::nar_stream::{Encoding, NarStream};
 use futures::Stream;
 
@@ -109,26 +110,64 @@ pub(super) async fn get(
         (NarEncoding::Zstd, Some(level)) => Some(level),
         (NarEncoding::Zstd, None) => return Err(HttpError::NotFound),
     };
-    // A hot NAR of this very NarHash, in the asked encoding, is served from its file.
-    if let Some(cache) = state.store.nar_cache().filter(|c| c.compressed() == level.is_some()) {
-        if let Some(entry) = cache.get(store_hash, &info.nar_hash) {
-            // `None`: the entry was gone or damaged and is dropped; serve from the store.
-            if let Some(resp) = serve_cached(&state, conn.as_deref(), &method, &headers, store_hash, &entry).await? {
-                return Ok(resp);
-            }
-        }
-        state.metrics.nar_cache_misses.inc();
-        // Only a whole GET asks for the NAR: HEAD and Range requests never fill the cache.
-        let whole_get = method == Method::GET && !headers.contains_key(header::RANGE);
-        if whole_get && cache.second_request(store_hash) {
-            state.store.cache_nars(std::slice::from_ref(&info));
-        }
+    if let Some(resp) = hot(&state, conn.as_deref(), &method, &headers, &info, level).await? {
+        return Ok(resp);
     }
+    let (status, encoding, length, resp_headers) = plan_response(&headers, &info, level)?;
+    if method == Method::HEAD {
+        // With no length known (zstd made on the fly), send none, as GET does: an empty body of
+        // unknown size, never `Content-Length: 0`.
+        let body = match length {
+            Some(_) => Body::empty(),
+            None => Body::from_stream(futures::stream::empty::<Result<Bytes, std::io::Error>>()),
+        };
+        return Ok((status, resp_headers, body).into_response());
+    }
+    let slots = stream_slots(&state, conn.as_deref(), &headers, &encoding).await?;
+    let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
+    let stream = state.store.nar_stream(&info.path, encoding, root);
+    let body = SlotBody::new(NarBody::new(stream, length, state.metrics.clone(), false), slots);
+    Ok((status, resp_headers, Body::new(body)).into_response())
+}
+
+/// A hot NAR of this very NarHash, in the asked encoding (`level`), served from its file;
+/// `None` if there is none (or it was gone or damaged, and is dropped): serve from the store.
+/// A second whole GET of a path asks for its hot NAR.
+async fn hot(
+    state: &AppState,
+    conn: Option<&Conn>,
+    method: &Method,
+    headers: &HeaderMap,
+    info: &Arc<PathInfo>,
+    level: Option<i32>,
+) -> HttpResult<Option<Response>> {
+    let Some(cache) = state.store.nar_cache().filter(|c| c.compressed() == level.is_some()) else { return Ok(None) };
+    let store_hash = info.path.hash();
+    if let Some(entry) = cache.get(store_hash, &info.nar_hash)
+        && let Some(resp) = serve_cached(state, conn, method, headers, store_hash, &entry).await?
+    {
+        return Ok(Some(resp));
+    }
+    state.metrics.nar_cache_misses.inc();
+    // Only a whole GET asks for the NAR: HEAD and Range requests never fill the cache.
+    let whole_get = method == Method::GET && !headers.contains_key(header::RANGE);
+    if whole_get && cache.second_request(store_hash) {
+        state.store.cache_nars(std::slice::from_ref(info));
+    }
+    Ok(None)
+}
+
+/// The response's status, encoding, length (none for zstd made on the fly) and headers: a
+/// plain NAR has ranges and its NarHash as its ETag.
+fn plan_response(
+    headers: &HeaderMap,
+    info: &PathInfo,
+    level: Option<i32>,
+) -> HttpResult<(StatusCode, Encoding, Option<u64>, HeaderMap)> {
     let size = info.nar_size;
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
     resp_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
-
     let (status, encoding, length) = match level {
         Some(level) => (StatusCode::OK, Encoding::Zstd { level, nar_size: size }, None),
         None => {
@@ -139,40 +178,32 @@ pub(super) async fn get(
             if let Ok(v) = HeaderValue::from_str(&etag) {
                 resp_headers.insert(header::ETAG, v);
             }
-            let (status, start, end) = ranged(&headers, &etag, size, &mut resp_headers)?;
+            let (status, start, end) = ranged(headers, &etag, size, &mut resp_headers)?;
             (status, Encoding::Plain { start, end }, Some(end - start))
         }
     };
     if let Some(len) = length {
         resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
-    if method == Method::HEAD {
-        // With no length known (zstd made on the fly), send none, as GET does: an empty body of
-        // unknown size, never `Content-Length: 0`.
-        let body = match length {
-            Some(_) => Body::empty(),
-            None => Body::from_stream(futures::stream::empty::<Result<Bytes, std::io::Error>>()),
-        };
-        return Ok((status, resp_headers, body).into_response());
-    }
-    // Bounds: streams at once, and compressed streams (each holds an encoder) at once. At a
-    // bound the stream idle longest gives its slot up; failing that the request waits a bounded
-    // while for a freed slot, and only then is told to come back shortly.
+    Ok((status, encoding, length, resp_headers))
+}
+
+/// Bounds: streams at once, and compressed streams (each holds an encoder) at once. At a
+/// bound the stream idle longest gives its slot up; failing that the request waits a bounded
+/// while for a freed slot, and only then is told to come back shortly.
+async fn stream_slots(
+    state: &AppState,
+    conn: Option<&Conn>,
+    headers: &HeaderMap,
+    encoding: &Encoding,
+) -> HttpResult<Vec<super::slots::Slot>> {
     let streams = &state.streams;
-    let slots = match encoding {
+    match encoding {
         Encoding::Zstd { .. } => {
-            streams
-                .acquire(conn.as_deref(), &headers, &[&streams.nar, &streams.zstd], "too many compressed downloads")
-                .await?
+            streams.acquire(conn, headers, &[&streams.nar, &streams.zstd], "too many compressed downloads").await
         }
-        Encoding::Plain { .. } => {
-            streams.acquire(conn.as_deref(), &headers, &[&streams.nar], "too many NAR downloads").await?
-        }
-    };
-    let root = state.store.hold(&info.path).await?.ok_or(HttpError::NotFound)?;
-    let stream = state.store.nar_stream(&info.path, encoding, root);
-    let body = SlotBody::new(NarBody::new(stream, length, state.metrics.clone(), false), slots);
-    Ok((status, resp_headers, Body::new(body)).into_response())
+        Encoding::Plain { .. } => streams.acquire(conn, headers, &[&streams.nar], "too many NAR downloads").await,
+    }
 }
 
 /// Decides a request's range over `size` bytes whose strong validator is `etag`: `If-Range`

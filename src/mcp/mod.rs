@@ -21,13 +21,14 @@ use http_body_util::BodyExt;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, RequestMetaObject, ServerCapabilities,
-    ServerConfig,
+    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, ProgressToken, RequestMetaObject,
+    ServerCapabilities, ServerConfig,
 };
 use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, schemars, tool, tool_handler, tool_router};
 use serde::Deserialize;
 
-use crate::builder::cli::{NatsArgs, headline, parse_duration, request_build, validate};
+use crate::builder::cli::headline;
+use crate::builder::client::{NatsArgs, parse_duration, request_build, validate};
 use crate::builder::config::RepoConfig;
 use crate::builder::job::Status;
 use crate::config::Config;
@@ -131,6 +132,60 @@ pub struct HearthMcp {
     build_timeout: Duration,
     builds: Arc<builds::Builds>,
     tool_router: ToolRouter<Self>,
+}
+
+/// A build's parameters checked as the builder will check them, and its repo among the
+/// configured ones (when the server knows them).
+fn check_build(p: &BuildParams, repos: &[RepoConfig]) -> Result<(), ErrorData> {
+    validate(&p.repo, &p.target, p.branch.as_deref()).map_err(|(_, m)| invalid(m))?;
+    if p.rev.as_deref().is_some_and(|r| !crate::builder::job::is_valid_rev_request(r)) {
+        return Err(invalid("`rev` must be a commit id (7 to 40 lowercase hex digits)"));
+    }
+    if !repos.is_empty() && !repos.iter().any(|r| r.name == p.repo) {
+        return Err(invalid(format!("unknown repo `{}` (see list_repos)", p.repo)));
+    }
+    Ok(())
+}
+
+/// Follows a build to its final reply: each reply's headline goes into the session's build
+/// list and, with a progress token, out as a progress notification (in order, off the reply
+/// loop, so a slow client never holds up reading replies).
+async fn follow_build(
+    client: crate::builder::client::Deployer,
+    builds: Arc<builds::Builds>,
+    id: String,
+    p: BuildParams,
+    timeout: std::time::Duration,
+    token: Option<ProgressToken>,
+    peer: Peer<RoleServer>,
+) -> Result<crate::builder::job::Reply, (u8, String)> {
+    let mut sent = 0u32;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let notify = async {
+        while let Some(line) = rx.recv().await {
+            if let Some(token) = &token {
+                sent += 1;
+                let param = ProgressNotificationParam::new(token.clone(), f64::from(sent)).with_message(line);
+                let _ = peer.notify_progress(param).await;
+            }
+        }
+    };
+    let follow = async {
+        let (branch, rev) = (p.branch.as_deref(), p.rev.as_deref());
+        let r = request_build(&client, &p.repo, &p.target, branch, rev, timeout, |reply, _| {
+            let line = headline(reply);
+            builds.update(&id, reply, line.clone());
+            let _ = tx.send(line);
+        })
+        .await;
+        drop(tx);
+        r
+    };
+    let (result, ()) = tokio::join!(follow, notify);
+    if let Err((_, why)) = &result {
+        builds.fail(&id, why.clone());
+    }
+    result
 }
 
 fn invalid(msg: impl Into<String>) -> ErrorData {
@@ -241,65 +296,16 @@ impl HearthMcp {
         if !self.enable_builds {
             return Err(ErrorData::invalid_request("builds are disabled: start `hearth mcp --enable-builds`", None));
         }
-        validate(&p.repo, &p.target, p.branch.as_deref()).map_err(|(_, m)| invalid(m))?;
-        if p.rev.as_deref().is_some_and(|r| !crate::builder::job::is_valid_rev_request(r)) {
-            return Err(invalid("`rev` must be a commit id (7 to 40 lowercase hex digits)"));
-        }
-        if !self.repos.is_empty() && !self.repos.iter().any(|r| r.name == p.repo) {
-            return Err(invalid(format!("unknown repo `{}` (see list_repos)", p.repo)));
-        }
+        check_build(&p, &self.repos)?;
         let client = self.nats.connect("hearth-mcp").await.map_err(|(_, m)| ErrorData::internal_error(m, None))?;
-        let id = crate::builder::cli::random_id();
+        let id = crate::builder::client::random_id();
         self.builds.start(&id, &p.repo, &p.target).ok_or_else(|| {
             ErrorData::invalid_request("too many builds from this session are running; wait for one to end", None)
         })?;
         // Progress belongs to a request that is still open: none once `build` has returned.
         let wait = p.wait != Some(false);
         let token = if wait { meta.get_progress_token() } else { None };
-        let run = {
-            let builds = self.builds.clone();
-            let id = id.clone();
-            let timeout = self.build_timeout;
-            async move {
-                let mut sent = 0u32;
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-                let notify = async {
-                    // Progress goes out in order, off the reply loop, so a slow client never
-                    // holds up reading replies.
-                    while let Some(line) = rx.recv().await {
-                        if let Some(token) = &token {
-                            sent += 1;
-                            let param =
-                                ProgressNotificationParam::new(token.clone(), f64::from(sent)).with_message(line);
-                            let _ = peer.notify_progress(param).await;
-                        }
-                    }
-                };
-                let follow = async {
-                    let r = request_build(
-                        &client,
-                        &p.repo,
-                        &p.target,
-                        p.branch.as_deref(),
-                        p.rev.as_deref(),
-                        timeout,
-                        |reply, _| {
-                            let line = headline(reply);
-                            builds.update(&id, reply, line.clone());
-                            let _ = tx.send(line);
-                        },
-                    )
-                    .await;
-                    drop(tx);
-                    r
-                };
-                let (result, ()) = tokio::join!(follow, notify);
-                if let Err((_, why)) = &result {
-                    builds.fail(&id, why.clone());
-                }
-                result
-            }
-        };
+        let run = follow_build(client, self.builds.clone(), id.clone(), p, self.build_timeout, token, peer);
         if !wait {
             tokio::spawn(run);
             let value = serde_json::json!({
