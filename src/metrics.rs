@@ -81,6 +81,8 @@ pub struct Metrics {
     pub build_last_success: Family<Repo, Gauge>,
     pub host_last_success: Family<RepoHost, Gauge>,
     pub builder_nats_connected: Gauge,
+    /// 1 while the builder takes requests (subscribed or consuming), 0 before and after.
+    pub builder_ready: Gauge,
     pub build_queue: Gauge,
     pub build_in_progress: Gauge,
     pub build_rejected: Family<Repo, Counter>,
@@ -175,6 +177,12 @@ impl Metrics {
             "hearth_host_last_build_success",
             "1 if the host's last build of its repo's deploy branch succeeded, 0 if it failed (a host broken now)",
             host_last_success.clone(),
+        );
+        let builder_ready = Gauge::default();
+        registry.register(
+            "hearth_builder_ready",
+            "1 while the builder takes build requests (subscribed to NATS, or consuming the JetStream queue)",
+            builder_ready.clone(),
         );
         let builder_nats_connected = Gauge::default();
         registry.register(
@@ -347,6 +355,7 @@ impl Metrics {
             build_last_success,
             host_last_success,
             builder_nats_connected,
+            builder_ready,
             build_queue,
             build_in_progress,
             build_rejected,

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::builder::BuilderToml;
 use common::flake::{make_repo, salt, system};
 use common::nats::Nats;
 use common::{Hearth, nix_cmd, run_ok, wait_until};
@@ -136,27 +137,11 @@ fn pushing_config(
     bucket_extra: &str,
     builder_extra: &str,
 ) -> String {
-    format!(
-        r#"
-state_dir = "{state}"
-{bucket}
-[builder]
-nats_url = "{url}"
-nkey_seed_file = "{seed}"
-gcroots_dir = "{roots}"
-{builder_extra}
-
-[[builder.repos]]
-name = "fleet"
-url = "git+file://{fleet}"
-"#,
-        state = work.join("state").display(),
-        bucket = bucket_section(garage, bucket_extra),
-        url = nats.url(),
-        seed = nats.builder_seed.display(),
-        roots = work.join("gcroots").display(),
-        fleet = fleet.display(),
-    )
+    BuilderToml::new(nats, &work.join("gcroots"))
+        .top(&format!("state_dir = \"{}\"\n{}", work.join("state").display(), bucket_section(garage, bucket_extra)))
+        .with(builder_extra)
+        .repo("fleet", &format!("git+file://{}", fleet.display()))
+        .render()
 }
 
 /// A cache-only hearth reading through the bucket (with `extra` lines), its store the one at
@@ -247,8 +232,7 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
     let config = pushing_config(&garage, &nats, work.path(), &fleet, "upload_concurrency = 2", "");
-    let hearth = Hearth::start(&config);
-    hearth.wait_for_log("builder listening", 1);
+    let hearth = common::builder::start(&config);
     let last = build(&nats);
     let system = last["out_path"].as_str().unwrap().to_owned();
     let uploaded = &last["hosts"][0]["uploaded"];
@@ -382,8 +366,7 @@ fn a_hot_nar_is_compressed_once_for_serving_and_for_the_bucket() {
         pushing_config(&garage, &nats, work.path(), &fleet, "", ""),
         work.path().join("nars").display()
     );
-    let hearth = Hearth::start(&config);
-    hearth.wait_for_log("builder listening", 1);
+    let hearth = common::builder::start(&config);
     let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
     let closure = closure_of(&system);
     wait_in_bucket(&garage, &closure, "the closure is in the bucket");
@@ -406,8 +389,7 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
     let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "keep_generations = 2");
-    let hearth = Hearth::start(&body);
-    hearth.wait_for_log("builder listening", 1);
+    let hearth = common::builder::start(&body);
     let mut systems = Vec::new();
     let original = std::fs::read_to_string(fleet.join("flake.nix")).unwrap();
     for round in 0..3 {
@@ -456,8 +438,7 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
     let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "");
-    let mut hearth = Hearth::start(&body);
-    hearth.wait_for_log("builder listening", 1);
+    let mut hearth = common::builder::start(&body);
     let first = build(&nats)["out_path"].as_str().unwrap().to_owned();
     // One node of three dies while the closure uploads: writes and reads still reach a quorum.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
@@ -487,8 +468,7 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     };
     assert!(consistent(), "a narinfo is visible before its NAR");
     // Restarted, it finds what the bucket lacks of its newest systems and uploads it.
-    let hearth = Hearth::start(&body);
-    hearth.wait_for_log("builder listening", 1);
+    let _hearth = common::builder::start(&body);
     wait_in_bucket(&garage, &closure, "the closure is in the bucket after the restart");
     assert!(consistent());
     substitute_and_verify(garage.get("GARAGE_WEB"), &system);
@@ -605,27 +585,13 @@ fn builder_with_bucket_at(nats: &Nats, work: &Path, fleet: &Path, endpoint: &str
     for f in ["id", "secret"] {
         std::fs::write(work.join(f), "x").unwrap();
     }
-    Hearth::start(&format!(
-        r#"
-state_dir = "{w}/state"
-[bucket]
-url = "s3://hearth?endpoint={endpoint}&region=garage"
-access_key_id_file = "{w}/id"
-secret_access_key_file = "{w}/secret"
-[builder]
-nats_url = "{url}"
-nkey_seed_file = "{seed}"
-gcroots_dir = "{w}/gcroots"
-
-[[builder.repos]]
-name = "fleet"
-url = "git+file://{fleet}"
-"#,
-        w = work.display(),
-        url = nats.url(),
-        seed = nats.builder_seed.display(),
-        fleet = fleet.display(),
-    ))
+    BuilderToml::new(nats, &work.join("gcroots"))
+        .top(&format!(
+            "state_dir = \"{w}/state\"\n[bucket]\nurl = \"s3://hearth?endpoint={endpoint}&region=garage\"\naccess_key_id_file = \"{w}/id\"\nsecret_access_key_file = \"{w}/secret\"",
+            w = work.display()
+        ))
+        .repo("fleet", &format!("git+file://{}", fleet.display()))
+        .start()
 }
 
 #[test]
@@ -635,7 +601,6 @@ fn a_bucket_that_never_answers_never_holds_a_builds_reply() {
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
     let hearth = builder_with_bucket_at(&nats, work.path(), &fleet, &format!("http://127.0.0.1:{}", silent.port));
-    hearth.wait_for_log("builder listening", 1);
     let reply = build(&nats);
     assert_eq!(reply["status"], "completed", "{reply}");
     // Every request to the bucket is still waiting for an answer that never comes: the reply
@@ -655,7 +620,6 @@ fn an_unreachable_bucket_is_noticed_once_and_its_paths_wait_for_a_later_build() 
     let work = tempfile::tempdir().unwrap();
     let fleet = repo(work.path());
     let hearth = builder_with_bucket_at(&nats, work.path(), &fleet, &format!("http://127.0.0.1:{port}"));
-    hearth.wait_for_log("builder listening", 1);
     let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
     let closure = closure_of(&system).len() as u64;
     let mut last = Value::Null;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::builder::BuilderToml;
 use common::flake::{flake, make_repo};
 use common::nats::Nats;
 use common::{Hearth, hash_part, run_ok, set_mode};
@@ -78,44 +79,20 @@ impl Fleet {
                 ),
             ]),
         );
-        let config = format!(
-            r#"
-state_dir = "{state}"
-{top}
-
-[builder]
-nats_url = "{url}"
-nkey_seed_file = "{seed}"
-gcroots_dir = "{roots}"
-progress_interval_ms = 50
-queue_size = 2
-{extra}
-
-[[builder.repos]]
-name = "fleet"
-url = "git+file://{fleet}"
-
-[[builder.repos]]
-name = "lab"
-url = "git+file://{lab}"
-branch = "master"
-"#,
-            url = nats.url(),
-            seed = nats.builder_seed.display(),
-            roots = dir.path().join("gcroots").display(),
-            state = dir.path().join("state").display(),
-            fleet = dir.path().join("fleet").display(),
-            lab = dir.path().join("lab").display(),
-        );
-        let hearth = Hearth::start_env(&config, env);
-        hearth.wait_for_log("builder listening", 1);
+        let config = BuilderToml::new(&nats, &dir.path().join("gcroots"))
+            .top(&format!("state_dir = \"{}\"\n{top}", dir.path().join("state").display()))
+            .with("progress_interval_ms = 50\nqueue_size = 2")
+            .with(extra)
+            .repo("fleet", &format!("git+file://{}", dir.path().join("fleet").display()))
+            .repo_on("lab", &format!("git+file://{}", dir.path().join("lab").display()), "master")
+            .render();
+        let hearth = common::builder::start_env(&config, env);
         Fleet { hearth, nats, dir, gate, config }
     }
 
     /// Stops hearth and starts it again with the same configuration.
     fn restart(&mut self) {
-        self.hearth = Hearth::start(&self.config);
-        self.hearth.wait_for_log("builder listening", 1);
+        self.hearth = common::builder::start(&self.config);
     }
 
     fn release(&self) {
@@ -464,11 +441,9 @@ fn the_timeout_kills_the_build() {
     assert_eq!(last["status"], "failed");
     assert!(last["hosts"][0]["error"].as_str().unwrap().contains("timed out"), "{last}");
     let pid: i32 = std::fs::read_to_string(f.gate.join("slow.pid")).unwrap().trim().parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while pid_alive(pid) {
-        assert!(std::time::Instant::now() < deadline, "the builder {pid} outlived its timeout");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(&format!("the builder {pid} to end with its timeout"), Duration::from_secs(30), || {
+        !pid_alive(pid)
+    });
 }
 
 #[test]
@@ -489,11 +464,9 @@ fn a_build_dies_with_a_killed_hearth() {
     // SIGKILL: hearth cannot stop anything itself; its `nix build` must go with it.
     f.hearth.child.kill().unwrap();
     f.hearth.child.wait().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while pid_alive(pid) {
-        assert!(std::time::Instant::now() < deadline, "the build {pid} outlived a killed hearth");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(&format!("the build {pid} to end with a killed hearth"), Duration::from_secs(30), || {
+        !pid_alive(pid)
+    });
     let _ = cli.kill();
     let _ = cli.wait();
 }
@@ -556,11 +529,10 @@ async fn a_build_survives_a_nats_restart_and_its_final_reply_arrives() {
     // NATS goes away mid-build and comes back refusing the builder, so that our client is
     // surely subscribed again before the builder can deliver anything.
     f.nats.restart(false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while client.connection_state() != async_nats::connection::State::Connected {
-        assert!(std::time::Instant::now() < deadline, "the test client did not reconnect");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until_async("the test client to reconnect", Duration::from_secs(60), || async {
+        client.connection_state() == async_nats::connection::State::Connected
+    })
+    .await;
     client.flush().await.unwrap();
     // The build finishes while the builder is cut off.
     f.release();

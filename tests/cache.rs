@@ -417,11 +417,7 @@ fn systemd_socket_activation_serves_on_the_passed_socket() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("systemd-socket-activate (Debian's systemd package)");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "systemd-socket-activate did not listen");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_until("systemd-socket-activate to listen", std::time::Duration::from_secs(30), || sock.exists());
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let r = common::read_response(&mut std::io::BufReader::new(s), false);

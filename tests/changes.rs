@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::builder::BuilderToml;
 use common::nats::Nats;
 use common::{Hearth, hash_part, nix_cmd, run_ok, set_mode};
 use serde_json::Value;
@@ -69,16 +70,12 @@ fn setup(keep: usize) -> Setup {
     common::flake::make_repo(&repo, &flake(&salt, &["openssl-3.0.13", "linux-6.6.1", "oldtool-1.0"], "a"));
     let roots = dir.path().join("gcroots");
     let state = dir.path().join("state");
-    let config = format!(
-        "state_dir = \"{}\"\n[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\nkeep_generations = {keep}\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
-        state.display(),
-        nats.url(),
-        nats.builder_seed.display(),
-        roots.display(),
-        repo.display()
-    );
-    let hearth = Hearth::start(&config);
-    hearth.wait_for_log("builder listening", 1);
+    let config = BuilderToml::new(&nats, &roots)
+        .top(&format!("state_dir = \"{}\"", state.display()))
+        .with(&format!("keep_generations = {keep}"))
+        .repo("fleet", &format!("git+file://{}", repo.display()))
+        .render();
+    let hearth = common::builder::start(&config);
     Setup { hearth, config, nats, repo, roots, salt, _dir: dir }
 }
 
@@ -222,17 +219,12 @@ fn a_second_build_reports_what_changed_everywhere_and_matches_diff_closures() {
     // file, the changes worked out again from the store.
     let before: Value = serde_json::from_slice(&s.hearth.get("/fleet.json").body).unwrap();
     let mut s = s;
-    s.hearth = Hearth::start(&s.config);
-    s.hearth.wait_for_log("builder listening", 1);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let after: Value = serde_json::from_slice(&s.hearth.get("/fleet.json").body).unwrap();
-        if after["hosts"] == before["hosts"] {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the record after a restart:\n{after}\nbefore:\n{before}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    s.hearth = common::builder::start(&s.config);
+    let mut after = Value::Null;
+    common::wait_until("the record to be read back after a restart", std::time::Duration::from_secs(60), || {
+        after = serde_json::from_slice(&s.hearth.get("/fleet.json").body).unwrap();
+        after["hosts"] == before["hosts"]
+    });
 }
 
 #[test]

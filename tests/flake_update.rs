@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::builder::BuilderToml;
 use common::nats::Nats;
 use common::{Hearth, run_ok, set_mode};
 use serde_json::Value;
@@ -99,14 +100,9 @@ impl Setup {
         run_ok(Command::new("git").args(["clone", "-q", "--bare"]).arg(&main).arg(p.join("remote.git")));
         run_ok(Command::new("git").args(["clone", "-q"]).arg(p.join("remote.git")).arg(p.join("work")));
 
-        let hearth = Hearth::start(&format!(
-            "[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\n\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
-            nats.url(),
-            nats.builder_seed.display(),
-            p.join("gcroots").display(),
-            p.join("remote.git").display(),
-        ));
-        hearth.wait_for_log("builder listening", 1);
+        let hearth = BuilderToml::new(&nats, &p.join("gcroots"))
+            .repo("fleet", &format!("git+file://{}", p.join("remote.git").display()))
+            .start();
         Setup { hearth, nats, dir }
     }
 

@@ -8,6 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
+use common::builder::BuilderToml;
 use common::nats::Nats;
 use common::{Hearth, hash_part, set_mode};
 use serde_json::{Value, json};
@@ -107,17 +108,12 @@ fn setup() -> Setup {
             ("gated2", format!("while [ ! -e {g}/two ]; do /bin/sleep 0.05; done; echo gated2 {salt} > $out")),
         ]),
     );
-    let builder = format!(
-        "[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
-        nats.url(),
-        nats.builder_seed.display(),
-        dir.path().join("gcroots").display(),
-        repo.display()
-    );
+    let builder = BuilderToml::new(&nats, &dir.path().join("gcroots"))
+        .repo("fleet", &format!("git+file://{}", repo.display()))
+        .render();
     let config = dir.path().join("mcp.toml");
     std::fs::write(&config, &builder).unwrap();
-    let hearth = Hearth::start(&builder);
-    hearth.wait_for_log("builder listening", 1);
+    let hearth = common::builder::start(&builder);
     Setup { hearth, nats, config, gate, _dir: dir }
 }
 

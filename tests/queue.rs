@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::builder::BuilderToml;
 use common::flake::{flake, make_repo, salt};
 use common::nats::Nats;
 use common::{Hearth, wait_until};
@@ -57,36 +58,12 @@ fn builder(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str) -> He
 
 /// The same, with `jetstream` lines in `[builder.jetstream]`.
 fn builder_with(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str, jetstream: &str) -> Hearth {
-    let roots = repo.dir.path().join(format!("gcroots-{name}"));
-    let config = format!(
-        r#"
-shutdown_grace_seconds = 1
-
-[builder]
-nats_url = "{url}"
-nkey_seed_file = "{seed}"
-gcroots_dir = "{roots}"
-progress_interval_ms = 50
-queue = "{queue}"
-name = "{name}"
-{extra}
-
-[builder.jetstream]
-ack_wait_seconds = 3
-{jetstream}
-
-[[builder.repos]]
-name = "fleet"
-url = "{repo}"
-"#,
-        url = nats.url(),
-        seed = nats.builder_seed.display(),
-        roots = roots.display(),
-        repo = repo.url(),
-    );
-    let h = Hearth::start(&config);
-    h.wait_for_log("builder listening", 1);
-    h
+    BuilderToml::new(nats, &repo.dir.path().join(format!("gcroots-{name}")))
+        .top("shutdown_grace_seconds = 1")
+        .with(&format!("progress_interval_ms = 50\nqueue = \"{queue}\"\nname = \"{name}\"\n{extra}"))
+        .section(&format!("[builder.jetstream]\nack_wait_seconds = 3\n{jetstream}"))
+        .repo("fleet", &repo.url())
+        .start()
 }
 
 /// Publishes a build request for `host` as a deployer, with replies to `build.responses.<id>`.
@@ -131,16 +108,11 @@ async fn fleet_record(nats: &Nats) -> async_nats::jetstream::kv::Store {
 /// Waits until the stream holds no request, delivered or not: nothing more will be built.
 async fn until_queue_empty(nats: &Nats) {
     let js = async_nats::jetstream::new(builder_client(nats).await);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    common::wait_until_async("the stream to hold no request", Duration::from_secs(60), || async {
         let mut stream = js.get_stream("HEARTH_BUILDS").await.unwrap();
-        let info = stream.info().await.unwrap();
-        if info.state.messages == 0 {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "the stream still holds {} request(s)", info.state.messages);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        stream.info().await.unwrap().state.messages == 0
+    })
+    .await;
 }
 
 fn started(h: &Hearth) -> usize {
@@ -465,11 +437,10 @@ async fn a_stalled_record_watch_is_noticed_and_started_again() {
     }
     kv.put("fleet/zz-last", record("zz-last", 1, "").into()).await.unwrap();
     // The stall is noticed, the watch started again, and the record catches up.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !hosts_on(&a).contains(&"zz-last".to_owned()) {
-        assert!(std::time::Instant::now() < deadline, "the record never caught up: {:?}\n{}", hosts_on(&a), a.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_until_async("the record to catch up", Duration::from_secs(120), || async {
+        hosts_on(&a).contains(&"zz-last".to_owned())
+    })
+    .await;
     assert!(a.metric("hearth_fleet_record_watch_restarts_total") >= 1.0, "it caught up without a restart");
     a.wait_for_log("the shared fleet record's watch stalled", 1);
 }

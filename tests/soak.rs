@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::builder::BuilderToml;
 use common::nats::Nats;
-use common::{Hearth, hash_part, request, set_mode};
+use common::{hash_part, request, set_mode};
 
 #[test]
 fn mixed_load_while_building_gets_no_5xx_and_memory_stays_flat() {
@@ -28,14 +29,9 @@ fn mixed_load_while_building_gets_no_5xx_and_memory_stays_flat() {
             ("c", format!("echo c {salt}; exit 1")),
         ]),
     );
-    let h = Hearth::start(&format!(
-        "[builder]\nnats_url = \"{}\"\nnkey_seed_file = \"{}\"\ngcroots_dir = \"{}\"\n[[builder.repos]]\nname = \"fleet\"\nurl = \"git+file://{}\"\n",
-        nats.url(),
-        nats.builder_seed.display(),
-        dir.path().join("gcroots").display(),
-        repo.display()
-    ));
-    h.wait_for_log("builder listening", 1);
+    let h = BuilderToml::new(&nats, &dir.path().join("gcroots"))
+        .repo("fleet", &format!("git+file://{}", repo.display()))
+        .start();
     let mut block = vec![0u8; 1 << 20];
     getrandom::fill(&mut block).unwrap();
     let big = common::add_to_store("soak.bin", &block.repeat(8));

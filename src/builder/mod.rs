@@ -152,6 +152,7 @@ impl Worker {
             eval_workers = self.config.eval_workers,
             "builder listening"
         );
+        self.metrics.builder_ready.set(1);
         let worker = Arc::new(self);
         // The record of generations comes back from the GC roots; closures from the store.
         tokio::spawn({
@@ -177,6 +178,7 @@ impl Worker {
         // Stop taking requests. Core: messages already delivered stay unanswered by us and go to
         // another builder only if they are re-sent; JetStream: what we hold is delivered again.
         transport.close().await;
+        worker.metrics.builder_ready.set(0);
         if !builds.is_finished() {
             tracing::info!(
                 grace_seconds = grace.as_secs(),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod builder;
 pub mod flake;
 pub mod nats;
 
@@ -102,6 +103,19 @@ pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     while !ok() {
         assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// As [`wait_until`], for a condition that is asked over the network (`ok` is awaited).
+pub async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut ok: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while !ok().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -225,6 +239,13 @@ impl Hearth {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    }
+
+    /// Waits until the builder takes requests (`hearth_builder_ready` is 1).
+    pub fn wait_builder_ready(&self) {
+        wait_until("the builder to take requests", Duration::from_secs(60), || {
+            self.metric("hearth_builder_ready") == 1.0
+        });
     }
 
     pub fn log(&self) -> String {
