@@ -127,15 +127,28 @@ pub struct HostRecord {
     pub bucket: Option<BucketCopy>,
 }
 
-/// A system's closure in the S3 bucket, as its push stands: `present + queued + failed = total`.
+/// How much of a closure the bucket holds: `present + queued + failed = total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    /// Paths in the bucket.
+    pub present: usize,
+    /// Paths of the closure.
+    pub total: usize,
+    /// Paths waiting for their upload, or being uploaded.
+    pub queued: usize,
+    /// Paths whose upload failed for good this time (a later push tries them again).
+    #[serde(default)]
+    pub failed: usize,
+    /// Of `present`, the paths uploaded by this push (the rest were there already).
+    #[serde(default)]
+    pub uploaded: usize,
+}
+
+/// A system's closure in the S3 bucket, as its push stands, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketCopy {
-    pub present: usize,
-    pub total: usize,
-    /// Waiting for their upload, or being uploaded.
-    pub queued: usize,
-    /// Failed for good this time: the next build of the host pushes them again.
-    pub failed: usize,
+    #[serde(flatten)]
+    pub pushed: Pushed,
     /// When this was last true (unix seconds).
     pub at: i64,
 }
@@ -575,5 +588,22 @@ mod tests {
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert_eq!(saved["version"], 2);
         assert_eq!(Fleet::load(Some(file)).snapshot(), f.snapshot());
+    }
+
+    #[test]
+    fn todays_shared_record_entry_reads_with_its_enums_and_bucket_copy() {
+        let entry = r#"{"last_build":{"status":"failure","at":7,"commit":"abc","error":"boom"},"generations":[],"bucket":{"present":3,"total":5,"queued":1,"failed":1,"at":9}}"#;
+        let r: HostRecord = serde_json::from_str(entry).unwrap();
+        assert_eq!(r.last_build.as_ref().map(|b| b.status), Some(BuildResult::Failure));
+        let copy = r.bucket.unwrap();
+        assert_eq!((copy.pushed.present, copy.pushed.total, copy.pushed.queued, copy.pushed.failed), (3, 5, 1, 1));
+        assert_eq!((copy.pushed.uploaded, copy.at), (0, 9));
+        // Written back, it keeps the wire's spelling.
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["last_build"]["status"], "failure");
+        assert_eq!(back["bucket"]["present"], 3);
+        assert!(
+            serde_json::from_str::<HostRecord>(r#"{"last_build":{"status":"maybe","at":1,"commit":null}}"#).is_err()
+        );
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::{Bucket, BucketError, nar_key, narinfo_key};
+use crate::fleet::Pushed;
 use crate::metrics::Metrics;
 use crate::nix::narinfo::NarInfo;
 use crate::nix::signing::SecretKey;
@@ -47,23 +48,6 @@ pub struct Uploader {
 
 /// How long a bucket that did not answer is left alone.
 const AWAY: Duration = Duration::from_secs(60);
-
-/// How much of a closure the bucket holds: `present + queued + failed = total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Pushed {
-    /// Paths in the bucket.
-    pub present: usize,
-    /// Paths of the closure.
-    pub total: usize,
-    /// Paths waiting for their upload, or being uploaded.
-    pub queued: usize,
-    /// Paths whose upload failed for good this time (a later push tries them again).
-    #[serde(default)]
-    pub failed: usize,
-    /// Of `present`, the paths uploaded by this push (the rest were there already).
-    #[serde(default)]
-    pub uploaded: usize,
-}
 
 /// One push of a closure, followed as its uploads end.
 pub struct Batch {

@@ -160,7 +160,7 @@ pub struct HostSummary {
     /// With a `[bucket]`: how much of its closure the bucket held when the build ended, and how
     /// many paths were queued for upload then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uploaded: Option<crate::bucket::upload::Pushed>,
+    pub uploaded: Option<crate::fleet::Pushed>,
 }
 
 impl HostSummary {

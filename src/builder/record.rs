@@ -14,7 +14,7 @@ use super::exec::Exec;
 use super::generations::{self, Generations};
 use super::job::{HostStatus, HostSummary};
 use super::plan::Plan;
-use crate::fleet::{BranchBuild, BucketCopy, BuildResult, Fleet, Generation, LastBuild};
+use crate::fleet::{BranchBuild, BucketCopy, BuildResult, Fleet, Generation, LastBuild, Pushed};
 use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -259,7 +259,7 @@ impl Recorder {
         host: &str,
         closure: Option<&[Arc<PathInfo>]>,
         out: Option<&str>,
-    ) -> Option<crate::bucket::upload::Pushed> {
+    ) -> Option<Pushed> {
         let (Some((uploader, concurrency)), Some(closure), Some(out), true) = (&self.uploader, closure, out, cx.deploy)
         else {
             return None;
@@ -461,11 +461,11 @@ fn label(repo: &str, host: &str) -> RepoHost {
 }
 
 /// The push of `out` as it stands, on the host's record, while `out` is its newest system.
-fn record_push(fleet: &Fleet, repo: &str, host: &str, out: &str, p: crate::bucket::upload::Pushed) {
+fn record_push(fleet: &Fleet, repo: &str, host: &str, out: &str, pushed: Pushed) {
     fleet.update(repo, host, |h| {
         if h.generations.last().is_some_and(|g| g.path == out) {
             let at = now_seconds();
-            h.bucket = Some(BucketCopy { present: p.present, total: p.total, queued: p.queued, failed: p.failed, at });
+            h.bucket = Some(BucketCopy { pushed, at });
         }
     });
 }

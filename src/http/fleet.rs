@@ -269,7 +269,8 @@ fn generations_html(r: &HostRecord, now: i64) -> Markup {
 
 /// How much of the newest system the S3 bucket holds (what a host could substitute if this
 /// build host were gone).
-fn bucket_html(b: &BucketCopy, now: i64) -> Markup {
+fn bucket_html(copy: &BucketCopy, now: i64) -> Markup {
+    let b = &copy.pushed;
     let (class, text) = if b.failed > 0 {
         (
             "bad",
@@ -283,7 +284,7 @@ fn bucket_html(b: &BucketCopy, now: i64) -> Markup {
     } else {
         ("ok", format!("all {} paths", b.total))
     };
-    html! { p { "in the bucket: " span class=(class) { (text) } " " span.muted { "· " (when(now, b.at)) } } }
+    html! { p { "in the bucket: " span class=(class) { (text) } " " span.muted { "· " (when(now, copy.at)) } } }
 }
 
 const STYLE: &str = "body{font:16px/1.45 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}\
@@ -446,6 +447,10 @@ mod tests {
         }
     }
 
+    fn pushed(present: usize, total: usize, queued: usize, failed: usize) -> crate::fleet::Pushed {
+        crate::fleet::Pushed { present, total, queued, failed, uploaded: 0 }
+    }
+
     fn page_of(hosts: &Hosts, activity: &Activity) -> String {
         render(&view_of(hosts, activity, true), 10_000)
     }
@@ -482,7 +487,7 @@ mod tests {
             ..HostRecord::default()
         };
         let mut ok = ok;
-        ok.bucket = Some(crate::fleet::BucketCopy { present: 40, total: 52, queued: 12, failed: 0, at: 9_990 });
+        ok.bucket = Some(crate::fleet::BucketCopy { pushed: pushed(40, 52, 12, 0), at: 9_990 });
         hosts.insert(("fleet".into(), "web1".into()), ok);
         hosts.insert(("fleet".into(), "zz-db1".into()), broken);
         let activity = Activity {
@@ -505,7 +510,7 @@ mod tests {
         assert!(page.contains("1 failed") && page.contains("1 building") && page.contains("1 queued"), "{page}");
         // Where each system's upload to the bucket stands.
         assert!(page.contains("in the bucket: <span class=\"run\">40 of 52 paths · 12 uploading</span>"), "{page}");
-        let failed = crate::fleet::BucketCopy { present: 50, total: 52, queued: 0, failed: 2, at: 9_000 };
+        let failed = crate::fleet::BucketCopy { pushed: pushed(50, 52, 0, 2), at: 9_000 };
         let failed = bucket_html(&failed, 10_000).into_string();
         assert!(failed.contains("<span class=\"bad\">50 of 52 paths · 2 failed to upload"), "{failed}");
         // Which builder built a generation, escaped.
