@@ -169,12 +169,11 @@ pub fn headline(reply: &Reply) -> String {
         Status::Rejected => "rejected",
         Status::Interrupted => "interrupted",
     };
-    let what = match (&reply.host, reply.status) {
+    let what = match (&reply.host, reply.status, reply.host_status) {
+        // A host's result, in the reply's own fields.
+        (Some(host), Status::Progress, Some(result)) => format!("[{host}] {}", result.as_str()),
         // Final replies name the request, not one host.
-        (Some(host), Status::Progress) => {
-            let message = message.strip_prefix(host.as_str()).and_then(|m| m.strip_prefix(": ")).unwrap_or(message);
-            format!("[{host}] {message}")
-        }
+        (Some(host), Status::Progress, None) => format!("[{host}] {message}"),
         _ => message.to_owned(),
     };
     if status.is_empty() { what } else { format!("{status}: {what}") }
@@ -335,8 +334,9 @@ mod tests {
         assert_eq!(fit("abcdef", 4), "abc…");
         assert_eq!(fit("abc", 4), "abc");
         assert_eq!(fit("a\tb\x1b[31m", 10), "ab[31m");
-        let mut r = Reply::new(Status::Progress, "fleet", "all").message("web1: success");
+        let mut r = Reply::progress(Kind::HostDone, "fleet", "all").message("web1: success");
         r.host = Some("web1".into());
+        r.host_status = Some(HostStatus::Success);
         assert_eq!(headline(&r), "[web1] success");
         let started = Reply::new(Status::Started, "fleet", "all").message("building all of fleet at master");
         assert_eq!(headline(&started), "started: building all of fleet at master");

@@ -194,6 +194,9 @@ pub struct Reply {
     pub commit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The host's result, on `host_done` replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_status: Option<HostStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -228,6 +231,7 @@ impl Reply {
             branch: None,
             commit: None,
             host: None,
+            host_status: None,
             message: None,
             out_path: None,
             duration_seconds: None,

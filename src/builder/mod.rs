@@ -630,6 +630,7 @@ impl Worker {
             let summary = self.recorder.record(cx, host, outcome, took).await;
             let mut r = heading.progress(Kind::HostDone).message(format!("{host}: {}", summary.status.as_str()));
             r.host = Some(host.clone());
+            r.host_status = Some(summary.status);
             r.out_path = summary.out_path.clone();
             r.duration_seconds = Some(summary.duration_seconds);
             self.reporter.running(&r).await;
