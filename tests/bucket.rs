@@ -383,6 +383,62 @@ fn a_hot_nar_is_compressed_once_for_serving_and_for_the_bucket() {
 }
 
 #[test]
+fn a_hot_nar_damaged_in_place_is_never_uploaded_and_the_path_is_pushed_from_the_store() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let nars = work.path().join("nars");
+    let config = format!(
+        "{}\n[compression]\nalgorithm = \"zstd\"\n\n[nar_cache]\ndir = \"{}\"\nmax_size = \"1GiB\"\n",
+        pushing_config(&garage, &nats, work.path(), &fleet, "", ""),
+        nars.display()
+    );
+    let path = common::add_to_store("hot-then-damaged", &common::random_bytes(400_000));
+    // Served twice, the path's NAR becomes hot.
+    let hearth = common::builder::start(&config);
+    let narinfo = hearth.get(&format!("/{}.narinfo", hash(&path))).text();
+    let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
+    for _ in 0..2 {
+        assert_eq!(hearth.get(&format!("/{url}")).status, 200);
+    }
+    wait_until("the NAR to be hot", Duration::from_secs(60), || hearth.metric("hearth_nar_cache_fills_total") == 1.0);
+    drop(hearth);
+    // Damaged in place: same size, one byte changed.
+    let entry = std::fs::read_dir(&nars)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .expect("a hot entry");
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+
+    let config_file = work.path().join("push.toml");
+    let key = common::nix_wire().join("keys/test.sec");
+    std::fs::write(&config_file, format!("sign_key_paths = [\"{}\"]\n{config}", key.display())).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["bucket", "push", "--config"])
+        .arg(&config_file)
+        .arg(&path)
+        .env("HEARTH_LOG", "info")
+        .output()
+        .unwrap();
+    let (said, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}{log}");
+    assert!(log.contains("dropping a damaged NAR cache entry"), "{log}");
+    // What the bucket holds is what its narinfo says: its object hashes to its FileHash, and a
+    // client gets the path whole and signed.
+    let pushed =
+        NarInfo::parse(&String::from_utf8(garage.web(&format!("{}.narinfo", hash(&path))).unwrap()).unwrap()).unwrap();
+    let object = garage.web(&pushed.url).expect("the NAR object");
+    assert_eq!(Some(sha256_nix32(&object)), pushed.file_hash, "the bucket's NAR is not what its narinfo names");
+    substitute_and_verify(garage.get("GARAGE_WEB"), &path);
+}
+
+#[test]
 fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     let garage = Garage::start();
     let nats = Nats::start();

@@ -29,6 +29,9 @@ pub enum BucketError {
     Store(String),
     #[error("{key} is larger than the {max} bytes an object read whole may be")]
     TooLarge { key: String, max: usize },
+    /// The file to upload is not what its name says: its bytes do not hash to its FileHash.
+    #[error("{file}: its bytes do not match its FileHash {file_hash}; not uploaded")]
+    Damaged { file: String, file_hash: String },
 }
 
 /// The most bytes [`Bucket::get`] reads: a narinfo of some 15,000 references.
@@ -139,31 +142,58 @@ impl Bucket {
         Ok(())
     }
 
-    /// Uploads the file at `file` as `key`: in one request when small, else in parts (so memory
-    /// stays at a part or two whatever the NAR's size).
-    pub async fn put_file(&self, key: &str, file: &std::path::Path) -> Result<u64, BucketError> {
+    /// Uploads the file at `file` (a regular file, never through a link) as `key`, checking
+    /// that its bytes hash to `file_hash` (`sha256:<nix32>`) before the object is complete: in
+    /// one request when small, else in parts (so memory stays at a part or two whatever the
+    /// NAR's size). A damaged file, or any error, leaves no object and no parts behind (a
+    /// multipart upload that does not finish is aborted).
+    pub async fn put_file(&self, key: &str, file: &std::path::Path, file_hash: &str) -> Result<u64, BucketError> {
+        use sha2::Digest;
         use tokio::io::AsyncReadExt;
-        let size = tokio::fs::metadata(file).await?.len();
+        let mut f = tokio::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(file).await?;
+        let size = f.metadata().await?.len();
+        let damaged = || BucketError::Damaged { file: file.display().to_string(), file_hash: file_hash.to_owned() };
+        let matches =
+            |hasher: sha2::Sha256| format!("sha256:{}", crate::nix::nixbase32::encode(&hasher.finalize())) == file_hash;
         if size <= PART as u64 {
-            let bytes = tokio::fs::read(file).await?;
+            let mut bytes = Vec::with_capacity(size as usize);
+            f.read_to_end(&mut bytes).await?;
+            if !matches(sha2::Sha256::new_with_prefix(&bytes)) {
+                return Err(damaged());
+            }
             self.put(key, bytes.into()).await?;
             return Ok(size);
         }
         let upload = self.store.put_multipart(&Path::from(key)).await?;
         let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
-        let mut f = tokio::fs::File::open(file).await?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).await?;
-            if n == 0 {
-                break;
+        let sent = async {
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                // Bounded: at most a few parts in flight.
+                writer.wait_for_capacity(2).await?;
+                writer.write(&buf[..n]);
             }
-            // Bounded: at most a few parts in flight.
-            writer.wait_for_capacity(2).await?;
-            writer.write(&buf[..n]);
+            if matches(hasher) { Ok(()) } else { Err(damaged()) }
         }
-        writer.finish().await?;
-        Ok(size)
+        .await;
+        match sent {
+            Ok(()) => {
+                writer.finish().await?;
+                Ok(size)
+            }
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(%key, err = %abort, "cannot abort a multipart upload; gc clears its parts");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Every object: key, size and when it was last written (unix seconds).

@@ -49,6 +49,19 @@ pub struct Uploader {
 /// How long a bucket that did not answer is left alone.
 const AWAY: Duration = Duration::from_secs(60);
 
+/// A path's NAR as a zstd file, to upload.
+struct Compressed {
+    file: std::path::PathBuf,
+    /// `sha256:<nix32>` of the file: what it is named by in the bucket.
+    file_hash: String,
+    file_size: u64,
+    /// For a file made for this upload: deletes it when the upload is done.
+    #[allow(dead_code)]
+    made: Option<tempfile::TempPath>,
+    /// The hot NAR cache's entry, when the file is one.
+    hot: Option<crate::store::nar_cache::Entry>,
+}
+
 /// One push of a closure, followed as its uploads end.
 pub struct Batch {
     state: tokio::sync::watch::Sender<Pushed>,
@@ -260,16 +273,27 @@ impl Uploader {
         if self.bucket.exists(&narinfo_key).await? {
             return Ok(());
         }
-        // `_made` deletes a file made for this upload when it is done.
-        let (file, file_hash, file_size, _made) = self.compressed(info).await?;
-        let key = nar_key(&file_hash);
+        let nar = self.compressed(info).await?;
+        let key = nar_key(&nar.file_hash);
         if !self.bucket.exists(&key).await? {
-            let sent = self.bucket.put_file(&key, &file).await?;
+            // Its bytes are checked against the FileHash it is named by as they are sent.
+            let sent = match self.bucket.put_file(&key, &nar.file, &nar.file_hash).await {
+                Ok(sent) => sent,
+                Err(e @ BucketError::Damaged { .. }) => {
+                    // A hot entry damaged in place: dropped, so that the retry compresses
+                    // the path from the store again.
+                    if let (Some(entry), Some(cache)) = (&nar.hot, self.store.nar_cache()) {
+                        cache.discard(info.path.hash(), entry, "its bytes do not match its FileHash");
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             self.metrics.bucket_upload_bytes.inc_by(sent);
             self.metrics.bucket_upload_objects.inc();
         }
         // Only now, with the NAR complete in the bucket, is the path visible.
-        let text = self.narinfo(info, &key, &file_hash, file_size).to_string();
+        let text = self.narinfo(info, &key, &nar.file_hash, nar.file_size).to_string();
         self.bucket.put(&narinfo_key, text.into()).await?;
         self.metrics.bucket_upload_objects.inc();
         Ok(())
@@ -277,12 +301,8 @@ impl Uploader {
 
     /// The path's NAR as a zstd file: the hot NAR cache's entry when it holds one (or fills it
     /// now), else one made now on a thread of its own at the lowest CPU priority, its NarHash
-    /// checked as it is written. Returns the file, its hash and size, and, for a file made
-    /// here, the guard that deletes it.
-    async fn compressed(
-        &self,
-        info: &Arc<PathInfo>,
-    ) -> Result<(std::path::PathBuf, String, u64, Option<tempfile::TempPath>), BucketError> {
+    /// checked as it is written.
+    async fn compressed(&self, info: &Arc<PathInfo>) -> Result<Compressed, BucketError> {
         if let Some(cache) = self.store.nar_cache().filter(|c| c.compressed()) {
             // Not there yet: filled now (or a fill under way awaited), so that serving the
             // host and uploading it share one compression.
@@ -296,7 +316,8 @@ impl Uploader {
                 }
             };
             if let Some(entry) = entry {
-                return Ok((entry.file.clone(), entry.file_hash.clone(), entry.file_size, None));
+                let (file, file_hash, file_size) = (entry.file.clone(), entry.file_hash.clone(), entry.file_size);
+                return Ok(Compressed { file, file_hash, file_size, made: None, hot: Some(entry) });
             }
         }
         let Some(_root) = self.store.hold(&info.path).await.map_err(|e| BucketError::Store(e.to_string()))? else {
@@ -312,7 +333,7 @@ impl Uploader {
         })?;
         let (tmp, hash, size) = rx.await.map_err(|_| BucketError::Store("the compression thread died".into()))??;
         let path = tmp.into_temp_path();
-        Ok((path.to_path_buf(), hash, size, Some(path)))
+        Ok(Compressed { file: path.to_path_buf(), file_hash: hash, file_size: size, made: Some(path), hot: None })
     }
 
     fn narinfo(&self, info: &PathInfo, key: &str, file_hash: &str, file_size: u64) -> NarInfo {

@@ -279,6 +279,13 @@ impl NarCache {
         }
     }
 
+    /// Drops `entry` of `hash`, found damaged by its reader for `why` (WARN): the next request
+    /// (or upload) of the path is served from the store, and may fill it again.
+    pub fn discard(&self, hash: StorePathHash, entry: &Entry, why: &str) {
+        tracing::warn!(file = %entry.file.display(), why, "dropping a damaged NAR cache entry");
+        self.inner.forget(hash, entry);
+    }
+
     /// `file` (opened by [`NarCache::open_entry`]) as a reader of the whole entry that checks
     /// its FileHash as it goes: the read that would return the last bytes of a file whose hash
     /// does not match fails instead, so a client never gets a whole damaged file, and the entry
