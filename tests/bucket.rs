@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -436,6 +436,49 @@ fn a_hot_nar_damaged_in_place_is_never_uploaded_and_the_path_is_pushed_from_the_
     let object = garage.web(&pushed.url).expect("the NAR object");
     assert_eq!(Some(sha256_nix32(&object)), pushed.file_hash, "the bucket's NAR is not what its narinfo names");
     substitute_and_verify(garage.get("GARAGE_WEB"), &path);
+}
+
+#[test]
+fn no_narinfo_is_visible_before_the_narinfos_of_its_references() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let hearth = common::builder::start(&pushing_config(&garage, &nats, work.path(), &fleet, "", ""));
+    let ended = std::sync::atomic::AtomicBool::new(false);
+    let (seen, violations) = std::thread::scope(|scope| {
+        // Watches the bucket as a client would, the whole time the push runs.
+        let watcher = scope.spawn(|| {
+            let (mut seen, mut violations) = (BTreeSet::new(), Vec::new());
+            let mut names: Vec<String> = Vec::new();
+            while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+                if names.is_empty() {
+                    let fleet: Value = serde_json::from_str(&hearth.get("/fleet.json").text()).unwrap();
+                    if let Some(out) = fleet["hosts"][0]["generations"][0]["path"].as_str() {
+                        names = closure_of(out);
+                    }
+                    continue;
+                }
+                for path in &names {
+                    let Some(text) = garage.web(&format!("{}.narinfo", hash(path))) else { continue };
+                    seen.insert(path.clone());
+                    let info = NarInfo::parse(&String::from_utf8_lossy(&text)).unwrap();
+                    for r in info.references.iter().filter(|r| !path.ends_with(r.as_str())) {
+                        if garage.web(&format!("{}.narinfo", hash(r))).is_none() {
+                            violations.push(format!("{path} visible before its reference {r}"));
+                        }
+                    }
+                }
+            }
+            (seen, violations)
+        });
+        let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
+        wait_in_bucket(&garage, &closure_of(&system), "the closure is in the bucket");
+        ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        watcher.join().unwrap()
+    });
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(!seen.is_empty(), "the watcher saw no narinfo appear");
 }
 
 #[test]

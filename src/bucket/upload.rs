@@ -1,15 +1,18 @@
 //! Pushing store paths to the bucket, in the background: a bounded queue, `upload_concurrency`
-//! workers, one path at a time each. A path already in the bucket costs one request (its
+//! workers, one NAR at a time each. A path already in the bucket costs one request (its
 //! narinfo's HEAD); otherwise its NAR is compressed once (or taken from the hot NAR cache when
-//! that holds it compressed), uploaded under its FileHash, and only then is its signed narinfo
-//! written. Failures are retried with backoff and counted; they never fail a build.
+//! that holds it compressed) and uploaded under its FileHash, checked against it as it is sent.
+//! NARs upload in any order and in parallel; a push's narinfos are written by its publisher in
+//! the closure's topological order, each only once its NAR is complete and the narinfo of every
+//! path it references is in the bucket, so the bucket never shows a path whose closure it lacks.
+//! Failures are retried with backoff and counted; they never fail a build.
 //!
 //! Nothing here is waited for by a build's reply: a push returns at once, its checks run in
 //! the background. A bucket that does not answer is noticed once (a circuit breaker, open for
 //! [`AWAY`]): while it is open no path is asked about or uploaded (each would wait for its own
 //! timeout), the paths of the pushes count as failed, and the next build pushes them again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,17 +65,33 @@ struct Compressed {
     hot: Option<crate::store::nar_cache::Entry>,
 }
 
+/// How a queued path's NAR upload ended, for the pushes waiting for it.
+#[derive(Debug, Clone)]
+enum NarDone {
+    /// Its narinfo was in the bucket already when the upload came to it.
+    Present,
+    /// Its NAR is complete in the bucket; this signed narinfo is to be written.
+    Ready(String),
+    /// It could not be uploaded this time.
+    Failed,
+}
+
 /// One push of a closure, followed as its uploads end.
 pub struct Batch {
     state: tokio::sync::watch::Sender<Pushed>,
+    /// Each queued path's NAR result (by its basename), for the push's publisher.
+    nars: tokio::sync::mpsc::UnboundedSender<(String, NarDone)>,
 }
+
+type NarResults = tokio::sync::mpsc::UnboundedReceiver<(String, NarDone)>;
 
 impl Batch {
     /// A push of `total` paths, all queued until their checks say otherwise.
-    fn new(total: usize) -> Arc<Self> {
+    fn new(total: usize) -> (Arc<Self>, NarResults) {
         let (state, _) =
             tokio::sync::watch::channel(Pushed { present: 0, total, queued: total, failed: 0, uploaded: 0 });
-        Arc::new(Self { state })
+        let (nars, results) = tokio::sync::mpsc::unbounded_channel();
+        (Arc::new(Self { state, nars }), results)
     }
 
     /// Where it stands now.
@@ -165,13 +184,24 @@ impl Uploader {
     /// the bucket for each (one HEAD each, `concurrency` at a time) and queues those it lacks;
     /// the batch says how much of it the bucket holds as the checks and uploads end.
     pub fn push(self: &Arc<Self>, closure: &[Arc<PathInfo>], concurrency: usize) -> Arc<Batch> {
-        let batch = Batch::new(closure.len());
+        let (batch, results) = Batch::new(closure.len());
         let (me, paths, pushed) = (self.clone(), closure.to_vec(), batch.clone());
-        tokio::spawn(async move { me.check(paths, concurrency, &pushed).await });
+        tokio::spawn(async move {
+            let (queued, missing) = me.check(paths, concurrency, &pushed).await;
+            me.publish(queued, missing, results, &pushed).await;
+        });
         batch
     }
 
-    async fn check(&self, closure: Vec<Arc<PathInfo>>, concurrency: usize, batch: &Arc<Batch>) {
+    /// Asks the bucket for each path of `closure` and queues the NAR uploads of those it lacks.
+    /// Returns the paths queued, and those the bucket lacks that could not be queued.
+    async fn check(
+        &self,
+        closure: Vec<Arc<PathInfo>>,
+        concurrency: usize,
+        batch: &Arc<Batch>,
+    ) -> (Vec<Arc<PathInfo>>, HashSet<String>) {
+        let (mut queued, mut missing) = (Vec::new(), HashSet::new());
         let checks = futures::stream::iter(closure)
             .map(|info| async move {
                 // Open breaker: not asked (nor the rest of the push).
@@ -193,14 +223,75 @@ impl Uploader {
                     p.queued -= 1;
                     p.present += 1;
                 }),
-                Some(false) if self.enqueue(info, batch) => {}
+                Some(false) if self.enqueue(info.clone(), batch) => queued.push(info),
                 // The queue is full, or the bucket is away.
-                Some(false) | None => batch.update(|p| {
-                    p.queued -= 1;
-                    p.failed += 1;
-                }),
+                Some(false) | None => {
+                    missing.insert(info.path.to_string());
+                    batch.update(|p| {
+                        p.queued -= 1;
+                        p.failed += 1;
+                    })
+                }
             }
         }
+        (queued, missing)
+    }
+
+    /// Writes the narinfos of a push's `queued` paths in topological order (references
+    /// first), each once its NAR is complete and every path it references is in the bucket:
+    /// present when checked, or published here before it. A path whose NAR or a reference of
+    /// which is `missing` is not published (it counts as failed; a later push tries again).
+    async fn publish(
+        &self,
+        queued: Vec<Arc<PathInfo>>,
+        mut missing: HashSet<String>,
+        mut results: NarResults,
+        batch: &Arc<Batch>,
+    ) {
+        let mut done: HashMap<String, NarDone> = HashMap::new();
+        for info in topological(queued) {
+            let path = info.path.to_string();
+            while !done.contains_key(&path) {
+                let Some((p, result)) = results.recv().await else { break };
+                done.insert(p, result);
+            }
+            let complete = info.references.iter().all(|r| *r == path || !missing.contains(r));
+            let (present, uploaded) = match done.remove(&path) {
+                Some(NarDone::Present) if complete => (true, false),
+                Some(NarDone::Ready(narinfo)) if complete => (self.write_narinfo(&info, narinfo).await, true),
+                _ => (false, false),
+            };
+            if !present {
+                missing.insert(path);
+            }
+            batch.update(|p| {
+                p.queued -= 1;
+                match (present, uploaded) {
+                    (true, true) => (p.present, p.uploaded) = (p.present + 1, p.uploaded + 1),
+                    (true, false) => p.present += 1,
+                    (false, _) => p.failed += 1,
+                }
+            });
+        }
+    }
+
+    /// Writes a path's signed narinfo, retried with backoff; whether it is in the bucket.
+    async fn write_narinfo(&self, info: &PathInfo, narinfo: String) -> bool {
+        let key = narinfo_key(info.path.hash().as_str());
+        for attempt in 0..ATTEMPTS {
+            match self.bucket.put(&key, narinfo.clone().into()).await {
+                Ok(()) => {
+                    self.metrics.bucket_upload_objects.inc();
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %info.path, attempt = attempt + 1, err = %e, "writing a narinfo failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+        self.metrics.bucket_upload_failures.inc();
+        false
     }
 
     /// Queues `info` for `batch` (joining an upload already queued); false if the queue is full.
@@ -228,15 +319,15 @@ impl Uploader {
             let next = self.rx.lock().await.recv().await;
             let Some(info) = next else { return };
             self.metrics.bucket_upload_queue.dec();
-            let mut done = false;
+            let mut done = NarDone::Failed;
             for attempt in 0..ATTEMPTS {
                 // A bucket that is away is not tried path by path: this one waits for a later build.
                 if self.away() {
                     break;
                 }
                 match self.upload(&info).await {
-                    Ok(()) => {
-                        done = true;
+                    Ok(result) => {
+                        done = result;
                         break;
                     }
                     Err(e) => {
@@ -248,30 +339,23 @@ impl Uploader {
                     }
                 }
             }
-            if !done {
+            if matches!(done, NarDone::Failed) {
                 self.metrics.bucket_upload_failures.inc();
                 tracing::error!(path = %info.path.to_string(), "upload failed for good; a later build pushes it again");
             }
             let waiting = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&info.path.to_string());
             for batch in waiting.into_iter().flatten() {
-                batch.update(|p| {
-                    p.queued -= 1;
-                    if done {
-                        p.present += 1;
-                        p.uploaded += 1;
-                    } else {
-                        p.failed += 1;
-                    }
-                });
+                // A push whose publisher is gone has nothing left to write.
+                let _ = batch.nars.send((info.path.to_string(), done.clone()));
             }
         }
     }
 
-    /// One path: NAR (compressed once), then its narinfo.
-    async fn upload(&self, info: &Arc<PathInfo>) -> Result<(), BucketError> {
+    /// One path's NAR (compressed once), and the narinfo its push's publisher writes.
+    async fn upload(&self, info: &Arc<PathInfo>) -> Result<NarDone, BucketError> {
         let narinfo_key = narinfo_key(info.path.hash().as_str());
         if self.bucket.exists(&narinfo_key).await? {
-            return Ok(());
+            return Ok(NarDone::Present);
         }
         let nar = self.compressed(info).await?;
         let key = nar_key(&nar.file_hash);
@@ -292,11 +376,8 @@ impl Uploader {
             self.metrics.bucket_upload_bytes.inc_by(sent);
             self.metrics.bucket_upload_objects.inc();
         }
-        // Only now, with the NAR complete in the bucket, is the path visible.
-        let text = self.narinfo(info, &key, &nar.file_hash, nar.file_size).to_string();
-        self.bucket.put(&narinfo_key, text.into()).await?;
-        self.metrics.bucket_upload_objects.inc();
-        Ok(())
+        // The path becomes visible only when its publisher writes this, after its references.
+        Ok(NarDone::Ready(self.narinfo(info, &key, &nar.file_hash, nar.file_size).to_string()))
     }
 
     /// The path's NAR as a zstd file: the hot NAR cache's entry when it holds one (or fills it
@@ -345,6 +426,36 @@ impl Uploader {
     }
 }
 
+/// `paths` ordered so that every path comes after the paths of `paths` it references (a
+/// depth-first walk, references first; a path's reference to itself is no edge).
+fn topological(paths: Vec<Arc<PathInfo>>) -> Vec<Arc<PathInfo>> {
+    let by_name: HashMap<String, usize> = paths.iter().enumerate().map(|(i, p)| (p.path.to_string(), i)).collect();
+    let mut seen = vec![false; paths.len()];
+    let mut order = Vec::with_capacity(paths.len());
+    for start in 0..paths.len() {
+        if seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        // (path, its next reference to look at): an explicit stack, so depth is no recursion.
+        let mut stack = vec![(start, 0usize)];
+        while let Some((at, next)) = stack.pop() {
+            let refs = &paths[at].references;
+            if let Some(r) = refs.get(next) {
+                stack.push((at, next + 1));
+                if let Some(&i) = by_name.get(r).filter(|&&i| !seen[i]) {
+                    seen[i] = true;
+                    stack.push((i, 0));
+                }
+            } else {
+                order.push(at);
+            }
+        }
+    }
+    let mut slots: Vec<Option<Arc<PathInfo>>> = paths.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
 /// Deletes compressed NARs a killed process left in `dir`: those not written to for an hour
 /// (one being made now is written to all the time; another process may share the directory).
 fn forget_leftovers(dir: &std::path::Path) {
@@ -370,7 +481,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_ends_when_its_last_queued_path_does() {
         // Every path is queued until its check or upload ends.
-        let batch = Batch::new(3);
+        let (batch, _results) = Batch::new(3);
         assert_eq!(batch.now(), Pushed { present: 0, total: 3, queued: 3, failed: 0, uploaded: 0 });
         batch.update(|p| {
             p.queued -= 1;
@@ -392,6 +503,38 @@ mod tests {
         let end = waiting.await.unwrap();
         assert_eq!(end, Pushed { present: 2, total: 3, queued: 0, failed: 1, uploaded: 0 });
         // A batch with nothing to upload has ended already.
-        assert_eq!(Batch::new(0).finished().await.total, 0);
+        assert_eq!(Batch::new(0).0.finished().await.total, 0);
+    }
+
+    fn info(name: &str, references: &[&str]) -> Arc<PathInfo> {
+        let path = format!("/nix/store/{}-{name}", "0".repeat(32).replacen('0', &name.len().to_string(), 1));
+        Arc::new(PathInfo {
+            path: crate::nix::store_path::StorePath::from_absolute("/nix/store", &path).unwrap(),
+            nar_hash: String::new(),
+            nar_size: 0,
+            references: references.iter().map(|r| r.to_string()).collect(),
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+        })
+    }
+
+    #[test]
+    fn narinfos_are_published_references_first() {
+        let system = info("system", &[]);
+        let mid = info("mid", &[]);
+        let big = info("big", &[]);
+        let (s, m, b) = (system.path.to_string(), mid.path.to_string(), big.path.to_string());
+        // system → mid → big, a self-reference, and a reference outside the set.
+        let system = info("system", &[&s, &m, "00000000000000000000000000000000-elsewhere"]);
+        let mid = info("mid", &[&b, &m]);
+        let big = info("big", &[]);
+        let order = topological(vec![system, mid, big]);
+        let names: Vec<String> = order.iter().map(|p| p.path.to_string()).collect();
+        assert_eq!(names, [b.clone(), m.clone(), s.clone()]);
+        // A cycle (never in a store, but never a hang): every path comes out once.
+        let a = info("a", &[&b]);
+        let b2 = info("big", &[&a.path.to_string()]);
+        assert_eq!(topological(vec![a, b2]).len(), 2);
     }
 }
