@@ -137,6 +137,13 @@ impl Worker {
         if self.config.queue == QueueKind::JetStream && !self.share_record(&stop).await {
             return;
         }
+        // The record of generations comes back from the GC roots (closures from the store)
+        // before any request is taken: recovery and builds never write the record at once.
+        let repos: Vec<String> = self.config.repos.iter().map(|r| r.name.clone()).collect();
+        tokio::select! {
+            () = self.recorder.recover(&repos) => {}
+            _ = stop.cancelled() => return,
+        }
         let mut transport = Transport::open(&self.client, &self.config).await;
         // A round trip makes sure the server has our subscriptions before we say we listen.
         tokio::select! {
@@ -154,14 +161,6 @@ impl Worker {
         );
         self.metrics.builder_ready.set(1);
         let worker = Arc::new(self);
-        // The record of generations comes back from the GC roots; closures from the store.
-        tokio::spawn({
-            let worker = worker.clone();
-            async move {
-                let repos: Vec<String> = worker.config.repos.iter().map(|r| r.name.clone()).collect();
-                worker.recorder.recover(&repos).await;
-            }
-        });
         let ended = CancellationToken::new();
         tokio::spawn(worker.clone().keepalive(ended.clone()));
         let _ended = ended.drop_guard();
