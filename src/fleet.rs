@@ -202,10 +202,20 @@ enum Storage {
     None,
     /// One JSON file, written whole on every change.
     File(PathBuf),
-    /// A key-value bucket: each change goes to a writer task as one host's key and value (none:
-    /// deleted).
-    Bucket(tokio::sync::mpsc::UnboundedSender<(String, Option<Vec<u8>>)>),
+    /// A key-value bucket: each change goes to a writer task, which applies it to the bucket's
+    /// newest value of the host's key and writes it back only if no other write came between
+    /// (compare-and-set on the key's revision; a lost race reads and applies again).
+    Bucket(tokio::sync::mpsc::UnboundedSender<(String, String, Change)>),
 }
+
+/// A change of one host's record, as the writer applies it (again, after a lost race).
+#[derive(Clone)]
+enum Change {
+    Update(Arc<dyn Fn(&mut HostRecord) + Send + Sync>),
+    Delete,
+}
+
+use std::sync::Arc;
 
 /// The bucket key of a host: `<repo>/<host>` (neither name holds a `/`).
 fn bucket_key(repo: &str, host: &str) -> String {
@@ -239,14 +249,15 @@ impl Fleet {
         }
     }
 
-    /// Changes one host's record (creating it) and saves the record.
-    pub fn update(&self, repo: &str, host: &str, change: impl FnOnce(&mut HostRecord)) {
+    /// Changes one host's record (creating it) and saves the record. `change` is a function
+    /// of the record, not a value: where the record is shared, it is applied again to the
+    /// newest value whenever another builder wrote the host in between, so no write is lost.
+    pub fn update(&self, repo: &str, host: &str, change: impl Fn(&mut HostRecord) + Send + Sync + 'static) {
         let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
         let record = hosts.entry((repo.to_owned(), host.to_owned())).or_default();
         change(record);
-        let record = record.clone();
         self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-        self.save(&hosts, &[(repo, host, Some(&record))]);
+        self.save(&hosts, &[(repo, host, Change::Update(Arc::new(change)))]);
     }
 
     /// Drops the hosts of `repo` for which `keep` is false (hosts the flake no longer defines).
@@ -260,14 +271,14 @@ impl Fleet {
             hosts.remove(key);
         }
         self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-        let changed: Vec<(&str, &str, Option<&HostRecord>)> =
-            gone.iter().map(|(r, h)| (r.as_str(), h.as_str(), None)).collect();
+        let changed: Vec<(&str, &str, Change)> =
+            gone.iter().map(|(r, h)| (r.as_str(), h.as_str(), Change::Delete)).collect();
         self.save(&hosts, &changed);
     }
 
     /// Keeps the record after a change (under the hosts' lock, so saves stay in order): the
     /// file written whole, or the changed hosts sent to the bucket.
-    fn save(&self, hosts: &Hosts, changed: &[(&str, &str, Option<&HostRecord>)]) {
+    fn save(&self, hosts: &Hosts, changed: &[(&str, &str, Change)]) {
         match &*self.storage.read().unwrap_or_else(|e| e.into_inner()) {
             Storage::None => {}
             Storage::File(file) => {
@@ -276,12 +287,8 @@ impl Fleet {
                 }
             }
             Storage::Bucket(tx) => {
-                for (repo, host, record) in changed {
-                    let value = record.map(|r| {
-                        let saved = SavedHost { repo: (*repo).to_owned(), host: (*host).to_owned(), record: r.clone() };
-                        serde_json::to_vec(&saved).unwrap_or_default()
-                    });
-                    let _ = tx.send((bucket_key(repo, host), value));
+                for (repo, host, change) in changed {
+                    let _ = tx.send(((*repo).to_owned(), (*host).to_owned(), change.clone()));
                 }
             }
         }
@@ -297,31 +304,19 @@ impl Fleet {
         for problem in problems {
             tracing::warn!(problem, "the shared fleet record is not all readable; showing what is");
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, Change)>();
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
             *hosts = loaded;
             *self.storage.write().unwrap_or_else(|e| e.into_inner()) = Storage::Bucket(tx);
             self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
-        let writer = bucket.clone();
+        let (writer, me) = (bucket.clone(), self.clone());
         tokio::spawn(async move {
-            while let Some((key, value)) = rx.recv().await {
-                // Retried while NATS is away; a newer write of the same key wins anyway.
-                for attempt in 0..30u64 {
-                    let result = match &value {
-                        Some(v) => {
-                            writer.put(&key, bytes::Bytes::from(v.clone())).await.map(|_| ()).map_err(|e| e.to_string())
-                        }
-                        None => writer.delete(&key).await.map_err(|e| e.to_string()),
-                    };
-                    match result {
-                        Ok(()) => break,
-                        Err(e) => {
-                            tracing::warn!(%key, err = %e, "cannot write the shared fleet record yet");
-                            tokio::time::sleep(std::time::Duration::from_secs(1 + attempt.min(9))).await;
-                        }
-                    }
+            while let Some((repo, host, change)) = rx.recv().await {
+                if let Some(written) = write_shared(&writer, &repo, &host, &change).await {
+                    // What the bucket now holds (maybe another builder's change and ours).
+                    me.apply(&repo, &host, written);
                 }
             }
         });
@@ -411,6 +406,110 @@ impl Fleet {
     pub fn version(&self) -> u64 {
         self.version.load(std::sync::atomic::Ordering::Acquire)
     }
+}
+
+/// The key-value bucket `name` that holds the shared record, made if missing (file storage,
+/// one value per key, `replicas` copies).
+pub async fn open_shared(
+    client: &async_nats::Client,
+    name: &str,
+    replicas: usize,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    // The bucket's stream as a key-value bucket has it, made directly: the client's own
+    // `create_key_value` asks for account details older servers (2.9) answer otherwise.
+    js.create_or_update_stream(async_nats::jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("hearth fleet record: one key per <repo>/<host>".into()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    js.get_key_value(name).await.map_err(|e| e.to_string())
+}
+
+/// A lost compare-and-set: another write of the key came between the read and the write.
+fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("wrong last") || text.contains("already exists")
+}
+
+/// Applies `change` to the bucket's newest value of the host's key and writes it back only if
+/// the key is still at the revision read (compare-and-set); a lost race reads and applies again
+/// at once, an unreachable NATS is retried with backoff. Returns what was written (`None` in
+/// the outer option: gave up).
+async fn write_shared(
+    bucket: &async_nats::jetstream::kv::Store,
+    repo: &str,
+    host: &str,
+    change: &Change,
+) -> Option<Option<HostRecord>> {
+    let key = bucket_key(repo, host);
+    let mut failures = 0u64;
+    while failures < 30 {
+        let current = match bucket.entry(key.clone()).await {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::warn!(%key, err = %e, "cannot read the shared fleet record yet");
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1 + failures.min(9))).await;
+                continue;
+            }
+        };
+        let live = current.as_ref().filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put);
+        let revision = current.as_ref().map(|e| e.revision);
+        let result = match change {
+            Change::Update(f) => {
+                let mut record = live
+                    .and_then(|e| serde_json::from_slice::<SavedHost>(&e.value).ok())
+                    .map(|s| s.record)
+                    .unwrap_or_default();
+                f(&mut record);
+                let saved = SavedHost { repo: repo.to_owned(), host: host.to_owned(), record };
+                let value = bytes::Bytes::from(serde_json::to_vec(&saved).unwrap_or_default());
+                let written = match revision {
+                    Some(r) => bucket
+                        .update(&key, value, r)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                    None => bucket
+                        .create(&key, value)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                };
+                written.map(|()| Some(saved.record))
+            }
+            Change::Delete if live.is_none() => return Some(None),
+            Change::Delete => bucket
+                .delete_expect_revision(&key, revision)
+                .await
+                .map(|()| None)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+        };
+        match result {
+            Ok(written) => return Some(written),
+            Err(e) if lost_race(e.as_ref()) => {
+                tracing::debug!(%key, "another builder wrote this host meanwhile; applying the change again")
+            }
+            Err(e) => {
+                tracing::warn!(%key, err = %e, "cannot write the shared fleet record yet");
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1 + failures.min(9))).await;
+            }
+        }
+    }
+    tracing::error!(%key, "gave up writing the shared fleet record; the next change of the host writes it");
+    None
 }
 
 /// The whole record a key-value bucket holds (entries that are not host records are skipped).

@@ -444,3 +444,51 @@ async fn a_stalled_record_watch_is_noticed_and_started_again() {
     assert!(a.metric("hearth_fleet_record_watch_restarts_total") >= 1.0, "it caught up without a restart");
     a.wait_for_log("the shared fleet record's watch stalled", 1);
 }
+
+/// Invariant (ARCHITECTURE.md, `src/fleet.rs`): a write to the shared record is never lost,
+/// whatever the interleaving of builders writing one host at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builders_writing_one_host_at_once_lose_no_update() {
+    const ROUNDS: usize = 60;
+    let nats = Nats::start_jetstream();
+    let mut fleets = Vec::new();
+    for _ in 0..2 {
+        let kv = hearth::fleet::open_shared(&builder_client(&nats).await, "hearth_fleet", 1).await.unwrap();
+        let fleet = std::sync::Arc::new(hearth::fleet::Fleet::load(None));
+        fleet.share(kv).await;
+        fleets.push(fleet);
+    }
+    // Each round, both builders add a generation of their own to the same host at once.
+    for round in 0..ROUNDS {
+        for (i, fleet) in fleets.iter().enumerate() {
+            fleet.update("fleet", "web1", move |h| {
+                h.generations.push(hearth::fleet::Generation {
+                    number: round as u64,
+                    path: format!("/nix/store/{i}-{round}"),
+                    built_at: 0,
+                    commit: None,
+                    builder: Some(format!("b{i}")),
+                })
+            });
+        }
+    }
+    let kv = fleet_record(&nats).await;
+    let written = || async {
+        let Some(value) = kv.get("fleet/web1").await.unwrap() else { return 0 };
+        let saved: Value = serde_json::from_slice(&value).unwrap();
+        saved["generations"].as_array().map_or(0, Vec::len)
+    };
+    common::wait_until_async("every write in the shared record", Duration::from_secs(60), || async {
+        written().await == 2 * ROUNDS
+    })
+    .await;
+    // And both builders see it all.
+    for fleet in &fleets {
+        let fleet = fleet.clone();
+        common::wait_until_async("each builder to see every write", Duration::from_secs(60), || {
+            let fleet = fleet.clone();
+            async move { fleet.snapshot().values().next().map_or(0, |h| h.generations.len()) == 2 * ROUNDS }
+        })
+        .await;
+    }
+}

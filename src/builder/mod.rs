@@ -198,32 +198,9 @@ impl Worker {
     /// Moves the fleet record into the shared bucket (made if missing), trying until NATS
     /// answers; false if hearth stops first.
     async fn share_record(&self, stop: &CancellationToken) -> bool {
-        let js = async_nats::jetstream::new(self.client.clone());
         let s = &self.config.jetstream;
         loop {
-            // The bucket's stream as a key-value bucket has it, made directly: the client's own
-            // `create_key_value` asks for account details older servers (2.9) answer otherwise.
-            let made = js
-                .create_or_update_stream(async_nats::jetstream::stream::Config {
-                    name: format!("KV_{}", s.bucket),
-                    description: Some("hearth fleet record: one key per <repo>/<host>".into()),
-                    subjects: vec![format!("$KV.{}.>", s.bucket)],
-                    max_messages_per_subject: 1,
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    num_replicas: s.replicas,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    discard: async_nats::jetstream::stream::DiscardPolicy::New,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string());
-            let bucket = match made {
-                Ok(_) => js.get_key_value(&s.bucket).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            match bucket {
+            match crate::fleet::open_shared(&self.client, &s.bucket, s.replicas).await {
                 Ok(b) => {
                     self.fleet.share(b).await;
                     tracing::info!(bucket = %s.bucket, "the fleet record is shared in JetStream");

@@ -230,21 +230,22 @@ impl Recorder {
             Some(e) => LastBuild::failed(at, cx.commit.map(str::to_owned), e),
             None => LastBuild::new(BuildResult::Success, at, cx.commit.map(str::to_owned)),
         };
-        let (deploy, branch, me, keep) = (cx.deploy, cx.branch, self.name.as_str(), self.keep_generations);
-        let out_path = result.out_path.clone();
-        self.fleet.update(cx.repo, host, |h| {
+        let (deploy, branch, me, keep) = (cx.deploy, cx.branch.to_owned(), self.name.clone(), self.keep_generations);
+        let (out_path, status, changes) = (result.out_path.clone(), result.status, changes.cloned());
+        // Applied to the newest record (again, if another builder wrote the host meanwhile).
+        self.fleet.update(cx.repo, host, move |h| {
             if !deploy {
-                h.branches.insert(branch.to_owned(), BranchBuild { build, out_path });
+                h.branches.insert(branch.clone(), BranchBuild { build: build.clone(), out_path: out_path.clone() });
                 h.branches.retain(|_, b| at - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
                 return;
             }
-            h.last_build = Some(build);
-            if let Some(g) = generations {
-                h.generations = merge(&h.generations, g, me, keep);
+            h.last_build = Some(build.clone());
+            if let Some(g) = &generations {
+                h.generations = merge(&h.generations, g.clone(), &me, keep);
             }
             // An unchanged system keeps what its generation changed.
-            if result.status == HostStatus::Success
-                && let Some(c) = changes
+            if status == HostStatus::Success
+                && let Some(c) = &changes
             {
                 h.set_changes(c);
             }
@@ -427,9 +428,9 @@ impl Recorder {
                 }
                 None => None,
             };
-            let (me, keep) = (self.name.as_str(), self.keep_generations);
-            self.fleet.update(&repo, &host, |h| {
-                h.generations = merge(&h.generations, gens, me, keep);
+            let (me, keep) = (self.name.clone(), self.keep_generations);
+            self.fleet.update(&repo, &host, move |h| {
+                h.generations = merge(&h.generations, gens.clone(), &me, keep);
                 if let Some(c) = &changes {
                     h.set_changes(c);
                 }
@@ -462,7 +463,8 @@ fn label(repo: &str, host: &str) -> RepoHost {
 
 /// The push of `out` as it stands, on the host's record, while `out` is its newest system.
 fn record_push(fleet: &Fleet, repo: &str, host: &str, out: &str, pushed: Pushed) {
-    fleet.update(repo, host, |h| {
+    let out = out.to_owned();
+    fleet.update(repo, host, move |h| {
         if h.generations.last().is_some_and(|g| g.path == out) {
             let at = now_seconds();
             h.bucket = Some(BucketCopy { pushed, at });
