@@ -897,3 +897,27 @@ fn a_host_leaves_the_record_only_when_the_deploy_branchs_newest_commit_drops_it(
     assert!(!hosts().contains(&"extra".to_owned()), "{:?}", hosts());
     assert!(hosts().contains(&"good1".to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_is_recorded_and_reported_when_its_own_closure_is_built_whatever_the_rest_does() {
+    // Derivations build side by side, as on any real builder (Nix's default is one at a time).
+    let f = Fleet::start_env("", &[("NIX_CONFIG", "substituters =\nmax-jobs = 8\n")]);
+    let client = f.nats.deployer().await;
+    let body = r#"{"repo":"lab","target":"all","reply_to":"build.responses.early"}"#;
+    let mut sub = f.request(&client, "build.lab.all", body, "build.responses.early").await;
+    // `gate` waits for the release and `slow` never ends; `diskhog` builds at once.
+    let done = loop {
+        let r = next_reply(&mut sub).await;
+        assert!(r["status"] == "started" || r["status"] == "progress", "a final reply first: {r}");
+        if r["kind"] == "host_done" && r["host"] == "diskhog" {
+            break r;
+        }
+    };
+    assert_eq!(done["host_status"], "success", "{done}");
+    // Recorded already: its generation is on the page while the graph still runs.
+    let fleet: Value = serde_json::from_slice(&f.hearth.get("/fleet.json").body).unwrap();
+    let diskhog = fleet["hosts"].as_array().unwrap().iter().find(|h| h["host"] == "diskhog").cloned();
+    let diskhog = diskhog.unwrap_or_else(|| panic!("diskhog is not in the record yet: {fleet}"));
+    assert_eq!(diskhog["generations"][0]["path"], done["out_path"], "{diskhog}");
+    assert!(!f.gate.join("release").exists(), "the gate is still closed: the graph still runs");
+}

@@ -246,8 +246,10 @@ impl Live {
 }
 
 /// Runs the build graph, sending every host's progress (and the newest build log lines) to
-/// the running build's subscribers at most every `every`. Returns the graph's result, its
-/// tracker, and when each host was done.
+/// the running build's subscribers at most every `every`, and each host whose derivations are
+/// all built to `done_hosts` as soon as its progress says so (its system may be recorded before the
+/// rest of the graph ends). Returns the graph's result, its tracker, and when each host was done.
+#[allow(clippy::too_many_arguments)]
 pub async fn realise_reporting(
     exec: &Exec,
     drvs: &[String],
@@ -255,6 +257,7 @@ pub async fn realise_reporting(
     board: &Board,
     to: (&Reporter, &Heading),
     every: Duration,
+    done_hosts: tokio::sync::mpsc::UnboundedSender<String>,
     cancel: &CancellationToken,
 ) -> (Result<(), BuildError>, Tracker, Finished) {
     let (reporter, heading) = to;
@@ -285,7 +288,11 @@ pub async fn realise_reporting(
                 (board.merged(&l.tracker), l.lines.drain(..).collect::<Vec<String>>())
             });
             if let Some((progress, lines)) = update {
-                finished.note(&progress);
+                for host in finished.note(&progress) {
+                    if progress.iter().any(|p| p.host == host && p.phase == Phase::Done) {
+                        let _ = done_hosts.send(host);
+                    }
+                }
                 let built = progress.iter().filter(|p| matches!(p.phase, Phase::Done | Phase::Unchanged)).count();
                 let mut r = heading.progress(Kind::Log).message(format!("{built} of {} host(s) built", progress.len()));
                 r.progress = Some(progress);

@@ -481,13 +481,25 @@ impl Worker {
         let started = Instant::now();
         let mut board = Board::new(&plan.hosts);
         let mut eval = self.evaluate(plan, &mut board, heading, started, cancel).await;
-        let built = if eval.shutdown || eval.evaluated.is_empty() {
-            Built::default()
+        let cx = record::Context {
+            repo: &job.repo.name,
+            branch: &job.branch,
+            deploy: plan.deploy,
+            commit: plan.commit.as_deref(),
+        };
+        let (built, early) = if eval.shutdown || eval.evaluated.is_empty() {
+            (Built::default(), HashMap::new())
         } else {
-            self.build_graph(&eval.evaluated, &board, heading, cancel).await
+            let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+            let graph = self.build_graph(&eval.evaluated, &board, heading, done_tx, cancel);
+            let early = self.record_early(&cx, &eval.evaluated, done_rx, heading, started);
+            tokio::join!(graph, early)
         };
         let shutdown = eval.shutdown || built.shutdown;
         for (host, e, eval_took) in eval.evaluated {
+            if early.contains_key(&host) {
+                continue;
+            }
             let took = built.finished.at(&host).map_or(started.elapsed(), |t| t - started).as_secs_f64();
             let outcome = if self.recorder.is_valid(&e.out).await {
                 Outcome::Built { out: e.out }
@@ -499,14 +511,46 @@ impl Worker {
             };
             eval.outcomes.insert(host, (outcome, took.max(eval_took)));
         }
-        let cx = record::Context {
-            repo: &job.repo.name,
-            branch: &job.branch,
-            deploy: plan.deploy,
-            commit: plan.commit.as_deref(),
-        };
-        let summaries = self.record_hosts(&cx, &plan.hosts, eval.outcomes, heading, started).await;
+        let summaries = self.record_hosts(&cx, &plan.hosts, eval.outcomes, early, heading, started).await;
         (summaries, shutdown)
+    }
+
+    /// Records each host whose system the graph has built while the rest of it runs (a host
+    /// is not held up by another's never-ending derivation): its record, roots, push and its
+    /// `host_done` reply. A host counts as built when its system is in the store: looked at
+    /// when its progress says it is done, and every [`EARLY_CHECK`] (Nix may end a build's log
+    /// activity only when the whole graph ends). Returns their summaries, once `done` closes
+    /// (the graph ended).
+    async fn record_early(
+        &self,
+        cx: &record::Context<'_>,
+        evaluated: &[(String, Evaluated, f64)],
+        mut done: tokio::sync::mpsc::UnboundedReceiver<String>,
+        heading: &Heading,
+        started: Instant,
+    ) -> HashMap<String, HostSummary> {
+        let mut recorded = HashMap::new();
+        loop {
+            let hint = tokio::select! {
+                hint = done.recv() => match hint {
+                    Some(host) => Some(host),
+                    None => return recorded,
+                },
+                () = tokio::time::sleep(EARLY_CHECK) => None,
+            };
+            let waiting: Vec<&(String, Evaluated, f64)> = evaluated
+                .iter()
+                .filter(|(h, _, _)| !recorded.contains_key(h) && hint.as_ref().is_none_or(|x| x == h))
+                .collect();
+            for (host, e, eval_took) in waiting {
+                if !self.recorder.is_valid(&e.out).await {
+                    continue;
+                }
+                let took = started.elapsed().as_secs_f64().max(*eval_took);
+                let summary = self.record_one(cx, host, Outcome::Built { out: e.out.clone() }, took, heading).await;
+                recorded.insert(host.clone(), summary);
+            }
+        }
     }
 
     /// Evaluates every host, on up to `eval_workers` cores, sending progress as it goes: a host
@@ -554,12 +598,14 @@ impl Worker {
         eval
     }
 
-    /// Realises every evaluated host in one build graph, with its progress.
+    /// Realises every evaluated host in one build graph, with its progress; each host done
+    /// goes to `done` as soon as it is.
     async fn build_graph(
         &self,
         evaluated: &[(String, Evaluated, f64)],
         board: &Board,
         heading: &Heading,
+        done: tokio::sync::mpsc::UnboundedSender<String>,
         cancel: &CancellationToken,
     ) -> Built {
         let tracker = graph::Tracker::new(evaluated.iter().map(|(h, e, _)| (h.as_str(), e)));
@@ -577,7 +623,7 @@ impl Worker {
         let to = (&self.reporter, heading);
         let every = self.config.progress_interval;
         let (result, tracker, finished) =
-            graph::realise_reporting(&self.exec, &drvs, tracker, board, to, every, cancel).await;
+            graph::realise_reporting(&self.exec, &drvs, tracker, board, to, every, done, cancel).await;
         let (shutdown, error) = match result {
             Ok(()) => (false, None),
             Err(BuildError::Shutdown) => (true, None),
@@ -587,32 +633,50 @@ impl Worker {
     }
 
     /// Each host's outcome into the record, in the plan's order, each host's result sent as
-    /// it is recorded; a host without an outcome was cut by shutdown.
+    /// it is recorded (those `early` were, while the graph ran); a host without an outcome was
+    /// cut by shutdown.
     async fn record_hosts(
         &self,
         cx: &record::Context<'_>,
         hosts: &[String],
         mut outcomes: HashMap<String, (Outcome, f64)>,
+        mut early: HashMap<String, HostSummary>,
         heading: &Heading,
         started: Instant,
     ) -> Vec<HostSummary> {
         let mut summaries = Vec::new();
         for host in hosts {
+            if let Some(summary) = early.remove(host) {
+                summaries.push(summary);
+                continue;
+            }
             let Some((outcome, took)) = outcomes.remove(host) else {
                 // Not a result: the host's state, counters and record stay.
                 summaries.push(HostSummary::interrupted(host, started.elapsed().as_secs_f64()));
                 continue;
             };
-            let summary = self.recorder.record(cx, host, outcome, took).await;
-            let mut r = heading.progress(Kind::HostDone).message(format!("{host}: {}", summary.status.as_str()));
-            r.host = Some(host.clone());
-            r.host_status = Some(summary.status);
-            r.out_path = summary.out_path.clone();
-            r.duration_seconds = Some(summary.duration_seconds);
-            self.reporter.running(&r).await;
-            summaries.push(summary);
+            summaries.push(self.record_one(cx, host, outcome, took, heading).await);
         }
         summaries
+    }
+
+    /// Records one host's outcome and sends its `host_done` reply.
+    async fn record_one(
+        &self,
+        cx: &record::Context<'_>,
+        host: &str,
+        outcome: Outcome,
+        took: f64,
+        heading: &Heading,
+    ) -> HostSummary {
+        let summary = self.recorder.record(cx, host, outcome, took).await;
+        let mut r = heading.progress(Kind::HostDone).message(format!("{host}: {}", summary.status.as_str()));
+        r.host = Some(host.to_owned());
+        r.host_status = Some(summary.status);
+        r.out_path = summary.out_path.clone();
+        r.duration_seconds = Some(summary.duration_seconds);
+        self.reporter.running(&r).await;
+        summary
     }
 
     /// Ends the running job with `reply`: its final reply, then (JetStream) its requests leave
@@ -699,6 +763,9 @@ impl Worker {
         }
     }
 }
+
+/// How often the hosts of a running graph are looked for in the store, to be recorded early.
+const EARLY_CHECK: Duration = Duration::from_secs(2);
 
 /// What evaluation left: hosts to build (with their evaluation time), outcomes known already
 /// (unchanged, failed), and whether shutdown cut it.
