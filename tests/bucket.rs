@@ -619,12 +619,15 @@ fn a_bucket_narinfo_is_served_only_as_this_cache_can_serve_it() {
     // Larger than any narinfo: never read whole.
     let huge = narinfo(&h('g'), &format!("nar/{file}.nar.zst"), &format!("Deriver: {}\n", "x".repeat(2 << 20)));
     garage.put(&format!("{}.narinfo", h('g')), huge.as_bytes());
+    // Past the narinfo bound (512 KiB) though under the bound of a record entry.
+    let big = narinfo(&h('k'), &format!("nar/{file}.nar.zst"), &format!("Deriver: {}\n", "x".repeat(600 << 10)));
+    garage.put(&format!("{}.narinfo", h('k')), big.as_bytes());
     // Malformed.
     garage.put(&format!("{}.narinfo", h('i')), b"StorePath: nowhere\n\xff\xfe");
-    for c in ['a', 'b', 'd', 'f', 'g', 'i'] {
+    for c in ['a', 'b', 'd', 'f', 'g', 'k', 'i'] {
         assert_eq!(served(&h(c)).status, 404, "the bucket's narinfo {c} was served");
     }
-    through.wait_for_log("is not one this cache serves", 6);
+    through.wait_for_log("is not one this cache serves", 7);
 
     // A good one is served with only the fields hearth knows, its signature untouched.
     let good = narinfo(&h('j'), &format!("nar/{file}.nar.zst"), "Sig: k-1:c2lnbmF0dXJl\nX-Track: me\n");

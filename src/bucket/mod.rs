@@ -36,6 +36,9 @@ pub enum BucketError {
 
 /// The most bytes [`Bucket::get`] reads: a narinfo of some 15,000 references.
 pub const MAX_READ: usize = 1 << 20;
+/// The most bytes a narinfo read through the bucket may have (a real one of 5,000 references
+/// is about 330 KiB); a larger object under a narinfo's name is not one.
+pub const MAX_NARINFO: usize = 512 << 10;
 
 /// A bucket and its client.
 #[derive(Clone)]
@@ -94,21 +97,27 @@ impl Bucket {
     /// Objects read whole are narinfos and record entries: one larger than [`MAX_READ`] is an
     /// error, never read into memory.
     pub async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, BucketError> {
+        self.get_at_most(key, MAX_READ).await
+    }
+
+    /// The object `key`, if there is one of `max` bytes at most (a larger one is an error,
+    /// never read into memory).
+    pub async fn get_at_most(&self, key: &str, max: usize) -> Result<Option<bytes::Bytes>, BucketError> {
         use futures::StreamExt;
         let result = match self.store.get(&Path::from(key)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let too_large = || BucketError::TooLarge { key: key.to_owned(), max: MAX_READ };
-        if result.meta.size > MAX_READ as u64 {
+        let too_large = || BucketError::TooLarge { key: key.to_owned(), max };
+        if result.meta.size > max as u64 {
             return Err(too_large());
         }
         let mut body = bytes::BytesMut::new();
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if body.len() + chunk.len() > MAX_READ {
+            if body.len() + chunk.len() > max {
                 return Err(too_large());
             }
             body.extend_from_slice(&chunk);

@@ -148,8 +148,13 @@ pub struct AppState {
     /// With `[bucket] read_through`: paths not in the local store are answered from it.
     pub bucket: Option<crate::bucket::Bucket>,
     /// Narinfos found in the bucket (as this cache serves them), and when.
-    pub(crate) bucket_narinfos:
-        Arc<quick_cache::sync::Cache<crate::nix::store_path::StorePathHash, (std::time::Instant, String)>>,
+    pub(crate) bucket_narinfos: Arc<
+        quick_cache::sync::Cache<
+            crate::nix::store_path::StorePathHash,
+            (std::time::Instant, String),
+            narinfo::TextBytes,
+        >,
+    >,
     /// Local copies of the bucket's NARs, each fetched once (`[bucket] read_cache_size`).
     pub bucket_copies: Option<Arc<crate::bucket::read_cache::ReadCache>>,
 }
@@ -169,11 +174,15 @@ impl AppState {
             keys: Arc::new(keys),
             metrics,
             cache: Arc::new(cache),
-            narinfos: Arc::new(narinfo::NarinfoCache::new(100_000)),
+            narinfos: Arc::new(narinfo::NarinfoCache::new(narinfo::NARINFO_CACHE_BYTES)),
             fleet,
             page: Arc::new(fleet::PageCache::new()),
             bucket: None,
-            bucket_narinfos: Arc::new(quick_cache::sync::Cache::new(100_000)),
+            bucket_narinfos: Arc::new(quick_cache::sync::Cache::with_weighter(
+                50_000,
+                narinfo::BUCKET_NARINFO_CACHE_BYTES,
+                narinfo::TextBytes,
+            )),
             bucket_copies: None,
         }
     }

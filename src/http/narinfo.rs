@@ -30,7 +30,7 @@ pub(super) async fn get_root_file(State(state): State<AppState>, Path(file): Pat
                 return Ok((headers, text).into_response());
             }
             let key = crate::bucket::narinfo_key(hash.as_str());
-            let text = match bucket.get(&key).await {
+            let text = match bucket.get_at_most(&key, crate::bucket::MAX_NARINFO).await {
                 Ok(text) => text.ok_or(HttpError::NotFound)?,
                 Err(e @ crate::bucket::BucketError::TooLarge { .. }) => {
                     tracing::warn!(err = %e, "the bucket's narinfo is not one this cache serves; answering 404");
@@ -88,12 +88,36 @@ const BUCKET_NARINFO_TTL: std::time::Duration = std::time::Duration::from_secs(6
 /// Signing is most of a narinfo's cost.
 pub(crate) struct NarinfoCache {
     /// Keyed by path; valid for the same path info and the same hot-NAR file (if any).
-    entries: quick_cache::sync::Cache<StorePathHash, (Arc<PathInfo>, Option<String>, Bytes)>,
+    entries: quick_cache::sync::Cache<StorePathHash, Rendered, TextBytes>,
 }
 
+type Rendered = (Arc<PathInfo>, Option<String>, Bytes);
+
+/// Weighs a cached narinfo by its bytes (and a little for what it keeps besides), so that a
+/// cache's bound is one of memory, whatever the narinfos' sizes.
+#[derive(Clone)]
+pub(crate) struct TextBytes;
+
+impl quick_cache::Weighter<StorePathHash, Rendered> for TextBytes {
+    fn weight(&self, _: &StorePathHash, (_, _, text): &Rendered) -> u64 {
+        text.len() as u64 + 512
+    }
+}
+
+impl quick_cache::Weighter<StorePathHash, (std::time::Instant, String)> for TextBytes {
+    fn weight(&self, _: &StorePathHash, (_, text): &(std::time::Instant, String)) -> u64 {
+        text.len() as u64 + 128
+    }
+}
+
+/// Bytes the rendered narinfos keep at most.
+pub(crate) const NARINFO_CACHE_BYTES: u64 = 64 << 20;
+/// Bytes the narinfos read through the bucket keep at most.
+pub(crate) const BUCKET_NARINFO_CACHE_BYTES: u64 = 32 << 20;
+
 impl NarinfoCache {
-    pub(crate) fn new(capacity: usize) -> Self {
-        Self { entries: quick_cache::sync::Cache::new(capacity) }
+    pub(crate) fn new(bytes: u64) -> Self {
+        Self { entries: quick_cache::sync::Cache::with_weighter(100_000, bytes, TextBytes) }
     }
 
     fn get_or_render(&self, info: &Arc<PathInfo>, file_hash: Option<&str>, render: impl FnOnce() -> String) -> Bytes {
@@ -148,4 +172,22 @@ pub(crate) fn render(state: &AppState, info: &PathInfo) -> NarInfo {
     }
     narinfo.sigs.extend(ours);
     narinfo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_narinfo_caches_are_bounded_in_bytes() {
+        let cache: quick_cache::sync::Cache<StorePathHash, (std::time::Instant, String), TextBytes> =
+            quick_cache::sync::Cache::with_weighter(1000, 4 << 20, TextBytes);
+        for i in 0..64u32 {
+            let hash = StorePathHash::parse(format!("{i:0>32}").as_bytes()).unwrap();
+            cache.insert(hash, (std::time::Instant::now(), "x".repeat(256 << 10)));
+        }
+        // 64 narinfos of 256 KiB: 16 MiB offered, 4 MiB kept at most.
+        assert!(cache.weight() <= 4 << 20, "{} bytes kept", cache.weight());
+        assert!(cache.len() <= 16, "{} kept", cache.len());
+    }
 }
