@@ -65,6 +65,13 @@ struct Index {
 }
 
 impl Index {
+    /// Whether a copy of `size` bytes may start: it fits beside the copies being made (finished
+    /// ones can be evicted for it; those being made cannot), so what the directory holds never
+    /// exceeds `max_size`.
+    fn admits(&self, size: u64, max_size: u64) -> bool {
+        self.reserved.saturating_add(size) <= max_size
+    }
+
     /// Drops least recently used finished copies until everything fits `max_size`.
     fn evict(&mut self, max_size: u64) {
         while self.total + self.reserved > max_size {
@@ -199,7 +206,8 @@ impl ReadCache {
                 Some(_) => return None,
                 None => {
                     let cooling = self.failed.get(name).is_some_and(|at| at.elapsed() < FAILED_COOLDOWN);
-                    if !whole || cooling || size > self.max_size / ADMIT_FRACTION {
+                    if !whole || cooling || size > self.max_size / ADMIT_FRACTION || !index.admits(size, self.max_size)
+                    {
                         return None;
                     }
                     let permit = self.fills.clone().try_acquire_owned().ok()?;
@@ -345,6 +353,26 @@ fn tail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_starts_only_if_it_fits_beside_those_being_made() {
+        let max = 64 << 20;
+        let mut index = Index::default();
+        let copy = 7_500_000;
+        // Copies being made reserve their room; finished ones could be evicted, so they do not count.
+        let mut started = 0;
+        for _ in 0..16 {
+            if index.admits(copy, max) {
+                index.reserved += copy;
+                started += 1;
+            }
+        }
+        assert_eq!(started, 8, "16 fills of 7.5 MB at once in 64 MiB");
+        assert!(index.reserved <= max);
+        index.total = 40 << 20;
+        index.reserved = 0;
+        assert!(index.admits(copy, max), "finished copies make room");
+    }
 
     #[test]
     fn only_nix32_file_hash_names_are_copies() {
