@@ -921,3 +921,32 @@ async fn a_host_is_recorded_and_reported_when_its_own_closure_is_built_whatever_
     assert_eq!(diskhog["generations"][0]["path"], done["out_path"], "{diskhog}");
     assert!(!f.gate.join("release").exists(), "the gate is still closed: the graph still runs");
 }
+
+#[test]
+fn an_evaluation_past_its_memory_bound_is_stopped_and_says_so() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let salt = common::flake::salt();
+    // Evaluating `hog` makes a list of 50 million thunks (gigabytes); `fine` is a plain host.
+    let hog = "${toString (builtins.length (builtins.genList (x: x * 2) 50000000))}".to_owned();
+    make_repo(&dir.path().join("mem"), &flake(&[("fine", format!("echo fine {salt} > $out")), ("hog", hog)]));
+    let h = BuilderToml::new(&nats, &dir.path().join("gcroots"))
+        .with("eval_max_memory = \"256MiB\"")
+        .repo("mem", &format!("git+file://{}", dir.path().join("mem").display()))
+        .start();
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "mem", "all", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+        .arg(nats.seed_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "failed", "{stdout}");
+    let hosts = last["hosts"].as_array().unwrap_or_else(|| panic!("no hosts in {last}"));
+    let host = |name: &str| hosts.iter().find(|x| x["host"] == name).cloned().unwrap();
+    assert_eq!(host("fine")["status"], "success", "{last}");
+    let error = host("hog")["error"].as_str().unwrap().to_owned();
+    assert!(error.starts_with("evaluation of hog exceeded 256.0 MiB of memory"), "{error}");
+    drop(h);
+}

@@ -44,6 +44,10 @@ pub struct BuilderSection {
     pub keep_generations: usize,
     /// Nix evaluator processes at once (default: half the cores, at least 1).
     pub eval_workers: Option<usize>,
+    /// The most memory (resident) one evaluator may take before it is stopped and its host
+    /// fails, e.g. `4GiB` (default: the machine's memory shared by the evaluators, 4 GiB at most,
+    /// as nix-eval-jobs' `--max-memory-size`).
+    pub eval_max_memory: Option<String>,
     /// Where requests come from: `core` (a queue-group subscription) or `jetstream` (a durable
     /// work queue shared by every builder, and the fleet record in a key-value bucket).
     pub queue: QueueKind,
@@ -112,6 +116,7 @@ impl Default for BuilderSection {
             progress_interval_ms: 1000,
             keep_generations: 3,
             eval_workers: None,
+            eval_max_memory: None,
             queue: QueueKind::Core,
             name: None,
             heartbeat_seconds: 20,
@@ -190,6 +195,16 @@ pub fn default_eval_workers() -> usize {
     (cores / 2).max(cores.min(2))
 }
 
+/// One evaluator's share of the machine's memory (with room for the rest), 4 GiB at most.
+pub fn default_eval_max_memory(eval_workers: usize) -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(str::to_owned)))
+        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(8 << 30, |kib| kib * 1024);
+    (total / 2 / eval_workers.max(1) as u64).clamp(256 << 20, 4 << 30)
+}
+
 #[derive(Debug, Clone)]
 pub struct RepoConfig {
     pub name: String,
@@ -210,6 +225,8 @@ pub struct BuilderConfig {
     pub keep_generations: usize,
     /// Nix evaluator processes at once.
     pub eval_workers: usize,
+    /// Bytes of memory one evaluator may hold.
+    pub eval_max_memory: u64,
     pub queue: QueueKind,
     /// This builder's name, as the shared record shows it.
     pub name: String,
@@ -234,6 +251,14 @@ impl BuilderConfig {
         in_range("builder.keep_generations", s.keep_generations, 1..=1000)?;
         let eval_workers = s.eval_workers.unwrap_or_else(default_eval_workers);
         in_range("builder.eval_workers", eval_workers, 1..=256)?;
+        let eval_max_memory = match &s.eval_max_memory {
+            Some(text) => crate::store::nar_cache::parse_size(text).ok_or_else(|| ConfigError::Value {
+                key: "builder.eval_max_memory",
+                reason: format!("`{text}` is not a size like 4GiB"),
+            })?,
+            None => default_eval_max_memory(eval_workers),
+        };
+        in_range("builder.eval_max_memory", eval_max_memory, 64 << 20..=1 << 40)?;
         check_jetstream(&s.jetstream)?;
         in_range("builder.heartbeat_seconds", s.heartbeat_seconds, 1..=30)?;
         let name = s.name.unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned());
@@ -257,6 +282,7 @@ impl BuilderConfig {
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             keep_generations: s.keep_generations,
             eval_workers,
+            eval_max_memory,
             queue: s.queue,
             name,
             heartbeat: Duration::from_secs(s.heartbeat_seconds),

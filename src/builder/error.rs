@@ -18,6 +18,9 @@ pub enum BuildError {
     /// The request names something the repo does not have (a branch, a commit on it).
     #[error("{0}")]
     Rejected(String),
+    /// The command held more memory than it may, and was stopped.
+    #[error("exceeded {} of memory", crate::nix::closure_diff::human_bytes(i64::try_from(*limit).unwrap_or(i64::MAX), false))]
+    OutOfMemory { limit: u64 },
 }
 
 impl BuildError {

@@ -62,8 +62,12 @@ pub async fn evaluate(
             listed.push(line.to_owned());
         }
     };
-    let out = match exec.run("nix build --dry-run", cmd, cancel, &mut on_line).await {
+    let out = match exec.run_bounded("nix build --dry-run", cmd, exec.eval_max_memory, cancel, &mut on_line).await {
         Ok(out) => out,
+        Err(e @ BuildError::OutOfMemory { .. }) => {
+            let message = format!("evaluation of {host} {e} (the bound is `[builder] eval_max_memory`)");
+            return Err(BuildError::Failed { message, tail: String::new() });
+        }
         Err(BuildError::Failed { message, tail }) => {
             // Why it ended (an exit status, or a signal: SIGKILL is most often the kernel's
             // out-of-memory killer) comes before the log's tail.

@@ -29,6 +29,8 @@ pub struct Exec {
     pub nix: String,
     pub timeout: Duration,
     pub gcroots_dir: PathBuf,
+    /// Bytes of memory one evaluator may hold.
+    pub eval_max_memory: u64,
     /// Bare mirrors of the repos' branches, one per URL.
     pub git_cache_dir: PathBuf,
     /// The Nix in use, once asked.
@@ -99,11 +101,35 @@ fn die_with_hearth(cmd: &mut Command) {
 /// The `oom_score_adj` of every process hearth runs (of -1000 … 1000).
 const CHILD_OOM_SCORE_ADJ: &[u8] = b"500";
 
-/// Runs `cmd`, streaming stderr lines to `on_line`, under `timeout` and `cancel`; returns stdout.
+/// How often a bounded command's memory is looked at.
+const MEMORY_CHECK: Duration = Duration::from_millis(200);
+
+/// The resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`), if it
+/// still runs.
+fn resident(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resolves once process `pid` holds more than `max` bytes; never without a bound.
+async fn over_memory(pid: Option<u32>, max: Option<u64>) {
+    let (Some(pid), Some(max)) = (pid, max) else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(MEMORY_CHECK).await;
+        if resident(pid).is_some_and(|bytes| bytes > max) {
+            return;
+        }
+    }
+}
+
+/// Runs `cmd`, streaming stderr lines to `on_line`, under `timeout` and `cancel` (and, with
+/// `max_memory`, stopped once it holds more); returns stdout.
 async fn run(
     what: &str,
     mut cmd: Command,
-    timeout: Duration,
+    (timeout, max_memory): (Duration, Option<u64>),
     cancel: &CancellationToken,
     on_line: &mut (dyn FnMut(&str) + Send),
 ) -> Result<String, BuildError> {
@@ -150,6 +176,7 @@ async fn run(
     let result = tokio::select! {
         r = tokio::time::timeout(timeout, work) => r.map_err(|_| BuildError::Timeout(timeout)),
         _ = cancel.cancelled() => Err(BuildError::Shutdown),
+        () = over_memory(pid, max_memory) => Err(BuildError::OutOfMemory { limit: max_memory.unwrap_or(0) }),
     };
     match result {
         Ok((Ok(status), out)) if status.success() => Ok(out),
@@ -249,7 +276,19 @@ impl Exec {
         cancel: &CancellationToken,
         on_line: &mut (dyn FnMut(&str) + Send),
     ) -> Result<String, BuildError> {
-        run(what, cmd, self.timeout, cancel, on_line).await
+        run(what, cmd, (self.timeout, None), cancel, on_line).await
+    }
+
+    /// As [`Exec::run`], the command stopped once it holds more than `max_memory` bytes.
+    pub(super) async fn run_bounded(
+        &self,
+        what: &str,
+        cmd: Command,
+        max_memory: u64,
+        cancel: &CancellationToken,
+        on_line: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<String, BuildError> {
+        run(what, cmd, (self.timeout, Some(max_memory)), cancel, on_line).await
     }
 
     /// Resolves `branch` of a repo to the commit to build (`rev` if given, else the branch's
@@ -272,7 +311,7 @@ impl Exec {
         let full_ref = format!("refs/heads/{branch}");
         let mut cmd = Command::new("git");
         cmd.args(["ls-remote", "--", git, &full_ref]);
-        let out = run("git ls-remote", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await?;
+        let out = run("git ls-remote", cmd, (Duration::from_secs(300), None), cancel, &mut |_| {}).await?;
         let head = exact_ref(&out, &full_ref).map_err(BuildError::Rejected)?;
         let commit = match rev {
             Some(rev) if rev == head || (rev.len() >= 7 && head.starts_with(rev)) => head,
@@ -302,7 +341,7 @@ impl Exec {
                 .map_err(|e| BuildError::Spawn(format!("mkdir {}", mirror.display()), e))?;
             let mut init = Command::new("git");
             init.args(["init", "--quiet", "--bare"]).arg(&mirror);
-            run("git init", init, Duration::from_secs(60), cancel, &mut |_| {}).await?;
+            run("git init", init, (Duration::from_secs(60), None), cancel, &mut |_| {}).await?;
         }
         let mut fetch = Command::new("git");
         fetch.arg("-C").arg(&mirror).args([
@@ -314,14 +353,14 @@ impl Exec {
             git,
             &format!("+refs/heads/{branch}:refs/heads/{branch}"),
         ]);
-        run("git fetch", fetch, Duration::from_secs(600), cancel, &mut |_| {}).await?;
+        run("git fetch", fetch, (Duration::from_secs(600), None), cancel, &mut |_| {}).await?;
         let mut parse = Command::new("git");
         parse
             .arg("-C")
             .arg(&mirror)
             .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
             .arg(format!("{rev}^{{commit}}"));
-        let full = match run("git rev-parse", parse, Duration::from_secs(60), cancel, &mut |_| {}).await {
+        let full = match run("git rev-parse", parse, (Duration::from_secs(60), None), cancel, &mut |_| {}).await {
             Ok(out) if super::job::is_valid_rev(out.trim()) => out.trim().to_owned(),
             Ok(_) | Err(BuildError::Failed { .. }) => {
                 return Err(BuildError::Rejected(format!(
@@ -332,7 +371,7 @@ impl Exec {
         };
         let mut ancestor = Command::new("git");
         ancestor.arg("-C").arg(&mirror).args(["merge-base", "--is-ancestor", &full, &format!("refs/heads/{branch}")]);
-        match run("git merge-base", ancestor, Duration::from_secs(60), cancel, &mut |_| {}).await {
+        match run("git merge-base", ancestor, (Duration::from_secs(60), None), cancel, &mut |_| {}).await {
             Ok(_) => Ok(full),
             Err(BuildError::Failed { .. }) => {
                 Err(BuildError::Rejected(format!("commit {rev} is not on branch `{branch}`")))
@@ -352,7 +391,7 @@ impl Exec {
             "--apply",
             "builtins.attrNames",
         ]);
-        let out = run("nix eval", cmd, self.timeout, cancel, &mut |_| {}).await?;
+        let out = run("nix eval", cmd, (self.timeout, None), cancel, &mut |_| {}).await?;
         let names: Vec<String> =
             serde_json::from_str(&out).map_err(|e| BuildError::Output("nix eval".into(), e.to_string()))?;
         let (good, bad): (Vec<_>, Vec<_>) = names.into_iter().partition(|n| is_valid_name(n));
@@ -377,7 +416,7 @@ impl Exec {
         }
         let mut cmd = self.nix();
         cmd.args(["build", "--out-link"]).arg(link).arg(path);
-        run("nix build (root)", cmd, Duration::from_secs(300), cancel, &mut |_| {}).await.map(|_| ())
+        run("nix build (root)", cmd, (Duration::from_secs(300), None), cancel, &mut |_| {}).await.map(|_| ())
     }
 
     /// The Nix in use (`nix --version`, asked once).
@@ -386,7 +425,7 @@ impl Exec {
             .get_or_try_init(|| async {
                 let mut cmd = Command::new(&self.nix);
                 cmd.arg("--version");
-                let out = run("nix --version", cmd, Duration::from_secs(60), cancel, &mut |_| {}).await?;
+                let out = run("nix --version", cmd, (Duration::from_secs(60), None), cancel, &mut |_| {}).await?;
                 NixVersion::parse(&out).ok_or_else(|| BuildError::Output("nix --version".into(), out.trim().to_owned()))
             })
             .await
@@ -397,7 +436,7 @@ impl Exec {
     pub async fn log_tail(&self, drv: &str, cancel: &CancellationToken) -> Option<String> {
         let mut cmd = self.nix();
         cmd.args(["log", drv]);
-        let out = run("nix log", cmd, Duration::from_secs(60), cancel, &mut |_| {}).await.ok()?;
+        let out = run("nix log", cmd, (Duration::from_secs(60), None), cancel, &mut |_| {}).await.ok()?;
         let lines: Vec<&str> = out.lines().collect();
         let from = lines.len().saturating_sub(TAIL_LINES);
         Some(lines[from..].join("\n"))
@@ -413,7 +452,7 @@ mod tests {
         let mut cmd = Command::new("cat");
         cmd.arg("/proc/self/oom_score_adj");
         let cancel = CancellationToken::new();
-        let out = run("cat", cmd, Duration::from_secs(30), &cancel, &mut |_| {}).await.unwrap();
+        let out = run("cat", cmd, (Duration::from_secs(30), None), &cancel, &mut |_| {}).await.unwrap();
         let child: i32 = out.trim().parse().unwrap();
         let own: i32 = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap().trim().parse().unwrap();
         assert!(child >= 500 && child > own.min(499), "child {child}, hearth {own}");

@@ -110,6 +110,7 @@ impl Worker {
             nix: config.nix.clone(),
             timeout: config.build_timeout,
             gcroots_dir: config.gcroots_dir.clone(),
+            eval_max_memory: config.eval_max_memory,
             git_cache_dir: config.git_cache_dir.clone(),
             version: Default::default(),
         };
