@@ -61,6 +61,11 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     let keep_after = now - i64::try_from(args.grace.as_secs()).unwrap_or(i64::MAX);
     let r = collect(&bucket, &roots, keep_after, args.dry_run).await?;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
+    if args.dry_run {
+        for key in &r.deleted {
+            println!("would delete {key}");
+        }
+    }
     println!(
         "{verb} {} narinfo(s) and {} NAR(s), {} bytes; kept {} live path(s) of {} generation(s), and {} recent object(s)",
         r.narinfos_deleted,

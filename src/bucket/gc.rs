@@ -20,6 +20,8 @@ pub struct Report {
     pub narinfos_deleted: usize,
     pub nars_deleted: usize,
     pub bytes_deleted: u64,
+    /// The keys deleted (or, in a dry run, that would be), narinfos first.
+    pub deleted: Vec<String>,
 }
 
 /// The hash part of a store path (`/nix/store/<hash>-<name>`, or its basename as narinfos'
@@ -77,6 +79,7 @@ pub async fn collect(bucket: &Bucket, roots: &[String], keep_after: i64, dry_run
         }
         report.narinfos_deleted += 1;
         report.bytes_deleted += size;
+        report.deleted.push(key.clone());
     }
     for (key, size, at) in &objects {
         if !key.starts_with("nar/") || live_nars.contains(key) {
@@ -91,6 +94,7 @@ pub async fn collect(bucket: &Bucket, roots: &[String], keep_after: i64, dry_run
         }
         report.nars_deleted += 1;
         report.bytes_deleted += size;
+        report.deleted.push(key.clone());
     }
     Ok(report)
 }
