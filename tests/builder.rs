@@ -950,3 +950,17 @@ fn an_evaluation_past_its_memory_bound_is_stopped_and_says_so() {
     assert!(error.starts_with("evaluation of hog exceeded 256.0 MiB of memory"), "{error}");
     drop(h);
 }
+
+#[test]
+fn every_host_the_deploy_branch_defines_has_its_series_at_0_from_startup() {
+    let f = Fleet::start("");
+    // No build yet: the series come from the flake itself.
+    let series = "homelab_deploy_build_host_total{repo=\"fleet\",host=\"web-01.home\",status=\"failure\"}";
+    let lab = "homelab_deploy_build_host_total{repo=\"lab\",host=\"gate\",status=\"success\"}";
+    common::wait_until("the defined hosts' series", Duration::from_secs(60), || {
+        let text = f.metrics();
+        text.contains(series) && text.contains(lab)
+    });
+    assert_eq!(metric(&f.metrics(), series), 0.0);
+    assert_eq!(metric(&f.metrics(), lab), 0.0);
+}

@@ -162,6 +162,7 @@ impl Worker {
         );
         self.metrics.builder_ready.set(1);
         let worker = Arc::new(self);
+        tokio::spawn(worker.clone().seed_defined_hosts(stop.clone()));
         let ended = CancellationToken::new();
         tokio::spawn(worker.clone().keepalive(ended.clone()));
         let _ended = ended.drop_guard();
@@ -194,6 +195,28 @@ impl Worker {
             }
         }
         let _ = worker.client.flush().await;
+    }
+
+    /// Makes every host each repo's deploy branch defines have its build series at 0 (not only
+    /// hosts already in the record or seen in an `all` build), so that a new host's first
+    /// failure is an increase an alert sees. In the background; a repo it cannot read now is
+    /// seeded by its next build.
+    async fn seed_defined_hosts(self: Arc<Self>, stop: CancellationToken) {
+        for repo in &self.config.repos {
+            let listed = async {
+                let (flake, _) = self.exec.resolve(&repo.url, &repo.branch, None, &stop).await?;
+                self.exec.list_hosts(&flake, &stop).await
+            };
+            match listed.await {
+                Ok(hosts) => {
+                    for host in &hosts {
+                        self.metrics.seed_host_series(&repo.name, host);
+                    }
+                    tracing::debug!(repo = %repo.name, hosts = hosts.len(), "build series of every defined host exist");
+                }
+                Err(e) => tracing::debug!(repo = %repo.name, err = %e, "cannot list the repo's hosts yet"),
+            }
+        }
     }
 
     /// Moves the fleet record into the shared bucket (made if missing), trying until NATS
