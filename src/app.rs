@@ -227,32 +227,54 @@ async fn log_errors(what: &'static str, fut: impl Future<Output = std::io::Resul
 
 /// `hearth keygen`: writes a new key pair in Nix's format; the secret file is created 0600 and
 /// never overwrites an existing file.
-pub fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) -> anyhow::Result<()> {
+/// Makes `file`'s directory if missing (private: the quick start's /var/lib/hearth may not
+/// exist yet).
+fn make_parent(file: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes a secret to a new file of mode 0600 (never over an existing one).
+fn write_secret(file: &std::path::Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
-        anyhow::bail!("a key name must be non-empty, without `:` or spaces");
-    }
-    // The quick start's /var/lib/hearth may not exist yet: make the key's directory (private).
-    for file in [secret, public] {
-        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-    }
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
-    let key = crate::nix::signing::SecretKey::from_seed(name, &seed);
+    use std::os::unix::fs::OpenOptionsExt;
+    make_parent(file)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(secret)
-        .with_context(|| format!("cannot create {}", secret.display()))?;
-    f.write_all(key.to_file_contents().as_bytes())?;
+        .open(file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// `hearth nkey`: a NATS user NKey; its seed to `seed_file` (0600), its public key printed
+/// (what the NATS server's `authorization` names).
+pub fn nkey(seed_file: &std::path::Path) -> anyhow::Result<()> {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().map_err(|e| anyhow::anyhow!("cannot make an NKey: {e}"))?;
+    write_secret(seed_file, &format!("{seed}\n"))?;
+    println!("{}", user.public_key());
+    Ok(())
+}
+
+pub fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
+        anyhow::bail!("a key name must be non-empty, without `:` or spaces");
+    }
+    make_parent(public)?;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    let key = crate::nix::signing::SecretKey::from_seed(name, &seed);
+    write_secret(secret, &key.to_file_contents())?;
     std::fs::write(public, key.public_key().to_string())
         .with_context(|| format!("cannot write {}", public.display()))?;
     println!("trusted-public-keys = {}", key.public_key());

@@ -39,6 +39,12 @@ pub enum Command {
         #[arg(long)]
         public_key_file: PathBuf,
     },
+    /// Make a NATS user NKey: its seed into a new file (mode 0600), its public key printed.
+    Nkey {
+        /// Where to write the seed (never overwritten).
+        #[arg(long)]
+        seed_file: PathBuf,
+    },
     /// Ask the builder over NATS to build a repo's hosts, and follow the build.
     Build(crate::builder::cli::BuildArgs),
     /// Update flake.lock on a branch, build every host, and promote it only if all built.

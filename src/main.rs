@@ -106,6 +106,7 @@ fn main() -> ExitCode {
         Command::Keygen { name, secret_key_file, public_key_file } => {
             report(hearth::app::keygen(&name, &secret_key_file, &public_key_file))
         }
+        Command::Nkey { seed_file } => report(hearth::app::nkey(&seed_file)),
         Command::Build(args) => runtime.block_on(hearth::builder::cli::run(args)),
         Command::FlakeUpdate(args) => runtime.block_on(hearth::flake_update::run(args)),
         Command::Mcp(args) => report(runtime.block_on(hearth::mcp::run(args))),

@@ -103,3 +103,30 @@ fn client_commands_print_no_info_lines() {
     assert!(!err.contains("INFO"), "info lines from a client command:\n{err}");
     assert!(err.contains("no builder serves repo `nosuchrepo`"), "{err}");
 }
+
+#[test]
+fn nkey_makes_a_private_user_seed_and_prints_its_public_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let seed_file = dir.path().join("keys/deployer.nkey");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["nkey", "--seed-file"])
+            .arg(&seed_file)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(public.starts_with('U') && public.len() == 56, "{public}");
+    let seed = std::fs::read_to_string(&seed_file).unwrap();
+    assert_eq!(std::fs::metadata(&seed_file).unwrap().permissions().mode() & 0o777, 0o600);
+    // The seed is a user's, and it is the printed key's.
+    let pair = nkeys::KeyPair::from_seed(seed.trim()).unwrap();
+    assert_eq!(pair.public_key(), public);
+    // Never over an existing seed.
+    let again = run();
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&seed_file).unwrap(), seed);
+}
