@@ -211,7 +211,15 @@ fn log_serving(listen: &str, state: &AppState, store: &Store, zstd_level: Option
             key.public_key()
         );
     }
-    if state.keys.is_empty() {
+    if state.keys.is_empty() && state.bucket.is_some() {
+        // What a read-through cache serves from the bucket is signed by the builders that
+        // pushed it: clients trust their keys, not one of this cache's.
+        tracing::info!(
+            "no signing key configured (sign_key_paths): the bucket's paths are served as their builders \
+             signed them, so clients trust the builders' keys (trusted-public-keys as a builder's \
+             startup log and page print them); paths of this host's own store are served unsigned"
+        );
+    } else if state.keys.is_empty() {
         tracing::warn!(
             "no signing key configured (sign_key_paths): narinfos are unsigned, and clients that require \
              signatures (the default) refuse every input-addressed path; make one with `hearth keygen`"

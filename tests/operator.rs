@@ -130,3 +130,18 @@ fn nkey_makes_a_private_user_seed_and_prints_its_public_key() {
     assert!(!again.status.success());
     assert_eq!(std::fs::read_to_string(&seed_file).unwrap(), seed);
 }
+
+#[test]
+fn a_read_through_cache_without_a_key_says_to_trust_the_builders_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["id", "secret"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let config = format!(
+        "state_dir = \"{d}/state\"\n[bucket]\nurl = \"s3://hearth?endpoint=http://127.0.0.1:9&region=garage\"\naccess_key_id_file = \"{d}/id\"\nsecret_access_key_file = \"{d}/secret\"\nread_through = true\n",
+        d = dir.path().display()
+    );
+    let log = startup_log(&config, &[]);
+    let line = log.lines().find(|l| l.contains("no signing key")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("INFO") && line.contains("trust the builders' keys"), "{line}");
+}

@@ -409,7 +409,11 @@ fn client_snippet(headers: &HeaderMap, public_keys: &[String]) -> String {
         Some("https") => "https",
         _ => "http",
     };
-    let keys = if public_keys.is_empty() { "(this cache signs nothing)".to_owned() } else { public_keys.join(" ") };
+    let keys = if public_keys.is_empty() {
+        "(this cache signs nothing: trust the keys of the builders whose paths it serves)".to_owned()
+    } else {
+        public_keys.join(" ")
+    };
     let snippet = html! {
         details {
             summary { "Use this cache" }
