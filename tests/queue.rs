@@ -492,3 +492,29 @@ async fn builders_writing_one_host_at_once_lose_no_update() {
         .await;
     }
 }
+
+/// Invariant (ARCHITECTURE.md): a request delivered again after its build ended (its builder
+/// died, or lost NATS, between the final reply and the acknowledgement) is answered from the
+/// record, never built again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_delivered_again_after_its_build_is_answered_from_the_record() {
+    // The builder's acknowledgements are refused: every request comes back after the ack wait.
+    let nats = Nats::start_jetstream_without_acks();
+    let repo = Repo::new(&["g1"]);
+    repo.release();
+    let h = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let client = nats.deployer().await;
+    let mut sub = request(&client, "g1", "again").await;
+    let first = until_final(&mut sub).await;
+    let first = first.last().unwrap();
+    assert_eq!(first["status"], "completed", "{first}");
+    // Delivered again: answered, with the same result, and nothing built.
+    let again = until_final(&mut sub).await;
+    let again = again.last().unwrap();
+    assert_eq!(again["status"], "completed", "{again}");
+    assert!(again["message"].as_str().unwrap().contains("from the record"), "{again}");
+    assert_eq!(again["hosts"][0]["out_path"], first["hosts"][0]["out_path"]);
+    assert_eq!(again["commit"], first["commit"]);
+    assert_eq!(h.metric("homelab_deploy_builds_total{repo=\"fleet\",status=\"success\"}"), 1.0);
+    h.wait_for_log("answered from the record, not built again", 1);
+}

@@ -406,6 +406,20 @@ impl Worker {
             }
         };
         heading.commit = plan.commit.clone();
+        if job.acks.iter().any(|a| a.delivered > 1)
+            && plan.deploy
+            && let Some(summaries) = self.recorder.recorded(&job.repo.name, &plan)
+        {
+            // Its build ended, but the request was delivered again (its builder stopped, or
+            // lost NATS, before acknowledging it): the result is in the record.
+            tracing::info!(repo = %job.repo.name, target = %job.target, commit = plan.commit.as_deref().unwrap_or("-"), "a request delivered again is answered from the record, not built again");
+            let (status, message) = reply::final_reply(&summaries, false);
+            let mut r = heading
+                .reply(status)
+                .message(format!("{message} (from the record: the request was delivered again after its build ended)"));
+            r.hosts = Some(summaries);
+            return self.conclude(r, cancel).await;
+        }
         self.recorder.prepare(&job.repo.name, &plan, job.target == "all" && job.rev.is_none());
         let built = self.build_hosts(&plan, job, &heading, cancel).await;
         self.end_built(job, &heading, built, started, cancel).await;

@@ -438,10 +438,43 @@ impl Recorder {
         }
     }
 
+    /// The plan's result as the record holds it, if every host of it was recorded at the plan's
+    /// commit (a request delivered again after its build ended is answered from this, never
+    /// built again).
+    pub fn recorded(&self, repo: &str, plan: &Plan) -> Option<Vec<HostSummary>> {
+        let commit = plan.commit.as_deref()?;
+        from_record(&self.fleet.snapshot(), repo, &plan.hosts, commit)
+    }
+
     /// Makes every host's series exist (at 0) so that its first failure shows as an increase.
     pub fn seed_host_series(&self, repo: &str, host: &str) {
         self.metrics.seed_host_series(repo, host);
     }
+}
+
+/// Each of `hosts`' results at `commit` as `record` holds them; `None` if one has none.
+fn from_record(record: &crate::fleet::Hosts, repo: &str, hosts: &[String], commit: &str) -> Option<Vec<HostSummary>> {
+    hosts
+        .iter()
+        .map(|host| {
+            let h = record.get(&(repo.to_owned(), host.clone()))?;
+            let last = h.last_build.as_ref().filter(|b| b.commit.as_deref() == Some(commit))?;
+            let (status, out_path) = if last.status.is_success() {
+                (HostStatus::Success, Some(h.generations.last()?.path.clone()))
+            } else {
+                (HostStatus::Failure, None)
+            };
+            Some(HostSummary {
+                host: host.clone(),
+                status,
+                out_path,
+                error: last.error.clone(),
+                duration_seconds: 0.0,
+                changes: h.changes.clone(),
+                uploaded: None,
+            })
+        })
+        .collect()
 }
 
 /// A host's result as the record keeps it.
@@ -475,6 +508,37 @@ fn record_push(fleet: &Fleet, repo: &str, host: &str, out: &str, pushed: Pushed)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_is_answered_from_the_record_only_if_every_host_is_recorded_at_its_commit() {
+        let mut record = crate::fleet::Hosts::new();
+        let generation = |path: &str| Generation {
+            number: 1,
+            path: path.into(),
+            built_at: 0,
+            commit: Some("c1".into()),
+            builder: None,
+        };
+        let web1 = crate::fleet::HostRecord {
+            last_build: Some(LastBuild::new(BuildResult::Success, 5, Some("c1".into()))),
+            generations: vec![generation("/nix/store/a-web1")],
+            ..Default::default()
+        };
+        let db1 = crate::fleet::HostRecord {
+            last_build: Some(LastBuild::failed(6, Some("c1".into()), "boom")),
+            ..Default::default()
+        };
+        record.insert(("fleet".into(), "web1".into()), web1);
+        record.insert(("fleet".into(), "db1".into()), db1);
+        let hosts = vec!["web1".to_owned(), "db1".to_owned()];
+        let answered = from_record(&record, "fleet", &hosts, "c1").unwrap();
+        assert_eq!(answered[0].status, HostStatus::Success);
+        assert_eq!(answered[0].out_path.as_deref(), Some("/nix/store/a-web1"));
+        assert_eq!((answered[1].status, answered[1].error.as_deref()), (HostStatus::Failure, Some("boom")));
+        // Another commit, or a host not recorded: built, not answered.
+        assert!(from_record(&record, "fleet", &hosts, "c2").is_none());
+        assert!(from_record(&record, "fleet", &["web2".to_owned()], "c1").is_none());
+    }
 
     fn generation(n: u64, path: &str, at: i64, builder: Option<&str>) -> Generation {
         Generation { number: n, path: path.into(), built_at: at, commit: None, builder: builder.map(str::to_owned) }

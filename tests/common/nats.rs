@@ -24,6 +24,7 @@ pub struct Nats {
     /// The builder may answer flow control (`$JS.FC.>`), as documented; off to model an
     /// operator who left it out.
     flow_control: bool,
+    acks: bool,
 }
 
 fn user(nkey: &str, publish: &str, subscribe: &str) -> String {
@@ -78,6 +79,16 @@ impl Nats {
         n
     }
 
+    /// The same, but the builder's user may not acknowledge requests: each is delivered again
+    /// after the ack wait, as when a builder dies between its final reply and its ack.
+    #[allow(dead_code)] // Not every test crate uses it.
+    pub fn start_jetstream_without_acks() -> Self {
+        let mut n = Self::start_inner("", true);
+        n.acks = false;
+        n.restart(true);
+        n
+    }
+
     /// Starts a server with `extra` lines in its config.
     pub fn start_with(extra: &str) -> Self {
         Self::start_inner(extra, false)
@@ -107,6 +118,7 @@ impl Nats {
             extra: extra.to_owned(),
             jetstream,
             flow_control: true,
+            acks: true,
         };
         n.write_config(true);
         n.spawn();
@@ -124,8 +136,12 @@ impl Nats {
             user(&self.watcher_pub, "watch.nothing", "build.responses.>"),
         ];
         if with_builder && self.jetstream {
-            let publish: Vec<&str> =
-                JETSTREAM_BUILDER_PUBLISH.iter().copied().filter(|p| self.flow_control || *p != "$JS.FC.>").collect();
+            let publish: Vec<&str> = JETSTREAM_BUILDER_PUBLISH
+                .iter()
+                .copied()
+                .filter(|p| self.flow_control || *p != "$JS.FC.>")
+                .filter(|p| self.acks || !p.starts_with("$JS.ACK."))
+                .collect();
             users.push(super::nats::users(&self.builder_pub, &publish, &JETSTREAM_BUILDER_SUBSCRIBE));
         } else if with_builder {
             users.push(user(&self.builder_pub, "build.responses.>", "build.>"));
