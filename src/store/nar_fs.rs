@@ -3,7 +3,7 @@
 //!
 //! Blocking code, run in `spawn_blocking`. [`walk`] calls a [`Visitor`] with NAR framing bytes
 //! and each file's size; [`listing`] turns that into a `.ls` tree. NAR bytes themselves come
-//! from [`super::nar_reader`], which walks by the same rules. Names come only from `read_dir`, so
+//! from `nar_reader.rs`, which walks by the same rules. Names come only from `read_dir`, so
 //! a walk never leaves the path it started at.
 
 use std::collections::BTreeMap;
