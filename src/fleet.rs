@@ -194,6 +194,9 @@ pub struct Activity {
     /// When the running build started (unix seconds).
     pub since: Option<i64>,
     pub queued: Vec<ActiveBuild>,
+    /// With a JetStream queue: requests waiting in the stream for any builder (not yet taken).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_in_stream: Option<u64>,
 }
 
 /// Where the record is kept.

@@ -518,3 +518,25 @@ async fn a_request_delivered_again_after_its_build_is_answered_from_the_record()
     assert_eq!(h.metric("homelab_deploy_builds_total{repo=\"fleet\",status=\"success\"}"), 1.0);
     h.wait_for_log("answered from the record, not built again", 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_waits_in_the_stream_is_counted_and_shown() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1", "g2", "g3"]);
+    let h = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let client = nats.deployer().await;
+    // One request builds (held at the gate); the builder takes no other while it does.
+    let mut first = request(&client, "g1", "busy").await;
+    let started = tokio::time::timeout(Duration::from_secs(60), first.next()).await.unwrap();
+    assert!(started.is_some());
+    let _g2 = request(&client, "g2", "w2").await;
+    let _g3 = request(&client, "g3", "w3").await;
+    common::wait_until_async("two requests counted as waiting", Duration::from_secs(60), || async {
+        h.metric("hearth_build_queue_length") >= 2.0
+    })
+    .await;
+    let fleet: Value = serde_json::from_slice(&h.get("/fleet.json").body).unwrap();
+    assert!(fleet["activity"]["waiting_in_stream"].as_u64() >= Some(2), "{}", fleet["activity"]);
+    assert!(h.get("/").text().contains("waiting in the JetStream queue"));
+    repo.release();
+}

@@ -378,12 +378,32 @@ impl Worker {
     fn show_activity(&self, since: Option<i64>) {
         let (running, queued) = self.queue.snapshot();
         let build = |n: queue::Named| crate::fleet::ActiveBuild { repo: n.repo, target: n.target, branch: n.branch };
-        let since = if running.is_some() { since.or(self.fleet.activity().since) } else { None };
+        let now = self.fleet.activity();
+        let since = if running.is_some() { since.or(now.since) } else { None };
         self.fleet.set_activity(crate::fleet::Activity {
             running: running.map(build),
             since,
             queued: queued.into_iter().map(build).collect(),
+            waiting_in_stream: now.waiting_in_stream,
         });
+    }
+
+    /// With a JetStream queue: how many requests wait in the stream for any builder, into the
+    /// queue gauge (beside this builder's own) and the page.
+    async fn count_stream_waiting(&self) {
+        let s = &self.config.jetstream;
+        let js = async_nats::jetstream::new(self.client.clone());
+        let consumer =
+            js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(&s.consumer, &s.stream);
+        let waiting = match consumer.await {
+            Ok(mut c) => c.info().await.ok().map(|i| i.num_pending),
+            Err(_) => None,
+        };
+        let Some(waiting) = waiting else { return };
+        self.metrics.build_queue.set(self.queue.waiting() as i64 + i64::try_from(waiting).unwrap_or(i64::MAX));
+        let mut activity = self.fleet.activity();
+        activity.waiting_in_stream = Some(waiting);
+        self.fleet.set_activity(activity);
     }
 
     /// One request's trip: plan → eval → graph → record → reply.
@@ -763,6 +783,9 @@ impl Worker {
             if self.config.queue == QueueKind::JetStream && self.fleet.version() != record_seen {
                 record_seen = self.fleet.version();
                 seed_metrics(&self.config, &self.metrics, &self.fleet);
+            }
+            if self.config.queue == QueueKind::JetStream {
+                self.count_stream_waiting().await;
             }
             if last_ack.elapsed() >= ack_every {
                 for ack in self.queue.running_acks() {

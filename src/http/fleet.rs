@@ -345,6 +345,9 @@ fn summary_html(view: &View, failed: usize, now: i64) -> Markup {
                 @if let Some(at) = a.since { ", started " (when(now, at)) }
             }
         }
+        @if let Some(n) = a.waiting_in_stream.filter(|n| *n > 0) {
+            p.muted { (n) " request(s) waiting in the JetStream queue for any builder" }
+        }
         @if !a.queued.is_empty() {
             p.muted {
                 "queued: "
@@ -506,8 +509,10 @@ mod tests {
                 target: "all".into(),
                 branch: "master".into(),
             }],
+            waiting_in_stream: Some(3),
         };
         let page = page_of(&hosts, &activity);
+        assert!(page.contains("3 request(s) waiting in the JetStream queue"), "{page}");
         let at = |needle: &str| page.find(needle).unwrap_or_else(|| panic!("no `{needle}` in {page}"));
         // The summary first, then the failure (sorted after web1 by name, shown before it).
         assert!(at("1 built") < at("Failing") && at("Failing") < at("zz-db1") && at("zz-db1") < at("<h3>web1"));
