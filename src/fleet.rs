@@ -236,6 +236,9 @@ pub struct Fleet {
     watch_seen: std::sync::atomic::AtomicU64,
     /// Times the watch was found stalled and started again.
     watch_restarts: std::sync::atomic::AtomicU64,
+    /// Changes sent to the shared record's writer, and (its channel) how many it has written.
+    sent: std::sync::atomic::AtomicU64,
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 impl Fleet {
@@ -249,6 +252,8 @@ impl Fleet {
             activity: RwLock::new(Activity::default()),
             watch_seen: std::sync::atomic::AtomicU64::new(0),
             watch_restarts: std::sync::atomic::AtomicU64::new(0),
+            sent: std::sync::atomic::AtomicU64::new(0),
+            written: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -291,6 +296,7 @@ impl Fleet {
             }
             Storage::Bucket(tx) => {
                 for (repo, host, change) in changed {
+                    self.sent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     let _ = tx.send(((*repo).to_owned(), (*host).to_owned(), change.clone()));
                 }
             }
@@ -321,6 +327,7 @@ impl Fleet {
                     // What the bucket now holds (maybe another builder's change and ours).
                     me.apply(&repo, &host, written);
                 }
+                me.written.send_modify(|n| *n += 1);
             }
         });
         let fleet = self.clone();
@@ -361,6 +368,19 @@ impl Fleet {
                 }
             }
         });
+    }
+
+    /// How many changes have been sent to where the record is kept so far (for
+    /// [`Fleet::flushed_to`]).
+    pub fn changes_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Returns once the first `target` changes are where the record is kept (at once for a
+    /// file; for the shared record, once its writer has written them, or given up on one).
+    pub async fn flushed_to(&self, target: u64) {
+        let mut written = self.written.subscribe();
+        let _ = written.wait_for(|n| *n >= target).await;
     }
 
     /// Times the shared record's watch was found stalled and started again.

@@ -540,6 +540,63 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     assert!(gc(false).contains("deleted 0 narinfo(s) and 0 NAR(s)"));
 }
 
+/// Invariant (ARCHITECTURE.md, the gc lease): under any interleaving of `hearth bucket gc` and
+/// pushes that adopt what the bucket holds, no path of a kept generation disappears.
+#[test]
+fn gc_racing_builds_that_adopt_old_systems_never_loses_a_kept_path() {
+    const ROUNDS: usize = 8;
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "keep_generations = 1");
+    let hearth = common::builder::start(&body);
+    let config = work.path().join("gc.toml");
+    let key = common::nix_wire().join("keys/test.sec");
+    std::fs::write(&config, format!("sign_key_paths = [\"{}\"]\n{body}", key.display())).unwrap();
+    let original = std::fs::read_to_string(fleet.join("flake.nix")).unwrap();
+    // Two systems, built in turn: each build's system is one the bucket held before and gc may
+    // be deleting (keep_generations = 1 dropped it), so the push finds it there and adopts it.
+    let variant = |round: usize| original.replace("echo $deps > $out", &format!("echo {} $deps > $out", round % 2));
+    let build_round = |round: usize| {
+        std::fs::write(fleet.join("flake.nix"), variant(round)).unwrap();
+        common::flake::git(&fleet, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "next"]);
+        let system = build(&nats)["out_path"].as_str().unwrap().to_owned();
+        wait_for_push(&hearth);
+        system
+    };
+    build_round(0);
+    for round in 1..ROUNDS {
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        let system = std::thread::scope(|scope| {
+            // gc, again and again, with no grace, the whole time the build and its push run.
+            scope.spawn(|| {
+                while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+                    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+                        .args(["bucket", "gc", "--grace", "0s", "--config"])
+                        .arg(&config)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                }
+            });
+            let system = build_round(round);
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            system
+        });
+        // The kept generation (this round's system) is whole in the bucket.
+        for path in closure_of(&system) {
+            let text = garage.web(&format!("{}.narinfo", hash(&path)));
+            let text = text.unwrap_or_else(|| panic!("round {round}: {path} of the kept system was collected"));
+            let info = NarInfo::parse(&String::from_utf8_lossy(&text)).unwrap();
+            assert!(garage.web(&info.url).is_some(), "round {round}: the NAR of {path} was collected");
+        }
+    }
+    let fleet: Value = serde_json::from_str(&hearth.get("/fleet.json").text()).unwrap();
+    let kept = fleet["hosts"][0]["generations"][0]["path"].as_str().unwrap().to_owned();
+    substitute_and_verify(garage.get("GARAGE_WEB"), &kept);
+}
+
 #[test]
 fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_after_a_restart() {
     let garage = Garage::start();

@@ -794,7 +794,7 @@ const GRAPH_FLAKE: &str = r#"{
 #[test]
 fn one_graph_gives_each_host_its_own_outcome_and_unchanged_hosts_build_nothing() {
     let f = Fleet::start("eval_workers = 2");
-    assert!(f.hearth.log().contains("eval_workers=2"), "{}", f.hearth.log());
+    f.hearth.wait_for_log("eval_workers=2", 1);
     let repo = f.dir.path().join("fleet");
     let text = GRAPH_FLAKE.replace("SYSTEM", &common::flake::system()).replace("SALT", &common::flake::salt());
     std::fs::write(repo.join("flake.nix"), text).unwrap();

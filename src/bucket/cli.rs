@@ -56,10 +56,26 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     let config = crate::config::Config::load(Some(&args.config))?;
     let b = config.bucket.as_ref().context("no [bucket] in the configuration")?;
     let bucket = Bucket::open(b)?;
-    let roots = kept_systems(&config).await?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let keep_after = now - i64::try_from(args.grace.as_secs()).unwrap_or(i64::MAX);
-    let r = collect(&bucket, &roots, keep_after, args.dry_run).await?;
+    // A collection that deletes holds the lease from before it reads the record to its end, so
+    // that no push adopts what it is about to delete (ARCHITECTURE.md, the gc invariant).
+    if !args.dry_run {
+        take_lease(&bucket).await?;
+    }
+    let collected = collect_kept(&config, &bucket, &args).await;
+    if !args.dry_run
+        && let Err(e) = bucket.delete(super::GC_LEASE).await
+    {
+        tracing::warn!(err = %e, "cannot release the gc lease; pushes wait until it expires");
+    }
+    let (r, roots) = collected?;
+    if !r.unreadable_roots.is_empty() {
+        println!(
+            "collected nothing: {} kept system(s) are not wholly in the bucket (a push under way, or one that failed; the next build pushes them again), so their closures cannot be read: {}",
+            r.unreadable_roots.len(),
+            r.unreadable_roots.join(", ")
+        );
+        return Ok(());
+    }
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     if args.dry_run {
         for key in &r.deleted {
@@ -76,6 +92,35 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
         r.recent
     );
     Ok(())
+}
+
+/// Takes the bucket's gc lease: refused while another gc holds one in force.
+async fn take_lease(bucket: &Bucket) -> anyhow::Result<()> {
+    let now = crate::utc::now();
+    if let Some(started) = super::gc_lease(bucket, now).await? {
+        anyhow::bail!(
+            "another `hearth bucket gc` has held the bucket since {} ({}s ago); if it died, its lease `{}` expires {}s after it began",
+            crate::utc::minute(started),
+            now - started,
+            super::GC_LEASE,
+            super::GC_LEASE_TTL
+        );
+    }
+    let lease = serde_json::json!({ "started_at": now }).to_string();
+    bucket.put(super::GC_LEASE, lease.into()).await?;
+    Ok(())
+}
+
+/// The record's kept systems (read once the lease is held) and the collection of the rest.
+async fn collect_kept(
+    config: &crate::config::Config,
+    bucket: &Bucket,
+    args: &GcArgs,
+) -> anyhow::Result<(super::gc::Report, Vec<String>)> {
+    let roots = kept_systems(config).await?;
+    let now = crate::utc::now();
+    let keep_after = now - i64::try_from(args.grace.as_secs()).unwrap_or(i64::MAX);
+    Ok((collect(bucket, &roots, keep_after, args.dry_run).await?, roots))
 }
 
 /// `hearth bucket push`.

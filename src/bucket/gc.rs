@@ -22,6 +22,9 @@ pub struct Report {
     pub bytes_deleted: u64,
     /// The keys deleted (or, in a dry run, that would be), narinfos first.
     pub deleted: Vec<String>,
+    /// Kept systems whose narinfo the bucket lacks: their closures cannot be read, so nothing
+    /// was collected.
+    pub unreadable_roots: Vec<String>,
 }
 
 /// The hash part of a store path (`/nix/store/<hash>-<name>`, or its basename as narinfos'
@@ -45,16 +48,27 @@ pub async fn collect(bucket: &Bucket, roots: &[String], keep_after: i64, dry_run
     let mut live: HashSet<String> = HashSet::new();
     let mut live_nars: HashSet<String> = HashSet::new();
     let mut todo: Vec<String> = roots.iter().filter_map(|p| hash_of(p)).collect();
+    let root_hashes: HashSet<String> = todo.iter().cloned().collect();
     while let Some(hash) = todo.pop() {
         if !live.insert(hash.clone()) {
             continue;
         }
-        let Some(text) = bucket.get(&narinfo_key(&hash)).await? else { continue };
+        let Some(text) = bucket.get(&narinfo_key(&hash)).await? else {
+            // A kept system not (yet, or no longer) in the bucket: its closure is unknown here,
+            // and what it references may be what a push is adopting this moment.
+            if root_hashes.contains(&hash) {
+                report.unreadable_roots.push(hash);
+            }
+            continue;
+        };
         let Some(info) = NarInfo::parse(&String::from_utf8_lossy(&text)) else { continue };
         live_nars.insert(nar_of(&info));
         todo.extend(info.references.iter().filter_map(|r| hash_of(r)));
     }
     report.live = live.len();
+    if !report.unreadable_roots.is_empty() {
+        return Ok(report);
+    }
     // Narinfos: a dead one goes unless recent; a recent one keeps its NAR.
     let mut doomed_narinfos = Vec::new();
     for (key, size, at) in &objects {

@@ -40,6 +40,19 @@ pub const MAX_READ: usize = 1 << 20;
 /// is about 330 KiB); a larger object under a narinfo's name is not one.
 pub const MAX_NARINFO: usize = 512 << 10;
 
+/// The object a running `hearth bucket gc` holds: `{"started_at": <unix seconds>}`. While it is
+/// there (and younger than [`GC_LEASE_TTL`]) pushes adopt nothing: they wait for gc to end.
+pub const GC_LEASE: &str = "gc-lease";
+/// How long a gc lease holds at most (a gc that died leaves one behind).
+pub const GC_LEASE_TTL: i64 = 6 * 3600;
+
+/// When the gc lease in `bucket` was taken, if there is one still in force at `now`.
+pub async fn gc_lease(bucket: &Bucket, now: i64) -> Result<Option<i64>, BucketError> {
+    let Some(bytes) = bucket.get(GC_LEASE).await? else { return Ok(None) };
+    let started = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["started_at"].as_i64());
+    Ok(started.filter(|at| now - at < GC_LEASE_TTL))
+}
+
 /// A bucket and its client.
 #[derive(Clone)]
 pub struct Bucket {

@@ -49,6 +49,9 @@ pub struct Uploader {
     away_until: Mutex<Option<std::time::Instant>>,
 }
 
+/// How often a push waiting for a gc looks at its lease.
+const LEASE_POLL: Duration = Duration::from_secs(2);
+
 /// How long a bucket that did not answer is left alone.
 const AWAY: Duration = Duration::from_secs(60);
 
@@ -184,13 +187,46 @@ impl Uploader {
     /// the bucket for each (one HEAD each, `concurrency` at a time) and queues those it lacks;
     /// the batch says how much of it the bucket holds as the checks and uploads end.
     pub fn push(self: &Arc<Self>, closure: &[Arc<PathInfo>], concurrency: usize) -> Arc<Batch> {
+        self.push_after(closure, concurrency, async {})
+    }
+
+    /// As [`Uploader::push`], its checks starting once `ready` has (for the builder: once the
+    /// record names the system, so that a gc that reads the record after this push's checks
+    /// keeps it) and no gc holds the bucket's lease.
+    pub fn push_after(
+        self: &Arc<Self>,
+        closure: &[Arc<PathInfo>],
+        concurrency: usize,
+        ready: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Arc<Batch> {
         let (batch, results) = Batch::new(closure.len());
         let (me, paths, pushed) = (self.clone(), closure.to_vec(), batch.clone());
         tokio::spawn(async move {
+            ready.await;
+            me.after_gc().await;
             let (queued, missing) = me.check(paths, concurrency, &pushed).await;
             me.publish(queued, missing, results, &pushed).await;
         });
         batch
+    }
+
+    /// Waits while a `hearth bucket gc` holds the bucket's lease: a path found in the bucket
+    /// meanwhile could be one that gc, having read the record before it named the path, is
+    /// about to delete. Not waited for if the bucket does not answer (the checks will say).
+    async fn after_gc(&self) {
+        let mut said = false;
+        loop {
+            let now = crate::utc::now();
+            match super::gc_lease(&self.bucket, now).await {
+                Ok(Some(started)) => {
+                    if !std::mem::replace(&mut said, true) {
+                        tracing::info!(bucket = %self.bucket.name, gc_started = started, "a bucket gc runs; pushes wait for it to end");
+                    }
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
     }
 
     /// Asks the bucket for each path of `closure` and queues the NAR uploads of those it lacks.

@@ -265,7 +265,9 @@ impl Recorder {
         else {
             return None;
         };
-        let batch = uploader.push(closure, *concurrency);
+        // Checked only once the record names the system (it was just written): a gc that reads
+        // the record after the checks keeps everything they find.
+        let batch = uploader.push_after(closure, *concurrency, self.recorded_future());
         let pushed = batch.now();
         let repo = cx.repo;
         tracing::info!(%repo, %host, in_bucket = pushed.present, of = pushed.total, queued = pushed.queued, "pushing the system to the bucket");
@@ -411,20 +413,15 @@ impl Recorder {
         }
         for (repo, host) in self.generations.hosts(repos) {
             let gens = self.generations.list(&repo, &host);
-            let changes = match gens.last() {
-                Some(newest) => {
+            let newest = gens.last().map(|g| g.path.clone());
+            let closure = match &newest {
+                Some(path) => self.closure(path).await,
+                None => None,
+            };
+            let changes = match &closure {
+                Some(after) => {
                     let before = gens.len().checked_sub(2).and_then(|i| gens.get(i)).map(|g| g.path.as_str());
-                    match self.closure(&newest.path).await {
-                        Some(after) => {
-                            // An upload cut short by a stop goes on: what the bucket lacks is queued.
-                            if let Some((uploader, concurrency)) = &self.uploader {
-                                let batch = uploader.push(&after, *concurrency);
-                                self.follow_push(&repo, &host, &newest.path, batch);
-                            }
-                            self.describe(&repo, &host, before, &after).await
-                        }
-                        None => None,
-                    }
+                    self.describe(&repo, &host, before, after).await
                 }
                 None => None,
             };
@@ -435,6 +432,21 @@ impl Recorder {
                     h.set_changes(c);
                 }
             });
+            // An upload cut short by a stop goes on: what the bucket lacks is queued, checked
+            // once the record (just written) names the system.
+            if let (Some((uploader, concurrency)), Some(after), Some(newest)) = (&self.uploader, &closure, &newest) {
+                let batch = uploader.push_after(after, *concurrency, self.recorded_future());
+                self.follow_push(&repo, &host, newest, batch);
+            }
+        }
+    }
+
+    /// Resolves once the record holds every change made so far (60 s at most).
+    fn recorded_future(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let fleet = self.fleet.clone();
+        let target = fleet.changes_sent();
+        async move {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), fleet.flushed_to(target)).await;
         }
     }
 
