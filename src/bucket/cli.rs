@@ -59,6 +59,8 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     // A collection that deletes holds the lease from before it reads the record to its end, so
     // that no push adopts what it is about to delete (ARCHITECTURE.md, the gc invariant).
     if !args.dry_run {
+        // A record that cannot be read whole stops it before it touches the bucket at all.
+        kept_systems(&config).await?;
         take_lease(&bucket).await?;
     }
     let collected = collect_kept(&config, &bucket, &args).await;
