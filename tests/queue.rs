@@ -540,3 +540,41 @@ async fn what_waits_in_the_stream_is_counted_and_shown() {
     assert!(h.get("/").text().contains("waiting in the JetStream queue"));
     repo.release();
 }
+
+/// Invariant (docs/nixos.md, least privilege): a builder may make and use its own stream,
+/// consumer and record bucket, never delete or purge a stream; a deployer may neither read nor
+/// write the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_has_only_the_jetstream_it_needs() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    // The builder makes its stream, its consumer and the record's bucket.
+    let _h = builder(&nats, &repo, "jetstream", "a", "");
+    let asked = |client: async_nats::Client, subject: &'static str| async move {
+        let answer = tokio::time::timeout(Duration::from_secs(2), client.request(subject, "".into())).await;
+        matches!(answer, Ok(Ok(_)))
+    };
+    let b = builder_client(&nats).await;
+    for subject in [
+        "$JS.API.STREAM.DELETE.HEARTH_BUILDS",
+        "$JS.API.STREAM.PURGE.HEARTH_BUILDS",
+        "$JS.API.STREAM.DELETE.KV_hearth_fleet",
+        "$JS.API.STREAM.PURGE.KV_hearth_fleet",
+        "$JS.API.STREAM.DELETE.ANOTHER_APP",
+        "$JS.API.CONSUMER.DELETE.HEARTH_BUILDS.hearth-builders",
+    ] {
+        assert!(!asked(b.clone(), subject).await, "the builder's {subject} was answered");
+    }
+    let js = async_nats::jetstream::new(b.clone());
+    js.get_stream("HEARTH_BUILDS").await.unwrap().info().await.unwrap();
+    js.get_stream("KV_hearth_fleet").await.unwrap().info().await.unwrap();
+    // The deployer: no reading the record, no writing it.
+    let kv = fleet_record(&nats).await;
+    kv.put("fleet/probe", "{}".into()).await.unwrap();
+    let d = nats.deployer().await;
+    assert!(!asked(d.clone(), "$JS.API.STREAM.INFO.KV_hearth_fleet").await, "the deployer read the record's stream");
+    d.publish("$KV.hearth_fleet.fleet/probe", "forged".into()).await.unwrap();
+    d.flush().await.unwrap();
+    assert_eq!(kv.get("fleet/probe").await.unwrap().as_deref(), Some(&b"{}"[..]), "the deployer wrote the record");
+    kv.delete("fleet/probe").await.unwrap();
+}

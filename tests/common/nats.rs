@@ -56,8 +56,35 @@ pub const DEPLOYER_PUBLISH_DENY: [&str; 1] = ["build.responses.>"];
 /// consumer and bucket management, fetching), acknowledgements of the build stream, and the
 /// fleet bucket's keys; and subscribe: its inboxes (fetched requests, API answers, the bucket's
 /// watch).
-pub const JETSTREAM_BUILDER_PUBLISH: [&str; 5] =
-    ["build.responses.>", "$JS.API.>", "$JS.ACK.HEARTH_BUILDS.>", "$KV.hearth_fleet.>", "$JS.FC.>"];
+pub const JETSTREAM_BUILDER_PUBLISH: [&str; 25] = [
+    "build.responses.>",
+    "$JS.API.INFO",
+    // The build stream and its consumer: made, checked, fetched from; never deleted or purged.
+    "$JS.API.STREAM.CREATE.HEARTH_BUILDS",
+    "$JS.API.STREAM.UPDATE.HEARTH_BUILDS",
+    "$JS.API.STREAM.INFO.HEARTH_BUILDS",
+    "$JS.API.CONSUMER.CREATE.HEARTH_BUILDS",
+    "$JS.API.CONSUMER.CREATE.HEARTH_BUILDS.>",
+    "$JS.API.CONSUMER.DURABLE.CREATE.HEARTH_BUILDS.hearth-builders",
+    "$JS.API.CONSUMER.INFO.HEARTH_BUILDS.hearth-builders",
+    "$JS.API.CONSUMER.MSG.NEXT.HEARTH_BUILDS.hearth-builders",
+    "$JS.ACK.HEARTH_BUILDS.>",
+    // The fleet record's key-value bucket: made, read, watched, written.
+    "$JS.API.STREAM.CREATE.KV_hearth_fleet",
+    "$JS.API.STREAM.UPDATE.KV_hearth_fleet",
+    "$JS.API.STREAM.INFO.KV_hearth_fleet",
+    "$JS.API.STREAM.MSG.GET.KV_hearth_fleet",
+    "$JS.API.DIRECT.GET.KV_hearth_fleet",
+    "$JS.API.DIRECT.GET.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.CREATE.KV_hearth_fleet",
+    "$JS.API.CONSUMER.CREATE.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.DELETE.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.INFO.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.MSG.NEXT.KV_hearth_fleet.>",
+    "$KV.hearth_fleet.>",
+    "$JS.FC.>",
+    "$JS.API.CONSUMER.DURABLE.CREATE.KV_hearth_fleet.>",
+];
 pub const JETSTREAM_BUILDER_SUBSCRIBE: [&str; 2] = ["build.>", "_INBOX.>"];
 
 impl Nats {
