@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +125,31 @@ pub struct HostRecord {
     /// How much of the newest system's closure the S3 bucket holds, where there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bucket: Option<BucketCopy>,
+    /// The newest build of the deploy branch that ended after a newer commit's was recorded:
+    /// built (and kept by its builder), never the host's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded: Option<BranchBuild>,
+}
+
+/// A good system of the deploy branch, as a builder offers it to the host's history.
+#[derive(Debug, Clone)]
+pub struct NewSystem {
+    pub path: String,
+    pub built_at: i64,
+    pub commit: Option<String>,
+    pub builder: Option<String>,
+    /// The system `changes` compares it with (the host's newest when the builder looked).
+    pub before: Option<String>,
+    pub changes: Option<Changes>,
+}
+
+/// Where a build's result went in its host's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// The host's state now: its newest generation (numbered), or its last failure.
+    Current,
+    /// A newer commit of the branch was recorded first: kept apart, the state unchanged.
+    Superseded,
 }
 
 /// How much of a closure the bucket holds: `present + queued + failed = total`.
@@ -154,6 +179,62 @@ pub struct BucketCopy {
 }
 
 impl HostRecord {
+    /// Whether the host's state is from a commit `newer` names (the commits of the deploy
+    /// branch that descend from the one being recorded).
+    fn is_newer_than_this(&self, newer: &std::collections::HashSet<String>) -> bool {
+        let newest = self.generations.last().and_then(|g| g.commit.as_ref());
+        let last = self.last_build.as_ref().and_then(|b| b.commit.as_ref());
+        [newest, last].into_iter().flatten().any(|c| newer.contains(c))
+    }
+
+    /// Records a deploy-branch build's result in the host's one history, whichever builder
+    /// built it: a good system becomes the newest generation, numbered after every earlier one
+    /// (none if it is the newest already), with its changes if they were worked out against
+    /// the generation it follows; a failure becomes the last build. A result whose commit is
+    /// older (in the branch's history) than what the host's state is from is kept apart.
+    pub fn place(
+        &mut self,
+        build: &LastBuild,
+        system: Option<&NewSystem>,
+        newer: &std::collections::HashSet<String>,
+        keep: usize,
+    ) -> Placed {
+        if self.is_newer_than_this(newer) {
+            let out_path = system.map(|s| s.path.clone());
+            self.superseded = Some(BranchBuild { build: build.clone(), out_path });
+            return Placed::Superseded;
+        }
+        self.last_build = Some(build.clone());
+        let Some(s) = system else { return Placed::Current };
+        let newest = self.generations.last().map(|g| g.path.clone());
+        if newest.as_deref() == Some(s.path.as_str()) {
+            return Placed::Current;
+        }
+        let number = self.generations.iter().map(|g| g.number).max().unwrap_or(0) + 1;
+        // A system the host had before (a rollback) moves up: one slot per system.
+        self.generations.retain(|g| g.path != s.path);
+        self.generations.push(Generation {
+            number,
+            path: s.path.clone(),
+            built_at: s.built_at,
+            commit: s.commit.clone(),
+            builder: s.builder.clone(),
+        });
+        let from = self.generations.len().saturating_sub(keep.max(1));
+        self.generations.drain(..from);
+        match &s.changes {
+            Some(c) if s.before == newest => self.set_changes(c),
+            // Compared with another system than the one it follows (or not at all).
+            _ => {
+                self.changes = None;
+                self.closure_bytes = s.changes.as_ref().map(|c| c.bytes_after);
+                self.closure_paths = s.changes.as_ref().map(|c| c.paths_after);
+            }
+        }
+        self.bucket = None;
+        Placed::Current
+    }
+
     /// Records the newest generation's changes and, with them, its closure's size.
     pub fn set_changes(&mut self, changes: &Changes) {
         self.closure_bytes = Some(changes.bytes_after);
@@ -217,8 +298,6 @@ enum Change {
     Update(Arc<dyn Fn(&mut HostRecord) + Send + Sync>),
     Delete,
 }
-
-use std::sync::Arc;
 
 /// The bucket key of a host: `<repo>/<host>` (neither name holds a `/`).
 fn bucket_key(repo: &str, host: &str) -> String {
@@ -306,7 +385,7 @@ impl Fleet {
     /// Keeps the record in `bucket` from now on, shared with every builder that uses it: what
     /// is there replaces the local record, every change there shows here, and this record's
     /// changes go there. Runs until the process ends.
-    pub async fn share(self: &std::sync::Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
+    pub async fn share(self: &Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
         // What the bucket holds is read first, whole: nothing is written to it before, so a
         // builder that starts never overwrites another's hosts with its own partial view.
         let (loaded, problems) = read_bucket_entries(&bucket).await;
@@ -331,7 +410,7 @@ impl Fleet {
             }
         });
         let fleet = self.clone();
-        let restart = std::sync::Arc::new(tokio::sync::Notify::new());
+        let restart = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(check_watch(bucket.clone(), self.clone(), restart.clone()));
         tokio::spawn(async move {
             use futures::StreamExt;
@@ -406,6 +485,11 @@ impl Fleet {
         self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether the record is shared by several builders (a key-value bucket).
+    pub fn is_shared(&self) -> bool {
+        matches!(*self.storage.read().unwrap_or_else(|e| e.into_inner()), Storage::Bucket(_))
+    }
+
     /// Whether a builder keeps this record (it is kept only where one runs).
     pub fn has_builder(&self) -> bool {
         !matches!(*self.storage.read().unwrap_or_else(|e| e.into_inner()), Storage::None)
@@ -459,10 +543,29 @@ pub async fn open_shared(
     js.get_key_value(name).await.map_err(|e| e.to_string())
 }
 
-/// A lost compare-and-set: another write of the key came between the read and the write.
-fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
-    let text = e.to_string().to_ascii_lowercase();
-    text.contains("wrong last") || text.contains("already exists")
+/// A write of the shared record that failed, by whether another write came between.
+enum WriteError {
+    /// A lost compare-and-set: the key is no longer at the revision read.
+    LostRace,
+    Other(String),
+}
+
+impl From<async_nats::jetstream::kv::UpdateError> for WriteError {
+    fn from(e: async_nats::jetstream::kv::UpdateError) -> Self {
+        match e.kind() {
+            async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => WriteError::LostRace,
+            _ => WriteError::Other(e.to_string()),
+        }
+    }
+}
+
+impl From<async_nats::jetstream::kv::CreateError> for WriteError {
+    fn from(e: async_nats::jetstream::kv::CreateError) -> Self {
+        match e.kind() {
+            async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => WriteError::LostRace,
+            _ => WriteError::Other(e.to_string()),
+        }
+    }
 }
 
 /// Applies `change` to the bucket's newest value of the host's key and writes it back only if
@@ -498,33 +601,21 @@ async fn write_shared(
                 f(&mut record);
                 let saved = SavedHost { repo: repo.to_owned(), host: host.to_owned(), record };
                 let value = bytes::Bytes::from(serde_json::to_vec(&saved).unwrap_or_default());
-                let written = match revision {
-                    Some(r) => bucket
-                        .update(&key, value, r)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
-                    None => bucket
-                        .create(&key, value)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                let written: Result<(), WriteError> = match revision {
+                    Some(r) => bucket.update(&key, value, r).await.map(|_| ()).map_err(Into::into),
+                    None => bucket.create(&key, value).await.map(|_| ()).map_err(Into::into),
                 };
                 written.map(|()| Some(saved.record))
             }
             Change::Delete if live.is_none() => return Some(None),
-            Change::Delete => bucket
-                .delete_expect_revision(&key, revision)
-                .await
-                .map(|()| None)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+            Change::Delete => bucket.delete_expect_revision(&key, revision).await.map(|()| None).map_err(Into::into),
         };
         match result {
             Ok(written) => return Some(written),
-            Err(e) if lost_race(e.as_ref()) => {
+            Err(WriteError::LostRace) => {
                 tracing::debug!(%key, "another builder wrote this host meanwhile; applying the change again")
             }
-            Err(e) => {
+            Err(WriteError::Other(e)) => {
                 tracing::warn!(%key, err = %e, "cannot write the shared fleet record yet");
                 failures += 1;
                 tokio::time::sleep(std::time::Duration::from_secs(1 + failures.min(9))).await;
@@ -543,11 +634,7 @@ const WATCH_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 /// has gone past what the watch delivered, and the watch delivered nothing more by the next
 /// check. A watch stalls for good when its flow-control answers are refused (a builder without
 /// `$JS.FC.>`): without this, its builder would show, and write from, a stale record for ever.
-async fn check_watch(
-    bucket: async_nats::jetstream::kv::Store,
-    fleet: std::sync::Arc<Fleet>,
-    restart: std::sync::Arc<tokio::sync::Notify>,
-) {
+async fn check_watch(bucket: async_nats::jetstream::kv::Store, fleet: Arc<Fleet>, restart: Arc<tokio::sync::Notify>) {
     let mut behind_at: Option<u64> = None;
     loop {
         tokio::time::sleep(WATCH_CHECK).await;
@@ -727,5 +814,53 @@ mod tests {
         assert!(
             serde_json::from_str::<HostRecord>(r#"{"last_build":{"status":"maybe","at":1,"commit":null}}"#).is_err()
         );
+    }
+
+    fn system(path: &str, commit: &str, before: Option<&str>, changes: Option<Changes>) -> NewSystem {
+        NewSystem {
+            path: path.into(),
+            built_at: 1,
+            commit: Some(commit.into()),
+            builder: Some("b".into()),
+            before: before.map(str::to_owned),
+            changes,
+        }
+    }
+
+    #[test]
+    fn a_host_has_one_history_numbered_once_and_ordered_by_the_branch() {
+        let ok = |c: &str| LastBuild::new(BuildResult::Success, 1, Some(c.into()));
+        let none = std::collections::HashSet::new();
+        let mut h = HostRecord::default();
+        let first = crate::nix::closure_diff::diff(&[], &[]);
+        assert_eq!(h.place(&ok("a"), Some(&system("/nix/store/a", "a", None, Some(first))), &none, 3), Placed::Current);
+        let mut d = crate::nix::closure_diff::diff(&[], &[]);
+        d.paths_before = 7;
+        let sys_d = system("/nix/store/d", "d", Some("/nix/store/a"), Some(d.clone()));
+        assert_eq!(h.place(&ok("d"), Some(&sys_d), &none, 3), Placed::Current);
+        // The same system again, from another builder: no second generation.
+        assert_eq!(h.place(&ok("d"), Some(&sys_d), &none, 3), Placed::Current);
+        let numbers: Vec<u64> = h.generations.iter().map(|g| g.number).collect();
+        assert_eq!(numbers, [1, 2]);
+        assert_eq!(h.changes.as_ref().map(|c| c.paths_before), Some(7));
+        // An older commit (d descends from c) ending later is kept apart, success or failure.
+        let newer = std::collections::HashSet::from(["d".to_owned()]);
+        let sys_c = system("/nix/store/c", "c", Some("/nix/store/a"), None);
+        assert_eq!(h.place(&ok("c"), Some(&sys_c), &newer, 3), Placed::Superseded);
+        assert_eq!(h.place(&LastBuild::failed(2, Some("c".into()), "boom"), None, &newer, 3), Placed::Superseded);
+        assert_eq!(h.generations.last().map(|g| g.path.as_str()), Some("/nix/store/d"));
+        assert_eq!(h.last_build.as_ref().and_then(|b| b.commit.as_deref()), Some("d"));
+        assert_eq!(h.changes.as_ref().map(|c| c.paths_before), Some(7));
+        // Changes worked out against another system than the one it follows are not kept.
+        let e = system("/nix/store/e", "e", Some("/nix/store/a"), Some(d));
+        assert_eq!(h.place(&ok("e"), Some(&e), &none, 2), Placed::Current);
+        assert_eq!(h.changes, None);
+        let kept: Vec<(u64, &str)> = h.generations.iter().map(|g| (g.number, g.path.as_str())).collect();
+        assert_eq!(kept, [(2, "/nix/store/d"), (3, "/nix/store/e")]);
+        // Back to an earlier system: it moves up, numbered anew, in one slot.
+        let back = system("/nix/store/d", "f", Some("/nix/store/e"), None);
+        assert_eq!(h.place(&ok("f"), Some(&back), &none, 3), Placed::Current);
+        let kept: Vec<(u64, &str)> = h.generations.iter().map(|g| (g.number, g.path.as_str())).collect();
+        assert_eq!(kept, [(3, "/nix/store/e"), (4, "/nix/store/d")]);
     }
 }

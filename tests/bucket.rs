@@ -802,3 +802,30 @@ fn an_unreachable_bucket_is_noticed_once_and_its_paths_wait_for_a_later_build() 
     assert_eq!(hearth.log().matches("the bucket does not answer").count(), 1, "{}", hearth.log());
     assert_eq!(hearth.log().matches("upload failed").count(), 0, "paths were tried one by one:\n{}", hearth.log());
 }
+
+#[test]
+fn a_builder_with_a_wrong_secret_never_rewrites_what_the_bucket_holds() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "");
+    let mut hearth = common::builder::start(&body);
+    build(&nats);
+    let pushed = wait_for_push(&hearth);
+    assert_eq!(pushed["present"], pushed["total"], "{pushed}");
+    hearth.terminate();
+    // Started again with a wrong secret, it checks its newest system's closure and fails.
+    let wrong = work.path().join("wrong-secret");
+    std::fs::write(&wrong, "0000000000000000000000000000000000000000000000000000000000000000\n").unwrap();
+    let secret = garage.get("GARAGE_SECRET_ACCESS_KEY_FILE");
+    let body = body.replace(secret, &wrong.display().to_string());
+    assert!(body.contains("wrong-secret"));
+    let broken = common::builder::start(&body);
+    broken.wait_for_log("pushed the system to the bucket", 1);
+    assert!(broken.log().contains("failed=") && !broken.log().contains("failed=0"), "{}", broken.log());
+    // What the bucket holds is still what the record says.
+    let fleet: Value = serde_json::from_str(&broken.get("/fleet.json").text()).unwrap();
+    let copy = &fleet["hosts"][0]["bucket"];
+    assert_eq!((copy["present"].clone(), copy["failed"].as_u64()), (pushed["total"].clone(), Some(0)), "{copy}");
+}

@@ -578,3 +578,60 @@ async fn each_role_has_only_the_jetstream_it_needs() {
     assert_eq!(kv.get("fleet/probe").await.unwrap().as_deref(), Some(&b"{}"[..]), "the deployer wrote the record");
     kv.delete("fleet/probe").await.unwrap();
 }
+
+/// Commits `flake.nix` with `web1` built by `script` to the repo at `dir`.
+fn commit_web1(dir: &std::path::Path, script: String) -> String {
+    std::fs::write(dir.join("flake.nix"), flake(&[("web1", script)])).unwrap();
+    common::flake::git(dir, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "web1"]);
+    common::run_ok(Command::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"])).trim().to_owned()
+}
+
+/// The shared record's entry of `host`.
+async fn host_entry(record: &async_nats::jetstream::kv::Store, host: &str) -> Value {
+    serde_json::from_slice(&record.get(format!("fleet/{host}")).await.unwrap().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_commit_ending_later_never_becomes_the_hosts_state() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["web1"]);
+    let dir = repo.dir.path().join("fleet");
+    let (salt, gate) = (salt(), repo.gate.display().to_string());
+    let base = commit_web1(&dir, format!("echo base {salt} > $out"));
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    let client = nats.deployer().await;
+    let replies = until_final(&mut request(&client, "web1", "base").await).await;
+    assert_eq!(replies.last().unwrap()["status"], "completed", "{replies:?}");
+
+    // C (older) waits for the gate on one builder while D (newer) is built by the other.
+    let old =
+        commit_web1(&dir, format!("while [ ! -e {gate}/release ]; do /bin/sleep 0.05; done; echo old {salt} > $out"));
+    let mut slow = request(&client, "web1", "old").await;
+    wait_until("one builder builds the old commit", Duration::from_secs(60), || started(&a) + started(&b) == 2);
+    let new = commit_web1(&dir, format!("echo new {salt} > $out"));
+    let fast = until_final(&mut request(&client, "web1", "new").await).await;
+    assert_eq!(fast.last().unwrap()["status"], "completed", "{fast:?}");
+    repo.release();
+    let slow = until_final(&mut slow).await;
+    assert_eq!(slow.last().unwrap()["status"], "completed", "{slow:?}");
+
+    let record = fleet_record(&nats).await;
+    let web1 = host_entry(&record, "web1").await;
+    let generations = web1["generations"].as_array().unwrap();
+    let numbered: Vec<(u64, &str)> =
+        generations.iter().map(|g| (g["number"].as_u64().unwrap(), g["commit"].as_str().unwrap())).collect();
+    assert_eq!(numbered, [(1, base.as_str()), (2, new.as_str())], "{web1:#}");
+    assert_eq!(web1["last_build"]["commit"], new.as_str(), "{web1:#}");
+    assert_eq!(web1["superseded"]["commit"], old.as_str(), "{web1:#}");
+    // What changed is the newest against the base, whichever builder built either.
+    assert_eq!((web1["changes"]["first_build"].as_bool(), web1["changes"]["paths_before"].as_u64()), (None, Some(1)));
+    assert_eq!(web1["changes"]["rebuilt"], 1, "{web1:#}");
+    // Both pages say so.
+    for h in [&a, &b] {
+        wait_until("the page shows the newest commit", Duration::from_secs(30), || {
+            let fleet: Value = serde_json::from_slice(&h.get("/fleet.json").body).unwrap();
+            fleet["hosts"][0]["generations"].as_array().unwrap().last().unwrap()["commit"] == new.as_str()
+        });
+    }
+}

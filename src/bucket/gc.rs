@@ -8,7 +8,6 @@ use std::collections::HashSet;
 
 use super::{Bucket, BucketError, narinfo_key};
 use crate::nix::narinfo::NarInfo;
-use crate::nix::store_path::StorePath;
 
 /// What a collection found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -27,11 +26,7 @@ pub struct Report {
     pub unreadable_roots: Vec<String>,
 }
 
-/// The hash part of a store path (`/nix/store/<hash>-<name>`, or its basename as narinfos'
-/// references name it).
-fn hash_of(path: &str) -> Option<String> {
-    StorePath::from_basename(path.rsplit('/').next()?).map(|p| p.hash().as_str().to_owned())
-}
+use super::closure::hash_of;
 
 /// The bucket key of the NAR a narinfo names (its URL without a query).
 fn nar_of(info: &NarInfo) -> String {
@@ -111,17 +106,4 @@ pub async fn collect(bucket: &Bucket, roots: &[String], keep_after: i64, dry_run
         report.deleted.push(key.clone());
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hashes_of_paths_and_basenames() {
-        let hash = Some("0qmwlny41nap6ccq7xi471zj6m58b530".to_owned());
-        assert_eq!(hash_of("/nix/store/0qmwlny41nap6ccq7xi471zj6m58b530-a"), hash);
-        assert_eq!(hash_of("0qmwlny41nap6ccq7xi471zj6m58b530-a"), hash);
-        assert_eq!(hash_of("/nix/store/short-a"), None);
-    }
 }

@@ -8,6 +8,7 @@
 //! narinfo is only ever written after the NAR it points to is complete in the bucket.
 
 pub mod cli;
+mod closure;
 pub mod config;
 pub mod gc;
 pub mod read_cache;

@@ -183,6 +183,11 @@ impl Uploader {
         self.bucket.put("nix-cache-info", text.into()).await
     }
 
+    /// The bucket it uploads to.
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
     /// Pushes `closure`: returns at once with every path queued, and in the background asks
     /// the bucket for each (one HEAD each, `concurrency` at a time) and queues those it lacks;
     /// the batch says how much of it the bucket holds as the checks and uploads end.

@@ -332,28 +332,7 @@ impl Exec {
         rev: &str,
         cancel: &CancellationToken,
     ) -> Result<String, BuildError> {
-        use sha2::Digest;
-        let name = hex::encode(&sha2::Sha256::digest(git.as_bytes())[..8]);
-        let mirror = self.git_cache_dir.join(format!("{name}.git"));
-        if !mirror.join("HEAD").exists() {
-            tokio::fs::create_dir_all(&mirror)
-                .await
-                .map_err(|e| BuildError::Spawn(format!("mkdir {}", mirror.display()), e))?;
-            let mut init = Command::new("git");
-            init.args(["init", "--quiet", "--bare"]).arg(&mirror);
-            run("git init", init, (Duration::from_secs(60), None), cancel, &mut |_| {}).await?;
-        }
-        let mut fetch = Command::new("git");
-        fetch.arg("-C").arg(&mirror).args([
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            "--force",
-            "--",
-            git,
-            &format!("+refs/heads/{branch}:refs/heads/{branch}"),
-        ]);
-        run("git fetch", fetch, (Duration::from_secs(600), None), cancel, &mut |_| {}).await?;
+        let mirror = self.fetch_branch(git, branch, cancel).await?;
         let mut parse = Command::new("git");
         parse
             .arg("-C")
@@ -378,6 +357,56 @@ impl Exec {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Fetches `branch` of the repo at `git` into a bare mirror of hearth's own (one per URL,
+    /// so only what changed is fetched each time); returns the mirror.
+    async fn fetch_branch(&self, git: &str, branch: &str, cancel: &CancellationToken) -> Result<PathBuf, BuildError> {
+        use sha2::Digest;
+        let name = hex::encode(&sha2::Sha256::digest(git.as_bytes())[..8]);
+        let mirror = self.git_cache_dir.join(format!("{name}.git"));
+        if !mirror.join("HEAD").exists() {
+            tokio::fs::create_dir_all(&mirror)
+                .await
+                .map_err(|e| BuildError::Spawn(format!("mkdir {}", mirror.display()), e))?;
+            let mut init = Command::new("git");
+            init.args(["init", "--quiet", "--bare"]).arg(&mirror);
+            run("git init", init, (Duration::from_secs(60), None), cancel, &mut |_| {}).await?;
+        }
+        let mut fetch = Command::new("git");
+        fetch.arg("-C").arg(&mirror).args([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--force",
+            "--",
+            git,
+            &format!("+refs/heads/{branch}:refs/heads/{branch}"),
+        ]);
+        run("git fetch", fetch, (Duration::from_secs(600), None), cancel, &mut |_| {}).await?;
+        Ok(mirror)
+    }
+
+    /// The commits of `branch` (as it is now) that descend from `commit`: what is newer than it
+    /// in the branch's history. Empty for a repo that is not a git URL (no history to order by).
+    pub async fn newer_commits(
+        &self,
+        url: &str,
+        branch: &str,
+        commit: &str,
+        cancel: &CancellationToken,
+    ) -> Result<std::collections::HashSet<String>, BuildError> {
+        let Some(git) = git_url(url) else { return Ok(Default::default()) };
+        let mirror = self.fetch_branch(git, branch, cancel).await?;
+        let mut list = Command::new("git");
+        list.arg("-C").arg(&mirror).args([
+            "rev-list",
+            "--ancestry-path",
+            &format!("{commit}..refs/heads/{branch}"),
+            "--",
+        ]);
+        let out = run("git rev-list", list, (Duration::from_secs(60), None), cancel, &mut |_| {}).await?;
+        Ok(out.lines().map(str::trim).filter(|c| super::job::is_valid_rev(c)).map(str::to_owned).collect())
     }
 
     /// The names of the flake's `nixosConfigurations`, keeping only valid host names.

@@ -541,6 +541,7 @@ impl Worker {
         let mut eval = self.evaluate(plan, &mut board, heading, started, cancel).await;
         let cx = record::Context {
             repo: &job.repo.name,
+            url: &job.repo.url,
             branch: &job.branch,
             deploy: plan.deploy,
             commit: plan.commit.as_deref(),

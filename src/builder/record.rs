@@ -5,6 +5,7 @@
 //! Architecture invariant: only the deploy branch's results are a host's state (generations,
 //! `last_build`, per-host metrics); another branch's are recorded apart, under its branch.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,7 +15,7 @@ use super::exec::Exec;
 use super::generations::{self, Generations};
 use super::job::{HostStatus, HostSummary};
 use super::plan::Plan;
-use crate::fleet::{BranchBuild, BucketCopy, BuildResult, Fleet, Generation, LastBuild, Pushed};
+use crate::fleet::{BranchBuild, BucketCopy, BuildResult, Fleet, Generation, LastBuild, NewSystem, Placed, Pushed};
 use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -38,6 +39,8 @@ pub enum Outcome {
 /// The request a host's outcome belongs to.
 pub struct Context<'a> {
     pub repo: &'a str,
+    /// The repo's flake URL (a `git+` one orders commits by the branch's history).
+    pub url: &'a str,
     pub branch: &'a str,
     /// The branch is the repo's deploy branch: the result is the host's state.
     pub deploy: bool,
@@ -130,8 +133,9 @@ impl Recorder {
             Some(out) => self.closure(out).await,
             None => None,
         };
-        let (generations, changes) = self.changes(cx, host, &result, closure.as_deref()).await;
-        self.write(cx, host, &result, generations, changes.as_ref());
+        let (system, changes) = self.changes(cx, host, &result, closure.as_deref()).await;
+        let newer = self.newer_commits(cx, host).await;
+        let placed = self.write(cx, host, &result, system, newer);
         let out = result.out_path.as_deref().unwrap_or("-");
         let duration_text = format!("{duration:.1}s");
         let (repo, branch) = (cx.repo, cx.branch);
@@ -145,7 +149,11 @@ impl Recorder {
                 tracing::warn!(%repo, %host, %branch, duration = %duration_text, %error, "host failed to build")
             }
         }
-        let uploaded = self.push(cx, host, closure.as_deref(), result.out_path.as_deref());
+        // A superseded system is kept, not pushed: the bucket keeps what the record names.
+        let uploaded = match placed {
+            Placed::Current => self.push(cx, host, closure.as_deref(), result.out_path.as_deref()),
+            Placed::Superseded => None,
+        };
         let HostResult { status, out_path, error } = result;
         HostSummary { host: host.to_owned(), status, out_path, error, duration_seconds: duration, changes, uploaded }
     }
@@ -188,26 +196,28 @@ impl Recorder {
         }
     }
 
-    /// The host's generations (a new system of the deploy branch) and what the result changes.
+    /// A new system of the deploy branch (to place in the host's history) and what the result
+    /// changes.
     async fn changes(
         &self,
         cx: &Context<'_>,
         host: &str,
         result: &HostResult,
         closure: Option<&[Arc<PathInfo>]>,
-    ) -> (Option<Vec<Generation>>, Option<Changes>) {
+    ) -> (Option<NewSystem>, Option<Changes>) {
         let Some(out) = &result.out_path else { return (None, None) };
         match result.status {
             HostStatus::Success if cx.deploy => {
-                let (g, c) = self.record_generation(cx.repo, host, out, closure, cx.commit).await;
-                (Some(g), c)
+                let system = self.record_generation(cx.repo, host, out, closure, cx.commit).await;
+                let changes = system.changes.clone();
+                (Some(system), changes)
             }
             // Nothing built: nothing changed.
             HostStatus::Unchanged => (None, closure.map(unchanged)),
             // Another branch: what it would change against the host's newest deploy system,
             // for the reply (flake-update's commit message) only.
             _ => {
-                let newest = self.generations.list(cx.repo, host).last().map(|g| g.path.clone());
+                let newest = self.newest_recorded(cx.repo, host);
                 match closure {
                     Some(after) => (None, self.diff(newest.as_deref(), after).await),
                     None => (None, None),
@@ -216,40 +226,70 @@ impl Recorder {
         }
     }
 
-    /// One update (and one save) of the fleet record for the host's result.
+    /// The host's newest good system as the record says (whichever builder built it), else
+    /// as this builder's roots say.
+    fn newest_recorded(&self, repo: &str, host: &str) -> Option<String> {
+        let record = self.fleet.snapshot().remove(&(repo.to_owned(), host.to_owned()));
+        record
+            .and_then(|r| r.generations.last().map(|g| g.path.clone()))
+            .or_else(|| self.generations.list(repo, host).last().map(|g| g.path.clone()))
+    }
+
+    /// The commits of the deploy branch newer than the one recorded, when the host's state is
+    /// from another commit (they decide whether this result is its state); empty when no other
+    /// commit is recorded or the branch cannot be read (then the result is the state).
+    async fn newer_commits(&self, cx: &Context<'_>, host: &str) -> HashSet<String> {
+        let Some(commit) = cx.commit.filter(|_| cx.deploy) else { return HashSet::new() };
+        let record = self.fleet.snapshot().remove(&(cx.repo.to_owned(), host.to_owned())).unwrap_or_default();
+        let newest = record.generations.last().and_then(|g| g.commit.clone());
+        let last = record.last_build.and_then(|b| b.commit);
+        if [newest, last].iter().flatten().all(|c| c == commit) {
+            return HashSet::new();
+        }
+        match self.exec.newer_commits(cx.url, cx.branch, commit, &CancellationToken::new()).await {
+            Ok(newer) => newer,
+            Err(e) => {
+                let (repo, err) = (cx.repo, e.detail());
+                tracing::warn!(%repo, %host, %err, "cannot read the branch's history; recording this build as the newest");
+                HashSet::new()
+            }
+        }
+    }
+
+    /// One update (and one save) of the fleet record for the host's result; where it went in
+    /// the host's history.
     fn write(
         &self,
         cx: &Context<'_>,
         host: &str,
         result: &HostResult,
-        generations: Option<Vec<Generation>>,
-        changes: Option<&Changes>,
-    ) {
+        system: Option<NewSystem>,
+        newer: HashSet<String>,
+    ) -> Placed {
         let at = now_seconds();
         let build = match &result.error {
             Some(e) => LastBuild::failed(at, cx.commit.map(str::to_owned), e),
             None => LastBuild::new(BuildResult::Success, at, cx.commit.map(str::to_owned)),
         };
-        let (deploy, branch, me, keep) = (cx.deploy, cx.branch.to_owned(), self.name.clone(), self.keep_generations);
-        let (out_path, status, changes) = (result.out_path.clone(), result.status, changes.cloned());
-        // Applied to the newest record (again, if another builder wrote the host meanwhile).
+        let (deploy, branch, keep) = (cx.deploy, cx.branch.to_owned(), self.keep_generations);
+        let out_path = result.out_path.clone();
+        // Where it goes, as the record stands now (the writer applies the same rule again if
+        // another builder wrote the host meanwhile).
+        let mut now = self.fleet.snapshot().remove(&(cx.repo.to_owned(), host.to_owned())).unwrap_or_default();
+        let placed = if deploy { now.place(&build, system.as_ref(), &newer, keep) } else { Placed::Current };
+        if placed == Placed::Superseded {
+            let (repo, commit) = (cx.repo, cx.commit.unwrap_or("-"));
+            tracing::warn!(%repo, %host, %commit, "a newer commit of the branch is recorded already: this build is kept apart, not the host's state");
+        }
         self.fleet.update(cx.repo, host, move |h| {
             if !deploy {
                 h.branches.insert(branch.clone(), BranchBuild { build: build.clone(), out_path: out_path.clone() });
                 h.branches.retain(|_, b| at - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
                 return;
             }
-            h.last_build = Some(build.clone());
-            if let Some(g) = &generations {
-                h.generations = merge(&h.generations, g.clone(), &me, keep);
-            }
-            // An unchanged system keeps what its generation changed.
-            if status == HostStatus::Success
-                && let Some(c) = &changes
-            {
-                h.set_changes(c);
-            }
+            h.place(&build, system.as_ref(), &newer, keep);
         });
+        placed
     }
 
     /// A good system of the deploy branch goes to the bucket, if there is one: where its push
@@ -319,9 +359,9 @@ impl Recorder {
         }
     }
 
-    /// Roots `out` as the host's newest generation, drops generations beyond
-    /// `keep_generations`, and works out what changed against the previous one; returns the
-    /// generations kept and the changes. Problems are logged: the build itself succeeded.
+    /// Roots `out` as this builder's newest generation (dropping its roots beyond
+    /// `keep_generations`), and works out what changed against the host's newest system (the
+    /// record's, whichever builder built it). Problems are logged: the build itself succeeded.
     async fn record_generation(
         &self,
         repo: &str,
@@ -329,22 +369,47 @@ impl Recorder {
         out: &str,
         after: Option<&[Arc<PathInfo>]>,
         commit: Option<&str>,
-    ) -> (Vec<Generation>, Option<Changes>) {
-        // The same system again: no new generation, and what changed stays what the newest
-        // changed against the one before it (never "no change" against itself).
-        let existing = self.generations.list(repo, host);
-        if existing.last().is_some_and(|g| g.path == out) {
-            let kept = self.fleet.snapshot().get(&(repo.to_owned(), host.to_owned())).and_then(|h| h.changes.clone());
-            return (existing, kept);
+    ) -> NewSystem {
+        let before = self.newest_recorded(repo, host);
+        let mut system = NewSystem {
+            path: out.to_owned(),
+            built_at: now_seconds(),
+            commit: commit.map(str::to_owned),
+            builder: Some(self.name.clone()),
+            before: before.clone(),
+            changes: None,
+        };
+        if self.generations.list(repo, host).last().is_none_or(|g| g.path != out) {
+            self.root_generation(repo, host, out, commit, system.built_at).await;
         }
-        // Compared with the newest good system before this build, which is another one.
-        let before = existing.last().map(|g| g.path.clone());
-        self.root_generation(repo, host, out, commit, now_seconds()).await;
-        let gens = self.generations.list(repo, host);
-        let Some(after) = after else { return (gens, None) };
+        // The same system again: what changed stays what it changed against the one before
+        // it (never "no change" against itself).
+        if before.as_deref() == Some(out) {
+            let kept = self.fleet.snapshot().get(&(repo.to_owned(), host.to_owned())).and_then(|h| h.changes.clone());
+            system.changes = kept;
+            return system;
+        }
+        let Some(after) = after else { return system };
         // The host is about to pull its closure: have it compressed once, in the background.
         self.store.cache_nars(after);
-        (gens, self.describe(repo, host, before.as_deref(), after).await)
+        system.changes = self.describe(repo, host, before.as_deref(), after).await;
+        system
+    }
+
+    /// The closure of the system `path` with each path's NAR size: from the store, else (a
+    /// system another builder built) from the bucket's narinfos.
+    async fn closure_sizes(&self, path: &str) -> Option<Vec<(String, u64)>> {
+        if let Some(infos) = self.closure(path).await {
+            return Some(infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect());
+        }
+        let (uploader, _) = self.uploader.as_ref()?;
+        match uploader.bucket().closure_sizes(self.store.store_dir(), path).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(system = %path, err = %e, "cannot read the previous system's closure from the bucket");
+                None
+            }
+        }
     }
 
     /// The closure of the store path `path`, from the store's path info.
@@ -385,7 +450,7 @@ impl Recorder {
             |infos: &[Arc<PathInfo>]| infos.iter().map(|i| (i.path.to_string(), i.nar_size)).collect::<Vec<_>>();
         let after = sizes(after);
         let changes = match before {
-            Some(before) => closure_diff::diff(&sizes(&self.closure(before).await?), &after),
+            Some(before) => closure_diff::diff(&self.closure_sizes(before).await?, &after),
             None => {
                 let mut c = closure_diff::diff(&[], &[]);
                 c.first_build = true;
@@ -425,16 +490,25 @@ impl Recorder {
                 }
                 None => None,
             };
-            let (me, keep) = (self.name.clone(), self.keep_generations);
+            let (me, keep, shared) = (self.name.clone(), self.keep_generations, self.fleet.is_shared());
             self.fleet.update(&repo, &host, move |h| {
+                // A shared record is the host's one history: this builder's roots fill it
+                // only where it has none (a builder that kept its record alone until now).
+                if shared && !h.generations.is_empty() {
+                    return;
+                }
                 h.generations = merge(&h.generations, gens.clone(), &me, keep);
                 if let Some(c) = &changes {
                     h.set_changes(c);
                 }
             });
             // An upload cut short by a stop goes on: what the bucket lacks is queued, checked
-            // once the record (just written) names the system.
-            if let (Some((uploader, concurrency)), Some(after), Some(newest)) = (&self.uploader, &closure, &newest) {
+            // once the record (just written) names the system; only the host's newest system
+            // (another builder's newer one is that builder's to push).
+            let fleet_newest = self.newest_recorded(&repo, &host);
+            if let (Some((uploader, concurrency)), Some(after), Some(newest)) = (&self.uploader, &closure, &newest)
+                && fleet_newest.as_ref() == Some(newest)
+            {
                 let batch = uploader.push_after(after, *concurrency, self.recorded_future());
                 self.follow_push(&repo, &host, newest, batch);
             }
@@ -506,11 +580,16 @@ fn label(repo: &str, host: &str) -> RepoHost {
     RepoHost { repo: repo.to_owned(), host: host.to_owned() }
 }
 
-/// The push of `out` as it stands, on the host's record, while `out` is its newest system.
+/// The push of `out` as it stands, on the host's record, while `out` is its newest system. What
+/// the bucket holds of the newest system only grows (gc keeps every path of it): a push that
+/// finds less, or fails (a builder with a wrong secret, an unreachable bucket), says so in its
+/// builder's log and metrics, never in the record over what another push found there.
 fn record_push(fleet: &Fleet, repo: &str, host: &str, out: &str, pushed: Pushed) {
     let out = out.to_owned();
     fleet.update(repo, host, move |h| {
-        if h.generations.last().is_some_and(|g| g.path == out) {
+        let newest = h.generations.last().is_some_and(|g| g.path == out);
+        let knows_more = h.bucket.is_some_and(|b| b.pushed.present > pushed.present);
+        if newest && !knows_more {
             let at = now_seconds();
             h.bucket = Some(BucketCopy { pushed, at });
         }

@@ -581,6 +581,7 @@ mod tests {
             )]
             .into(),
             bucket: None,
+            superseded: None,
         };
         hosts.insert(("r&d".into(), "web\"1".into()), record);
         let page = page_of(&hosts, &Activity::default());
