@@ -132,8 +132,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             http::serve(l, http::metrics_router(state.clone()), config.limits, cancel.clone()),
         ));
     }
+    if let Some(f) = config.fleet.clone() {
+        // Never ends: not tracked, so shutdown does not wait for it.
+        tokio::spawn(crate::fleet_view::show(f, fleet.clone()));
+    }
     let has_builder = config.builder.is_some();
-    if let Some(builder) = config.builder {
+    if let Some(mut builder) = config.builder {
+        builder.public_keys = state.keys.iter().map(|k| k.public_key().to_string()).collect();
         if let Some((u, workers)) = &uploader {
             u.start(*workers);
         }

@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub store: StoreSection,
     pub metrics: MetricsSection,
     pub builder: Option<BuilderSection>,
+    /// `[fleet]`: without a builder, show the fleet's shared record (JetStream) all the same.
+    pub fleet: Option<crate::fleet_view::FleetSection>,
     /// `[bucket]`: push what the builder built to an S3 bucket in Nix's layout.
     pub bucket: Option<crate::bucket::BucketSection>,
     /// The hot-NAR store (absent: none).
@@ -78,6 +80,7 @@ impl Default for FileConfig {
             store: StoreSection::default(),
             metrics: MetricsSection::default(),
             builder: None,
+            fleet: None,
             bucket: None,
             nar_cache: None,
             shutdown_grace_seconds: 30,
@@ -197,6 +200,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub zstd_level: Option<i32>,
     pub builder: Option<BuilderConfig>,
+    pub fleet: Option<crate::fleet_view::FleetConfig>,
     pub bucket: Option<crate::bucket::BucketConfig>,
     pub shutdown_grace: Duration,
     pub limits: crate::http::ConnLimits,
@@ -246,6 +250,9 @@ impl Config {
                 "bucket: s3://{} at {} ({}), zstd level {}",
                 b.bucket, b.endpoint, b.region, b.zstd_level
             ));
+        }
+        if let Some(f) = &self.fleet {
+            out.push(format!("fleet: shows the shared record {} at NATS {} (reads only)", f.bucket, f.nats_url));
         }
         match &self.builder {
             None => out.push("builder: off".into()),
@@ -314,6 +321,13 @@ impl Config {
             return Err(ConfigError::Value { key: "state_dir", reason: "must be an absolute path".into() });
         }
         let mut builder = file.builder.map(BuilderConfig::from_section).transpose()?;
+        let fleet = file.fleet.map(crate::fleet_view::FleetConfig::from_section).transpose()?;
+        if fleet.is_some() && builder.is_some() {
+            return Err(ConfigError::Value {
+                key: "fleet",
+                reason: "a [builder] shows the fleet's shared record itself (queue = \"jetstream\"): [fleet] is for a hearth without one".into(),
+            });
+        }
         let bucket = file.bucket.map(crate::bucket::BucketConfig::from_section).transpose()?;
         if let Some(b) = &bucket {
             if builder.is_none() && !b.read_through {
@@ -351,6 +365,7 @@ impl Config {
             },
             zstd_level,
             builder,
+            fleet,
             bucket,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds),
             limits: crate::http::ConnLimits {

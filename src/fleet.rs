@@ -261,7 +261,7 @@ struct SavedHost {
 }
 
 /// One build the builder is running or has queued.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActiveBuild {
     pub repo: String,
     pub target: String,
@@ -278,6 +278,63 @@ pub struct Activity {
     /// With a JetStream queue: requests waiting in the stream for any builder (not yet taken).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_in_stream: Option<u64>,
+}
+
+/// A builder as the shared record shows it to every hearth: who it is, the keys it signs
+/// with, what it runs, and when it last said so (every few seconds while it lives).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub name: String,
+    /// Its signing keys as a client's `trusted-public-keys` names them.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// When it last said it lives (unix seconds).
+    pub seen_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<ActiveBuild>,
+    /// The running build's commit, once resolved, and when it started (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// Requests it holds waiting in its own queue.
+    #[serde(default)]
+    pub queued: usize,
+}
+
+/// How long a builder that said nothing is still taken to live.
+pub const PRESENCE_STALE_SECONDS: i64 = 45;
+
+impl Presence {
+    /// Whether it said it lives within [`PRESENCE_STALE_SECONDS`] of `now`.
+    pub fn is_alive(&self, now: i64) -> bool {
+        now - self.seen_at <= PRESENCE_STALE_SECONDS
+    }
+}
+
+/// The shared record's key of a builder's presence (`_` never starts a repo name).
+pub fn presence_key(builder: &str) -> String {
+    format!("{PRESENCE_PREFIX}{builder}")
+}
+
+const PRESENCE_PREFIX: &str = "_builder/";
+
+/// What an entry of the shared record is, by its key.
+enum Entry<'a> {
+    Host(&'a str, &'a str),
+    Presence(&'a str),
+    /// Another of the builders' own keys (claims of builds in progress).
+    Other,
+}
+
+fn entry_of(key: &str) -> Entry<'_> {
+    if let Some(name) = key.strip_prefix(PRESENCE_PREFIX) {
+        return Entry::Presence(name);
+    }
+    match key.split_once('/') {
+        Some((repo, host)) if !key.starts_with('_') => Entry::Host(repo, host),
+        _ => Entry::Other,
+    }
 }
 
 /// Where the record is kept.
@@ -318,6 +375,8 @@ pub struct Fleet {
     /// Changes sent to the shared record's writer, and (its channel) how many it has written.
     sent: std::sync::atomic::AtomicU64,
     written: tokio::sync::watch::Sender<u64>,
+    /// Every builder of the shared record, by name.
+    builders: RwLock<BTreeMap<String, Presence>>,
 }
 
 impl Fleet {
@@ -333,6 +392,7 @@ impl Fleet {
             watch_restarts: std::sync::atomic::AtomicU64::new(0),
             sent: std::sync::atomic::AtomicU64::new(0),
             written: tokio::sync::watch::channel(0).0,
+            builders: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -386,29 +446,48 @@ impl Fleet {
     /// is there replaces the local record, every change there shows here, and this record's
     /// changes go there. Runs until the process ends.
     pub async fn share(self: &Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
-        // What the bucket holds is read first, whole: nothing is written to it before, so a
-        // builder that starts never overwrites another's hosts with its own partial view.
-        let (loaded, problems) = read_bucket_entries(&bucket).await;
-        for problem in problems {
-            tracing::warn!(problem, "the shared fleet record is not all readable; showing what is");
-        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, Change)>();
-        {
-            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
-            *hosts = loaded;
-            *self.storage.write().unwrap_or_else(|e| e.into_inner()) = Storage::Bucket(tx);
-            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
-        }
-        let (writer, me) = (bucket.clone(), self.clone());
+        self.follow(bucket.clone(), Some(tx)).await;
+        let me = self.clone();
         tokio::spawn(async move {
             while let Some((repo, host, change)) = rx.recv().await {
-                if let Some(written) = write_shared(&writer, &repo, &host, &change).await {
+                if let Some(written) = write_shared(&bucket, &repo, &host, &change).await {
                     // What the bucket now holds (maybe another builder's change and ours).
                     me.apply(&repo, &host, written);
                 }
                 me.written.send_modify(|n| *n += 1);
             }
         });
+    }
+
+    /// Shows the record in `bucket` (a hearth without a builder: it writes nothing), and every
+    /// change there from now on. Runs until the process ends.
+    pub async fn show(self: &Arc<Self>, bucket: async_nats::jetstream::kv::Store) {
+        self.follow(bucket, None).await;
+    }
+
+    /// Reads the shared record whole, then watches it; `writer`: where this record's changes
+    /// go from now on (a builder's), if anywhere.
+    async fn follow(
+        self: &Arc<Self>,
+        bucket: async_nats::jetstream::kv::Store,
+        writer: Option<tokio::sync::mpsc::UnboundedSender<(String, String, Change)>>,
+    ) {
+        // What the bucket holds is read first, whole: nothing is written to it before, so a
+        // builder that starts never overwrites another's hosts with its own partial view.
+        let (loaded, presences, problems) = read_bucket_entries(&bucket).await;
+        for problem in problems {
+            tracing::warn!(problem, "the shared fleet record is not all readable; showing what is");
+        }
+        *self.builders.write().unwrap_or_else(|e| e.into_inner()) = presences;
+        {
+            let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+            *hosts = loaded;
+            if let Some(tx) = writer {
+                *self.storage.write().unwrap_or_else(|e| e.into_inner()) = Storage::Bucket(tx);
+            }
+            self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         let fleet = self.clone();
         let restart = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(check_watch(bucket.clone(), self.clone(), restart.clone()));
@@ -430,7 +509,14 @@ impl Fleet {
                     };
                     let Some(Ok(entry)) = entry else { break };
                     fleet.watch_seen.fetch_max(entry.revision, std::sync::atomic::Ordering::Relaxed);
-                    let Some((repo, host)) = entry.key.split_once('/') else { continue };
+                    let (repo, host) = match entry_of(&entry.key) {
+                        Entry::Host(repo, host) => (repo, host),
+                        Entry::Presence(name) => {
+                            fleet.apply_presence(name, &entry);
+                            continue;
+                        }
+                        Entry::Other => continue,
+                    };
                     let record = match entry.operation {
                         async_nats::jetstream::kv::Operation::Put => {
                             match serde_json::from_slice::<SavedHost>(&entry.value) {
@@ -465,6 +551,31 @@ impl Fleet {
     /// Times the shared record's watch was found stalled and started again.
     pub fn watch_restarts(&self) -> u64 {
         self.watch_restarts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A builder's presence as the shared record's watch delivered it.
+    fn apply_presence(&self, name: &str, entry: &async_nats::jetstream::kv::Entry) {
+        let presence = match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => match serde_json::from_slice::<Presence>(&entry.value) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, err = %e, "a builder's presence in the shared record is not one; ignored");
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let mut builders = self.builders.write().unwrap_or_else(|e| e.into_inner());
+        match presence {
+            Some(p) => builders.insert(name.to_owned(), p),
+            None => builders.remove(name),
+        };
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Every builder the shared record names, by name (none without a shared record).
+    pub fn builders(&self) -> BTreeMap<String, Presence> {
+        self.builders.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A change that another builder made (or this one, echoed): shown, not saved again.
@@ -626,7 +737,6 @@ async fn write_shared(
     None
 }
 
-/// The whole record a key-value bucket holds (entries that are not host records are skipped).
 /// How often the shared record's watch is checked against the bucket.
 const WATCH_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -666,23 +776,27 @@ async fn check_watch(bucket: async_nats::jetstream::kv::Store, fleet: Arc<Fleet>
     }
 }
 
+/// The whole record a key-value bucket holds (entries that are not host records are skipped).
 pub async fn read_bucket(bucket: &async_nats::jetstream::kv::Store) -> Result<Hosts, String> {
-    let (hosts, problems) = read_bucket_entries(bucket).await;
+    let (hosts, _, problems) = read_bucket_entries(bucket).await;
     match problems.first() {
         None => Ok(hosts),
         Some(first) => Err(format!("{} of the shared fleet record's entries cannot be read: {first}", problems.len())),
     }
 }
 
-/// Every entry of the shared record that can be read, and what went wrong with the others (a
-/// listing cut short, an entry unreadable or not a record).
-async fn read_bucket_entries(bucket: &async_nats::jetstream::kv::Store) -> (Hosts, Vec<String>) {
+/// Every entry of the shared record that can be read (hosts, and builders' presences), and
+/// what went wrong with the others (a listing cut short, an entry unreadable or not a record).
+async fn read_bucket_entries(
+    bucket: &async_nats::jetstream::kv::Store,
+) -> (Hosts, BTreeMap<String, Presence>, Vec<String>) {
     use futures::StreamExt;
     let mut loaded = Hosts::new();
+    let mut presences = BTreeMap::new();
     let mut problems = Vec::new();
     let mut keys = match bucket.keys().await {
         Ok(keys) => keys,
-        Err(e) => return (loaded, vec![format!("cannot list the keys: {e}")]),
+        Err(e) => return (loaded, presences, vec![format!("cannot list the keys: {e}")]),
     };
     while let Some(key) = keys.next().await {
         let key = match key {
@@ -692,9 +806,22 @@ async fn read_bucket_entries(bucket: &async_nats::jetstream::kv::Store) -> (Host
                 break;
             }
         };
+        let presence = match entry_of(&key) {
+            Entry::Other => continue,
+            Entry::Presence(_) => true,
+            Entry::Host(..) => false,
+        };
         match bucket.get(&key).await {
             // Deleted between the listing and the read.
             Ok(None) => {}
+            Ok(Some(value)) if presence => match serde_json::from_slice::<Presence>(&value) {
+                Ok(p) => {
+                    presences.insert(p.name.clone(), p);
+                }
+                Err(e) => {
+                    tracing::warn!(%key, err = %e, "a builder's presence in the shared record is not one; ignored")
+                }
+            },
             Ok(Some(value)) => match serde_json::from_slice::<SavedHost>(&value) {
                 Ok(saved) => {
                     loaded.insert((saved.repo, saved.host), saved.record);
@@ -704,7 +831,7 @@ async fn read_bucket_entries(bucket: &async_nats::jetstream::kv::Store) -> (Host
             Err(e) => problems.push(format!("cannot read {key}: {e}")),
         }
     }
-    (loaded, problems)
+    (loaded, presences, problems)
 }
 
 fn to_json(hosts: &Hosts) -> serde_json::Result<Vec<u8>> {

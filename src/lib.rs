@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod flake_update;
 pub mod fleet;
+pub mod fleet_view;
 pub mod http;
 pub mod mcp;
 pub mod metrics;

@@ -52,6 +52,11 @@ pub struct Repo {
     pub repo: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Builder {
+    pub builder: String,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -83,6 +88,7 @@ pub struct Metrics {
     pub builder_nats_connected: Gauge,
     /// 1 while the builder takes requests (subscribed or consuming), 0 before and after.
     pub builder_ready: Gauge,
+    pub fleet_builder_seen: Family<Builder, Gauge>,
     pub build_queue: Gauge,
     pub build_in_progress: Gauge,
     pub build_rejected: Family<Repo, Counter>,
@@ -183,6 +189,12 @@ impl Metrics {
             "hearth_builder_ready",
             "1 while the builder takes build requests (subscribed to NATS, or consuming the JetStream queue)",
             builder_ready.clone(),
+        );
+        let fleet_builder_seen = Family::<Builder, Gauge>::default();
+        registry.register(
+            "hearth_fleet_builder_last_seen_timestamp_seconds",
+            "When each builder of the shared record last said it lives (unix seconds); a builder that stopped gracefully has no series",
+            fleet_builder_seen.clone(),
         );
         let builder_nats_connected = Gauge::default();
         registry.register(
@@ -356,6 +368,7 @@ impl Metrics {
             host_last_success,
             builder_nats_connected,
             builder_ready,
+            fleet_builder_seen,
             build_queue,
             build_in_progress,
             build_rejected,

@@ -231,6 +231,11 @@ async fn a_killed_builders_request_is_built_by_the_other_and_answered_once() {
     assert_eq!(finals[0]["status"], "completed");
     until_queue_empty(&nats).await;
     assert_eq!(started(alive), 1, "built twice after its final reply:\n{}", alive.log());
+    // One generation, numbered once.
+    let g1 = host_entry(&fleet_record(&nats).await, "g1").await;
+    let numbers: Vec<u64> =
+        g1["generations"].as_array().unwrap().iter().map(|g| g["number"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [1], "{g1:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -634,4 +639,46 @@ async fn an_older_commit_ending_later_never_becomes_the_hosts_state() {
             fleet["hosts"][0]["generations"].as_array().unwrap().last().unwrap()["commit"] == new.as_str()
         });
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_on_two_builders_cost_one_build_and_every_client_hears_it_end() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    let client = nats.deployer().await;
+    // Each page names both builders, alive, with the key each signs with.
+    for h in [&a, &b] {
+        wait_until("both builders are on the page", Duration::from_secs(30), || {
+            let fleet: Value = serde_json::from_slice(&h.get("/fleet.json").body).unwrap();
+            let alive = |name: &str| {
+                fleet["builders"].as_array().into_iter().flatten().any(|b| b["name"] == name && b["alive"] == true)
+            };
+            alive("builder-a") && alive("builder-b") && fleet["trusted_public_keys"].as_array().unwrap().len() == 1
+        });
+    }
+    let mut first = request(&client, "g1", "first").await;
+    wait_until("a builder takes the first request", Duration::from_secs(60), || started(&a) + started(&b) == 1);
+    let (running, other) = if started(&a) == 1 { (&a, &b) } else { (&b, &a) };
+    // The page shows what the running builder builds, on both hearths.
+    wait_until("the page shows the running build", Duration::from_secs(30), || {
+        let page = other.get("/").text();
+        page.contains("Builders") && page.contains("building g1 of fleet")
+    });
+    let mut second = request(&client, "g1", "second").await;
+    other.wait_for_log("joined the identical build another builder runs", 1);
+    repo.release();
+    let first = until_final(&mut first).await;
+    let second = until_final(&mut second).await;
+    for replies in [&first, &second] {
+        let last = replies.last().unwrap();
+        assert_eq!(last["status"], "completed", "{replies:?}");
+        assert_eq!(last["hosts"][0]["host"], "g1", "{replies:?}");
+    }
+    assert!(second.iter().any(|r| r["kind"] == "joined"), "{second:?}");
+    until_queue_empty(&nats).await;
+    // One build: one host recorded, by one builder.
+    let built = running.log().matches("host built").count() + other.log().matches("host built").count();
+    assert_eq!(built, 1, "built twice:\n{}\n{}", running.log(), other.log());
 }

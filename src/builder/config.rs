@@ -230,6 +230,9 @@ pub struct BuilderConfig {
     pub queue: QueueKind,
     /// This builder's name, as the shared record shows it.
     pub name: String,
+    /// The public keys of the cache's signing keys (`trusted-public-keys` form), which its
+    /// presence in the shared record names; set by the app, not the config section.
+    pub public_keys: Vec<String>,
     pub heartbeat: Duration,
     pub jetstream: JetStreamSection,
     pub repos: Vec<RepoConfig>,
@@ -285,6 +288,7 @@ impl BuilderConfig {
             eval_max_memory,
             queue: s.queue,
             name,
+            public_keys: Vec::new(),
             heartbeat: Duration::from_secs(s.heartbeat_seconds),
             jetstream: s.jetstream,
             repos,

@@ -9,6 +9,7 @@
 //! Architecture invariant: knows NATS and the `nix`/`git` commands, never HTTP. What it builds
 //! lands in the local store, which the cache reads directly, so it is served at once.
 
+pub mod claim;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod plan;
 mod queue;
 pub mod record;
 pub mod reply;
+mod sharing;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -61,6 +63,12 @@ pub struct Worker {
     queue: Arc<Queue>,
     recorder: Recorder,
     reporter: Reporter,
+    /// Claims of builds in the shared record (JetStream), once it is open.
+    claims: std::sync::OnceLock<claim::Claims>,
+    /// The running build's claim.
+    held: tokio::sync::Mutex<Option<claim::Held>>,
+    /// The builders whose presence the metrics show.
+    counted_builders: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Worker {
@@ -127,7 +135,19 @@ impl Worker {
             keep_generations: config.keep_generations,
             uploader,
         };
-        Ok(Self { config: Arc::new(config), client, metrics, fleet, exec, reporter, queue, recorder })
+        Ok(Self {
+            config: Arc::new(config),
+            client,
+            metrics,
+            fleet,
+            exec,
+            reporter,
+            queue,
+            recorder,
+            claims: std::sync::OnceLock::new(),
+            held: tokio::sync::Mutex::new(None),
+            counted_builders: Default::default(),
+        })
     }
 
     /// Takes requests until `stop`. Then the running build gets `grace` to finish before it is
@@ -194,6 +214,7 @@ impl Worker {
                 let _ = builds.await;
             }
         }
+        worker.withdraw().await;
         let _ = worker.client.flush().await;
     }
 
@@ -226,6 +247,7 @@ impl Worker {
         loop {
             match crate::fleet::open_shared(&self.client, &s.bucket, s.replicas).await {
                 Ok(b) => {
+                    let _ = self.claims.set(claim::Claims { kv: b.clone(), me: self.config.name.clone() });
                     self.fleet.share(b).await;
                     tracing::info!(bucket = %s.bucket, "the fleet record is shared in JetStream");
                     return true;
@@ -426,6 +448,9 @@ impl Worker {
             }
         };
         heading.commit = plan.commit.clone();
+        if let sharing::Claim::Joined = self.claim(job, plan.commit.as_deref()).await {
+            return;
+        }
         if job.acks.iter().any(|a| a.delivered > 1)
             && plan.deploy
             && let Some(summaries) = self.recorder.recorded(&job.repo.name, &plan)
@@ -743,6 +768,11 @@ impl Worker {
     /// the stream (another builder, or this one restarted, builds them) and their clients are
     /// told so instead of getting a final reply.
     async fn conclude(&self, reply: Reply, cancel: &CancellationToken) {
+        let given_back = reply.status == Status::Interrupted && !self.queue.running_acks().is_empty();
+        // A request given back keeps its claim: the builder it goes to next takes it over.
+        if !given_back {
+            self.release_claim().await;
+        }
         let acks = self.queue.running_acks();
         let subscribers = self.reporter.subscribers();
         if reply.status == Status::Interrupted && !acks.is_empty() {
@@ -775,15 +805,19 @@ impl Worker {
         let mut last_ack = Instant::now();
         let mut last_queue_note = Instant::now();
         let mut record_seen = self.fleet.version();
+        let mut presence = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
                 _ = ended.cancelled() => return,
             }
+            self.announce(&mut presence).await;
+            self.follow_joiners().await;
             // A record shared with other builders changes under us: the gauges follow it.
             if self.config.queue == QueueKind::JetStream && self.fleet.version() != record_seen {
                 record_seen = self.fleet.version();
                 seed_metrics(&self.config, &self.metrics, &self.fleet);
+                self.count_builders();
             }
             if self.config.queue == QueueKind::JetStream {
                 self.count_stream_waiting().await;

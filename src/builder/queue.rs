@@ -185,6 +185,21 @@ impl Queue {
         self.lock().waiting.iter().enumerate().map(|(i, j)| (i + 1, j.reply_to.clone())).collect()
     }
 
+    /// Adds reply subjects to the running job (requests another builder took that joined it);
+    /// returns those that were not there yet.
+    pub(super) fn add_running_subscribers(&self, subjects: Vec<String>) -> Vec<String> {
+        let mut s = self.lock();
+        let Some(running) = s.running.as_mut() else { return Vec::new() };
+        let new: Vec<String> = subjects.into_iter().filter(|t| !running.reply_to.contains(t)).collect();
+        running.reply_to.extend(new.iter().cloned());
+        new
+    }
+
+    /// The running job's commit, once resolved.
+    pub(super) fn running_commit(&self) -> Option<String> {
+        self.lock().running_commit.clone()
+    }
+
     pub(super) fn running_subscribers(&self) -> Vec<String> {
         self.lock().running.as_ref().map(|r| r.reply_to.clone()).unwrap_or_default()
     }
@@ -193,7 +208,6 @@ impl Queue {
         self.lock().waiting.len()
     }
 
-    /// Takes every waiting job (at shutdown).
     /// The running job and the waiting ones, for the fleet page.
     pub(super) fn snapshot(&self) -> (Option<Named>, Vec<Named>) {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,6 +215,7 @@ impl Queue {
         (state.running.as_ref().map(name), state.waiting.iter().map(name).collect())
     }
 
+    /// Takes every waiting job (at shutdown).
     pub(super) fn drain(&self) -> Vec<Job> {
         self.lock().waiting.drain(..).collect()
     }

@@ -15,7 +15,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Serialize;
 
 use super::AppState;
-use crate::fleet::{Activity, BucketCopy, HostRecord};
+use crate::fleet::{Activity, BucketCopy, HostRecord, Presence};
 use crate::nix::closure_diff::{Changes, human_bytes, show_versions as versions};
 
 /// What the page and `/fleet.json` show.
@@ -25,7 +25,22 @@ pub(crate) struct View {
     /// Whether this hearth runs a builder.
     builder: bool,
     activity: Activity,
+    /// Every builder of a shared record: who lives, what each runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    builders: Vec<BuilderView>,
+    /// The keys a client of the fleet trusts, as `trusted-public-keys` names them: this
+    /// cache's own and every builder's (what any hearth of the fleet serves is signed by one).
+    trusted_public_keys: Vec<String>,
     hosts: Vec<HostView>,
+}
+
+/// A builder as the page shows it.
+#[derive(Debug, Serialize)]
+struct BuilderView {
+    #[serde(flatten)]
+    presence: Presence,
+    /// It said it lives within the last [`crate::fleet::PRESENCE_STALE_SECONDS`].
+    alive: bool,
 }
 
 /// The cache's own facts.
@@ -59,6 +74,19 @@ impl HostView {
 fn view(state: &AppState) -> View {
     let hosts =
         state.fleet.snapshot().into_iter().map(|((repo, host), record)| HostView { repo, host, record }).collect();
+    let now = crate::utc::now();
+    let builders: Vec<BuilderView> = state
+        .fleet
+        .builders()
+        .into_values()
+        .map(|presence| BuilderView { alive: presence.is_alive(now), presence })
+        .collect();
+    let mut trusted: Vec<String> = state.keys.iter().map(|k| k.public_key().to_string()).collect();
+    for key in builders.iter().flat_map(|b| &b.presence.public_keys) {
+        if !trusted.contains(key) {
+            trusted.push(key.clone());
+        }
+    }
     View {
         cache: CacheView {
             store_dir: state.store.store_dir().to_owned(),
@@ -69,6 +97,8 @@ fn view(state: &AppState) -> View {
         },
         builder: state.fleet.has_builder(),
         activity: state.fleet.activity(),
+        builders,
+        trusted_public_keys: trusted,
         hosts,
     }
 }
@@ -115,7 +145,7 @@ async fn current(state: &AppState) -> Option<Rendered> {
             at: std::time::Instant::now(),
             html: Arc::new(html),
             json: Bytes::from(serde_json::to_vec(&view).unwrap_or_default()),
-            public_keys: Arc::new(view.cache.trusted_public_keys),
+            public_keys: Arc::new(view.trusted_public_keys),
         }
     })
     .await
@@ -328,12 +358,14 @@ fn summary_html(view: &View, failed: usize, now: i64) -> Markup {
         view.hosts.iter().filter(|h| h.record.last_build.as_ref().is_some_and(|b| b.status.is_success())).count();
     let building = view.hosts.iter().filter(|h| is_building(a, h)).count();
     html! {
-        @if !view.builder {
+        @if !view.builder && view.hosts.is_empty() && view.builders.is_empty() {
             p { "This cache runs no builder: it serves its store, and records no builds." }
+        } @else if !view.builder {
+            p { "This cache runs no builder; it shows the fleet's shared record." }
         } @else if view.hosts.is_empty() && a.running.is_none() {
             p { "No build is recorded yet." }
         }
-        @if view.builder && !view.hosts.is_empty() {
+        @if !view.hosts.is_empty() {
             p.summary {
                 b.ok { (built) " built" } " · " b class=(if failed == 0 { "ok" } else { "bad" }) { (failed) " failed" }
                 " · " (building) " building · " (a.queued.len()) " queued"
@@ -360,6 +392,32 @@ fn summary_html(view: &View, failed: usize, now: i64) -> Markup {
     }
 }
 
+/// Every builder of the shared record: alive or not heard from, what it runs, what it holds.
+fn builders_html(builders: &[BuilderView], now: i64) -> Markup {
+    html! {
+        @if !builders.is_empty() {
+            h2 { "Builders" }
+            ul {
+                @for b in builders {
+                    @let p = &b.presence;
+                    li {
+                        b { (p.name) } " "
+                        @if b.alive { span.ok { "alive" } } @else { span.bad { "not heard from" } }
+                        " · "
+                        @if let Some(r) = &p.running {
+                            span.run { "building " (r.target) " of " (r.repo) " (" code { (r.branch) } ")" }
+                            @if let Some(c) = &p.commit { " at " code { (c.chars().take(12).collect::<String>()) } }
+                            @if let Some(at) = p.since { ", started " (when(now, at)) }
+                        } @else { "idle" }
+                        @if p.queued > 0 { " · " (p.queued) " queued" }
+                        " · " span.muted { "last heard " (when(now, p.seen_at)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The whole page. Failing hosts come first, then every repo's other hosts; at most
 /// [`MAX_PAGE_HOSTS`] are shown, failing ones before any other, and the rest are counted.
 fn render(view: &View, now: i64) -> String {
@@ -380,6 +438,7 @@ fn render(view: &View, now: i64) -> String {
             body {
                 (cache_html(&view.cache))
                 (summary_html(view, failed.len(), now))
+                (builders_html(&view.builders, now))
                 @if !failed_shown.is_empty() {
                     h2.bad { "Failing" }
                     @for h in failed_shown { (host_html(h, now, is_building(&view.activity, h))) }
@@ -443,6 +502,8 @@ mod tests {
             },
             builder,
             activity: activity.clone(),
+            builders: Vec::new(),
+            trusted_public_keys: Vec::new(),
             hosts: hosts
                 .iter()
                 .map(|((repo, host), record)| HostView {
