@@ -11,80 +11,19 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::builder::BuilderToml;
 use common::flake::{make_repo, salt, system};
+use common::garage::Garage;
 use common::nats::Nats;
 use common::{Hearth, nix_cmd, run_ok, wait_until};
 use hearth::nix::narinfo::NarInfo;
 use serde_json::Value;
 use sha2::Digest;
-
-/// A running Garage cluster, stopped when dropped.
-struct Garage {
-    dir: tempfile::TempDir,
-    env: BTreeMap<String, String>,
-}
-
-impl Garage {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
-        let out = Command::new("bash").arg(&script).arg("start").arg(dir.path()).output().unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/garage start failed (scripts/test installs Garage):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = std::fs::read_to_string(dir.path().join("env"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-            .collect();
-        Garage { dir, env }
-    }
-
-    fn get(&self, key: &str) -> &str {
-        &self.env[key]
-    }
-
-    /// Writes an object through the S3 API, signed as a plain S3 client signs it.
-    fn put(&self, key: &str, bytes: &[u8]) {
-        let file = self.dir.path().join("upload");
-        std::fs::write(&file, bytes).unwrap();
-        let sum: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        let user = format!(
-            "{}:{}",
-            std::fs::read_to_string(self.get("GARAGE_ACCESS_KEY_ID_FILE")).unwrap().trim(),
-            std::fs::read_to_string(self.get("GARAGE_SECRET_ACCESS_KEY_FILE")).unwrap().trim()
-        );
-        let out = Command::new("curl")
-            .args(["-sf", "--aws-sigv4", &format!("aws:amz:{}:s3", self.get("GARAGE_REGION")), "--user", &user])
-            .args(["-H", &format!("x-amz-content-sha256: {sum}"), "-T"])
-            .arg(&file)
-            .arg(format!("{}/{}/{key}", self.get("GARAGE_S3"), self.get("GARAGE_BUCKET")))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "PUT {key}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// An object through the bucket's website endpoint (anonymous, as a Nix client reads it).
-    fn web(&self, key: &str) -> Option<Vec<u8>> {
-        let out = Command::new("curl").args(["-sf", &format!("{}/{key}", self.get("GARAGE_WEB"))]).output().unwrap();
-        out.status.success().then_some(out.stdout)
-    }
-}
-
-impl Drop for Garage {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage");
-        let _ = Command::new("bash").arg(script).arg("stop").arg(self.dir.path()).status();
-    }
-}
 
 /// A host whose system depends on two packages, one of them large enough for a multipart upload.
 fn repo(dir: &Path) -> PathBuf {

@@ -548,7 +548,7 @@ async fn what_waits_in_the_stream_is_counted_and_shown() {
 
 /// Invariant (docs/nixos.md, least privilege): a builder may make and use its own stream,
 /// consumer and record bucket, never delete or purge a stream; a deployer may neither read nor
-/// write the record.
+/// write the record; a `[fleet]` reader may read it, never write it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_has_only_the_jetstream_it_needs() {
     let nats = Nats::start_jetstream();
@@ -581,6 +581,14 @@ async fn each_role_has_only_the_jetstream_it_needs() {
     d.publish("$KV.hearth_fleet.fleet/probe", "forged".into()).await.unwrap();
     d.flush().await.unwrap();
     assert_eq!(kv.get("fleet/probe").await.unwrap().as_deref(), Some(&b"{}"[..]), "the deployer wrote the record");
+    // A `[fleet]` reader: reads and watches the record, never writes it or touches a stream.
+    let r = nats.client(&nats.reader_seed, async_nats::ConnectOptions::new()).await;
+    let reader_kv = async_nats::jetstream::new(r.clone()).get_key_value("hearth_fleet").await.unwrap();
+    assert_eq!(reader_kv.get("fleet/probe").await.unwrap().as_deref(), Some(&b"{}"[..]));
+    assert!(reader_kv.put("fleet/probe", "forged".into()).await.is_err(), "the reader wrote the record");
+    for subject in ["$JS.API.STREAM.DELETE.KV_hearth_fleet", "$JS.API.STREAM.PURGE.HEARTH_BUILDS"] {
+        assert!(!asked(r.clone(), subject).await, "the reader's {subject} was answered");
+    }
     kv.delete("fleet/probe").await.unwrap();
 }
 

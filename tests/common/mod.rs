@@ -5,6 +5,7 @@
 
 pub mod builder;
 pub mod flake;
+pub mod garage;
 pub mod nats;
 
 use std::io::{BufRead, BufReader, Write};
@@ -178,19 +179,22 @@ impl Hearth {
     }
 
     fn spawn(config: &Path, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
-        let log = dir.path().join("stderr.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        cmd.args(["serve", "--config"])
             .arg(config)
             .env("HEARTH_LOG", "info,hearth=debug")
             .env("NO_COLOR", "1")
             // Builds in tests never reach the network's substituters.
             .env("NIX_CONFIG", "substituters =\n")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hearth");
+            .envs(env.iter().copied());
+        Self::spawn_command(cmd, dir)
+    }
+
+    /// Runs `cmd` (a `hearth serve`, perhaps through a wrapper), reading its address from its
+    /// "hearth serving" line; its log is kept in `dir`.
+    pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Self {
+        let log = dir.path().join("stderr.log");
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn hearth");
         let stderr = child.stderr.take().expect("stderr");
         let mut reader = BufReader::new(stderr);
         let mut addr = None;

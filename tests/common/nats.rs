@@ -14,6 +14,9 @@ pub struct Nats {
     pub deployer_seed: PathBuf,
     /// A user that may only read replies: it may not publish build requests.
     pub watcher_seed: PathBuf,
+    /// A hearth with `[fleet]` and no builder: reads the fleet record (JetStream only).
+    pub reader_seed: PathBuf,
+    reader_pub: String,
     builder_pub: String,
     deployer_pub: String,
     watcher_pub: String,
@@ -87,6 +90,23 @@ pub const JETSTREAM_BUILDER_PUBLISH: [&str; 25] = [
 ];
 pub const JETSTREAM_BUILDER_SUBSCRIBE: [&str; 2] = ["build.>", "_INBOX.>"];
 
+/// What a hearth with `[fleet]` (no builder) may publish: reads and watches of the fleet record,
+/// and the build consumer's state; never a write. It subscribes to its inboxes only.
+pub const JETSTREAM_READER_PUBLISH: [&str; 11] = [
+    "$JS.API.INFO",
+    "$JS.API.STREAM.INFO.KV_hearth_fleet",
+    "$JS.API.STREAM.MSG.GET.KV_hearth_fleet",
+    "$JS.API.DIRECT.GET.KV_hearth_fleet",
+    "$JS.API.DIRECT.GET.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.CREATE.KV_hearth_fleet",
+    "$JS.API.CONSUMER.CREATE.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.DELETE.KV_hearth_fleet.>",
+    "$JS.API.CONSUMER.INFO.KV_hearth_fleet.>",
+    "$JS.FC.>",
+    "$JS.API.CONSUMER.INFO.HEARTH_BUILDS.hearth-builders",
+];
+pub const JETSTREAM_READER_SUBSCRIBE: [&str; 1] = ["_INBOX.>"];
+
 impl Nats {
     pub fn start() -> Self {
         Self::start_with("")
@@ -126,6 +146,9 @@ impl Nats {
         let builder = nkeys::KeyPair::new_user();
         let deployer = nkeys::KeyPair::new_user();
         let watcher = nkeys::KeyPair::new_user();
+        let reader = nkeys::KeyPair::new_user();
+        let reader_seed = dir.path().join("reader.seed");
+        std::fs::write(&reader_seed, reader.seed().expect("seed")).expect("write seed");
         let watcher_seed = dir.path().join("watcher.seed");
         std::fs::write(&watcher_seed, watcher.seed().expect("seed")).expect("write seed");
         let builder_seed = dir.path().join("builder.seed");
@@ -139,6 +162,8 @@ impl Nats {
             builder_seed,
             deployer_seed,
             watcher_seed,
+            reader_seed,
+            reader_pub: reader.public_key(),
             builder_pub: builder.public_key(),
             deployer_pub: deployer.public_key(),
             watcher_pub: watcher.public_key(),
@@ -170,6 +195,7 @@ impl Nats {
                 .filter(|p| self.acks || !p.starts_with("$JS.ACK."))
                 .collect();
             users.push(super::nats::users(&self.builder_pub, &publish, &JETSTREAM_BUILDER_SUBSCRIBE));
+            users.push(super::nats::users(&self.reader_pub, &JETSTREAM_READER_PUBLISH, &JETSTREAM_READER_SUBSCRIBE));
         } else if with_builder {
             users.push(user(&self.builder_pub, "build.responses.>", "build.>"));
         }
