@@ -63,6 +63,12 @@ let
         repos = map (r: { inherit (r) name url branch; }) cfg.builder.repos;
       };
     }
+    // lib.optionalAttrs cfg.fleet.enable {
+      fleet = {
+        nats_url = cfg.fleet.natsUrl;
+        nkey_seed_file = "${credDir}/fleet-nkey";
+      };
+    }
     // lib.optionalAttrs cfg.bucket.enable {
       bucket = {
         inherit (cfg.bucket) url;
@@ -84,6 +90,7 @@ let
     map (c: "${c.name}:${c.path}") signKeyCreds
     ++ lib.optional cfg.builder.enable "builder-nkey:${cfg.builder.nkeySeedFile}"
     ++ lib.optional (cfg.builder.enable && cfg.builder.sshKeyFile != null) "builder-ssh-key:${cfg.builder.sshKeyFile}"
+    ++ lib.optional cfg.fleet.enable "fleet-nkey:${cfg.fleet.nkeySeedFile}"
     ++ lib.optionals cfg.bucket.enable [
       "s3-access-key-id:${cfg.bucket.accessKeyIdFile}"
       "s3-secret-access-key:${cfg.bucket.secretAccessKeyFile}"
@@ -337,6 +344,24 @@ in
           default = "1d";
           description = "Objects written within this long are kept whatever they are (uploads in progress).";
         };
+        oncePer = lib.mkOption {
+          type = lib.types.nullOr (lib.types.strMatching "[0-9]+[smhd]");
+          default = "1d";
+          description = "Collect only if no collection of the bucket ended within this long and none runs (`--once-per`): the timer may run on every builder, and the fleet's bucket is collected once a period. `null`: every run collects.";
+        };
+      };
+    };
+
+    fleet = {
+      enable = lib.mkEnableOption "the fleet's shared record (JetStream) on the page of a hearth without a builder, such as a read-through cache (`[fleet]`)";
+      natsUrl = lib.mkOption {
+        type = lib.types.str;
+        example = "nats://nats.home.2rjus.net:4222";
+        description = "NATS server with the builders' JetStream record.";
+      };
+      nkeySeedFile = lib.mkOption {
+        type = secretPath;
+        description = "A reader's NKey seed: it may read the record and the build consumer's state, never write (docs/fleet.md lists its permissions).";
       };
     };
 
@@ -348,9 +373,9 @@ in
         description = "Repo names to build with `hearth build <repo> all`.";
       };
       interval = lib.mkOption {
-        type = lib.types.str;
+        type = lib.types.strMatching "[0-9]+[smhd]";
         default = "2h";
-        description = "How often (systemd `OnUnitActiveSec`).";
+        description = "How often (systemd `OnUnitActiveSec`), and the `--once-per` of each build: a commit built within it (by any builder's scheduler) is answered from the record, so a scheduler on every builder builds once a period for the fleet.";
       };
       randomizedDelay = lib.mkOption {
         type = lib.types.str;
@@ -391,6 +416,10 @@ in
         {
           assertion = cfg.bucket.publicUrl == null || cfg.bucket.readThrough;
           message = "services.hearth.bucket.publicUrl only means something with services.hearth.bucket.readThrough = true.";
+        }
+        {
+          assertion = !(cfg.fleet.enable && cfg.builder.enable);
+          message = "services.hearth.fleet is for a hearth without a builder: a builder (queue = \"jetstream\") shows the shared record itself.";
         }
         {
           assertion = !cfg.builder.enable || cfg.builder.repos != [ ];
@@ -477,7 +506,7 @@ in
           LoadCredential = credentials;
           ExecStart = "${cfg.package}/bin/hearth bucket gc --config ${
             configFileFor "hearth-bucket-gc.toml" (settingsFor "/run/credentials/hearth-bucket-gc.service")
-          } --grace ${cfg.bucket.gc.grace}";
+          } --grace ${cfg.bucket.gc.grace}${lib.optionalString (cfg.bucket.gc.oncePer != null) " --once-per ${cfg.bucket.gc.oncePer}"}";
           ProtectSystem = "strict";
           StateDirectory = "hearth";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
@@ -511,7 +540,7 @@ in
         script = ''
           status=0
           for repo in ${lib.escapeShellArgs cfg.scheduler.repos}; do
-            ${cfg.package}/bin/hearth build "$repo" all \
+            ${cfg.package}/bin/hearth build "$repo" all --once-per ${cfg.scheduler.interval} \
               --nats-url ${lib.escapeShellArg cfg.scheduler.natsUrl} \
               --nkey-seed-file "$CREDENTIALS_DIRECTORY/nkey" || status=$?
           done

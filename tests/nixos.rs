@@ -201,7 +201,9 @@ const PACKAGE: &str = r#"package = { type = "derivation"; name = "hearth"; outPa
 fn check_rendered_toml(toml: &str) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(common::nix_wire().join("keys/test.sec"), dir.path().join("sign-key-0")).unwrap();
-    std::fs::write(dir.path().join("builder-nkey"), nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    for name in ["builder-nkey", "fleet-nkey"] {
+        std::fs::write(dir.path().join(name), nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    }
     for (name, value) in [("s3-access-key-id", "GK0123456789abcdef01234567"), ("s3-secret-access-key", "s3cr3t")] {
         std::fs::write(dir.path().join(name), value).unwrap();
         std::fs::set_permissions(dir.path().join(name), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -397,7 +399,11 @@ fn the_bucket_gets_its_credentials_and_a_gc_timer_with_its_own() {
     }
     let exec = gc.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     let args: Vec<&str> = exec.split(' ').collect();
-    assert_eq!((args[1], args[2], args[3], &args[5..]), ("bucket", "gc", "--config", &["--grace", "2d"][..]), "{exec}");
+    assert_eq!(
+        (args[1], args[2], args[3], &args[5..]),
+        ("bucket", "gc", "--config", &["--grace", "2d", "--once-per", "1d"][..]),
+        "{exec}"
+    );
     let gc_toml = std::fs::read_to_string(args[4]).unwrap();
     assert!(gc_toml.contains("/run/credentials/hearth-bucket-gc.service/s3-secret-access-key"), "{gc_toml}");
     assert!(!gc_toml.contains("/run/credentials/hearth.service/"), "{gc_toml}");
@@ -533,4 +539,26 @@ fn metrics_can_listen_apart_and_git_ssh_repos_get_a_deploy_key() {
     ))
     .unwrap_err();
     assert!(err.contains("sshKeyFile") || err.contains("outside the store"), "{err}");
+}
+
+#[test]
+fn a_read_through_cache_shows_the_fleet_with_a_reader_key_and_never_beside_a_builder() {
+    let fleet =
+        r#"fleet = { enable = true; natsUrl = "nats://nats:4222"; nkeySeedFile = "/run/secrets/reader.nkey"; };"#;
+    let v = eval_module(&format!(r#"{{ services.hearth = {{ enable = true; {PACKAGE} {fleet} }}; }}"#)).unwrap();
+    assert_eq!(v["failedAssertions"], serde_json::json!([]));
+    let unit = service(&v, "hearth");
+    assert!(unit.contains("LoadCredential=fleet-nkey:/run/secrets/reader.nkey\n"), "{unit}");
+    let toml = v["toml"].as_str().unwrap();
+    assert!(
+        toml.contains("[fleet]") && toml.contains("nkey_seed_file = \"/run/credentials/hearth.service/fleet-nkey\""),
+        "{toml}"
+    );
+    check_rendered_toml(toml);
+    let v = eval_module(&format!(r#"{{ services.hearth = {{ enable = true; {PACKAGE} {fleet} {FULL_BUILDER} }}; }}"#))
+        .unwrap();
+    assert!(
+        v["failedAssertions"].to_string().contains("services.hearth.fleet is for a hearth without a builder"),
+        "{v}"
+    );
 }

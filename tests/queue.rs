@@ -229,6 +229,13 @@ async fn a_killed_builders_request_is_built_by_the_other_and_answered_once() {
         .collect();
     assert_eq!(finals.len(), 1, "{stdout}");
     assert_eq!(finals[0]["status"], "completed");
+    // The client heard which builder took it over, and on which delivery.
+    let took_over = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["message"].as_str().is_some_and(|m| m.contains("took over")))
+        .unwrap_or_else(|| panic!("no take-over said: {stdout}"));
+    assert!(took_over["message"].as_str().unwrap().contains("(delivery 2"), "{took_over}");
     until_queue_empty(&nats).await;
     assert_eq!(started(alive), 1, "built twice after its final reply:\n{}", alive.log());
     // One generation, numbered once.
@@ -543,7 +550,38 @@ async fn what_waits_in_the_stream_is_counted_and_shown() {
     let fleet: Value = serde_json::from_slice(&h.get("/fleet.json").body).unwrap();
     assert!(fleet["activity"]["waiting_in_stream"].as_u64() >= Some(2), "{}", fleet["activity"]);
     assert!(h.get("/").text().contains("waiting in the JetStream queue"));
+    // The real client, third in the stream, hears its place (and it moves up) until it is taken,
+    // then which builder took it.
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["build", "fleet", "g1", "--branch", "master", "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
+        .arg(nats.seed_path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(cli.stdout.take().unwrap()));
+    let mut stdout = String::new();
+    // Its place is said while it waits; the gate opens only then.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        stdout.push_str(&line);
+        stdout.push('\n');
+        if line.contains("\"kind\":\"queued\"") {
+            break;
+        }
+    }
     repo.release();
+    for line in lines {
+        stdout.push_str(&line.unwrap());
+        stdout.push('\n');
+    }
+    assert!(cli.wait().unwrap().success(), "{stdout}");
+    let replies: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let places: Vec<u64> =
+        replies.iter().filter(|r| r["kind"] == "queued").filter_map(|r| r["queue_position"].as_u64()).collect();
+    assert!(places.first().is_some_and(|p| *p >= 2), "{stdout}");
+    let started = replies.iter().find(|r| r["status"] == "started").unwrap();
+    assert_eq!(started["builder"], "builder-a", "{stdout}");
+    assert!(started["message"].as_str().unwrap().contains("on builder builder-a"), "{stdout}");
 }
 
 /// Invariant (docs/nixos.md, least privilege): a builder may make and use its own stream,
@@ -689,4 +727,49 @@ async fn identical_requests_on_two_builders_cost_one_build_and_every_client_hear
     // One build: one host recorded, by one builder.
     let built = running.log().matches("host built").count() + other.log().matches("host built").count();
     assert_eq!(built, 1, "built twice:\n{}\n{}", running.log(), other.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_on_every_builder_builds_a_commit_once_per_period() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1", "g2"]);
+    repo.release();
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    // Each builder's timer, one after the other, as `hearth build <repo> all --once-per 2h`.
+    let scheduled = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args([
+                "build",
+                "fleet",
+                "all",
+                "--once-per",
+                "2h",
+                "--json",
+                "--nats-url",
+                &nats.url(),
+                "--nkey-seed-file",
+            ])
+            .arg(nats.seed_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<Value>(stdout.lines().last().unwrap()).unwrap()
+    };
+    let first = scheduled();
+    assert_eq!(first["status"], "completed", "{first}");
+    let second = scheduled();
+    assert_eq!(second["status"], "completed", "{second}");
+    assert!(second["message"].as_str().unwrap().contains("built within the last 7200s"), "{second}");
+    assert_eq!(second["hosts"].as_array().unwrap().len(), 2, "{second}");
+    let built = a.log().matches("host built").count() + b.log().matches("host built").count();
+    assert_eq!(built, 2, "each host once:\n{}\n{}", a.log(), b.log());
+    // A new commit is built whatever the period.
+    common::flake::git(
+        &repo.dir.path().join("fleet"),
+        &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "new"],
+    );
+    let third = scheduled();
+    assert!(!third["message"].as_str().unwrap().contains("from the record"), "{third}");
 }

@@ -17,6 +17,10 @@ pub struct GcArgs {
     /// `1d`, `6h`, `0s`.
     #[arg(long, default_value = "1d", value_parser = crate::builder::client::parse_duration)]
     pub grace: std::time::Duration,
+    /// Collect only if no collection of this bucket ended within this long, and none runs now,
+    /// e.g. `1d`: every builder's timer may run it, and the fleet's bucket is collected once.
+    #[arg(long, value_parser = crate::builder::client::parse_duration)]
+    pub once_per: Option<std::time::Duration>,
 }
 
 /// Every kept generation's system in the fleet record: the local file, or the shared bucket
@@ -58,6 +62,12 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     let bucket = Bucket::open(b)?;
     // A collection that deletes holds the lease from before it reads the record to its end, so
     // that no push adopts what it is about to delete (ARCHITECTURE.md, the gc invariant).
+    if let Some(period) = args.once_per.filter(|_| !args.dry_run)
+        && let Some(why) = done_this_period(&bucket, period).await?
+    {
+        println!("nothing to do: {why}");
+        return Ok(());
+    }
     if !args.dry_run {
         // A record that cannot be read whole stops it before it touches the bucket at all.
         kept_systems(&config).await?;
@@ -78,6 +88,12 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if !args.dry_run {
+        let done = serde_json::json!({ "finished_at": crate::utc::now() }).to_string();
+        if let Err(e) = bucket.put(super::GC_DONE, done.into()).await {
+            tracing::warn!(err = %e, "cannot note the collection's end; the next `--once-per` run collects again");
+        }
+    }
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     if args.dry_run {
         for key in &r.deleted {
@@ -94,6 +110,24 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
         r.recent
     );
     Ok(())
+}
+
+/// Why this period's collection needs no other: one runs now (another builder's timer), or one
+/// ended within `period`.
+async fn done_this_period(bucket: &Bucket, period: std::time::Duration) -> anyhow::Result<Option<String>> {
+    let now = crate::utc::now();
+    if let Some(started) = super::gc_lease(bucket, now).await? {
+        return Ok(Some(format!(
+            "another `hearth bucket gc` has been collecting since {}",
+            crate::utc::minute(started)
+        )));
+    }
+    let Some(bytes) = bucket.get(super::GC_DONE).await? else { return Ok(None) };
+    let finished = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["finished_at"].as_i64());
+    let within = i64::try_from(period.as_secs()).unwrap_or(i64::MAX);
+    Ok(finished.filter(|at| now - at < within).map(|at| {
+        format!("the bucket was collected at {} ({}s ago), within --once-per", crate::utc::minute(at), now - at)
+    }))
 }
 
 /// Takes the bucket's gc lease: refused while another gc holds one in force.

@@ -44,6 +44,9 @@ pub const MAX_NARINFO: usize = 512 << 10;
 /// The object a running `hearth bucket gc` holds: `{"started_at": <unix seconds>}`. While it is
 /// there (and younger than [`GC_LEASE_TTL`]) pushes adopt nothing: they wait for gc to end.
 pub const GC_LEASE: &str = "gc-lease";
+/// The object a finished `hearth bucket gc` writes: `{"finished_at": <unix seconds>}`, so that
+/// `--once-per` collects once per period however many builders' timers run it.
+pub const GC_DONE: &str = "gc-done";
 /// How long a gc lease holds at most (a gc that died leaves one behind).
 pub const GC_LEASE_TTL: i64 = 6 * 3600;
 

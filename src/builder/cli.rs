@@ -33,6 +33,11 @@ pub struct BuildArgs {
     /// Print every reply as a JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Build only if the commit was not built within this long (every host, by any builder),
+    /// e.g. `2h`; else answer from the record. For a scheduler on every builder: the fleet
+    /// builds once per period.
+    #[arg(long, value_parser = parse_duration)]
+    pub once_per: Option<Duration>,
 }
 
 pub async fn run(args: BuildArgs) -> ExitCode {
@@ -55,7 +60,7 @@ async fn follow(args: BuildArgs) -> Result<u8, (u8, String)> {
         &args.target,
         args.branch.as_deref(),
         args.rev.as_deref(),
-        args.timeout,
+        (args.timeout, args.once_per),
         |r, raw| display.show(r, raw),
     );
     tokio::select! {
@@ -158,6 +163,17 @@ fn fit(text: &str, width: usize) -> String {
     out
 }
 
+/// `text` wrapped at word boundaries to `width` columns, `first` before its first line and
+/// `rest` before the others; words are never split.
+fn wrap(text: &str, first: &str, rest: &str, width: usize) -> Vec<String> {
+    let options = textwrap::Options::new(width.max(20))
+        .initial_indent(first)
+        .subsequent_indent(rest)
+        .break_words(false)
+        .word_splitter(textwrap::WordSplitter::NoHyphenation);
+    textwrap::wrap(text, options).into_iter().map(|l| l.into_owned()).collect()
+}
+
 /// How a reply reads in one line, without its log lines: `[host] message`, or the message.
 pub fn headline(reply: &Reply) -> String {
     let message = reply.message.as_deref().unwrap_or("");
@@ -223,45 +239,54 @@ impl Display {
             return;
         }
         self.clear(&mut out);
-        let _ = writeln!(out, "{}", headline(reply));
-        if let Some(hosts) = &reply.hosts {
-            for h in hosts {
-                let mark = match h.status {
-                    HostStatus::Success => "ok  ",
-                    HostStatus::Unchanged => "same",
-                    HostStatus::Failure => "FAIL",
-                    HostStatus::Interrupted => "cut ",
-                };
-                let _ = writeln!(
-                    out,
-                    "  {mark} {} ({:.0}s) {}",
-                    h.host,
-                    h.duration_seconds,
-                    h.out_path.as_deref().unwrap_or("")
-                );
-                if let Some(u) = &h.uploaded {
-                    let failed =
-                        if u.failed > 0 { format!(", {} not queued (queue full)", u.failed) } else { String::new() };
-                    let _ = writeln!(
-                        out,
-                        "       bucket: {} of {} paths there, {} queued for upload{failed}",
-                        u.present, u.total, u.queued
-                    );
-                }
-                if let Some(err) = &h.error {
-                    for line in err.lines() {
-                        let _ = writeln!(out, "       {line}");
-                    }
-                }
-                if let Some(c) = &h.changes {
-                    let _ = writeln!(out, "       {}: {}", h.host, c.headline());
-                    for line in c.lines() {
-                        let _ = writeln!(out, "         {}", self.colour(&line));
-                    }
-                }
+        for line in self.wrapped(&headline(reply), "", "  ") {
+            let _ = writeln!(out, "{line}");
+        }
+        for h in reply.hosts.iter().flatten() {
+            for line in self.host_lines(h) {
+                let _ = writeln!(out, "{line}");
             }
         }
         let _ = out.flush();
+    }
+
+    /// A host's part of a final reply: its result, bucket, error and changes.
+    fn host_lines(&self, h: &super::job::HostSummary) -> Vec<String> {
+        let mark = match h.status {
+            HostStatus::Success => "ok  ",
+            HostStatus::Unchanged => "same",
+            HostStatus::Failure => "FAIL",
+            HostStatus::Interrupted => "cut ",
+        };
+        let out_path = h.out_path.as_deref().unwrap_or("");
+        let mut lines =
+            self.wrapped(&format!("{mark} {} ({:.0}s) {out_path}", h.host, h.duration_seconds), "  ", "       ");
+        if let Some(u) = &h.uploaded {
+            let failed = if u.failed > 0 { format!(", {} not queued (queue full)", u.failed) } else { String::new() };
+            let text =
+                format!("bucket: {} of {} paths there, {} queued for upload{failed}", u.present, u.total, u.queued);
+            lines.extend(self.wrapped(&text, "       ", "         "));
+        }
+        for line in h.error.iter().flat_map(|e| e.lines()) {
+            lines.extend(self.wrapped(line, "       ", "         "));
+        }
+        if let Some(c) = &h.changes {
+            lines.extend(self.wrapped(&format!("{}: {}", h.host, c.headline()), "       ", "         "));
+            for line in c.lines() {
+                lines.extend(self.wrapped(&line, "         ", "           ").into_iter().map(|l| self.colour(&l)));
+            }
+        }
+        lines
+    }
+
+    /// `text` after `first` (its first line's indent), on a terminal wrapped at word
+    /// boundaries to its width with `rest` before each further line (a word longer than a line,
+    /// a store path, stays whole on a line of its own); elsewhere one line.
+    fn wrapped(&self, text: &str, first: &str, rest: &str) -> Vec<String> {
+        if !self.tty {
+            return vec![format!("{first}{text}")];
+        }
+        wrap(text, first, rest, terminal_width().saturating_sub(1))
     }
 
     /// Removes the status block (or line) from the screen, the cursor at its first line.
@@ -282,7 +307,9 @@ impl Display {
     /// summary and the newest log line); otherwise a line each time a host's phase changes.
     fn show_progress(&mut self, out: &mut impl Write, reply: &Reply, progress: &[HostProgress]) {
         if !self.tty {
-            for p in progress {
+            // A host's end is its own `host_done` line: printed once, not here too.
+            let ended = |p: &HostProgress| matches!(p.phase, Phase::Done | Phase::Unchanged | Phase::Failed);
+            for p in progress.iter().filter(|p| !ended(p)) {
                 if self.phases.get(&p.host) != Some(&p.phase) {
                     self.phases.insert(p.host.clone(), p.phase);
                     let _ = writeln!(out, "[{}] {}", p.host, progress_line(p));
@@ -366,6 +393,18 @@ mod tests {
         assert_eq!(hosts.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(), ["web1", "db1"]);
         assert_eq!(hidden, 3);
         assert_eq!(shown(&all, 10).1, 0);
+    }
+
+    #[test]
+    fn final_lines_wrap_at_word_boundaries_and_keep_store_paths_whole() {
+        let path = "/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-nixos-system-web1-25.05.20250101.abcdef0";
+        let lines = wrap(&format!("ok   web1 (12s) {path}"), "  ", "       ", 80);
+        assert_eq!(lines, ["  ok   web1 (12s)".to_owned(), format!("       {path}")]);
+        let text =
+            "error: builder for '/nix/store/x.drv' failed with exit code 1; the last lines of its log follow here";
+        let lines = wrap(text, "", "  ", 40);
+        assert!(lines.iter().all(|l| l.chars().count() <= 40), "{lines:?}");
+        assert_eq!(lines.join(" ").split_whitespace().collect::<Vec<_>>(), text.split_whitespace().collect::<Vec<_>>());
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub async fn request_build(
     target: &str,
     branch: Option<&str>,
     rev: Option<&str>,
-    timeout: Duration,
+    (timeout, once_per): (Duration, Option<Duration>),
     on_reply: impl FnMut(&Reply, &[u8]),
 ) -> Result<Reply, (u8, String)> {
     validate(repo, target, branch)?;
@@ -161,6 +161,7 @@ pub async fn request_build(
         rev: rev.map(str::to_owned),
         check: false,
         reply_to: None,
+        once_per_seconds: once_per.map(|d| d.as_secs()),
     };
     exchange(client, request, timeout, on_reply).await
 }
@@ -176,6 +177,7 @@ pub async fn check_repo(client: &Deployer, repo: &str) -> Result<Reply, (u8, Str
         rev: None,
         check: true,
         reply_to: None,
+        once_per_seconds: None,
     };
     exchange(client, request, Duration::from_secs(30), |_, _| {}).await
 }
@@ -191,6 +193,9 @@ async fn exchange(
     let reply_to = format!("{}{id}", job::RESPONSE_PREFIX);
     let client = &deployer.client;
     let mut sub = client.subscribe(reply_to.clone()).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
+    // Where the JetStream queue stands (nothing comes here from a core-mode builder).
+    let mut queue =
+        client.subscribe(job::QUEUE_SUBJECT).await.map_err(|e| (EXIT_NO_RESULT, format!("subscribe: {e}")))?;
     request.reply_to = Some(reply_to.clone());
     deployer.publish(&request, &id, reply_to).await?;
     let mut errors = deployer.errors.clone();
@@ -201,6 +206,13 @@ async fn exchange(
             Ok(()) = errors.changed() => {
                 let error = errors.borrow_and_update().clone().unwrap_or_default();
                 follow.server_error(&error)?;
+                continue;
+            }
+            Some(state) = queue.next() => {
+                if let Some(note) = follow.queue_state(&state.payload) {
+                    let raw = serde_json::to_vec(&note).unwrap_or_default();
+                    on_reply(&note, &raw);
+                }
                 continue;
             }
         };
@@ -234,7 +246,15 @@ struct Following<'a> {
     /// Where JetStream keeps the request: it outlives any builder.
     durable: Option<(String, u64)>,
     said_waiting: bool,
+    /// The builder that took the request (from its replies), once one did.
+    taken_by: Option<String>,
+    /// The place in the JetStream queue last said.
+    place: Option<u64>,
 }
+
+/// How long a builder that took a request may say nothing (it sends a heartbeat every 20 s)
+/// before the client says it may have stopped.
+const STALL: Duration = Duration::from_secs(45);
 
 impl<'a> Following<'a> {
     fn new(request: &'a BuildRequest, silence: Duration, timeout: Duration) -> Self {
@@ -247,12 +267,40 @@ impl<'a> Following<'a> {
             heard: now,
             durable: None,
             said_waiting: false,
+            taken_by: None,
+            place: None,
         }
     }
 
     /// When the builder's silence (or the deadline) ends the wait for the next reply.
     fn quiet_until(&self) -> tokio::time::Instant {
-        (self.heard + self.silence).min(self.deadline)
+        // A durable request a builder took: its stopping is said sooner (another builder takes
+        // the request over once its ack wait ends).
+        let quiet = match (&self.durable, &self.taken_by) {
+            (Some(_), Some(_)) => self.silence.min(STALL),
+            _ => self.silence,
+        };
+        (self.heard + quiet).min(self.deadline)
+    }
+
+    /// A builder's word on the JetStream queue: this request's place in it, while no builder
+    /// has taken it, when the place changed.
+    fn queue_state(&mut self, payload: &[u8]) -> Option<Reply> {
+        let state = serde_json::from_slice::<job::QueueState>(payload).ok()?;
+        let (stream, seq) = self.durable.as_ref()?;
+        if self.taken_by.is_some() || *stream != state.stream || *seq <= state.taken_seq {
+            return None;
+        }
+        let place = (seq - state.taken_seq).min(state.waiting.max(1));
+        if self.place.replace(place) == Some(place) {
+            return None;
+        }
+        let mut note = Reply::progress(Kind::Queued, &self.request.repo, &self.request.target).message(format!(
+            "waiting in the JetStream queue {stream}: position {place} of {} (every builder is busy)",
+            state.waiting
+        ));
+        note.queue_position = usize::try_from(place).ok();
+        Some(note)
     }
 
     /// An error the server reported: a permissions violation ends the request.
@@ -287,14 +335,20 @@ impl<'a> Following<'a> {
             ));
         };
         // Not lost: the stream keeps it until a builder has answered it.
+        let quiet = (tokio::time::Instant::now() - self.heard).as_secs();
         self.heard = tokio::time::Instant::now();
         if std::mem::replace(&mut self.said_waiting, true) {
             return Ok(None);
         }
-        let note = Reply::progress(Kind::Waiting, &self.request.repo, &self.request.target).message(format!(
-            "no reply for {secs}s: the request waits in JetStream stream {stream} (#{seq}); a free builder takes it, or it is delivered again if its builder stopped"
-        ));
-        Ok(Some(note))
+        let message = match &self.taken_by {
+            Some(builder) => format!(
+                "builder {builder} has said nothing for {quiet}s: it may have stopped; the request stays in JetStream stream {stream} (#{seq}) and goes to another builder once its ack wait ends"
+            ),
+            None => format!(
+                "no reply for {secs}s: the request waits in JetStream stream {stream} (#{seq}); a free builder takes it"
+            ),
+        };
+        Ok(Some(Reply::progress(Kind::Waiting, &self.request.repo, &self.request.target).message(message)))
     }
 
     /// A message on the reply subject: a build reply, JetStream's answer to the publish (kept,
@@ -324,6 +378,9 @@ impl<'a> Following<'a> {
             return Ok(None);
         };
         self.said_waiting = false;
+        if let Some(builder) = &reply.builder {
+            self.taken_by = Some(builder.clone());
+        }
         Ok(Some(reply))
     }
 }

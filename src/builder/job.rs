@@ -10,6 +10,21 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Subjects replies may go to: the builder's NATS user may publish only there.
 pub const RESPONSE_PREFIX: &str = "build.responses.";
 
+/// Where builders of a JetStream queue say, every few seconds while requests wait, how many
+/// wait and how far the builders have taken them (a [`QueueState`]): a waiting client works out
+/// its place from its request's sequence. No reply subject is ever this one (theirs are random).
+pub const QUEUE_SUBJECT: &str = "build.responses.queue";
+
+/// What waits in the JetStream queue, as a builder sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub stream: String,
+    /// Requests no builder has taken yet.
+    pub waiting: u64,
+    /// The stream sequence of the newest request a builder took.
+    pub taken_seq: u64,
+}
+
 /// A build request as published on `build.<repo>.<target>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRequest {
@@ -27,6 +42,11 @@ pub struct BuildRequest {
     pub check: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// Build only if the commit the branch resolves to was not built within this many seconds
+    /// (every host of the target, by any builder): else the result is answered from the
+    /// record. A scheduler on every builder then builds once per period for the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub once_per_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +238,9 @@ pub struct Reply {
     /// The newest build log lines (`name> line`), on `log` replies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log: Vec<String>,
+    /// The builder that sent it (its `[builder] name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
 }
 
 impl Reply {
@@ -240,6 +263,7 @@ impl Reply {
             repo_url: None,
             progress: None,
             log: Vec::new(),
+            builder: None,
         }
     }
 

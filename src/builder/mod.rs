@@ -123,7 +123,7 @@ impl Worker {
             version: Default::default(),
         };
         let queue = Arc::new(Queue::new(config.queue_size));
-        let reporter = Reporter::new(client.clone(), queue.clone());
+        let reporter = Reporter::new(client.clone(), queue.clone(), config.name.clone());
         let generations = generations::Generations::new(&config.gcroots_dir, config.keep_generations);
         let recorder = Recorder {
             store,
@@ -293,6 +293,7 @@ impl Worker {
             target: req.target.clone(),
             branch: req.branch.clone().unwrap_or_else(|| repo.branch.clone()),
             rev: req.rev.clone(),
+            once_per: req.once_per_seconds,
             reply_to: reply_to.iter().cloned().collect(),
             acks: msg.ack.iter().cloned().collect(),
         };
@@ -417,11 +418,19 @@ impl Worker {
         let js = async_nats::jetstream::new(self.client.clone());
         let consumer =
             js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(&s.consumer, &s.stream);
-        let waiting = match consumer.await {
-            Ok(mut c) => c.info().await.ok().map(|i| i.num_pending),
+        let info = match consumer.await {
+            Ok(mut c) => c.info().await.ok().map(|i| (i.num_pending, i.delivered.stream_sequence)),
             Err(_) => None,
         };
-        let Some(waiting) = waiting else { return };
+        let Some((waiting, taken_seq)) = info else { return };
+        if waiting > 0 {
+            // Waiting clients work out their place from it.
+            let state = job::QueueState { stream: s.stream.clone(), waiting, taken_seq };
+            let payload = bytes::Bytes::from(serde_json::to_vec(&state).unwrap_or_default());
+            if let Err(e) = self.client.publish(job::QUEUE_SUBJECT, payload).await {
+                tracing::debug!(err = %e, "cannot say what waits in the queue");
+            }
+        }
         self.metrics.build_queue.set(self.queue.waiting() as i64 + i64::try_from(waiting).unwrap_or(i64::MAX));
         let mut activity = self.fleet.activity();
         activity.waiting_in_stream = Some(waiting);
@@ -438,7 +447,15 @@ impl Worker {
             commit: None,
         };
         tracing::info!(repo = %job.repo.name, target = %job.target, branch = %job.branch, rev = job.rev.as_deref().unwrap_or("(head)"), "build started");
-        let what = format!("building {} of {} at {}", job.target, job.repo.name, job.branch);
+        let (name, delivery) = (&self.config.name, job.acks.iter().map(|a| a.delivered).max().unwrap_or(1));
+        let what = if delivery > 1 {
+            format!(
+                "builder {name} took over building {} of {} at {} (delivery {delivery}: the builder before it stopped answering)",
+                job.target, job.repo.name, job.branch
+            )
+        } else {
+            format!("building {} of {} at {} on builder {name}", job.target, job.repo.name, job.branch)
+        };
         self.reporter.running(&heading.reply(Status::Started).message(what)).await;
         let plan = match plan::plan(&self.exec, job, cancel, |c| self.queue.set_running_commit(c)).await {
             Ok(plan) => plan,
@@ -462,6 +479,18 @@ impl Worker {
             let mut r = heading
                 .reply(status)
                 .message(format!("{message} (from the record: the request was delivered again after its build ended)"));
+            r.hosts = Some(summaries);
+            return self.conclude(r, cancel).await;
+        }
+        if let Some(within) = job.once_per.filter(|_| plan.deploy)
+            && let Some(summaries) = self.recorder.recorded_within(&job.repo.name, &plan, within)
+        {
+            let commit = plan.commit.as_deref().unwrap_or("-");
+            tracing::info!(repo = %job.repo.name, target = %job.target, %commit, within, "built within the period already: answered from the record");
+            let (status, message) = reply::final_reply(&summaries, false);
+            let mut r = heading.reply(status).message(format!(
+                "{message} (from the record: this commit was built within the last {within}s, so not again)"
+            ));
             r.hosts = Some(summaries);
             return self.conclude(r, cancel).await;
         }

@@ -22,6 +22,8 @@ pub(super) struct Job {
     pub branch: String,
     /// The commit asked for, if any.
     pub rev: Option<String>,
+    /// Build only if the commit was not built within this many seconds.
+    pub once_per: Option<u64>,
     pub reply_to: Vec<String>,
     /// The durable requests it answers (JetStream), acknowledged after its final reply.
     pub acks: Vec<Ack>,
@@ -243,6 +245,7 @@ mod tests {
             target: target.into(),
             branch: "master".into(),
             rev: None,
+            once_per: None,
             reply_to: vec![reply.into()],
             acks: Vec::new(),
         }

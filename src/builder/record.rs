@@ -532,6 +532,19 @@ impl Recorder {
         from_record(&self.fleet.snapshot(), repo, &plan.hosts, commit)
     }
 
+    /// The plan's result from the record if every host of it was built at the plan's commit
+    /// within the last `within` seconds (by any builder).
+    pub fn recorded_within(&self, repo: &str, plan: &Plan, within: u64) -> Option<Vec<HostSummary>> {
+        let commit = plan.commit.as_deref()?;
+        let record = self.fleet.snapshot();
+        let since = now_seconds() - i64::try_from(within).unwrap_or(i64::MAX);
+        let recent = plan.hosts.iter().all(|host| {
+            let last = record.get(&(repo.to_owned(), host.clone())).and_then(|h| h.last_build.as_ref());
+            last.is_some_and(|b| b.at >= since)
+        });
+        if recent { from_record(&record, repo, &plan.hosts, commit) } else { None }
+    }
+
     /// Makes every host's series exist (at 0) so that its first failure shows as an increase.
     pub fn seed_host_series(&self, repo: &str, host: &str) {
         self.metrics.seed_host_series(repo, host);

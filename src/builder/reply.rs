@@ -74,13 +74,15 @@ impl Throttle {
 pub struct Reporter {
     client: async_nats::Client,
     queue: Arc<Queue>,
+    /// This builder's name, on every reply it sends.
+    builder: String,
     /// When a reply of the running build last went out.
     last_reply: Mutex<Instant>,
 }
 
 impl Reporter {
-    pub(super) fn new(client: async_nats::Client, queue: Arc<Queue>) -> Self {
-        Self { client, queue, last_reply: Mutex::new(Instant::now()) }
+    pub(super) fn new(client: async_nats::Client, queue: Arc<Queue>, builder: String) -> Self {
+        Self { client, queue, builder, last_reply: Mutex::new(Instant::now()) }
     }
 
     /// Subjects to reply to for the running job: its own and those of requests that joined it.
@@ -111,7 +113,9 @@ impl Reporter {
         // Replies over the server's max payload would be refused: cut log tails to fit.
         let max = self.client.server_info().max_payload;
         let max = if max == 0 { 1 << 20 } else { max };
-        let payload = bytes::Bytes::from(job::encode_within(reply, max.saturating_sub(512)));
+        let mut reply = reply.clone();
+        reply.builder.get_or_insert_with(|| self.builder.clone());
+        let payload = bytes::Bytes::from(job::encode_within(&reply, max.saturating_sub(512)));
         for subject in to {
             if let Err(e) = self.client.publish(subject.clone(), payload.clone()).await {
                 tracing::warn!(%subject, err = %e, "cannot publish reply");

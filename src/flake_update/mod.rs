@@ -336,12 +336,13 @@ async fn build_update(
     let mut display = Display::new(false);
     let json = args.json;
     // The request names the exact commit: it never joins a build of another commit.
-    let reply = request_build(&client, &args.repo, "all", Some(update_branch), Some(commit), args.timeout, |r, raw| {
-        if !json {
-            display.show(r, raw);
-        }
-    })
-    .await?;
+    let reply =
+        request_build(&client, &args.repo, "all", Some(update_branch), Some(commit), (args.timeout, None), |r, raw| {
+            if !json {
+                display.show(r, raw);
+            }
+        })
+        .await?;
     summary.hosts = reply.hosts.clone().unwrap_or_default();
     let target = &args.target_branch;
     if reply.status == Status::Completed && !built_exactly(&reply, commit) {

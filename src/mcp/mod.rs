@@ -172,7 +172,7 @@ async fn follow_build(
     };
     let follow = async {
         let (branch, rev) = (p.branch.as_deref(), p.rev.as_deref());
-        let r = request_build(&client, &p.repo, &p.target, branch, rev, timeout, |reply, _| {
+        let r = request_build(&client, &p.repo, &p.target, branch, rev, (timeout, None), |reply, _| {
             let line = headline(reply);
             builds.update(&id, reply, line.clone());
             let _ = tx.send(line);
