@@ -221,8 +221,9 @@ fn log_serving(listen: &str, state: &AppState, store: &Store, zstd_level: Option
         // pushed it: clients trust their keys, not one of this cache's.
         tracing::info!(
             "no signing key configured (sign_key_paths): the bucket's paths are served as their builders \
-             signed them, so clients trust the builders' keys (trusted-public-keys as a builder's \
-             startup log and page print them); paths of this host's own store are served unsigned"
+             signed them, so clients trust the builders' keys (trusted-public-keys as every page of the \
+             fleet, `hearth check-config` and this log print them once the shared record is read, with \
+             [fleet] here); paths of this host's own store are served unsigned"
         );
     } else if state.keys.is_empty() {
         tracing::warn!(
@@ -267,6 +268,32 @@ fn write_secret(file: &std::path::Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", file.display()))?;
     f.write_all(contents.as_bytes())?;
     Ok(())
+}
+
+/// The keys a client of the fleet trusts, for `check-config`: this hearth's own and those
+/// every builder in the shared record names (where there is one: a JetStream builder, or
+/// `[fleet]`); what went wrong reading the record, if it could not be read now.
+pub async fn fleet_keys(config: &Config) -> (Vec<String>, Option<String>) {
+    let own: Vec<String> = config.keys.iter().map(|k| k.public_key().to_string()).collect();
+    let shared = match (&config.builder, &config.fleet) {
+        (Some(b), _) if b.queue == crate::builder::config::QueueKind::JetStream => {
+            Some((b.nats_url.clone(), b.auth.clone(), b.jetstream.bucket.clone()))
+        }
+        (_, Some(f)) => Some((f.nats_url.clone(), f.auth.clone(), f.bucket.clone())),
+        _ => None,
+    };
+    let Some((url, auth, bucket)) = shared else { return (own, None) };
+    let read = async {
+        let options = auth.options().await.map_err(|e| e.to_string())?;
+        let client = options.name("hearth-check-config").connect(&url).await.map_err(|e| e.to_string())?;
+        let kv = async_nats::jetstream::new(client).get_key_value(&bucket).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(crate::fleet::read_presences(&kv).await)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), read).await {
+        Ok(Ok(builders)) => (crate::fleet::fleet_keys(own, builders.values()), None),
+        Ok(Err(e)) => (own, Some(format!("cannot read the shared record at {url}: {e}"))),
+        Err(_) => (own, Some(format!("no answer from {url} within 5 s"))),
+    }
 }
 
 /// `hearth nkey`: a NATS user NKey; its seed to `seed_file` (0600), its public key printed

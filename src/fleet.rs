@@ -479,6 +479,14 @@ impl Fleet {
         for problem in problems {
             tracing::warn!(problem, "the shared fleet record is not all readable; showing what is");
         }
+        let keys = fleet_keys([], presences.values());
+        if !keys.is_empty() {
+            tracing::info!(
+                builders = presences.len(),
+                "the fleet's builders sign with: trusted-public-keys = {} (every page lists them)",
+                keys.join(" ")
+            );
+        }
         *self.builders.write().unwrap_or_else(|e| e.into_inner()) = presences;
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
@@ -566,6 +574,10 @@ impl Fleet {
             _ => None,
         };
         let mut builders = self.builders.write().unwrap_or_else(|e| e.into_inner());
+        let known = fleet_keys([], builders.values());
+        if let Some(new) = presence.as_ref().and_then(|p| p.public_keys.iter().find(|k| !known.contains(k))) {
+            tracing::info!(builder = %name, key = %new, "a builder of the fleet signs with a new key: clients trust it too (trusted-public-keys)");
+        }
         match presence {
             Some(p) => builders.insert(name.to_owned(), p),
             None => builders.remove(name),
@@ -774,6 +786,26 @@ async fn check_watch(bucket: async_nats::jetstream::kv::Store, fleet: Arc<Fleet>
             _ => None,
         };
     }
+}
+
+/// The builders a key-value bucket's record names, by name (for `check-config`).
+pub async fn read_presences(bucket: &async_nats::jetstream::kv::Store) -> BTreeMap<String, Presence> {
+    read_bucket_entries(bucket).await.1
+}
+
+/// Every key of `keys` and of `builders`, once each, in that order: what a client of the
+/// fleet trusts.
+pub fn fleet_keys<'a>(
+    keys: impl IntoIterator<Item = String>,
+    builders: impl IntoIterator<Item = &'a Presence>,
+) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    for key in keys.into_iter().chain(builders.into_iter().flat_map(|b| b.public_keys.iter().cloned())) {
+        if !all.contains(&key) {
+            all.push(key);
+        }
+    }
+    all
 }
 
 /// The whole record a key-value bucket holds (entries that are not host records are skipped).

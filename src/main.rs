@@ -98,6 +98,13 @@ fn main() -> ExitCode {
                 for line in cfg.describe() {
                     println!("{line}");
                 }
+                let (keys, problem) = runtime.block_on(hearth::app::fleet_keys(&cfg));
+                if let Some(problem) = problem {
+                    println!("the fleet's keys: {problem}; the page of any hearth of the fleet lists them");
+                }
+                if !keys.is_empty() {
+                    println!("clients of the fleet trust: trusted-public-keys = {}", keys.join(" "));
+                }
                 println!("configuration OK");
                 ExitCode::SUCCESS
             }

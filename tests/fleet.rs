@@ -257,6 +257,14 @@ fn two_builders_with_separate_stores_and_a_read_through_cache_are_one_fleet() {
     });
     assert_eq!(keys_of(&a), keys_of(&cache));
     assert_eq!(keys_of(&b), keys_of(&cache));
+    // `check-config` and the log of the cache (which has no key of its own) name them too.
+    let checked =
+        run_ok(Command::new(env!("CARGO_BIN_EXE_hearth")).args(["check-config", "--config"]).arg(&cache_config));
+    let line = checked.lines().find(|l| l.starts_with("clients of the fleet trust: trusted-public-keys = ")).unwrap();
+    for key in keys_of(&cache) {
+        assert!(line.contains(&key), "{checked}");
+        assert!(cache.log().contains(&key), "{}", cache.log());
+    }
     let page = cache.get("/").text();
     assert!(
         page.contains("it shows the fleet&#39;s shared record") || page.contains("it shows the fleet's shared record"),

@@ -81,12 +81,8 @@ fn view(state: &AppState) -> View {
         .into_values()
         .map(|presence| BuilderView { alive: presence.is_alive(now), presence })
         .collect();
-    let mut trusted: Vec<String> = state.keys.iter().map(|k| k.public_key().to_string()).collect();
-    for key in builders.iter().flat_map(|b| &b.presence.public_keys) {
-        if !trusted.contains(key) {
-            trusted.push(key.clone());
-        }
-    }
+    let own = state.keys.iter().map(|k| k.public_key().to_string());
+    let trusted = crate::fleet::fleet_keys(own, builders.iter().map(|b| &b.presence));
     View {
         cache: CacheView {
             store_dir: state.store.store_dir().to_owned(),
