@@ -124,6 +124,18 @@ fn build(nats: &Nats) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
+/// `hearth bucket gc --grace 0s` with `more` arguments: its output; it succeeded.
+fn gc_cli(config: &Path, more: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["bucket", "gc", "--grace", "0s", "--config"])
+        .arg(config)
+        .args(more)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn hash(p: &str) -> String {
     p.trim_start_matches("/nix/store/").split('-').next().unwrap().to_owned()
 }
@@ -443,13 +455,7 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
     let config = work.path().join("gc.toml");
     let key = common::nix_wire().join("keys/test.sec");
     std::fs::write(&config, format!("sign_key_paths = [\"{}\"]\n{body}", key.display())).unwrap();
-    let gc_with = |more: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
-        c.args(["bucket", "gc", "--grace", "0s", "--config"]).arg(&config).args(more);
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let gc_with = |more: &[&str]| gc_cli(&config, more);
     let gc = |dry: bool| gc_with(if dry { &["--dry-run"] } else { &[] });
     // gc's grace counts in whole seconds of the objects' write times: with `--grace 0s`, what
     // was written in the second gc starts is still recent. The three rounds may take less than
@@ -513,12 +519,7 @@ fn gc_racing_builds_that_adopt_old_systems_never_loses_a_kept_path() {
             // gc, again and again, with no grace, the whole time the build and its push run.
             scope.spawn(|| {
                 while !ended.load(std::sync::atomic::Ordering::SeqCst) {
-                    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-                        .args(["bucket", "gc", "--grace", "0s", "--config"])
-                        .arg(&config)
-                        .output()
-                        .unwrap();
-                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    gc_cli(&config, &[]);
                 }
             });
             let system = build_round(round);

@@ -62,10 +62,15 @@ fn flake_text(gate: &Path, version: &str, salt: &str) -> String {
     )
 }
 
-/// The `[bucket]` lines for `garage`, its credentials in `dir`; pushing and reading through.
-fn bucket_lines(garage: &Garage, dir: &Path) -> String {
-    let id = copy_into(dir, garage.get("GARAGE_ACCESS_KEY_ID_FILE"), "s3-key-id");
-    let secret = copy_into(dir, garage.get("GARAGE_SECRET_ACCESS_KEY_FILE"), "s3-secret");
+/// The `[bucket]` lines for `garage`, its credentials (`role`: `ACCESS` or `READER`, the key
+/// that may only read) copied into `dir`; reading through.
+fn bucket_lines(garage: &Garage, dir: &Path, role: &str) -> String {
+    let (id, secret) = match role {
+        "READER" => ("GARAGE_READER_KEY_ID_FILE", "GARAGE_READER_SECRET_KEY_FILE"),
+        _ => ("GARAGE_ACCESS_KEY_ID_FILE", "GARAGE_SECRET_ACCESS_KEY_FILE"),
+    };
+    let id = copy_into(dir, garage.get(id), &format!("s3-{role}-id"));
+    let secret = copy_into(dir, garage.get(secret), &format!("s3-{role}-secret"));
     format!(
         "[bucket]\nurl = \"s3://{}?endpoint={}&region={}\"\naccess_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\nread_through = true\n",
         garage.get("GARAGE_BUCKET"),
@@ -165,7 +170,7 @@ fn two_builders_with_separate_stores_and_a_read_through_cache_are_one_fleet() {
     let repo = dir.path().join("fleet");
     make_repo(&repo, &flake_text(&gate, "1.0", &s));
     let url = format!("git+file://{}", repo.display());
-    let bucket = bucket_lines(&garage, dir.path());
+    let bucket = bucket_lines(&garage, dir.path(), "ACCESS");
 
     let a = BuilderToml::new(&nats, &dir.path().join("a-roots"))
         .top(&bucket)
@@ -173,7 +178,9 @@ fn two_builders_with_separate_stores_and_a_read_through_cache_are_one_fleet() {
         .repo("fleet", &url)
         .start();
     let b = builder_in_peers(dir.path(), &nats, &bucket, &url);
-    // The read-through cache: a store of its own, no key, the fleet shown through `[fleet]`.
+    // The read-through cache: a store of its own, no key, the bucket's key that may only read,
+    // the fleet shown through `[fleet]`.
+    let bucket = bucket_lines(&garage, dir.path(), "READER");
     let local = tempfile::tempdir().unwrap();
     let seed = common::add_to_store("fleet-seed", s.as_bytes());
     run_ok(nix_cmd("nix").args(["copy", "--to", &format!("local?root={}", local.path().display()), &seed]));

@@ -61,9 +61,8 @@ struct Compressed {
     /// `sha256:<nix32>` of the file: what it is named by in the bucket.
     file_hash: String,
     file_size: u64,
-    /// For a file made for this upload: deletes it when the upload is done.
-    #[allow(dead_code)]
-    made: Option<tempfile::TempPath>,
+    /// For a file made for this upload: deletes it when the upload is done (held, never read).
+    _made: Option<tempfile::TempPath>,
     /// The hot NAR cache's entry, when the file is one.
     hot: Option<crate::store::nar_cache::Entry>,
 }
@@ -439,7 +438,7 @@ impl Uploader {
             };
             if let Some(entry) = entry {
                 let (file, file_hash, file_size) = (entry.file.clone(), entry.file_hash.clone(), entry.file_size);
-                return Ok(Compressed { file, file_hash, file_size, made: None, hot: Some(entry) });
+                return Ok(Compressed { file, file_hash, file_size, _made: None, hot: Some(entry) });
             }
         }
         let Some(_root) = self.store.hold(&info.path).await.map_err(|e| BucketError::Store(e.to_string()))? else {
@@ -455,7 +454,7 @@ impl Uploader {
         })?;
         let (tmp, hash, size) = rx.await.map_err(|_| BucketError::Store("the compression thread died".into()))??;
         let path = tmp.into_temp_path();
-        Ok(Compressed { file: path.to_path_buf(), file_hash: hash, file_size: size, made: Some(path), hot: None })
+        Ok(Compressed { file: path.to_path_buf(), file_hash: hash, file_size: size, _made: Some(path), hot: None })
     }
 
     fn narinfo(&self, info: &PathInfo, key: &str, file_hash: &str, file_size: u64) -> NarInfo {
