@@ -171,7 +171,10 @@ fn wrap(text: &str, first: &str, rest: &str, width: usize) -> Vec<String> {
         .subsequent_indent(rest)
         .break_words(false)
         .word_splitter(textwrap::WordSplitter::NoHyphenation);
-    textwrap::wrap(text, options).into_iter().map(|l| l.into_owned()).collect()
+    // A word longer than a line (a store path) starts at the margin: the terminal then breaks
+    // it as little as it can, and it is still one line to copy.
+    let lines = textwrap::wrap(text, options).into_iter();
+    lines.map(|l| if l.chars().count() > width { l.trim_start().to_owned() } else { l.into_owned() }).collect()
 }
 
 /// How a reply reads in one line, without its log lines: `[host] message`, or the message.
@@ -399,7 +402,9 @@ mod tests {
     fn final_lines_wrap_at_word_boundaries_and_keep_store_paths_whole() {
         let path = "/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-nixos-system-web1-25.05.20250101.abcdef0";
         let lines = wrap(&format!("ok   web1 (12s) {path}"), "  ", "       ", 80);
-        assert_eq!(lines, ["  ok   web1 (12s)".to_owned(), format!("       {path}")]);
+        assert_eq!(lines, ["  ok   web1 (12s)".to_owned(), path.to_owned()]);
+        let short = "/nix/store/4924di507lk0s315v70am3a9rf7nb5mq-nixos-system-web1";
+        assert_eq!(wrap(&format!("ok   web1 (12s) {short}"), "  ", "       ", 70)[1], format!("       {short}"));
         let text =
             "error: builder for '/nix/store/x.drv' failed with exit code 1; the last lines of its log follow here";
         let lines = wrap(text, "", "  ", 40);
