@@ -579,6 +579,9 @@ fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_aft
     let _hearth = common::builder::start(&body);
     wait_in_bucket(&garage, &closure, "the closure is in the bucket after the restart");
     assert!(consistent());
+    // What a kill left of a multipart upload, cleared as docs/fleet.md says; nothing kept goes.
+    garage.cli(&["bucket", "cleanup-incomplete-uploads", "--older-than", "1s", "hearth"]);
+    assert!(consistent());
     substitute_and_verify(garage.get("GARAGE_WEB"), &system);
 
     // `hearth bucket push` uploads a path built elsewhere, as the builder would, and says so.
@@ -770,4 +773,30 @@ fn a_builder_with_a_wrong_secret_never_rewrites_what_the_bucket_holds() {
     let fleet: Value = serde_json::from_str(&broken.get("/fleet.json").text()).unwrap();
     let copy = &fleet["hosts"][0]["bucket"];
     assert_eq!((copy["present"].clone(), copy["failed"].as_u64()), (pushed["total"].clone(), Some(0)), "{copy}");
+}
+
+/// #31.11: a multipart upload a crash cut short leaves its parts (S3 keeps them, no listing of
+/// objects shows them); its journal entry has the next start abort it.
+#[test]
+fn a_multipart_upload_a_crash_left_is_aborted_at_the_next_start() {
+    let garage = Garage::start();
+    let nats = Nats::start();
+    let work = tempfile::tempdir().unwrap();
+    let fleet = repo(work.path());
+    // What a killed hearth leaves: an upload begun, its journal entry beside it.
+    let began = garage.s3("POST", "nar/left-behind.nar.zst?uploads=");
+    let id = began.split("<UploadId>").nth(1).and_then(|r| r.split("</UploadId>").next()).unwrap().to_owned();
+    assert!(garage.s3("GET", "?uploads=").contains(&id), "no upload to leave behind");
+    let journal = work.path().join("state/multipart");
+    std::fs::create_dir_all(&journal).unwrap();
+    let entry = serde_json::json!({ "key": "nar/left-behind.nar.zst", "id": id });
+    std::fs::write(journal.join("cut"), entry.to_string()).unwrap();
+    let hearth = common::builder::start(&pushing_config(&garage, &nats, work.path(), &fleet, "", ""));
+    hearth.wait_for_log("aborted multipart uploads a stop left behind", 1);
+    assert!(!garage.s3("GET", "?uploads=").contains(&id), "the upload is still there");
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+    // Uploads in parts still work, and leave no journal entry.
+    build(&nats);
+    assert_eq!(wait_for_push(&hearth)["failed"], 0);
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
 }

@@ -773,3 +773,31 @@ async fn a_scheduler_on_every_builder_builds_a_commit_once_per_period() {
     let third = scheduled();
     assert!(!third["message"].as_str().unwrap().contains("from the record"), "{third}");
 }
+
+/// #31.6: routine restarts (SIGTERM, deploys) during one long build give the request back; they
+/// never use up its deliveries, and a kill still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stops_never_use_up_a_requests_deliveries() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    let client = nats.deployer().await;
+    // The first builder makes the stream the request waits in.
+    let mut h = builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
+    let mut sub = request(&client, "g1", "restarts").await;
+    for round in 0..3 {
+        if round > 0 {
+            h = builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
+        }
+        h.wait_for_log("build started", 1);
+        assert!(h.terminate().success());
+        assert!(h.log().contains("the request goes back to the JetStream queue"), "round {round}:\n{}", h.log());
+    }
+    h = builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
+    h.wait_for_log("build started", 1);
+    repo.release();
+    let replies = until_final(&mut sub).await;
+    assert_eq!(replies.last().unwrap()["status"], "completed", "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| r["kind"] == "requeued").count(), 3, "{replies:?}");
+    assert!(h.log().contains("delivery=4"), "{}", h.log());
+    until_queue_empty(&nats).await;
+}

@@ -59,7 +59,7 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     let config = crate::config::Config::load(Some(&args.config))?;
     let b = config.bucket.as_ref().context("no [bucket] in the configuration")?;
-    let bucket = Bucket::open(b)?;
+    let bucket = Bucket::open(b)?.with_journal(super::journal_dir(&config.state_dir));
     // A collection that deletes holds the lease from before it reads the record to its end, so
     // that no push adopts what it is about to delete (ARCHITECTURE.md, the gc invariant).
     if let Some(period) = args.once_per.filter(|_| !args.dry_run)
@@ -80,6 +80,14 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
         tracing::warn!(err = %e, "cannot release the gc lease; pushes wait until it expires");
     }
     let (r, roots) = collected?;
+    if !args.dry_run {
+        // Parts of uploads a crash cut short: journaled longer ago than the grace, and than
+        // any upload lasts (the builder beside it may be uploading now).
+        let aborted = bucket.abort_stale_uploads(args.grace.max(STALE_UPLOAD)).await;
+        if aborted > 0 {
+            println!("aborted {aborted} multipart upload(s) a stop left behind");
+        }
+    }
     if !r.unreadable_roots.is_empty() {
         println!(
             "collected nothing: {} kept system(s) are not wholly in the bucket (a push under way, or one that failed; the next build pushes them again), so their closures cannot be read: {}",
@@ -111,6 +119,10 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How old a journaled multipart upload must be before gc aborts it (the uploader aborts its
+/// own at startup, when none of its uploads is going on).
+const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 /// Why this period's collection needs no other: one runs now (another builder's timer), or one
 /// ended within `period`.
@@ -180,7 +192,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     let store = std::sync::Arc::new(crate::store::Store::open(config.store.clone())?);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(&[]));
     let uploader = super::upload::Uploader::new(
-        Bucket::open(b)?,
+        Bucket::open(b)?.with_journal(super::journal_dir(&config.state_dir)),
         store.clone(),
         config.keys.clone(),
         b.zstd_level,

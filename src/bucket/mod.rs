@@ -11,6 +11,7 @@ pub mod cli;
 mod closure;
 pub mod config;
 pub mod gc;
+mod multipart;
 pub mod read_cache;
 pub mod upload;
 
@@ -61,6 +62,10 @@ pub async fn gc_lease(bucket: &Bucket, now: i64) -> Result<Option<i64>, BucketEr
 #[derive(Clone)]
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
+    /// The same client, for uploads in parts.
+    s3: Arc<object_store::aws::AmazonS3>,
+    /// Where multipart uploads are journaled (`multipart.rs`), if anywhere.
+    journal: Option<std::path::PathBuf>,
     pub name: String,
     /// Where clients fetch objects themselves, if they can (`[bucket] public_url`).
     pub public_url: Option<String>,
@@ -97,7 +102,20 @@ impl Bucket {
                 ..Default::default()
             })
             .build()?;
-        Ok(Self { store: Arc::new(store), name: config.bucket.clone(), public_url: config.public_url.clone() })
+        let s3 = Arc::new(store);
+        Ok(Self {
+            store: s3.clone(),
+            s3,
+            journal: None,
+            name: config.bucket.clone(),
+            public_url: config.public_url.clone(),
+        })
+    }
+
+    /// The same bucket, its multipart uploads journaled under `dir`.
+    pub fn with_journal(mut self, dir: std::path::PathBuf) -> Self {
+        self.journal = Some(dir);
+        self
     }
 
     /// Whether `key` is in the bucket.
@@ -190,36 +208,8 @@ impl Bucket {
             self.put(key, bytes.into()).await?;
             return Ok(size);
         }
-        let upload = self.store.put_multipart(&Path::from(key)).await?;
-        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
-        let sent = async {
-            let mut hasher = sha2::Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                // Bounded: at most a few parts in flight.
-                writer.wait_for_capacity(2).await?;
-                writer.write(&buf[..n]);
-            }
-            if matches(hasher) { Ok(()) } else { Err(damaged()) }
-        }
-        .await;
-        match sent {
-            Ok(()) => {
-                writer.finish().await?;
-                Ok(size)
-            }
-            Err(e) => {
-                if let Err(abort) = writer.abort().await {
-                    tracing::warn!(%key, err = %abort, "cannot abort a multipart upload; gc clears its parts");
-                }
-                Err(e)
-            }
-        }
+        self.put_parts(key, &mut f, |hasher| if matches(hasher) { Ok(()) } else { Err(damaged()) }).await?;
+        Ok(size)
     }
 
     /// Every object: key, size and when it was last written (unix seconds).
@@ -233,6 +223,11 @@ impl Bucket {
         self.store.delete(&Path::from(key)).await?;
         Ok(())
     }
+}
+
+/// Where a hearth journals its multipart uploads (under its state directory).
+pub fn journal_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("multipart")
 }
 
 /// The narinfo key of a store path hash.

@@ -158,6 +158,11 @@ impl Uploader {
         forget_leftovers(&self.tmp_dir);
         let me = self.clone();
         tokio::spawn(async move {
+            // Nothing of this hearth's is being uploaded yet: what its journal holds was cut.
+            let aborted = me.bucket.abort_stale_uploads(Duration::ZERO).await;
+            if aborted > 0 {
+                tracing::info!(aborted, "aborted multipart uploads a stop left behind");
+            }
             for attempt in 0..ATTEMPTS {
                 match me.cache_info().await {
                     Ok(()) => break,

@@ -322,16 +322,21 @@ pub async fn why_failed(
     cancel: &CancellationToken,
 ) -> String {
     let failed = tracker.failed_for(host);
+    let said: Vec<&str> = tracker.errors().iter().rev().take(5).map(String::as_str).collect();
+    let said: Vec<&str> = said.into_iter().rev().collect();
     if let Some(drv) = failed.first() {
         let more = match failed.len() {
             1 => String::new(),
             n => format!(" (and {} more of its derivations)", n - 1),
         };
-        let tail = exec.log_tail(drv, cancel).await.unwrap_or_default();
+        // A derivation that failed before its builder said anything (it could not start, the
+        // disk was full): what Nix said instead of its empty log.
+        let tail = match exec.log_tail(drv, cancel).await.filter(|t| !t.trim().is_empty()) {
+            Some(tail) => tail,
+            None => said.join("\n"),
+        };
         return format!("building {drv} failed{more}\n{tail}").trim_end().to_owned();
     }
-    let said: Vec<&str> = tracker.errors().iter().rev().take(5).map(String::as_str).collect();
-    let said: Vec<&str> = said.into_iter().rev().collect();
     match graph_error {
         Some(BuildError::Failed { .. }) | None if !said.is_empty() => said.join("\n"),
         Some(e) => e.to_string(),

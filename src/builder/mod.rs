@@ -271,8 +271,12 @@ impl Worker {
         };
         let reply_to = req.reply_to.clone().or_else(|| msg.reply.clone());
         let Some(repo) = self.config.repo(&req.repo) else { return };
-        if let Some(a) = msg.ack.as_ref().filter(|a| a.delivered > self.config.jetstream.max_deliver) {
-            return self.give_up(&req, reply_to, a).await;
+        if let Some(a) = msg.ack.as_ref() {
+            // A delivery given back on a graceful stop is not one that ended without an answer.
+            let given_back = self.given_back(a.sequence).await;
+            if a.delivered - given_back > self.config.jetstream.max_deliver {
+                return self.give_up(&req, reply_to, a).await;
+            }
         }
         if req.check {
             // A question, not a build: answered at once, counted nowhere.
@@ -331,7 +335,7 @@ impl Worker {
     async fn give_up(&self, req: &BuildRequest, reply_to: Option<String>, ack: &transport::Ack) {
         let why = format!(
             "delivered {} times without a result (the builders taking it stopped before it ended); not tried again",
-            ack.delivered - 1
+            ack.delivered - 1 - self.given_back(ack.sequence).await
         );
         tracing::warn!(repo = %req.repo, target = %req.target.escape_debug(), seq = ack.sequence, "build request dropped after its last delivery");
         if let Some(to) = reply_to {
@@ -340,6 +344,7 @@ impl Worker {
             let _ = self.client.flush().await;
         }
         ack.term().await;
+        self.forget_given_back(ack.sequence).await;
     }
 
     /// Tells a queued request where it stands: joined, waiting at a place, or refused.
@@ -384,6 +389,7 @@ impl Worker {
             if !job.acks.is_empty() {
                 // Durable: another builder (or this one, restarted) takes it.
                 for ack in &job.acks {
+                    self.note_given_back(ack.sequence).await;
                     ack.give_back().await;
                 }
                 continue;
@@ -814,6 +820,7 @@ impl Worker {
                     seq = ack.sequence,
                     "build cut by shutdown: the request goes back to the JetStream queue"
                 );
+                self.note_given_back(ack.sequence).await;
                 ack.give_back().await;
             }
             return;
@@ -821,6 +828,7 @@ impl Worker {
         self.reporter.publish_final(&subscribers, &reply, cancel).await;
         for ack in acks {
             ack.done().await;
+            self.forget_given_back(ack.sequence).await;
         }
     }
 

@@ -13,6 +13,11 @@ use super::record::now_seconds;
 use crate::fleet::{Presence, presence_key};
 use crate::metrics::Builder;
 
+/// The shared record's key counting a request's give-backs, by its stream sequence.
+fn given_back_key(seq: u64) -> String {
+    format!("_given_back/{seq}")
+}
+
 /// How often a builder says it lives (and at once when what it runs changes).
 const PRESENCE_EVERY: Duration = Duration::from_secs(10);
 
@@ -131,6 +136,52 @@ impl Worker {
         *counted = builders.keys().cloned().collect();
         for (name, p) in builders {
             self.metrics.fleet_builder_seen.get_or_create(&Builder { builder: name }).set(p.seen_at);
+        }
+    }
+
+    /// How many deliveries of the request at stream sequence `seq` were given back on a
+    /// graceful stop (they do not count against `max_deliver`); 0 without a shared record.
+    pub(super) async fn given_back(&self, seq: u64) -> i64 {
+        let Some(claims) = self.claims.get() else { return 0 };
+        match claims.kv.get(given_back_key(seq)).await {
+            Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0),
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(seq, err = %e, "cannot read how often a request was given back; counting none");
+                0
+            }
+        }
+    }
+
+    /// Counts a give-back of the request at `seq` (compare-and-set: builders stopping at once
+    /// lose no count).
+    pub(super) async fn note_given_back(&self, seq: u64) {
+        let Some(claims) = self.claims.get() else { return };
+        let key = given_back_key(seq);
+        for _ in 0..10 {
+            let entry = match claims.kv.entry(key.clone()).await {
+                Ok(e) => e.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put),
+                Err(e) => return tracing::warn!(seq, err = %e, "cannot count a give-back"),
+            };
+            let count = entry.as_ref().and_then(|e| std::str::from_utf8(&e.value).ok()?.trim().parse::<i64>().ok());
+            let value = bytes::Bytes::from((count.unwrap_or(0) + 1).to_string());
+            let written = match &entry {
+                Some(e) => claims.kv.update(&key, value, e.revision).await.map(|_| ()).map_err(|e| e.to_string()),
+                None => claims.kv.create(&key, value).await.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(seq, err = %e, "counting a give-back again"),
+            }
+        }
+        tracing::warn!(seq, "cannot count a give-back: it counts as a delivery");
+    }
+
+    /// The request at `seq` left the stream: its give-backs are forgotten.
+    pub(super) async fn forget_given_back(&self, seq: u64) {
+        let Some(claims) = self.claims.get() else { return };
+        if let Err(e) = claims.kv.purge(given_back_key(seq)).await {
+            tracing::debug!(seq, err = %e, "cannot forget a request's give-backs");
         }
     }
 

@@ -191,22 +191,28 @@ impl Durable {
                 .map_err(|e| TransportError(format!("stream {}: {e}", s.stream)))?;
             let name = stream.config.name.clone();
             let stream = self.js.get_stream(&name).await.map_err(|e| TransportError(format!("stream {name}: {e}")))?;
-            let consumer: PullConsumer = stream
-                .get_or_create_consumer(
-                    &s.consumer,
-                    jetstream::consumer::pull::Config {
-                        durable_name: Some(s.consumer.clone()),
-                        description: Some("hearth builders".into()),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ack_wait: Duration::from_secs(s.ack_wait_seconds),
-                        // One delivery more than allowed, so the worker can answer that one.
-                        max_deliver: s.max_deliver + 1,
-                        max_ack_pending: 1000,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| TransportError(format!("consumer {}: {e}", s.consumer)))?;
+            let config = jetstream::consumer::pull::Config {
+                durable_name: Some(s.consumer.clone()),
+                description: Some("hearth builders".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(s.ack_wait_seconds),
+                // No bound here: the worker counts deliveries itself, leaving out those given
+                // back on a graceful stop, and answers the one past `max_deliver`.
+                max_deliver: -1,
+                max_ack_pending: 1000,
+                ..Default::default()
+            };
+            // Made, or brought up to this config (an older hearth's consumer had a bound).
+            let consumer: PullConsumer = match stream.create_consumer(config.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(consumer = %s.consumer, err = %e, "cannot update the consumer's config; using it as it is (its max_deliver may count give-backs)");
+                    stream
+                        .get_or_create_consumer(&s.consumer, config)
+                        .await
+                        .map_err(|e| TransportError(format!("consumer {}: {e}", s.consumer)))?
+                }
+            };
             tracing::info!(stream = %s.stream, consumer = %s.consumer, "taking build requests from JetStream");
             self.consumer = Some(consumer);
         }

@@ -32,6 +32,18 @@ impl Garage {
         Garage { dir, env }
     }
 
+    /// Garage's own CLI against node 1, as an operator runs it: its output; it succeeded.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(self.get("GARAGE_BIN"))
+            .arg("-c")
+            .arg(self.dir.path().join("node1/garage.toml"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "garage {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn get(&self, key: &str) -> &str {
         &self.env[key]
     }
@@ -54,6 +66,38 @@ impl Garage {
             .output()
             .unwrap();
         assert!(out.status.success(), "PUT {key}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A signed S3 request (`method` on `<bucket>/<path_and_query>`) as a plain S3 client sends
+    /// it: its body.
+    pub fn s3(&self, method: &str, path_and_query: &str) -> String {
+        let user = format!(
+            "{}:{}",
+            std::fs::read_to_string(self.get("GARAGE_ACCESS_KEY_ID_FILE")).unwrap().trim(),
+            std::fs::read_to_string(self.get("GARAGE_SECRET_ACCESS_KEY_FILE")).unwrap().trim()
+        );
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                method,
+                "--aws-sigv4",
+                &format!("aws:amz:{}:s3", self.get("GARAGE_REGION")),
+                "--user",
+                &user,
+            ])
+            // The hash of the empty body every such request has.
+            .args(["-H", "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"])
+            .arg(format!(
+                "{}/{}{}{path_and_query}",
+                self.get("GARAGE_S3"),
+                self.get("GARAGE_BUCKET"),
+                if path_and_query.starts_with('?') { "" } else { "/" }
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{method} {path_and_query}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// An object through the bucket's website endpoint (anonymous, as a Nix client reads it).
