@@ -217,7 +217,7 @@ async fn a_killed_builders_request_is_built_by_the_other_and_answered_once() {
     dead.child.wait().unwrap();
     // Redelivered after the ack wait to the other builder, which builds it.
     alive.wait_for_log("build started", 1);
-    assert!(alive.log().contains("delivery=2"), "{}", alive.log());
+    alive.wait_for_log("delivery=2", 1);
     repo.release();
     let out = cli.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -713,7 +713,11 @@ async fn identical_requests_on_two_builders_cost_one_build_and_every_client_hear
         page.contains("Builders") && page.contains("building g1 of fleet")
     });
     let mut second = request(&client, "g1", "second").await;
-    other.wait_for_log("joined the identical build another builder runs", 1);
+    // Whichever planned it second joins the other's build (the first may still be planning).
+    let joined = "joined the identical build another builder runs";
+    wait_until("one builder joins the other's build", Duration::from_secs(60), || {
+        running.log().contains(joined) || other.log().contains(joined)
+    });
     repo.release();
     let first = until_final(&mut first).await;
     let second = until_final(&mut second).await;
@@ -722,7 +726,8 @@ async fn identical_requests_on_two_builders_cost_one_build_and_every_client_hear
         assert_eq!(last["status"], "completed", "{replies:?}");
         assert_eq!(last["hosts"][0]["host"], "g1", "{replies:?}");
     }
-    assert!(second.iter().any(|r| r["kind"] == "joined"), "{second:?}");
+    let heard_joined = |replies: &[Value]| replies.iter().any(|r| r["kind"] == "joined");
+    assert!(heard_joined(&first) || heard_joined(&second), "{first:?}\n{second:?}");
     until_queue_empty(&nats).await;
     // One build: one host recorded, by one builder.
     let built = running.log().matches("host built").count() + other.log().matches("host built").count();

@@ -61,7 +61,8 @@ pub struct Claims {
 const ATTEMPTS: usize = 20;
 
 impl Claims {
-    /// Claims the build, or joins the claim of a live builder (`alive`), adding `reply_to`.
+    /// Claims the build, or joins the claim of a builder that builds it now (`building`),
+    /// adding `reply_to`.
     /// `taking_over`: the request was delivered before (its builder stopped), so a claim of
     /// another builder is taken over rather than joined. `None`: the record did not answer.
     pub async fn claim(
@@ -69,7 +70,7 @@ impl Claims {
         (repo, target, branch, commit): (&str, &str, &str, &str),
         reply_to: &[String],
         taking_over: bool,
-        alive: impl Fn(&str) -> bool,
+        building: impl Fn(&str) -> bool,
     ) -> Option<Claimed> {
         let key = key(repo, target, branch, commit);
         for _ in 0..ATTEMPTS {
@@ -95,7 +96,7 @@ impl Claims {
                 tracing::warn!(%key, err = %e, "a build's claim is not one; taking it");
                 Claim { builder: String::new(), at: 0, joiners: Vec::new() }
             });
-            let joining = claim.builder != self.me && alive(&claim.builder) && !taking_over;
+            let joining = claim.builder != self.me && building(&claim.builder) && !taking_over;
             let builder = claim.builder.clone();
             if joining {
                 let new: Vec<String> = reply_to.iter().filter(|t| !claim.joiners.contains(t)).cloned().collect();

@@ -69,6 +69,8 @@ pub struct Worker {
     held: tokio::sync::Mutex<Option<claim::Held>>,
     /// The builders whose presence the metrics show.
     counted_builders: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Told when what this builder runs changes: its presence is written at once.
+    presence_changed: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -147,6 +149,7 @@ impl Worker {
             claims: std::sync::OnceLock::new(),
             held: tokio::sync::Mutex::new(None),
             counted_builders: Default::default(),
+            presence_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -415,6 +418,7 @@ impl Worker {
             queued: queued.into_iter().map(build).collect(),
             waiting_in_stream: now.waiting_in_stream,
         });
+        self.presence_changed.notify_one();
     }
 
     /// With a JetStream queue: how many requests wait in the stream for any builder, into the
@@ -463,7 +467,11 @@ impl Worker {
             format!("building {} of {} at {} on builder {name}", job.target, job.repo.name, job.branch)
         };
         self.reporter.running(&heading.reply(Status::Started).message(what)).await;
-        let plan = match plan::plan(&self.exec, job, cancel, |c| self.queue.set_running_commit(c)).await {
+        let resolved = |c| {
+            self.queue.set_running_commit(c);
+            self.presence_changed.notify_one();
+        };
+        let plan = match plan::plan(&self.exec, job, cancel, resolved).await {
             Ok(plan) => plan,
             Err(unplanned) => {
                 heading.commit = unplanned.commit;
@@ -846,6 +854,9 @@ impl Worker {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
+                // What it runs changed: its presence is written now (the rest of a round is
+                // gated by its own clocks, so an early round does no harm).
+                () = self.presence_changed.notified() => {}
                 _ = ended.cancelled() => return,
             }
             self.announce(&mut presence).await;

@@ -74,15 +74,27 @@ impl Worker {
     /// builder runs (telling the request's clients so, and acknowledging it).
     pub(super) async fn claim(&self, job: &Job, commit: Option<&str>) -> Claim {
         let (Some(claims), Some(commit)) = (self.claims.get(), commit) else { return Claim::Build };
+        // A claim is joined only while its builder lives and says it builds this very request
+        // (its commit may not be in its presence yet): a claim left behind (its request given
+        // up, say) is taken over, never joined.
         let builders = self.fleet.builders();
-        let alive = |b: &str| builders.get(b).is_some_and(|p| p.is_alive(now_seconds()));
+        let building = |b: &str| {
+            builders.get(b).is_some_and(|p| {
+                let same = p.running.as_ref().is_some_and(|r| {
+                    (r.repo.as_str(), r.target.as_str(), r.branch.as_str())
+                        == (job.repo.name.as_str(), job.target.as_str(), job.branch.as_str())
+                });
+                p.is_alive(now_seconds()) && same && p.commit.as_deref().is_none_or(|c| c == commit)
+            })
+        };
         let taking_over = job.acks.iter().any(|a| a.delivered > 1);
         let place = (job.repo.name.as_str(), job.target.as_str(), job.branch.as_str(), commit);
         // Everyone following the request here, those that joined it on this builder included.
         let reply_to = self.queue.running_subscribers();
-        match claims.claim(place, &reply_to, taking_over, alive).await {
+        match claims.claim(place, &reply_to, taking_over, building).await {
             None => Claim::Build,
             Some(Claimed::Mine(held)) => {
+                tracing::debug!(repo = %job.repo.name, target = %job.target, %commit, "claimed the build");
                 let inherited = held.inherited.clone();
                 *self.held.lock().await = Some(held);
                 if !inherited.is_empty() {
