@@ -865,7 +865,7 @@ impl Worker {
             if self.config.queue == QueueKind::JetStream && self.fleet.version() != record_seen {
                 record_seen = self.fleet.version();
                 seed_metrics(&self.config, &self.metrics, &self.fleet);
-                self.count_builders();
+                self.count_builders().await;
             }
             if self.config.queue == QueueKind::JetStream {
                 self.count_stream_waiting().await;

@@ -13,6 +13,9 @@ use super::record::now_seconds;
 use crate::fleet::{Presence, presence_key};
 use crate::metrics::Builder;
 
+/// How long a builder not heard from stays in the record.
+const FORGET_AFTER_SECONDS: i64 = 24 * 3600;
+
 /// The shared record's key counting a request's give-backs, by its stream sequence.
 fn given_back_key(seq: u64) -> String {
     format!("_given_back/{seq}")
@@ -138,9 +141,25 @@ impl Worker {
     }
 
     /// Each builder's last presence into the metrics; a builder that withdrew (a graceful
-    /// stop) loses its series, so only one that stopped without a word is alerted on.
-    pub(super) fn count_builders(&self) {
-        let builders = self.fleet.builders();
+    /// stop) loses its series, so only one that stopped without a word is alerted on. One not
+    /// heard from for [`FORGET_AFTER_SECONDS`] is taken out of the record (by any builder): a
+    /// builder retired without a graceful stop is shown and alerted on for a day, not for ever.
+    pub(super) async fn count_builders(&self) {
+        let mut builders = self.fleet.builders();
+        let departed: Vec<String> = builders
+            .iter()
+            .filter(|(_, p)| now_seconds() - p.seen_at > FORGET_AFTER_SECONDS)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Some(claims) = self.claims.get() {
+            for name in departed {
+                tracing::info!(builder = %name, "forgetting a builder not heard from for a day");
+                if let Err(e) = claims.kv.delete(presence_key(&name)).await {
+                    tracing::debug!(builder = %name, err = %e, "cannot forget a builder yet");
+                }
+                builders.remove(&name);
+            }
+        }
         let mut counted = self.counted_builders.lock().unwrap_or_else(|e| e.into_inner());
         for gone in counted.iter().filter(|b| !builders.contains_key(*b)) {
             self.metrics.fleet_builder_seen.remove(&Builder { builder: gone.clone() });
