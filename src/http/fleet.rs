@@ -330,9 +330,21 @@ const MAX_PAGE_HOSTS: usize = 500;
 /// Where the per-request part (the client snippet) goes in a cached page.
 const CLIENT_SLOT: &str = "<!--client-->";
 
-/// Whether the running build is for `h`: for it, or for all of its repo.
-fn is_building(activity: &Activity, h: &HostView) -> bool {
-    activity.running.as_ref().is_some_and(|b| b.repo == h.repo && (b.target == h.host || b.target == "all"))
+/// Whether a running build (this builder's, or a live builder's of the fleet) is for `h`: for
+/// it, or for all of its repo.
+fn is_building(view: &View, h: &HostView) -> bool {
+    let here = view.activity.running.iter();
+    let elsewhere = view.builders.iter().filter(|b| b.alive).filter_map(|b| b.presence.running.as_ref());
+    here.chain(elsewhere).any(|b| b.repo == h.repo && (b.target == h.host || b.target == "all"))
+}
+
+/// Requests waiting for a build: this builder's own queue, every other live builder's, and
+/// the JetStream queue's (for any builder).
+fn queued(view: &View) -> usize {
+    let others: usize = view.builders.iter().filter(|b| b.alive).map(|b| b.presence.queued).sum();
+    let own = if view.builders.is_empty() { view.activity.queued.len() } else { 0 };
+    let stream = view.activity.waiting_in_stream.unwrap_or(0);
+    own + others + usize::try_from(stream).unwrap_or(usize::MAX)
 }
 
 /// The line under the title: the store, priority, compression and keys.
@@ -352,7 +364,7 @@ fn summary_html(view: &View, failed: usize, now: i64) -> Markup {
     let a = &view.activity;
     let built =
         view.hosts.iter().filter(|h| h.record.last_build.as_ref().is_some_and(|b| b.status.is_success())).count();
-    let building = view.hosts.iter().filter(|h| is_building(a, h)).count();
+    let building = view.hosts.iter().filter(|h| is_building(view, h)).count();
     html! {
         @if !view.builder && view.hosts.is_empty() && view.builders.is_empty() {
             p { "This cache runs no builder: it serves its store, and records no builds." }
@@ -364,7 +376,7 @@ fn summary_html(view: &View, failed: usize, now: i64) -> Markup {
         @if !view.hosts.is_empty() {
             p.summary {
                 b.ok { (built) " built" } " · " b class=(if failed == 0 { "ok" } else { "bad" }) { (failed) " failed" }
-                " · " (building) " building · " (a.queued.len()) " queued"
+                " · " (building) " building · " (queued(view)) " queued"
             }
         }
         @if let Some(b) = &a.running {
@@ -437,11 +449,11 @@ fn render(view: &View, now: i64) -> String {
                 (builders_html(&view.builders, now))
                 @if !failed_shown.is_empty() {
                     h2.bad { "Failing" }
-                    @for h in failed_shown { (host_html(h, now, is_building(&view.activity, h))) }
+                    @for h in failed_shown { (host_html(h, now, is_building(view, h))) }
                 }
                 @for (i, h) in rest_shown.iter().enumerate() {
                     @if i == 0 || rest_shown[i - 1].repo != h.repo { h2 { (h.repo) } }
-                    (host_html(h, now, is_building(&view.activity, h)))
+                    (host_html(h, now, is_building(view, h)))
                 }
                 @if hidden > 0 {
                     p.muted { (hidden) " more hosts are not shown here; " a href="/fleet.json" { "fleet.json" } " has them all." }
@@ -520,6 +532,39 @@ mod tests {
     }
 
     #[test]
+    fn every_builders_work_is_counted_and_the_fleets_keys_offered() {
+        let mut hosts = Hosts::new();
+        let built =
+            HostRecord { last_build: Some(LastBuild::new(BuildResult::Success, 9_000, None)), ..HostRecord::default() };
+        hosts.insert(("r".into(), "web1".into()), built.clone());
+        hosts.insert(("r".into(), "db1".into()), built);
+        let activity = Activity { waiting_in_stream: Some(3), ..Activity::default() };
+        let mut view = view_of(&hosts, &activity, true);
+        let presence = |name: &str, running: Option<&str>, seen_at: i64| Presence {
+            name: name.into(),
+            public_keys: vec![format!("{name}-1:AAAA")],
+            seen_at,
+            running: running.map(|t| crate::fleet::ActiveBuild {
+                repo: "r".into(),
+                target: t.into(),
+                branch: "m".into(),
+            }),
+            commit: None,
+            since: None,
+            queued: 2,
+        };
+        view.builders = vec![
+            BuilderView { presence: presence("b1", Some("web1"), 10_000), alive: true },
+            // Not heard from: neither its build nor its queue counts.
+            BuilderView { presence: presence("b2", Some("db1"), 1), alive: false },
+        ];
+        let page = render(&view, 10_000);
+        assert!(page.contains("1 building · 5 queued"), "{page}");
+        assert!(page.contains("<b>b1</b> <span class=\"ok\">alive</span>"), "{page}");
+        assert!(page.contains("<b>b2</b> <span class=\"bad\">not heard from</span>"), "{page}");
+    }
+
+    #[test]
     fn the_page_says_what_is_broken_why_and_what_is_building() {
         let mut hosts = Hosts::new();
         let ok = HostRecord {
@@ -573,7 +618,8 @@ mod tests {
         let at = |needle: &str| page.find(needle).unwrap_or_else(|| panic!("no `{needle}` in {page}"));
         // The summary first, then the failure (sorted after web1 by name, shown before it).
         assert!(at("1 built") < at("Failing") && at("Failing") < at("zz-db1") && at("zz-db1") < at("<h3>web1"));
-        assert!(page.contains("1 failed") && page.contains("1 building") && page.contains("1 queued"), "{page}");
+        // Queued: its own one and the three waiting in the stream for any builder.
+        assert!(page.contains("1 failed") && page.contains("1 building") && page.contains("4 queued"), "{page}");
         // Where each system's upload to the bucket stands.
         assert!(page.contains("in the bucket: <span class=\"run\">40 of 52 paths · 12 uploading</span>"), "{page}");
         let failed = crate::fleet::BucketCopy { pushed: pushed(50, 52, 0, 2), at: 9_000 };
