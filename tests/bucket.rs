@@ -793,7 +793,8 @@ fn a_multipart_upload_a_crash_left_is_aborted_at_the_next_start() {
     std::fs::write(journal.join("cut"), entry.to_string()).unwrap();
     let hearth = common::builder::start(&pushing_config(&garage, &nats, work.path(), &fleet, "", ""));
     hearth.wait_for_log("aborted multipart uploads a stop left behind", 1);
-    assert!(!garage.s3("GET", "?uploads=").contains(&id), "the upload is still there");
+    let gone = || !garage.s3("GET", "?uploads=").contains(&id);
+    common::wait_until_or("the upload left behind to be gone", Duration::from_secs(30), gone, || hearth.log());
     assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
     // Uploads in parts still work, and leave no journal entry.
     build(&nats);

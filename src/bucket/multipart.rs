@@ -108,7 +108,13 @@ impl Bucket {
                 .and_then(|text| serde_json::from_str::<Entry>(&text).ok());
             let (true, Some(entry)) = (old, entry) else { continue };
             match self.s3.abort_multipart(&Path::from(entry.key.as_str()), &entry.id).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                Ok(()) => {
+                    tracing::debug!(key = %entry.key, "aborted a multipart upload left behind");
+                    let _ = std::fs::remove_file(&file);
+                    aborted += 1;
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    tracing::debug!(key = %entry.key, "a multipart upload left behind is gone already");
                     let _ = std::fs::remove_file(&file);
                     aborted += 1;
                 }

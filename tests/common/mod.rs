@@ -99,10 +99,15 @@ pub fn build_input_addressed(name: &str, text: &str) -> String {
 }
 
 /// Polls `ok` until it holds; fails the test naming `what` after `within`.
-pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, within: Duration, ok: impl FnMut() -> bool) {
+    wait_until_or(what, within, ok, String::new);
+}
+
+/// As [`wait_until`], saying `context()` (a log, say) when it times out.
+pub fn wait_until_or(what: &str, within: Duration, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
     let deadline = std::time::Instant::now() + within;
     while !ok() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}\n{}", context());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
