@@ -95,13 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The fleet record is kept only where a builder fills it.
     let fleet_file = config.builder.as_ref().map(|_| config.state_dir.join("fleet.json"));
     let fleet = Arc::new(crate::fleet::Fleet::load(fleet_file));
-    let journal = crate::bucket::journal_dir(&config.state_dir);
-    let bucket = config
-        .bucket
-        .as_ref()
-        .map(|b| crate::bucket::Bucket::open(b).map(|b| b.with_journal(journal.clone())))
-        .transpose()
-        .context("cannot set up the S3 bucket")?;
+    let bucket = open_bucket(&config)?;
     // What the builder builds is pushed; a cache without a builder only reads through.
     let uploader = match (&config.builder, config.bucket.as_ref().zip(bucket.clone())) {
         (Some(_), Some((b, bucket))) => Some(uploader(&config, b, bucket, &store, &metrics)?),
@@ -168,6 +162,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The `[bucket]`, if there is one, its multipart uploads journaled under the state directory.
+fn open_bucket(config: &Config) -> anyhow::Result<Option<crate::bucket::Bucket>> {
+    let journal = crate::bucket::journal_dir(&config.state_dir);
+    let open = |b| crate::bucket::Bucket::open(b).map(|b| b.with_journal(journal.clone()));
+    config.bucket.as_ref().map(open).transpose().context("cannot set up the S3 bucket")
 }
 
 /// The uploader a builder pushes its good systems with, and its upload concurrency.
