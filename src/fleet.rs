@@ -603,6 +603,11 @@ impl Fleet {
         }
     }
 
+    /// A copy of one host's record (without copying the others').
+    pub fn host(&self, repo: &str, host: &str) -> Option<HostRecord> {
+        self.hosts.read().unwrap_or_else(|e| e.into_inner()).get(&(repo.to_owned(), host.to_owned())).cloned()
+    }
+
     /// A copy of the record.
     pub fn snapshot(&self) -> Hosts {
         self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()

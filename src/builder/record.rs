@@ -85,7 +85,7 @@ fn merge(shared: &[Generation], local: Vec<Generation>, me: &str, keep: usize) -
 impl Recorder {
     /// Whether `out` is `host`'s newest good generation and still in the store.
     pub async fn is_newest(&self, repo: &str, host: &str, out: &str) -> bool {
-        let record = self.fleet.snapshot().remove(&(repo.to_owned(), host.to_owned()));
+        let record = self.fleet.host(repo, host);
         let newest = record.and_then(|r| r.generations.last().map(|g| g.path.clone()));
         newest.as_deref() == Some(out) && self.is_valid(out).await
     }
@@ -229,7 +229,7 @@ impl Recorder {
     /// The host's newest good system as the record says (whichever builder built it), else
     /// as this builder's roots say.
     fn newest_recorded(&self, repo: &str, host: &str) -> Option<String> {
-        let record = self.fleet.snapshot().remove(&(repo.to_owned(), host.to_owned()));
+        let record = self.fleet.host(repo, host);
         record
             .and_then(|r| r.generations.last().map(|g| g.path.clone()))
             .or_else(|| self.generations.list(repo, host).last().map(|g| g.path.clone()))
@@ -240,7 +240,7 @@ impl Recorder {
     /// commit is recorded or the branch cannot be read (then the result is the state).
     async fn newer_commits(&self, cx: &Context<'_>, host: &str) -> HashSet<String> {
         let Some(commit) = cx.commit.filter(|_| cx.deploy) else { return HashSet::new() };
-        let record = self.fleet.snapshot().remove(&(cx.repo.to_owned(), host.to_owned())).unwrap_or_default();
+        let record = self.fleet.host(cx.repo, host).unwrap_or_default();
         let newest = record.generations.last().and_then(|g| g.commit.clone());
         let last = record.last_build.and_then(|b| b.commit);
         if [newest, last].iter().flatten().all(|c| c == commit) {
@@ -275,7 +275,7 @@ impl Recorder {
         let out_path = result.out_path.clone();
         // Where it goes, as the record stands now (the writer applies the same rule again if
         // another builder wrote the host meanwhile).
-        let mut now = self.fleet.snapshot().remove(&(cx.repo.to_owned(), host.to_owned())).unwrap_or_default();
+        let mut now = self.fleet.host(cx.repo, host).unwrap_or_default();
         let placed = if deploy { now.place(&build, system.as_ref(), &newer, keep) } else { Placed::Current };
         if placed == Placed::Superseded {
             let (repo, commit) = (cx.repo, cx.commit.unwrap_or("-"));
@@ -385,7 +385,7 @@ impl Recorder {
         // The same system again: what changed stays what it changed against the one before
         // it (never "no change" against itself).
         if before.as_deref() == Some(out) {
-            let kept = self.fleet.snapshot().get(&(repo.to_owned(), host.to_owned())).and_then(|h| h.changes.clone());
+            let kept = self.fleet.host(repo, host).and_then(|h| h.changes);
             system.changes = kept;
             return system;
         }
