@@ -134,8 +134,7 @@ async fn done_this_period(bucket: &Bucket, period: std::time::Duration) -> anyho
             crate::utc::minute(started)
         )));
     }
-    let Some(bytes) = bucket.get(super::GC_DONE).await? else { return Ok(None) };
-    let finished = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["finished_at"].as_i64());
+    let finished = super::gc_stamp(bucket, super::GC_DONE, "finished_at").await?;
     let within = i64::try_from(period.as_secs()).unwrap_or(i64::MAX);
     Ok(finished.filter(|at| now - at < within).map(|at| {
         format!("the bucket was collected at {} ({}s ago), within --once-per", crate::utc::minute(at), now - at)

@@ -53,9 +53,14 @@ pub const GC_LEASE_TTL: i64 = 6 * 3600;
 
 /// When the gc lease in `bucket` was taken, if there is one still in force at `now`.
 pub async fn gc_lease(bucket: &Bucket, now: i64) -> Result<Option<i64>, BucketError> {
-    let Some(bytes) = bucket.get(GC_LEASE).await? else { return Ok(None) };
-    let started = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["started_at"].as_i64());
+    let started = gc_stamp(bucket, GC_LEASE, "started_at").await?;
     Ok(started.filter(|at| now - at < GC_LEASE_TTL))
+}
+
+/// The time (unix seconds) gc's small object `key` holds in `field`, if it is there and readable.
+pub async fn gc_stamp(bucket: &Bucket, key: &str, field: &str) -> Result<Option<i64>, BucketError> {
+    let Some(bytes) = bucket.get(key).await? else { return Ok(None) };
+    Ok(serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v[field].as_i64()))
 }
 
 /// A bucket and its client.

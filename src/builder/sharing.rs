@@ -13,6 +13,11 @@ use super::record::now_seconds;
 use crate::fleet::{Presence, presence_key};
 use crate::metrics::Builder;
 
+/// A give-back count as the shared record holds it (decimal text).
+fn count_of(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
 /// How long a builder not heard from stays in the record.
 const FORGET_AFTER_SECONDS: i64 = 24 * 3600;
 
@@ -175,7 +180,7 @@ impl Worker {
     pub(super) async fn given_back(&self, seq: u64) -> i64 {
         let Some(claims) = self.claims.get() else { return 0 };
         match claims.kv.get(given_back_key(seq)).await {
-            Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0),
+            Ok(Some(v)) => count_of(&v).unwrap_or(0),
             Ok(None) => 0,
             Err(e) => {
                 tracing::warn!(seq, err = %e, "cannot read how often a request was given back; counting none");
@@ -194,7 +199,7 @@ impl Worker {
                 Ok(e) => e.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put),
                 Err(e) => return tracing::warn!(seq, err = %e, "cannot count a give-back"),
             };
-            let count = entry.as_ref().and_then(|e| std::str::from_utf8(&e.value).ok()?.trim().parse::<i64>().ok());
+            let count = entry.as_ref().and_then(|e| count_of(&e.value));
             let value = bytes::Bytes::from((count.unwrap_or(0) + 1).to_string());
             let written = match &entry {
                 Some(e) => claims.kv.update(&key, value, e.revision).await.map(|_| ()).map_err(|e| e.to_string()),
