@@ -131,14 +131,22 @@ fn host_on(h: &Hearth, host: &str) -> Value {
 
 /// `hearth build fleet <target>` as a deployer: its final reply.
 fn build(nats: &Nats, target: &str) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["build", "fleet", target, "--json", "--nats-url", &nats.url(), "--nkey-seed-file"])
-        .arg(nats.seed_path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    build_in_background(nats, target).join().unwrap()
+}
+
+/// The same, on a thread of its own (the test goes on while the build waits at the gate).
+fn build_in_background(nats: &Nats, target: &str) -> std::thread::JoinHandle<Value> {
+    let (url, seed, target) = (nats.url(), nats.seed_path().to_owned(), target.to_owned());
+    std::thread::spawn(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["build", "fleet", &target, "--json", "--nats-url", &url, "--nkey-seed-file"])
+            .arg(seed)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    })
 }
 
 /// Substitutes `system` from `from` into a fresh store trusting only `keys`, and verifies it.
@@ -200,37 +208,16 @@ fn two_builders_with_separate_stores_and_a_read_through_cache_are_one_fleet() {
     let cache = Hearth::start_with_config(&cache_config, cache_dir);
 
     // Each builder takes one host while the other waits at the gate.
-    let deployer = std::thread::spawn({
-        let (url, seed) = (nats.url(), nats.seed_path().to_owned());
-        move || {
-            let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-                .args(["build", "fleet", "db1", "--json", "--nats-url", &url, "--nkey-seed-file"])
-                .arg(seed)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).lines().last().map(str::to_owned).unwrap_or_default()
-        }
-    });
+    let db1 = build_in_background(&nats, "db1");
     wait_until("a builder takes db1", Duration::from_secs(120), || {
         a.log().contains("build started") || b.log().contains("build started")
     });
-    let web1 = std::thread::spawn({
-        let (url, seed) = (nats.url(), nats.seed_path().to_owned());
-        move || {
-            let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-                .args(["build", "fleet", "web1", "--json", "--nats-url", &url, "--nkey-seed-file"])
-                .arg(seed)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).lines().last().map(str::to_owned).unwrap_or_default()
-        }
-    });
+    let web1 = build_in_background(&nats, "web1");
     wait_until("both builders build", Duration::from_secs(120), || {
         a.log().contains("build started") && b.log().contains("build started")
     });
     std::fs::write(gate.join("release"), "").unwrap();
-    let finals: Vec<Value> =
-        [deployer, web1].into_iter().map(|t| serde_json::from_str(&t.join().unwrap()).unwrap()).collect();
+    let finals: Vec<Value> = [db1, web1].into_iter().map(|t| t.join().unwrap()).collect();
     for f in &finals {
         assert_eq!(f["status"], "completed", "{f}");
     }
