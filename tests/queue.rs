@@ -115,6 +115,30 @@ async fn until_queue_empty(nats: &Nats) {
     .await;
 }
 
+/// Waits (up to 60 s) until `h` has started `count` builds; if it has not, fails with what
+/// the stream and its consumer hold, which tells a request the server kept back from one lost.
+async fn until_started(h: &Hearth, nats: &Nats, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while started(h) < count {
+        if std::time::Instant::now() > deadline {
+            let js = async_nats::jetstream::new(builder_client(nats).await);
+            let mut stream = js.get_stream("HEARTH_BUILDS").await.unwrap();
+            let stream_state = stream.info().await.map(|i| format!("{:?}", i.state));
+            let consumer =
+                stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("hearth-builders").await;
+            let consumer_state = match consumer {
+                Ok(mut c) => c.info().await.map(|i| format!("{i:?}")).unwrap_or_else(|e| e.to_string()),
+                Err(e) => e.to_string(),
+            };
+            panic!(
+                "no build started {count} times\nstream: {stream_state:?}\nconsumer: {consumer_state}\nlog:\n{}",
+                h.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn started(h: &Hearth) -> usize {
     h.log().matches("build started").count()
 }
@@ -793,12 +817,12 @@ async fn graceful_stops_never_use_up_a_requests_deliveries() {
         if round > 0 {
             h = builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
         }
-        h.wait_for_log("build started", 1);
+        until_started(&h, &nats, 1).await;
         assert!(h.terminate().success());
         assert!(h.log().contains("the request goes back to the JetStream queue"), "round {round}:\n{}", h.log());
     }
     h = builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
-    h.wait_for_log("build started", 1);
+    until_started(&h, &nats, 1).await;
     repo.release();
     let replies = until_final(&mut sub).await;
     assert_eq!(replies.last().unwrap()["status"], "completed", "{replies:?}");

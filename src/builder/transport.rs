@@ -58,16 +58,17 @@ impl Ack {
         }
     }
 
-    /// Not done: delivered again at once, to whichever builder takes it.
+    /// Not done: delivered again at once, to whichever builder takes it. Waits for the server
+    /// to confirm, so a builder that exits next has given it back for certain.
     pub async fn give_back(&self) {
-        if let Err(e) = self.message.ack_with(AckKind::Nak(None)).await {
+        if let Err(e) = self.message.double_ack_with(AckKind::Nak(None)).await {
             tracing::warn!(seq = self.sequence, err = %e, "cannot give a request back");
         }
     }
 
     /// Never again: the request leaves the stream without a build.
     pub async fn term(&self) {
-        if let Err(e) = self.message.ack_with(AckKind::Term).await {
+        if let Err(e) = self.message.double_ack_with(AckKind::Term).await {
             tracing::warn!(seq = self.sequence, err = %e, "cannot remove a request");
         }
     }
