@@ -24,6 +24,7 @@ use serde_json::Value;
 struct Repo {
     dir: tempfile::TempDir,
     gate: PathBuf,
+    hosts: Vec<String>,
 }
 
 impl Repo {
@@ -32,14 +33,30 @@ impl Repo {
         let gate = dir.path().join("gate");
         std::fs::create_dir_all(&gate).unwrap();
         common::set_mode(&gate, 0o777);
-        let salt = salt();
-        let g = gate.display();
-        let hosts: Vec<(&str, String)> = hosts
+        let repo = Repo { dir, gate, hosts: hosts.iter().map(|h| h.to_string()).collect() };
+        make_repo(&repo.dir.path().join("fleet"), &repo.flake());
+        repo
+    }
+
+    /// The flake: every host's system waits for the gate, and is new to every store.
+    fn flake(&self) -> String {
+        let (salt, g) = (salt(), self.gate.display());
+        let hosts: Vec<(&str, String)> = self
+            .hosts
             .iter()
-            .map(|h| (*h, format!("while [ ! -e {g}/release ]; do /bin/sleep 0.05; done; echo {h} {salt} > $out")))
+            .map(|h| {
+                (h.as_str(), format!("while [ ! -e {g}/release ]; do /bin/sleep 0.05; done; echo {h} {salt} > $out"))
+            })
             .collect();
-        make_repo(&dir.path().join("fleet"), &flake(&hosts));
-        Repo { dir, gate }
+        flake(&hosts)
+    }
+
+    /// A new commit whose systems are new again, behind a closed gate.
+    fn next_commit(&self) {
+        let _ = std::fs::remove_file(self.gate.join("release"));
+        let dir = self.dir.path().join("fleet");
+        std::fs::write(dir.join("flake.nix"), self.flake()).unwrap();
+        common::flake::git(&dir, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "next"]);
     }
 
     fn url(&self) -> String {
@@ -756,6 +773,47 @@ async fn identical_requests_on_two_builders_cost_one_build_and_every_client_hear
     // One build: one host recorded, by one builder.
     let built = running.log().matches("host built").count() + other.log().matches("host built").count();
     assert_eq!(built, 1, "built twice:\n{}\n{}", running.log(), other.log());
+}
+
+/// The same, many times, with both requests sent at one moment, so that the two builders plan
+/// and claim at once (ARCHITECTURE.md, "no work done twice"): every round, one builds, the
+/// other joins, and both clients hear the build end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_sent_at_one_moment_cost_one_build_round_after_round() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    let client = nats.deployer().await;
+    let decided = |h: &Hearth| {
+        let log = h.log();
+        log.matches("claimed the build").count()
+            + log.matches("joined the identical build another builder runs").count()
+    };
+    let built = || a.log().matches("host built").count() + b.log().matches("host built").count();
+    const ROUNDS: usize = 20;
+    for round in 1..=ROUNDS {
+        if round > 1 {
+            repo.next_commit();
+        }
+        let mut subs = Vec::new();
+        for id in ["a", "b"] {
+            subs.push(request(&client, "g1", &format!("r{round}{id}")).await);
+        }
+        // Each builder took one request and claimed or joined it; the build waits at the gate.
+        wait_until("both builders decide on their request", Duration::from_secs(60), || {
+            decided(&a) + decided(&b) >= 2 * round
+        });
+        repo.release();
+        for sub in &mut subs {
+            let replies = until_final(sub).await;
+            let last = replies.last().unwrap();
+            assert_eq!(last["status"], "completed", "round {round}: {replies:?}");
+            assert_eq!(last["hosts"][0]["host"], "g1", "round {round}: {replies:?}");
+        }
+        assert_eq!(built(), round, "round {round}: built twice\n{}\n{}", a.log(), b.log());
+    }
+    until_queue_empty(&nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use async_nats::jetstream::kv;
 
+use crate::fleet::{Presence, presence_key};
+
 /// The shared record's key of a claim: `_claim/<hash of repo, target, branch, commit>`.
 fn key(repo: &str, target: &str, branch: &str, commit: &str) -> String {
     use sha2::Digest;
@@ -61,8 +63,8 @@ pub struct Claims {
 const ATTEMPTS: usize = 20;
 
 impl Claims {
-    /// Claims the build, or joins the claim of a builder that builds it now (`building`),
-    /// adding `reply_to`.
+    /// Claims the build, or joins the claim of a builder that builds it now (`building`, asked
+    /// of its presence as the record holds it after the claim was read), adding `reply_to`.
     /// `taking_over`: the request was delivered before (its builder stopped), so a claim of
     /// another builder is taken over rather than joined. `None`: the record did not answer.
     pub async fn claim(
@@ -70,7 +72,7 @@ impl Claims {
         (repo, target, branch, commit): (&str, &str, &str, &str),
         reply_to: &[String],
         taking_over: bool,
-        building: impl Fn(&str) -> bool,
+        building: impl Fn(&Presence) -> bool,
     ) -> Option<Claimed> {
         let key = key(repo, target, branch, commit);
         for _ in 0..ATTEMPTS {
@@ -96,7 +98,7 @@ impl Claims {
                 tracing::warn!(%key, err = %e, "a build's claim is not one; taking it");
                 Claim { builder: String::new(), at: 0, joiners: Vec::new() }
             });
-            let joining = claim.builder != self.me && building(&claim.builder) && !taking_over;
+            let joining = claim.builder != self.me && !taking_over && self.builds(&claim.builder, &building).await;
             let builder = claim.builder.clone();
             if joining {
                 let new: Vec<String> = reply_to.iter().filter(|t| !claim.joiners.contains(t)).cloned().collect();
@@ -123,6 +125,21 @@ impl Claims {
         }
         tracing::warn!(%key, "a build's claim kept changing; building without one");
         None
+    }
+
+    /// Whether `builder`'s presence, read now (not from a watch that may lag the claim), says
+    /// `building`. A claimant writes its presence before its claim, so this read sees it.
+    async fn builds(&self, builder: &str, building: &impl Fn(&Presence) -> bool) -> bool {
+        match self.kv.entry(presence_key(builder)).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                serde_json::from_slice::<Presence>(&e.value).is_ok_and(|p| building(&p))
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(%builder, err = %e, "cannot read a claimant's presence; taking its claim over");
+                false
+            }
+        }
     }
 
     /// Joiners added to `held` since it was last read.

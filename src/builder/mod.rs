@@ -71,6 +71,8 @@ pub struct Worker {
     counted_builders: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Told when what this builder runs changes: its presence is written at once.
     presence_changed: tokio::sync::Notify,
+    /// The presence last written into the shared record, and when.
+    announced: tokio::sync::Mutex<Option<(crate::fleet::Presence, Instant)>>,
 }
 
 impl Worker {
@@ -150,6 +152,7 @@ impl Worker {
             held: tokio::sync::Mutex::new(None),
             counted_builders: Default::default(),
             presence_changed: tokio::sync::Notify::new(),
+            announced: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -850,7 +853,6 @@ impl Worker {
         let mut last_ack = Instant::now();
         let mut last_queue_note = Instant::now();
         let mut record_seen = self.fleet.version();
-        let mut presence = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -859,7 +861,7 @@ impl Worker {
                 () = self.presence_changed.notified() => {}
                 _ = ended.cancelled() => return,
             }
-            self.announce(&mut presence).await;
+            self.announce().await;
             self.follow_joiners().await;
             // A record shared with other builders changes under us: the gauges follow it.
             if self.config.queue == QueueKind::JetStream && self.fleet.version() != record_seen {

@@ -52,10 +52,10 @@ impl Worker {
         }
     }
 
-    /// Writes this builder's presence into the shared record when it changed or is due;
-    /// `last`: what was written last, and when.
-    pub(super) async fn announce(&self, last: &mut Option<(Presence, Instant)>) {
+    /// Writes this builder's presence into the shared record when it changed or is due.
+    pub(super) async fn announce(&self) {
         let Some(claims) = self.claims.get() else { return };
+        let mut last = self.announced.lock().await;
         let now = self.presence();
         let same = |p: &Presence| Presence { seen_at: now.seen_at, ..p.clone() } == now;
         if last.as_ref().is_some_and(|(p, at)| same(p) && at.elapsed() < PRESENCE_EVERY) {
@@ -82,18 +82,18 @@ impl Worker {
     /// builder runs (telling the request's clients so, and acknowledging it).
     pub(super) async fn claim(&self, job: &Job, commit: Option<&str>) -> Claim {
         let (Some(claims), Some(commit)) = (self.claims.get(), commit) else { return Claim::Build };
+        // Our presence says we build this request before our claim exists: a builder that
+        // reads the claim and then our presence finds them agreeing.
+        self.announce().await;
         // A claim is joined only while its builder lives and says it builds this very request
         // (its commit may not be in its presence yet): a claim left behind (its request given
         // up, say) is taken over, never joined.
-        let builders = self.fleet.builders();
-        let building = |b: &str| {
-            builders.get(b).is_some_and(|p| {
-                let same = p.running.as_ref().is_some_and(|r| {
-                    (r.repo.as_str(), r.target.as_str(), r.branch.as_str())
-                        == (job.repo.name.as_str(), job.target.as_str(), job.branch.as_str())
-                });
-                p.is_alive(now_seconds()) && same && p.commit.as_deref().is_none_or(|c| c == commit)
-            })
+        let building = |p: &Presence| {
+            let same = p.running.as_ref().is_some_and(|r| {
+                (r.repo.as_str(), r.target.as_str(), r.branch.as_str())
+                    == (job.repo.name.as_str(), job.target.as_str(), job.branch.as_str())
+            });
+            p.is_alive(now_seconds()) && same && p.commit.as_deref().is_none_or(|c| c == commit)
         };
         let taking_over = job.acks.iter().any(|a| a.delivered > 1);
         let place = (job.repo.name.as_str(), job.target.as_str(), job.branch.as_str(), commit);
