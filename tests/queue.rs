@@ -85,9 +85,14 @@ fn builder_with(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str, 
 
 /// Publishes a build request for `host` as a deployer, with replies to `build.responses.<id>`.
 async fn request(client: &async_nats::Client, host: &str, id: &str) -> async_nats::Subscriber {
+    request_with(client, host, id, "").await
+}
+
+/// The same, with `fields` (`,"rev":"…"`, say) added to the request.
+async fn request_with(client: &async_nats::Client, host: &str, id: &str, fields: &str) -> async_nats::Subscriber {
     let reply_to = format!("build.responses.{id}");
     let sub = client.subscribe(reply_to.clone()).await.unwrap();
-    let body = format!(r#"{{"repo":"fleet","target":"{host}","reply_to":"{reply_to}"}}"#);
+    let body = format!(r#"{{"repo":"fleet","target":"{host}","reply_to":"{reply_to}"{fields}}}"#);
     // With a reply subject the stream answers with the request's place in it.
     client.publish_with_reply(format!("build.fleet.{host}"), reply_to, body.into()).await.unwrap();
     client.flush().await.unwrap();
@@ -726,6 +731,81 @@ async fn an_older_commit_ending_later_never_becomes_the_hosts_state() {
             fleet["hosts"][0]["generations"].as_array().unwrap().last().unwrap()["commit"] == new.as_str()
         });
     }
+}
+
+/// The same race many times, on two builders, the two commits ending in either order or at one
+/// moment (ARCHITECTURE.md, "one history per host"): the newer commit is always the host's
+/// state, each system is one generation numbered once, and the older one is either the
+/// generation before it (it ended first) or kept apart as superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_commits_ending_in_any_order_leave_the_newer_as_the_hosts_state_round_after_round() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["web1"]);
+    let dir = repo.dir.path().join("fleet");
+    let (salt, gate) = (salt(), repo.gate.display().to_string());
+    let a = builder(&nats, &repo, "jetstream", "builder-a", "");
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    let client = nats.deployer().await;
+    let record = fleet_record(&nats).await;
+    // Each commit's system waits for its own gate file.
+    let gated =
+        |what: String| format!("while [ ! -e {gate}/{what} ]; do /bin/sleep 0.05; done; echo {what} {salt} > $out");
+    let open = |what: &str| std::fs::write(repo.gate.join(what), "").unwrap();
+    const ROUNDS: usize = 12;
+    let mut superseded = 0;
+    for round in 1..=ROUNDS {
+        let (older_gate, newer_gate) = (format!("older{round}"), format!("newer{round}"));
+        let older = commit_web1(&dir, gated(older_gate.clone()));
+        let newer = commit_web1(&dir, gated(newer_gate.clone()));
+        let mut older_sub = request_with(&client, "web1", &older_gate, &format!(r#","rev":"{older}""#)).await;
+        let mut newer_sub = request_with(&client, "web1", &newer_gate, &format!(r#","rev":"{newer}""#)).await;
+        wait_until("each builder builds one commit", Duration::from_secs(60), || {
+            started(&a) + started(&b) == 2 * round
+        });
+        // Both at one moment, the older first, or the newer first.
+        let (older_replies, newer_replies) = match round % 3 {
+            0 => {
+                open(&older_gate);
+                open(&newer_gate);
+                (until_final(&mut older_sub).await, until_final(&mut newer_sub).await)
+            }
+            1 => {
+                open(&older_gate);
+                let o = until_final(&mut older_sub).await;
+                open(&newer_gate);
+                (o, until_final(&mut newer_sub).await)
+            }
+            _ => {
+                open(&newer_gate);
+                let n = until_final(&mut newer_sub).await;
+                open(&older_gate);
+                (until_final(&mut older_sub).await, n)
+            }
+        };
+        for replies in [&older_replies, &newer_replies] {
+            assert_eq!(replies.last().unwrap()["status"], "completed", "round {round}: {replies:?}");
+        }
+        let web1 = host_entry(&record, "web1").await;
+        let generations: Vec<(u64, &str)> = web1["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["number"].as_u64().unwrap(), g["commit"].as_str().unwrap()))
+            .collect();
+        assert_eq!(web1["last_build"]["commit"], newer.as_str(), "round {round}: {web1:#}");
+        assert_eq!(generations.last().map(|g| g.1), Some(newer.as_str()), "round {round}: {web1:#}");
+        assert!(generations.windows(2).all(|w| w[0].0 < w[1].0), "round {round}: numbered once: {web1:#}");
+        let older_ended_first = generations.iter().rev().nth(1).is_some_and(|g| g.1 == older);
+        let kept_apart = web1["superseded"]["commit"] == older.as_str();
+        assert!(older_ended_first != kept_apart, "round {round}: the older commit is one or the other: {web1:#}");
+        match round % 3 {
+            1 => assert!(older_ended_first, "round {round}: {web1:#}"),
+            2 => assert!(kept_apart, "round {round}: {web1:#}"),
+            _ => superseded += usize::from(kept_apart),
+        }
+    }
+    eprintln!("at one moment, the older commit was kept apart in {superseded} of {} rounds", ROUNDS / 3);
+    until_queue_empty(&nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -836,6 +836,8 @@ impl Worker {
             }
             return;
         }
+        // The result is in the record (shared too) before anyone is told it ended.
+        self.recorder.settled().await;
         self.reporter.publish_final(&subscribers, &reply, cancel).await;
         for ack in acks {
             ack.done().await;

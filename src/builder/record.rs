@@ -47,6 +47,9 @@ pub struct Context<'a> {
     pub commit: Option<&'a str>,
 }
 
+/// How long a final reply waits for the shared record to take the build's result.
+const RECORDED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Writes results into the record.
 pub struct Recorder {
     pub store: Arc<Store>,
@@ -512,6 +515,19 @@ impl Recorder {
                 let batch = uploader.push_after(after, *concurrency, self.recorded_future());
                 self.follow_push(&repo, &host, newest, batch);
             }
+        }
+    }
+
+    /// Returns once the record where it is kept (the shared record included) holds every
+    /// result written so far, or after [`RECORDED_WAIT`]: a final reply follows its record, so
+    /// a client told "completed" finds the result on every builder's page.
+    pub async fn settled(&self) {
+        let target = self.fleet.changes_sent();
+        if tokio::time::timeout(RECORDED_WAIT, self.fleet.flushed_to(target)).await.is_err() {
+            tracing::warn!(
+                seconds = RECORDED_WAIT.as_secs(),
+                "the shared record has not taken this build's result yet; replying anyway (it is written when NATS answers)"
+            );
         }
     }
 
