@@ -399,13 +399,14 @@ impl Store {
         let whole = start == 0 && end == entry.file_size;
         let primed = tokio::task::spawn_blocking(move || -> Option<std::io::Result<nar_stream::Primed>> {
             let (mut file, stamp) = cache.open_entry(hash, &owned)?;
-            let source: nar_stream::Source = if whole && owned.checked != Some(stamp) {
-                Box::new(cache.verifying(hash, &owned, file, stamp))
+            Some(if whole && owned.checked != Some(stamp) {
+                nar_stream::prime(Box::new(cache.verifying(hash, &owned, file, stamp)), len)
+            } else if whole {
+                nar_stream::prime_file(file, len)
             } else {
                 file.seek(SeekFrom::Start(start)).ok()?;
-                Box::new(file.take(len))
-            };
-            Some(nar_stream::prime(source, len))
+                nar_stream::prime(Box::new(file.take(len)), len)
+            })
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("cache open task: {e}")))?;

@@ -148,8 +148,19 @@ pub type Source = Box<dyn Read + Send>;
 /// buffers are never larger than what can still come, and a stream whose last byte is out
 /// reads nothing ahead.
 enum Producer {
-    Nar { reader: NarReader, left: u64 },
-    Read { source: Source, left: u64 },
+    Nar {
+        reader: NarReader,
+        left: u64,
+    },
+    /// A whole file of `left` bytes (a hot NAR), read the same way: no zeroing, no copy.
+    File {
+        file: std::fs::File,
+        left: u64,
+    },
+    Read {
+        source: Source,
+        left: u64,
+    },
 }
 
 impl Producer {
@@ -164,7 +175,7 @@ impl Producer {
     /// Nothing more can come.
     fn finished(&self) -> bool {
         match self {
-            Producer::Nar { left, .. } | Producer::Read { left, .. } => *left == 0,
+            Producer::Nar { left, .. } | Producer::File { left, .. } | Producer::Read { left, .. } => *left == 0,
         }
     }
 }
@@ -289,6 +300,19 @@ fn produce(mut producer: Producer) -> Produced {
                 POOL.chunk(buf)
             })
         }
+        Producer::File { file, left } => {
+            let last = *left <= chunk_size() as u64;
+            let mut buf = if last { Vec::with_capacity(*left as usize) } else { POOL.take(chunk_capacity(*left)) };
+            fill_from_file(file, &mut buf).and_then(|()| {
+                let n = buf.len() as u64;
+                if n > *left {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "the file grew while it was read"));
+                }
+                // A short read is the end (a file shorter than its size: the body is short).
+                *left = if n < buf.capacity() as u64 { 0 } else { *left - n };
+                Ok(POOL.chunk(buf))
+            })
+        }
         Producer::Read { source, left } => {
             let want = (chunk_size() as u64).min(*left) as usize;
             let mut buf = POOL.take(chunk_capacity(*left));
@@ -304,6 +328,20 @@ fn produce(mut producer: Producer) -> Produced {
     (producer, result)
 }
 
+/// Appends `file`'s next bytes to `buf` until its capacity is full or the file ends, into the
+/// buffer's spare capacity (nothing zeroed first).
+fn fill_from_file(file: &std::fs::File, buf: &mut Vec<u8>) -> io::Result<()> {
+    while buf.len() < buf.capacity() {
+        match rustix::io::read(file, rustix::buffer::spare_capacity(buf)) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 type Opener = Box<dyn FnOnce() -> io::Result<Producer> + Send>;
 
 /// A byte source whose first chunk is read already (see [`prime`]).
@@ -317,6 +355,12 @@ pub struct Primed {
 /// async threads instead of two.
 pub fn prime(source: Source, at_most: u64) -> io::Result<Primed> {
     let (rest, first) = produce(Producer::read(source, at_most));
+    Ok(Primed { first: first?, rest })
+}
+
+/// The same for a whole file of `size` bytes (a hot NAR), read without zeroing its buffers.
+pub fn prime_file(file: std::fs::File, size: u64) -> io::Result<Primed> {
+    let (rest, first) = produce(Producer::File { file, left: size });
     Ok(Primed { first: first?, rest })
 }
 
@@ -530,6 +574,39 @@ mod tests {
         assert_eq!(chunk_capacity(20_036), 32 << 10);
         assert!(chunk_capacity(u64::MAX) <= chunk_size());
         assert!(chunk_capacity(u64::MAX).is_power_of_two());
+    }
+
+    /// Every chunk of a whole file streamed by [`prime_file`], as the stream gives them.
+    async fn file_chunks(pool: &Arc<NarPool>, path: &std::path::Path, size: u64) -> Vec<io::Result<Bytes>> {
+        let primed = prime_file(std::fs::File::open(path).unwrap(), size).unwrap();
+        let mut s = NarStream::from_primed(pool.clone(), "file".into(), primed, ());
+        let mut out = Vec::new();
+        while let Some(chunk) = s.next().await {
+            out.push(chunk);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_whole_file_streams_exactly_its_size() {
+        let pool = Arc::new(NarPool::new(2).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hot");
+        // Smaller than a chunk, exactly a chunk, and many chunks with a remainder.
+        for size in [0, 300, MAX_CHUNK, 5 * MAX_CHUNK + 12_345] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(&path, &data).unwrap();
+            let got: Vec<u8> =
+                file_chunks(&pool, &path, size as u64).await.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+            assert!(got == data, "size {size}: {} bytes back", got.len());
+        }
+        // Longer than the size it was opened at: exactly that size, never the bytes past it.
+        std::fs::write(&path, vec![1u8; 1000]).unwrap();
+        let got: usize = file_chunks(&pool, &path, 900).await.into_iter().map(|c| c.unwrap().len()).sum();
+        assert_eq!(got, 900);
+        // Shorter: the stream ends short (the HTTP body checks it against its length).
+        let got: usize = file_chunks(&pool, &path, 5000).await.into_iter().map(|c| c.unwrap().len()).sum();
+        assert_eq!(got, 1000);
     }
 
     #[tokio::test]
