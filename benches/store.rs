@@ -1,6 +1,7 @@
 //! Criterion benchmarks of store access: streaming the NAR of a directory from the page cache
-//! (20,000 small files, and one 256 MiB file), and a path-info lookup through the database and
-//! through the daemon. Needs the local Nix store (`scripts/bench` or `scripts/test` set it up).
+//! (20,000 small files, and one 256 MiB file), a 256 MiB hot-NAR file read into spare buffer
+//! capacity against the same file through a generic reader (which zeroes each buffer first),
+//! and a path-info lookup through the database and through the daemon. Needs the local Nix store (`scripts/bench` or `scripts/test` set it up).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hearth::nix::store_path::StorePathHash;
 use std::sync::Arc;
 
-use hearth::store::nar_stream::{Encoding, NarPool, NarStream};
+use hearth::store::nar_stream::{self, Encoding, NarPool, NarStream};
 use hearth::store::{Backend, Store, StoreConfig};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -26,11 +27,27 @@ fn make_tree(root: &Path) {
     }
 }
 
-async fn drain(path: PathBuf, size: u64) -> u64 {
-    use futures::StreamExt;
+fn nar_pool() -> Arc<NarPool> {
     static POOL: std::sync::OnceLock<Arc<NarPool>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| Arc::new(NarPool::new(32).expect("NAR pool"))).clone();
-    let mut rx = NarStream::new(pool, path, Encoding::Plain { start: 0, end: size }, ());
+    POOL.get_or_init(|| Arc::new(NarPool::new(32).expect("NAR pool"))).clone()
+}
+
+async fn drain(path: PathBuf, size: u64) -> u64 {
+    drain_stream(NarStream::new(nar_pool(), path, Encoding::Plain { start: 0, end: size }, ())).await
+}
+
+/// A whole file as a hot NAR is sent: `spare` reads it into spare buffer capacity
+/// (`prime_file`), else through a `Read` (`prime`).
+async fn drain_file(path: &Path, size: u64, spare: bool) -> u64 {
+    use std::io::Read;
+    let file = std::fs::File::open(path).expect("open");
+    let primed =
+        if spare { nar_stream::prime_file(file, size) } else { nar_stream::prime(Box::new(file.take(size)), size) };
+    drain_stream(NarStream::from_primed(nar_pool(), "file".into(), primed.expect("prime"), ())).await
+}
+
+async fn drain_stream(mut rx: NarStream) -> u64 {
+    use futures::StreamExt;
     let mut n = 0;
     while let Some(chunk) = rx.next().await {
         n += chunk.expect("chunk").len() as u64;
@@ -53,6 +70,12 @@ fn nar_walk(c: &mut Criterion) {
     let size = rt.block_on(drain(big.clone(), u64::MAX));
     g.throughput(Throughput::Bytes(size));
     g.bench_function("256MiB_file", |b| b.iter(|| rt.block_on(drain(black_box(big.clone()), size))));
+    let size = 256 << 20;
+    g.throughput(Throughput::Bytes(size));
+    g.bench_function("256MiB_hot_file", |b| b.iter(|| rt.block_on(drain_file(black_box(&big), size, true))));
+    g.bench_function("256MiB_hot_file_through_a_reader", |b| {
+        b.iter(|| rt.block_on(drain_file(black_box(&big), size, false)))
+    });
     g.finish();
 }
 

@@ -301,12 +301,12 @@ fn produce(mut producer: Producer) -> Produced {
             })
         }
         Producer::File { file, left } => {
-            let last = *left <= chunk_size() as u64;
-            let mut buf = if last { Vec::with_capacity(*left as usize) } else { POOL.take(chunk_capacity(*left)) };
+            // A pooled buffer, the last one too (the file ends before it is full).
+            let mut buf = POOL.take(chunk_capacity(*left));
             fill_from_file(file, &mut buf).and_then(|()| {
                 let n = buf.len() as u64;
                 if n > *left {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "the file grew while it was read"));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "the file is longer than its size"));
                 }
                 // A short read is the end (a file shorter than its size: the body is short).
                 *left = if n < buf.capacity() as u64 { 0 } else { *left - n };
@@ -578,7 +578,10 @@ mod tests {
 
     /// Every chunk of a whole file streamed by [`prime_file`], as the stream gives them.
     async fn file_chunks(pool: &Arc<NarPool>, path: &std::path::Path, size: u64) -> Vec<io::Result<Bytes>> {
-        let primed = prime_file(std::fs::File::open(path).unwrap(), size).unwrap();
+        let primed = match prime_file(std::fs::File::open(path).unwrap(), size) {
+            Ok(p) => p,
+            Err(e) => return vec![Err(e)],
+        };
         let mut s = NarStream::from_primed(pool.clone(), "file".into(), primed, ());
         let mut out = Vec::new();
         while let Some(chunk) = s.next().await {
@@ -600,10 +603,10 @@ mod tests {
                 file_chunks(&pool, &path, size as u64).await.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
             assert!(got == data, "size {size}: {} bytes back", got.len());
         }
-        // Longer than the size it was opened at: exactly that size, never the bytes past it.
+        // Longer than the size it was opened at: an error, never the bytes past it.
         std::fs::write(&path, vec![1u8; 1000]).unwrap();
-        let got: usize = file_chunks(&pool, &path, 900).await.into_iter().map(|c| c.unwrap().len()).sum();
-        assert_eq!(got, 900);
+        let chunks = file_chunks(&pool, &path, 900).await;
+        assert!(chunks.iter().all(|c| c.as_ref().is_err()), "{chunks:?}");
         // Shorter: the stream ends short (the HTTP body checks it against its length).
         let got: usize = file_chunks(&pool, &path, 5000).await.into_iter().map(|c| c.unwrap().len()).sum();
         assert_eq!(got, 1000);
