@@ -137,6 +137,40 @@ async fn until_queue_empty(nats: &Nats) {
     .await;
 }
 
+/// #31.6 many times: a builder stopped gracefully at each moment of a request's life (as it
+/// starts taking requests, while it plans, while it builds), nine times over one request with
+/// `max_deliver = 1`: every stop gives the request back and none uses a delivery up, so the
+/// builder after them builds it, once, at the delivery those give-backs add up to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stops_at_any_moment_neither_use_up_nor_lose_a_request() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["g1"]);
+    let client = nats.deployer().await;
+    let start = || builder_with(&nats, &repo, "jetstream", "builder-a", "", "max_deliver = 1");
+    let mut h = start();
+    let mut sub = request(&client, "g1", "stops").await;
+    let gave_back = |h: &Hearth| h.log().matches("the request goes back to the JetStream queue").count();
+    let mut given_back = 0;
+    for round in 0..9 {
+        if round > 0 {
+            h = start();
+        }
+        let moment = ["builder listening", "build started", "claimed the build"][round % 3];
+        h.wait_for_log(moment, 1);
+        assert!(h.terminate().success(), "round {round}:\n{}", h.log());
+        given_back += gave_back(&h);
+    }
+    eprintln!("nine graceful stops gave the request back {given_back} times");
+    h = start();
+    until_started(&h, &nats, 1).await;
+    repo.release();
+    let replies = until_final(&mut sub).await;
+    assert_eq!(replies.last().unwrap()["status"], "completed", "{replies:?}");
+    assert!(h.log().contains(&format!("delivery={}", given_back + 1)), "{given_back} give-backs:\n{}", h.log());
+    assert_eq!(h.log().matches("host built").count(), 1, "{}", h.log());
+    until_queue_empty(&nats).await;
+}
+
 /// Waits (up to 60 s) until `h` has started `count` builds; if it has not, fails with what
 /// the stream and its consumer hold, which tells a request the server kept back from one lost.
 async fn until_started(h: &Hearth, nats: &Nats, count: usize) {

@@ -193,14 +193,11 @@ impl Worker {
         tokio::spawn(worker.clone().keepalive(ended.clone()));
         let _ended = ended.drop_guard();
         let mut builds = tokio::spawn(worker.clone().build_loop(stop.clone(), cancel.clone()));
-        loop {
-            tokio::select! {
-                delivery = transport.next(|| worker.queue.idle()) => match delivery {
-                    Some(d) => worker.receive(d).await,
-                    None => break,
-                },
-                _ = stop.cancelled() => break,
-            }
+        // `next` returns at `stop`, but only once a pull it asked for has ended: a request the
+        // server hands out meanwhile is taken here and given back, never left to wait out its
+        // ack wait (which would use one of its deliveries up).
+        while let Some(d) = transport.next(|| worker.queue.idle(), &stop).await {
+            worker.receive(d).await;
         }
         // Stop taking requests. Core: messages already delivered stay unanswered by us and go to
         // another builder only if they are re-sent; JetStream: what we hold is delivered again.
@@ -220,6 +217,8 @@ impl Worker {
                 let _ = builds.await;
             }
         }
+        // A request taken while the build loop was ending.
+        worker.answer_waiting(&cancel).await;
         worker.withdraw().await;
         let _ = worker.client.flush().await;
     }
@@ -380,8 +379,10 @@ impl Worker {
     async fn build_loop(self: Arc<Self>, stop: CancellationToken, cancel: CancellationToken) {
         loop {
             let job = tokio::select! {
-                job = self.queue.next() => job,
+                // A request taken as the builder stops waits to be given back, not built.
+                biased;
                 _ = stop.cancelled() => break,
+                job = self.queue.next() => job,
             };
             self.metrics.build_queue.set(self.queue.waiting() as i64);
             self.metrics.build_in_progress.set(1);
@@ -391,10 +392,20 @@ impl Worker {
             self.show_activity(None);
             self.metrics.build_in_progress.set(0);
         }
+        self.answer_waiting(&cancel).await;
+    }
+
+    /// Stopping: every request still waiting here goes back to the JetStream queue (counted as
+    /// given back, so it keeps its deliveries) or, with core NATS, is told it was interrupted.
+    async fn answer_waiting(&self, cancel: &CancellationToken) {
         for job in self.queue.drain() {
             if !job.acks.is_empty() {
                 // Durable: another builder (or this one, restarted) takes it.
                 for ack in &job.acks {
+                    tracing::info!(
+                        seq = ack.sequence,
+                        "stopping before it started: the request goes back to the JetStream queue"
+                    );
                     self.note_given_back(ack.sequence).await;
                     ack.give_back().await;
                 }
@@ -403,7 +414,7 @@ impl Worker {
             let mut r = Reply::new(Status::Interrupted, &job.repo.name, &job.target)
                 .message("interrupted: hearth stopped before this build started; send it again");
             r.branch = Some(job.branch.clone());
-            self.reporter.publish_final(&job.reply_to, &r, &cancel).await;
+            self.reporter.publish_final(&job.reply_to, &r, cancel).await;
         }
         self.metrics.build_queue.set(0);
     }

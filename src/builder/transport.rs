@@ -14,7 +14,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 
+use tokio_util::sync::CancellationToken;
+
 use super::config::{BuilderConfig, JetStreamSection, QueueKind};
+
+/// How long one pull waits for a request: also how much longer a graceful stop of an idle
+/// builder may take (its last pull is seen to its end).
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 /// One delivered request.
 pub struct Delivery {
@@ -121,26 +127,48 @@ impl Transport {
         }
     }
 
-    /// The next request. With JetStream, waits until `idle()` (the local queue has room) first,
-    /// so a busy builder leaves requests in the stream for the others.
-    pub(super) async fn next<F: std::future::Future<Output = ()>>(&mut self, idle: impl Fn() -> F) -> Option<Delivery> {
+    /// The next request; `None` once `stop` is cancelled. With JetStream, waits until `idle()`
+    /// (the local queue has room) first, so a busy builder leaves requests in the stream for the
+    /// others; a pull already asked for is seen to its end even after `stop` (the server may be
+    /// handing a request to it), and what it brings is returned.
+    pub(super) async fn next<F: std::future::Future<Output = ()>>(
+        &mut self,
+        idle: impl Fn() -> F,
+        stop: &CancellationToken,
+    ) -> Option<Delivery> {
         match self {
-            Transport::Core(subs) => subs.next().await.map(|m| Delivery {
-                subject: m.subject.to_string(),
-                payload: m.payload,
-                headers: m.headers,
-                reply: m.reply.map(|r| r.to_string()),
-                ack: None,
-            }),
+            Transport::Core(subs) => {
+                let m = tokio::select! {
+                    m = subs.next() => m?,
+                    _ = stop.cancelled() => return None,
+                };
+                Some(Delivery {
+                    subject: m.subject.to_string(),
+                    payload: m.payload,
+                    headers: m.headers,
+                    reply: m.reply.map(|r| r.to_string()),
+                    ack: None,
+                })
+            }
             Transport::JetStream(durable) => loop {
-                idle().await;
+                tokio::select! {
+                    () = idle() => {}
+                    _ = stop.cancelled() => return None,
+                }
+                if stop.is_cancelled() {
+                    return None;
+                }
                 match durable.fetch().await {
                     Ok(Some(d)) => return Some(d),
+                    Ok(None) if stop.is_cancelled() => return None,
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(err = %e, "cannot take requests from JetStream; trying again");
                         durable.consumer = None;
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                            _ = stop.cancelled() => return None,
+                        }
                     }
                 }
             },
@@ -220,13 +248,13 @@ impl Durable {
         self.consumer.as_ref().ok_or_else(|| TransportError("no consumer".into()))
     }
 
-    /// One request, if one comes within a few seconds.
+    /// One request, if one comes within [`PULL_EXPIRES`].
     async fn fetch(&mut self) -> Result<Option<Delivery>, TransportError> {
         let consumer = self.ensure().await?;
         let mut batch = consumer
             .fetch()
             .max_messages(1)
-            .expires(Duration::from_secs(5))
+            .expires(PULL_EXPIRES)
             .messages()
             .await
             .map_err(|e| TransportError(format!("fetch: {e}")))?;
