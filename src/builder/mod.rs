@@ -217,7 +217,8 @@ impl Worker {
                 let _ = builds.await;
             }
         }
-        // A request taken while the build loop was ending.
+        // What waits here (taken before or while the build loop ended) is answered once both
+        // loops are over, so nothing can be queued after it.
         worker.answer_waiting(&cancel).await;
         worker.withdraw().await;
         let _ = worker.client.flush().await;
@@ -392,7 +393,6 @@ impl Worker {
             self.show_activity(None);
             self.metrics.build_in_progress.set(0);
         }
-        self.answer_waiting(&cancel).await;
     }
 
     /// Stopping: every request still waiting here goes back to the JetStream queue (counted as

@@ -152,11 +152,9 @@ impl Transport {
             }
             Transport::JetStream(durable) => loop {
                 tokio::select! {
-                    () = idle() => {}
+                    biased;
                     _ = stop.cancelled() => return None,
-                }
-                if stop.is_cancelled() {
-                    return None;
+                    () = idle() => {}
                 }
                 match durable.fetch().await {
                     Ok(Some(d)) => return Some(d),
