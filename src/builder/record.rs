@@ -522,8 +522,7 @@ impl Recorder {
     /// result written so far, or after [`RECORDED_WAIT`]: a final reply follows its record, so
     /// a client told "completed" finds the result on every builder's page.
     pub async fn settled(&self) {
-        let target = self.fleet.changes_sent();
-        if tokio::time::timeout(RECORDED_WAIT, self.fleet.flushed_to(target)).await.is_err() {
+        if !self.written_within(RECORDED_WAIT).await {
             tracing::warn!(
                 seconds = RECORDED_WAIT.as_secs(),
                 "the shared record has not taken this build's result yet; replying anyway (it is written when NATS answers)"
@@ -533,11 +532,18 @@ impl Recorder {
 
     /// Resolves once the record holds every change made so far (60 s at most).
     fn recorded_future(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let recorded = self.written_within(std::time::Duration::from_secs(60));
+        async move {
+            recorded.await;
+        }
+    }
+
+    /// Resolves once the record holds every change made until now (true), or after `wait`
+    /// (false).
+    fn written_within(&self, wait: std::time::Duration) -> impl std::future::Future<Output = bool> + Send + 'static {
         let fleet = self.fleet.clone();
         let target = fleet.changes_sent();
-        async move {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), fleet.flushed_to(target)).await;
-        }
+        async move { tokio::time::timeout(wait, fleet.flushed_to(target)).await.is_ok() }
     }
 
     /// The plan's result as the record holds it, if every host of it was recorded at the plan's
