@@ -510,13 +510,18 @@ mod tests {
     use futures::StreamExt;
     use std::sync::Arc;
 
-    async fn collect(pool: &Arc<NarPool>, path: &std::path::Path, encoding: Encoding) -> Vec<u8> {
-        let mut s = NarStream::new(pool.clone(), path.to_owned(), encoding, ());
+    /// Every item of `s`, in order.
+    async fn items(mut s: NarStream) -> Vec<io::Result<Bytes>> {
         let mut out = Vec::new();
         while let Some(chunk) = s.next().await {
-            out.extend_from_slice(&chunk.unwrap());
+            out.push(chunk);
         }
         out
+    }
+
+    async fn collect(pool: &Arc<NarPool>, path: &std::path::Path, encoding: Encoding) -> Vec<u8> {
+        let s = NarStream::new(pool.clone(), path.to_owned(), encoding, ());
+        items(s).await.into_iter().flat_map(|c| c.unwrap().to_vec()).collect()
     }
 
     #[tokio::test]
@@ -582,12 +587,7 @@ mod tests {
             Ok(p) => p,
             Err(e) => return vec![Err(e)],
         };
-        let mut s = NarStream::from_primed(pool.clone(), "file".into(), primed, ());
-        let mut out = Vec::new();
-        while let Some(chunk) = s.next().await {
-            out.push(chunk);
-        }
-        out
+        items(NarStream::from_primed(pool.clone(), "file".into(), primed, ())).await
     }
 
     #[tokio::test]
