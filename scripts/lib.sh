@@ -39,6 +39,15 @@ ensure_toolchain() {
     command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
 }
 
+# ensure_free_space DIR GIB: fails unless DIR's file system has GIB GiB free. A build that runs
+# out of disk half-way dies in the linker with a bus error, which says nothing about the cause.
+ensure_free_space() {
+    local dir=$1 want=$2 have
+    mkdir -p "$dir"
+    have=$(df --output=avail -B1G "$dir" | tail -n1 | tr -d ' ')
+    [ "$have" -ge "$want" ] || die "$dir has ${have} GiB free; the build and tests need at least ${want} GiB"
+}
+
 
 # Sets Nix up the way Debian's nix-setup-systemd package does (nix-bin alone, as installed with
 # --no-install-recommends, leaves this out): the nixbld group with ten build users, the nix-users
