@@ -5,7 +5,7 @@
 //! Every command gets an argument vector (no shell); request fields arrive here validated. A
 //! command runs in its own process group, and the whole group is killed on timeout or shutdown.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::BuildError;
 use super::job::is_valid_name;
+use super::record::now_seconds;
+use crate::fleet::{BranchOrder, ORDER_ANCESTORS};
 use crate::nix::version::NixVersion;
 
 /// Log lines kept for a failure reply.
@@ -387,26 +389,33 @@ impl Exec {
         Ok(mirror)
     }
 
-    /// The commits of `branch` (as it is now) that descend from `commit`: what is newer than it
-    /// in the branch's history. Empty for a repo that is not a git URL (no history to order by).
-    pub async fn newer_commits(
+    /// Where `commit` stands in `branch`'s history as it is now: the commits that descend from
+    /// it, its last [`ORDER_ANCESTORS`] ancestors, and when the branch was fetched. `None` for a
+    /// repo that is not a git URL (no history to order by).
+    pub async fn branch_order(
         &self,
         url: &str,
         branch: &str,
         commit: &str,
         cancel: &CancellationToken,
-    ) -> Result<std::collections::HashSet<String>, BuildError> {
-        let Some(git) = git_url(url) else { return Ok(Default::default()) };
+    ) -> Result<Option<BranchOrder>, BuildError> {
+        let Some(git) = git_url(url) else { return Ok(None) };
+        let fetched_at = now_seconds();
         let mirror = self.fetch_branch(git, branch, cancel).await?;
-        let mut list = Command::new("git");
-        list.arg("-C").arg(&mirror).args([
-            "rev-list",
-            "--ancestry-path",
-            &format!("{commit}..refs/heads/{branch}"),
-            "--",
-        ]);
-        let out = run("git rev-list", list, (Duration::from_secs(60), None), cancel, &mut |_| {}).await?;
-        Ok(out.lines().map(str::trim).filter(|c| super::job::is_valid_rev(c)).map(str::to_owned).collect())
+        let rev_list = |args: &[&str]| {
+            let mut list = Command::new("git");
+            list.arg("-C").arg(&mirror).arg("rev-list").args(args).arg("--");
+            list
+        };
+        let lines = |out: String| -> HashSet<String> {
+            out.lines().map(str::trim).filter(|c| super::job::is_valid_rev(c)).map(str::to_owned).collect()
+        };
+        let limit = Duration::from_secs(60);
+        let descendants = rev_list(&["--ancestry-path", &format!("{commit}..refs/heads/{branch}")]);
+        let newer = lines(run("git rev-list", descendants, (limit, None), cancel, &mut |_| {}).await?);
+        let ancestors = rev_list(&[&format!("--max-count={ORDER_ANCESTORS}"), commit]);
+        let older = lines(run("git rev-list", ancestors, (limit, None), cancel, &mut |_| {}).await?);
+        Ok(Some(BranchOrder { newer, older, fetched_at }))
     }
 
     /// The names of the flake's `nixosConfigurations`, keeping only valid host names.

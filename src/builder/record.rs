@@ -5,7 +5,6 @@
 //! Architecture invariant: only the deploy branch's results are a host's state (generations,
 //! `last_build`, per-host metrics); another branch's are recorded apart, under its branch.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,7 +14,9 @@ use super::exec::Exec;
 use super::generations::{self, Generations};
 use super::job::{HostStatus, HostSummary};
 use super::plan::Plan;
-use crate::fleet::{BranchBuild, BucketCopy, BuildResult, Fleet, Generation, LastBuild, NewSystem, Placed, Pushed};
+use crate::fleet::{
+    BranchBuild, BranchOrder, BucketCopy, BuildResult, Fleet, Generation, LastBuild, NewSystem, Placed, Pushed,
+};
 use crate::metrics::{Metrics, RepoHost, RepoHostStatus};
 use crate::nix::closure_diff::{self, Changes};
 use crate::nix::store_path::StorePath;
@@ -137,8 +138,8 @@ impl Recorder {
             None => None,
         };
         let (system, changes) = self.changes(cx, host, &result, closure.as_deref()).await;
-        let newer = self.newer_commits(cx, host).await;
-        let placed = self.write(cx, host, &result, system, newer);
+        let order = self.branch_order(cx, host).await;
+        let placed = self.write(cx, host, &result, system, order);
         let out = result.out_path.as_deref().unwrap_or("-");
         let duration_text = format!("{duration:.1}s");
         let (repo, branch) = (cx.repo, cx.branch);
@@ -238,23 +239,18 @@ impl Recorder {
             .or_else(|| self.generations.list(repo, host).last().map(|g| g.path.clone()))
     }
 
-    /// The commits of the deploy branch newer than the one recorded, when the host's state is
-    /// from another commit (they decide whether this result is its state); empty when no other
-    /// commit is recorded or the branch cannot be read (then the result is the state).
-    async fn newer_commits(&self, cx: &Context<'_>, host: &str) -> HashSet<String> {
-        let Some(commit) = cx.commit.filter(|_| cx.deploy) else { return HashSet::new() };
-        let record = self.fleet.host(cx.repo, host).unwrap_or_default();
-        let newest = record.generations.last().and_then(|g| g.commit.clone());
-        let last = record.last_build.and_then(|b| b.commit);
-        if [newest, last].iter().flatten().all(|c| c == commit) {
-            return HashSet::new();
-        }
-        match self.exec.newer_commits(cx.url, cx.branch, commit, &CancellationToken::new()).await {
-            Ok(newer) => newer,
+    /// Where the recorded commit stands in the deploy branch's history, read anew for each
+    /// host (it decides whether this result is the host's state, in every write the writer
+    /// tries); `None` off the deploy branch, for a flake without git history, or when the
+    /// branch cannot be read (then the result is the state).
+    async fn branch_order(&self, cx: &Context<'_>, host: &str) -> Option<BranchOrder> {
+        let commit = cx.commit.filter(|_| cx.deploy)?;
+        match self.exec.branch_order(cx.url, cx.branch, commit, &CancellationToken::new()).await {
+            Ok(order) => order,
             Err(e) => {
                 let (repo, err) = (cx.repo, e.detail());
                 tracing::warn!(%repo, %host, %err, "cannot read the branch's history; recording this build as the newest");
-                HashSet::new()
+                None
             }
         }
     }
@@ -267,7 +263,7 @@ impl Recorder {
         host: &str,
         result: &HostResult,
         system: Option<NewSystem>,
-        newer: HashSet<String>,
+        order: Option<BranchOrder>,
     ) -> Placed {
         let at = now_seconds();
         let build = match &result.error {
@@ -279,7 +275,7 @@ impl Recorder {
         // Where it goes, as the record stands now (the writer applies the same rule again if
         // another builder wrote the host meanwhile).
         let mut now = self.fleet.host(cx.repo, host).unwrap_or_default();
-        let placed = if deploy { now.place(&build, system.as_ref(), &newer, keep) } else { Placed::Current };
+        let placed = if deploy { now.place(&build, system.as_ref(), order.as_ref(), keep) } else { Placed::Current };
         if placed == Placed::Superseded {
             let (repo, commit) = (cx.repo, cx.commit.unwrap_or("-"));
             tracing::warn!(%repo, %host, %commit, "a newer commit of the branch is recorded already: this build is kept apart, not the host's state");
@@ -290,7 +286,7 @@ impl Recorder {
                 h.branches.retain(|_, b| at - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
                 return;
             }
-            h.place(&build, system.as_ref(), &newer, keep);
+            h.place(&build, system.as_ref(), order.as_ref(), keep);
         });
         placed
     }

@@ -184,28 +184,65 @@ pub struct BucketCopy {
     pub at: i64,
 }
 
+/// What a builder knew of the deploy branch's history when it recorded a commit: the commits
+/// that descend from it, its own last ancestors, and when it fetched the branch. A commit it
+/// does not know was pushed after that fetch (newer) or dropped from the branch before it
+/// (older); when the host's state was recorded tells them apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BranchOrder {
+    pub newer: std::collections::HashSet<String>,
+    pub older: std::collections::HashSet<String>,
+    /// When the branch was fetched (unix seconds, the recording builder's clock).
+    pub fetched_at: i64,
+}
+
+/// How far two builders' clocks may be apart: a state recorded up to this long before a
+/// builder's fetch may still be from a commit that fetch did not see.
+pub const CLOCK_SKEW_SECONDS: i64 = 120;
+
+/// How many of a commit's ancestors a [`BranchOrder`] lists.
+pub const ORDER_ANCESTORS: usize = 1000;
+
+impl BranchOrder {
+    /// Whether `commit`, recorded at `at` (unix seconds, by any builder's clock), is newer in
+    /// the branch's history than the commit this order is of.
+    pub fn is_newer(&self, commit: &str, at: i64) -> bool {
+        if self.newer.contains(commit) {
+            return true;
+        }
+        if self.older.contains(commit) {
+            return false;
+        }
+        // Unknown to the fetch: a state recorded after it may be from a commit pushed after
+        // it; one recorded well before it is from a commit no longer on the branch.
+        at > self.fetched_at - CLOCK_SKEW_SECONDS
+    }
+}
+
 impl HostRecord {
-    /// Whether the host's state is from a commit `newer` names (the commits of the deploy
-    /// branch that descend from the one being recorded).
-    fn is_newer_than_this(&self, newer: &std::collections::HashSet<String>) -> bool {
-        let newest = self.generations.last().and_then(|g| g.commit.as_ref());
-        let last = self.last_build.as_ref().and_then(|b| b.commit.as_ref());
-        [newest, last].into_iter().flatten().any(|c| newer.contains(c))
+    /// Whether the host's state (its newest generation, its last build) is from a commit newer
+    /// than `commit` by `order`; never without an order (no history to order by).
+    fn is_newer_than(&self, commit: Option<&str>, order: Option<&BranchOrder>) -> bool {
+        let Some(order) = order else { return false };
+        let newest = self.generations.last().and_then(|g| Some((g.commit.as_deref()?, g.built_at)));
+        let last = self.last_build.as_ref().and_then(|b| Some((b.commit.as_deref()?, b.at)));
+        [newest, last].into_iter().flatten().any(|(c, at)| Some(c) != commit && order.is_newer(c, at))
     }
 
     /// Records a deploy-branch build's result in the host's one history, whichever builder
     /// built it: a good system becomes the newest generation, numbered after every earlier one
     /// (none if it is the newest already), with its changes if they were worked out against
     /// the generation it follows; a failure becomes the last build. A result whose commit is
-    /// older (in the branch's history) than what the host's state is from is kept apart.
+    /// older (in the branch's history, by `order`) than what the host's state is from is kept
+    /// apart.
     pub fn place(
         &mut self,
         build: &LastBuild,
         system: Option<&NewSystem>,
-        newer: &std::collections::HashSet<String>,
+        order: Option<&BranchOrder>,
         keep: usize,
     ) -> Placed {
-        if self.is_newer_than_this(newer) {
+        if self.is_newer_than(build.commit.as_deref(), order) {
             let out_path = system.map(|s| s.path.clone());
             self.superseded = Some(BranchBuild { build: build.clone(), out_path });
             return Placed::Superseded;
@@ -585,39 +622,81 @@ mod tests {
         }
     }
 
+    fn order(newer: &[&str], older: &[&str], fetched_at: i64) -> BranchOrder {
+        let set = |c: &[&str]| c.iter().map(|c| (*c).to_owned()).collect();
+        BranchOrder { newer: set(newer), older: set(older), fetched_at }
+    }
+
+    /// The host's state is from commit `d`, recorded at `at`.
+    fn state_from(d: &str, at: i64) -> HostRecord {
+        let mut h = HostRecord::default();
+        let mut sys = system(&format!("/nix/store/{d}"), d, None, None);
+        sys.built_at = at;
+        h.place(&LastBuild::new(BuildResult::Success, at, Some(d.into())), Some(&sys), None, 3);
+        h
+    }
+
+    #[test]
+    fn a_commit_the_fetch_did_not_see_is_ordered_by_when_it_was_recorded() {
+        let fetched_at = 10_000;
+        let c = |commit: &str| LastBuild::new(BuildResult::Success, fetched_at + 5, Some(commit.into()));
+        let sys_c = system("/nix/store/c", "c", None, None);
+        let place = |state: &mut HostRecord, order: &BranchOrder| state.place(&c("c"), Some(&sys_c), Some(order), 3);
+        // Pushed after this builder fetched, and recorded by another builder before this one
+        // wrote: newer, whatever the two clocks say within the skew.
+        for at in [fetched_at + 1, fetched_at - CLOCK_SKEW_SECONDS + 1] {
+            let mut h = state_from("d", at);
+            assert_eq!(place(&mut h, &order(&[], &["a"], fetched_at)), Placed::Superseded, "recorded at {at}");
+            assert_eq!(h.generations.last().and_then(|g| g.commit.as_deref()), Some("d"));
+        }
+        // Recorded well before the fetch, yet not on the branch it fetched: dropped from it.
+        let mut h = state_from("x", fetched_at - CLOCK_SKEW_SECONDS - 1);
+        assert_eq!(place(&mut h, &order(&[], &["a"], fetched_at)), Placed::Current);
+        assert_eq!(h.generations.last().and_then(|g| g.commit.as_deref()), Some("c"));
+        // Known to the fetch: its place in the history decides, whenever it was recorded.
+        let mut h = state_from("a", fetched_at + 1);
+        assert_eq!(place(&mut h, &order(&[], &["a"], fetched_at)), Placed::Current);
+        let mut h = state_from("d", 1);
+        assert_eq!(place(&mut h, &order(&["d"], &["a"], fetched_at)), Placed::Superseded);
+        // The same commit again, and a flake without history: never ordered away.
+        let mut h = state_from("c", fetched_at + 1);
+        assert_eq!(place(&mut h, &order(&[], &[], fetched_at)), Placed::Current);
+        let mut h = state_from("d", fetched_at + 1);
+        assert_eq!(h.place(&c("c"), Some(&sys_c), None, 3), Placed::Current);
+    }
+
     #[test]
     fn a_host_has_one_history_numbered_once_and_ordered_by_the_branch() {
         let ok = |c: &str| LastBuild::new(BuildResult::Success, 1, Some(c.into()));
-        let none = std::collections::HashSet::new();
         let mut h = HostRecord::default();
         let first = crate::nix::closure_diff::diff(&[], &[]);
-        assert_eq!(h.place(&ok("a"), Some(&system("/nix/store/a", "a", None, Some(first))), &none, 3), Placed::Current);
+        assert_eq!(h.place(&ok("a"), Some(&system("/nix/store/a", "a", None, Some(first))), None, 3), Placed::Current);
         let mut d = crate::nix::closure_diff::diff(&[], &[]);
         d.paths_before = 7;
         let sys_d = system("/nix/store/d", "d", Some("/nix/store/a"), Some(d.clone()));
-        assert_eq!(h.place(&ok("d"), Some(&sys_d), &none, 3), Placed::Current);
+        assert_eq!(h.place(&ok("d"), Some(&sys_d), None, 3), Placed::Current);
         // The same system again, from another builder: no second generation.
-        assert_eq!(h.place(&ok("d"), Some(&sys_d), &none, 3), Placed::Current);
+        assert_eq!(h.place(&ok("d"), Some(&sys_d), None, 3), Placed::Current);
         let numbers: Vec<u64> = h.generations.iter().map(|g| g.number).collect();
         assert_eq!(numbers, [1, 2]);
         assert_eq!(h.changes.as_ref().map(|c| c.paths_before), Some(7));
         // An older commit (d descends from c) ending later is kept apart, success or failure.
-        let newer = std::collections::HashSet::from(["d".to_owned()]);
+        let order = order(&["d"], &["c", "a"], 1);
         let sys_c = system("/nix/store/c", "c", Some("/nix/store/a"), None);
-        assert_eq!(h.place(&ok("c"), Some(&sys_c), &newer, 3), Placed::Superseded);
-        assert_eq!(h.place(&LastBuild::failed(2, Some("c".into()), "boom"), None, &newer, 3), Placed::Superseded);
+        assert_eq!(h.place(&ok("c"), Some(&sys_c), Some(&order), 3), Placed::Superseded);
+        assert_eq!(h.place(&LastBuild::failed(2, Some("c".into()), "boom"), None, Some(&order), 3), Placed::Superseded);
         assert_eq!(h.generations.last().map(|g| g.path.as_str()), Some("/nix/store/d"));
         assert_eq!(h.last_build.as_ref().and_then(|b| b.commit.as_deref()), Some("d"));
         assert_eq!(h.changes.as_ref().map(|c| c.paths_before), Some(7));
         // Changes worked out against another system than the one it follows are not kept.
         let e = system("/nix/store/e", "e", Some("/nix/store/a"), Some(d));
-        assert_eq!(h.place(&ok("e"), Some(&e), &none, 2), Placed::Current);
+        assert_eq!(h.place(&ok("e"), Some(&e), None, 2), Placed::Current);
         assert_eq!(h.changes, None);
         let kept: Vec<(u64, &str)> = h.generations.iter().map(|g| (g.number, g.path.as_str())).collect();
         assert_eq!(kept, [(2, "/nix/store/d"), (3, "/nix/store/e")]);
         // Back to an earlier system: it moves up, numbered anew, in one slot.
         let back = system("/nix/store/d", "f", Some("/nix/store/e"), None);
-        assert_eq!(h.place(&ok("f"), Some(&back), &none, 3), Placed::Current);
+        assert_eq!(h.place(&ok("f"), Some(&back), None, 3), Placed::Current);
         let kept: Vec<(u64, &str)> = h.generations.iter().map(|g| (g.number, g.path.as_str())).collect();
         assert_eq!(kept, [(3, "/nix/store/e"), (4, "/nix/store/d")]);
     }
