@@ -45,7 +45,7 @@ ensure_free_space() {
     local dir=$1 want=$2 have
     mkdir -p "$dir"
     have=$(df --output=avail -B1G "$dir" | tail -n1 | tr -d ' ')
-    [ "$have" -ge "$want" ] || die "$dir has ${have} GiB free; the build and tests need at least ${want} GiB"
+    [ "$have" -ge "$want" ] || die "$dir has ${have} GiB free; the build and tests need at least ${want} GiB (earlier runs' builds and test systems are reclaimed by removing target/ and by nix-store --gc)"
 }
 
 

@@ -48,6 +48,25 @@ fn repo(dir: &Path) -> PathBuf {
     path
 }
 
+/// What most tests here start from: a Garage cluster, a nats-server, a work directory and the
+/// flake of [`repo`] in it.
+struct Rig {
+    garage: Garage,
+    nats: Nats,
+    work: tempfile::TempDir,
+    fleet: PathBuf,
+}
+
+impl Rig {
+    fn start() -> Self {
+        let garage = Garage::start();
+        let nats = Nats::start();
+        let work = tempfile::tempdir().unwrap();
+        let fleet = repo(work.path());
+        Rig { garage, nats, work, fleet }
+    }
+}
+
 /// The `[bucket]` section for `garage`'s bucket, with `extra` lines.
 fn bucket_section(garage: &Garage, extra: &str) -> String {
     format!(
@@ -178,10 +197,7 @@ fn sha256_nix32(bytes: &[u8]) -> String {
 
 #[test]
 fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let config = pushing_config(&garage, &nats, work.path(), &fleet, "upload_concurrency = 2", "");
     let hearth = common::builder::start(&config);
     let last = build(&nats);
@@ -308,10 +324,7 @@ fn a_built_system_is_pushed_in_nixs_layout_and_substitutes_from_the_bucket() {
 
 #[test]
 fn a_hot_nar_is_compressed_once_for_serving_and_for_the_bucket() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let config = format!(
         "{}\n[compression]\nalgorithm = \"zstd\"\n\n[nar_cache]\ndir = \"{}\"\nmax_size = \"1GiB\"\n",
         pushing_config(&garage, &nats, work.path(), &fleet, "", ""),
@@ -335,10 +348,7 @@ fn a_hot_nar_is_compressed_once_for_serving_and_for_the_bucket() {
 
 #[test]
 fn a_hot_nar_damaged_in_place_is_never_uploaded_and_the_path_is_pushed_from_the_store() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let nars = work.path().join("nars");
     let config = format!(
         "{}\n[compression]\nalgorithm = \"zstd\"\n\n[nar_cache]\ndir = \"{}\"\nmax_size = \"1GiB\"\n",
@@ -391,10 +401,7 @@ fn a_hot_nar_damaged_in_place_is_never_uploaded_and_the_path_is_pushed_from_the_
 
 #[test]
 fn no_narinfo_is_visible_before_the_narinfos_of_its_references() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let hearth = common::builder::start(&pushing_config(&garage, &nats, work.path(), &fleet, "", ""));
     let ended = std::sync::atomic::AtomicBool::new(false);
     let (seen, violations) = std::thread::scope(|scope| {
@@ -434,10 +441,7 @@ fn no_narinfo_is_visible_before_the_narinfos_of_its_references() {
 
 #[test]
 fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "keep_generations = 2");
     let hearth = common::builder::start(&body);
     let mut systems = Vec::new();
@@ -492,10 +496,7 @@ fn gc_keeps_every_kept_generation_and_collects_a_dropped_one() {
 #[test]
 fn gc_racing_builds_that_adopt_old_systems_never_loses_a_kept_path() {
     const ROUNDS: usize = 8;
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "keep_generations = 1");
     let hearth = common::builder::start(&body);
     let config = work.path().join("gc.toml");
@@ -541,10 +542,7 @@ fn gc_racing_builds_that_adopt_old_systems_never_loses_a_kept_path() {
 
 #[test]
 fn a_dead_garage_node_stops_nothing_and_a_killed_hearth_finishes_its_uploads_after_a_restart() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "");
     let mut hearth = common::builder::start(&body);
     let first = build(&nats)["out_path"].as_str().unwrap().to_owned();
@@ -750,10 +748,7 @@ fn an_unreachable_bucket_is_noticed_once_and_its_paths_wait_for_a_later_build() 
 
 #[test]
 fn a_builder_with_a_wrong_secret_never_rewrites_what_the_bucket_holds() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     let body = pushing_config(&garage, &nats, work.path(), &fleet, "", "");
     let mut hearth = common::builder::start(&body);
     build(&nats);
@@ -779,10 +774,7 @@ fn a_builder_with_a_wrong_secret_never_rewrites_what_the_bucket_holds() {
 /// objects shows them); its journal entry has the next start abort it.
 #[test]
 fn a_multipart_upload_a_crash_left_is_aborted_at_the_next_start() {
-    let garage = Garage::start();
-    let nats = Nats::start();
-    let work = tempfile::tempdir().unwrap();
-    let fleet = repo(work.path());
+    let Rig { garage, nats, work, fleet } = Rig::start();
     // What a killed hearth leaves: an upload begun, its journal entry beside it.
     let began = garage.s3("POST", "nar/left-behind.nar.zst?uploads=");
     let id = began.split("<UploadId>").nth(1).and_then(|r| r.split("</UploadId>").next()).unwrap().to_owned();
