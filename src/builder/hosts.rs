@@ -38,6 +38,7 @@ impl Worker {
             branch: &job.branch,
             deploy: plan.deploy,
             commit: plan.commit.as_deref(),
+            order: Default::default(),
         };
         let (built, early) = if eval.shutdown || eval.evaluated.is_empty() {
             (Built::default(), HashMap::new())

@@ -46,6 +46,9 @@ pub struct Context<'a> {
     /// The branch is the repo's deploy branch: the result is the host's state.
     pub deploy: bool,
     pub commit: Option<&'a str>,
+    /// Where the commit stands in the deploy branch's history: read once per request, at its
+    /// first record (see [`Recorder::branch_order`]).
+    pub order: tokio::sync::OnceCell<Option<BranchOrder>>,
 }
 
 /// How long a final reply waits for the shared record to take the build's result.
@@ -138,7 +141,7 @@ impl Recorder {
             None => None,
         };
         let (system, changes) = self.changes(cx, host, &result, closure.as_deref()).await;
-        let order = self.branch_order(cx, host).await;
+        let order = self.branch_order(cx).await;
         let placed = self.write(cx, host, &result, system, order);
         let out = result.out_path.as_deref().unwrap_or("-");
         let duration_text = format!("{duration:.1}s");
@@ -239,20 +242,25 @@ impl Recorder {
             .or_else(|| self.generations.list(repo, host).last().map(|g| g.path.clone()))
     }
 
-    /// Where the recorded commit stands in the deploy branch's history, read anew for each
-    /// host (it decides whether this result is the host's state, in every write the writer
-    /// tries); `None` off the deploy branch, for a flake without git history, or when the
-    /// branch cannot be read (then the result is the state).
-    async fn branch_order(&self, cx: &Context<'_>, host: &str) -> Option<BranchOrder> {
+    /// Where the recorded commit stands in the deploy branch's history, read at the request's
+    /// first record and kept for the others (a commit pushed since is unknown to it, and
+    /// ordered by when it was recorded: see [`BranchOrder`]). It decides whether a result is
+    /// the host's state, in every write the writer tries. `None` off the deploy branch, for a
+    /// flake without git history, or when the branch cannot be read (then the result is the
+    /// state).
+    async fn branch_order(&self, cx: &Context<'_>) -> Option<BranchOrder> {
         let commit = cx.commit.filter(|_| cx.deploy)?;
-        match self.exec.branch_order(cx.url, cx.branch, commit, &CancellationToken::new()).await {
-            Ok(order) => order,
-            Err(e) => {
-                let (repo, err) = (cx.repo, e.detail());
-                tracing::warn!(%repo, %host, %err, "cannot read the branch's history; recording this build as the newest");
-                None
+        let read = async {
+            match self.exec.branch_order(cx.url, cx.branch, commit, &CancellationToken::new()).await {
+                Ok(order) => order,
+                Err(e) => {
+                    let (repo, err) = (cx.repo, e.detail());
+                    tracing::warn!(%repo, %commit, %err, "cannot read the branch's history; recording this build as the newest");
+                    None
+                }
             }
-        }
+        };
+        cx.order.get_or_init(|| read).await.clone()
     }
 
     /// One update (and one save) of the fleet record for the host's result; where it went in
