@@ -75,12 +75,16 @@ fn builder(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str) -> He
 
 /// The same, with `jetstream` lines in `[builder.jetstream]`.
 fn builder_with(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str, jetstream: &str) -> Hearth {
+    builder_toml(nats, repo, queue, name, extra, jetstream).start()
+}
+
+/// The configuration of [`builder_with`].
+fn builder_toml(nats: &Nats, repo: &Repo, queue: &str, name: &str, extra: &str, jetstream: &str) -> BuilderToml {
     BuilderToml::new(nats, &repo.dir.path().join(format!("gcroots-{name}")))
         .top("shutdown_grace_seconds = 1")
         .with(&format!("progress_interval_ms = 50\nqueue = \"{queue}\"\nname = \"{name}\"\n{extra}"))
         .section(&format!("[builder.jetstream]\nack_wait_seconds = 3\n{jetstream}"))
         .repo("fleet", &repo.url())
-        .start()
 }
 
 /// Publishes a build request for `host` as a deployer, with replies to `build.responses.<id>`.
@@ -765,6 +769,59 @@ async fn an_older_commit_ending_later_never_becomes_the_hosts_state() {
             fleet["hosts"][0]["generations"].as_array().unwrap().last().unwrap()["commit"] == new.as_str()
         });
     }
+}
+
+/// The interleaving a builder's fetch cannot see (ARCHITECTURE.md, "one history per host"):
+/// builder A fetches the branch to order its commit; only then is a newer commit pushed, built
+/// and recorded by builder B; then A writes. A's fetch does not know the newer commit, yet it
+/// stays the host's state and A's older commit is kept apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_commit_recorded_between_a_builders_fetch_and_its_write_stays_the_hosts_state() {
+    let nats = Nats::start_jetstream();
+    let repo = Repo::new(&["web1"]);
+    let dir = repo.dir.path().join("fleet");
+    let salt = salt();
+    // A's `git` holds the ancestor listing that follows the fetch (its only `--max-count`)
+    // until the test lets it on.
+    let (fetched, go_on) = (repo.gate.join("a-fetched"), repo.gate.join("a-go-on"));
+    let real_git = common::run_ok(Command::new("sh").args(["-c", "command -v git"])).trim().to_owned();
+    let bin = repo.dir.path().join("a-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("git"),
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --max-count=\"*) : > {fetched}; while [ ! -e {go_on} ]; do /bin/sleep 0.05; done;; esac\nexec {real_git} \"$@\"\n",
+            fetched = fetched.display(),
+            go_on = go_on.display(),
+        ),
+    )
+    .unwrap();
+    common::set_mode(&bin.join("git"), 0o755);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let a_config = builder_toml(&nats, &repo, "jetstream", "builder-a", "", "").render();
+    let a = common::builder::start_env(&a_config, &[("PATH", &path)]);
+    let client = nats.deployer().await;
+
+    let older = commit_web1(&dir, format!("echo older {salt} > $out"));
+    let mut older_sub = request_with(&client, "web1", "older", &format!(r#","rev":"{older}""#)).await;
+    wait_until("builder A to fetch the branch for its record", Duration::from_secs(60), || fetched.exists());
+    let newer = commit_web1(&dir, format!("echo newer {salt} > $out"));
+    let b = builder(&nats, &repo, "jetstream", "builder-b", "");
+    let newer_replies =
+        until_final(&mut request_with(&client, "web1", "newer", &format!(r#","rev":"{newer}""#)).await).await;
+    assert_eq!(newer_replies.last().unwrap()["status"], "completed", "{newer_replies:?}");
+    assert_eq!(started(&b), 1, "builder B built the newer commit");
+    std::fs::write(&go_on, "").unwrap();
+    let older_replies = until_final(&mut older_sub).await;
+    assert_eq!(older_replies.last().unwrap()["status"], "completed", "{older_replies:?}");
+    assert_eq!(started(&a), 1, "builder A built the older commit");
+
+    let web1 = host_entry(&fleet_record(&nats).await, "web1").await;
+    let newest = web1["generations"].as_array().unwrap().last().unwrap()["commit"].clone();
+    assert_eq!(newest, newer.as_str(), "{web1:#}");
+    assert_eq!(web1["last_build"]["commit"], newer.as_str(), "{web1:#}");
+    assert_eq!(web1["superseded"]["commit"], older.as_str(), "{web1:#}");
+    until_queue_empty(&nats).await;
 }
 
 /// The same race many times, on two builders, the two commits ending in either order or at one
