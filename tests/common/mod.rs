@@ -214,11 +214,12 @@ impl Hearth {
             line.clear();
         }
         let Some(addr) = addr else { panic!("hearth did not start:\n{seen}") };
-        // Keep draining stderr into a file so the child never blocks on a full pipe.
-        let log_path = log.clone();
+        // What came before the address is in the file before this returns (a test may read the
+        // startup lines at once); the rest is drained into it so the child never blocks on a
+        // full pipe.
+        let mut f = std::fs::File::create(&log).expect("log file");
+        f.write_all(seen.as_bytes()).expect("write the log");
         std::thread::spawn(move || {
-            let mut f = std::fs::File::create(&log_path).expect("log file");
-            let _ = f.write_all(seen.as_bytes());
             let _ = std::io::copy(&mut reader, &mut f);
         });
         Self { child, addr, stderr_log: log, _dir: dir }
