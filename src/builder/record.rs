@@ -48,7 +48,7 @@ pub struct Context<'a> {
     pub commit: Option<&'a str>,
     /// Where the commit stands in the deploy branch's history: read once per request, at its
     /// first record (see [`Recorder::branch_order`]).
-    pub order: tokio::sync::OnceCell<Option<BranchOrder>>,
+    pub order: tokio::sync::OnceCell<Option<Arc<BranchOrder>>>,
 }
 
 /// How long a final reply waits for the shared record to take the build's result.
@@ -243,16 +243,16 @@ impl Recorder {
     }
 
     /// Where the recorded commit stands in the deploy branch's history, read at the request's
-    /// first record and kept for the others (a commit pushed since is unknown to it, and
+    /// first record and shared by the others (a commit pushed since is unknown to it, and
     /// ordered by when it was recorded: see [`BranchOrder`]). It decides whether a result is
     /// the host's state, in every write the writer tries. `None` off the deploy branch, for a
     /// flake without git history, or when the branch cannot be read (then the result is the
     /// state).
-    async fn branch_order(&self, cx: &Context<'_>) -> Option<BranchOrder> {
+    async fn branch_order(&self, cx: &Context<'_>) -> Option<Arc<BranchOrder>> {
         let commit = cx.commit.filter(|_| cx.deploy)?;
         let read = async {
             match self.exec.branch_order(cx.url, cx.branch, commit, &CancellationToken::new()).await {
-                Ok(order) => order,
+                Ok(order) => order.map(Arc::new),
                 Err(e) => {
                     let (repo, err) = (cx.repo, e.detail());
                     tracing::warn!(%repo, %commit, %err, "cannot read the branch's history; recording this build as the newest");
@@ -271,7 +271,7 @@ impl Recorder {
         host: &str,
         result: &HostResult,
         system: Option<NewSystem>,
-        order: Option<BranchOrder>,
+        order: Option<Arc<BranchOrder>>,
     ) -> Placed {
         let at = now_seconds();
         let build = match &result.error {
@@ -283,7 +283,7 @@ impl Recorder {
         // Where it goes, as the record stands now (the writer applies the same rule again if
         // another builder wrote the host meanwhile).
         let mut now = self.fleet.host(cx.repo, host).unwrap_or_default();
-        let placed = if deploy { now.place(&build, system.as_ref(), order.as_ref(), keep) } else { Placed::Current };
+        let placed = if deploy { now.place(&build, system.as_ref(), order.as_deref(), keep) } else { Placed::Current };
         if placed == Placed::Superseded {
             let (repo, commit) = (cx.repo, cx.commit.unwrap_or("-"));
             tracing::warn!(%repo, %host, %commit, "a newer commit of the branch is recorded already: this build is kept apart, not the host's state");
@@ -294,7 +294,7 @@ impl Recorder {
                 h.branches.retain(|_, b| at - b.build.at < generations::BRANCH_ROOT_DAYS as i64 * 86_400);
                 return;
             }
-            h.place(&build, system.as_ref(), order.as_ref(), keep);
+            h.place(&build, system.as_ref(), order.as_deref(), keep);
         });
         placed
     }

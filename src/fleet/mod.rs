@@ -188,7 +188,7 @@ pub struct BucketCopy {
 /// that descend from it, its own last ancestors, and when it fetched the branch. A commit it
 /// does not know was pushed after that fetch (newer) or dropped from the branch before it
 /// (older); when the host's state was recorded tells them apart.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct BranchOrder {
     pub newer: std::collections::HashSet<String>,
     pub older: std::collections::HashSet<String>,
